@@ -1,0 +1,27 @@
+"""repblocks: re-parameterizable conv blocks, the RepVGG zoo, and exact deploy conversion.
+
+>>> import repblocks
+>>> model = repblocks.create_model("repvgg_a0", num_classes=10)
+>>> plain = repblocks.switch_to_deploy(model)  # a copy: one 3x3 conv + ReLU per block
+"""
+
+from repblocks import models as _models  # noqa: F401  (registers the zoo)
+from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
+from repblocks.convert import fold_conv_bn, switch_to_deploy
+from repblocks.registry import create_model, list_models, register_model
+from repblocks.weights import load_weights, read_state_dict, save_weights
+
+__all__ = [
+    "ConvBN",
+    "RepBlock",
+    "SqueezeExcite",
+    "create_model",
+    "fold_conv_bn",
+    "list_models",
+    "load_weights",
+    "read_state_dict",
+    "register_model",
+    "save_weights",
+    "switch_to_deploy",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""RepVGG: Making VGG-style ConvNets Great Again.
+
+Ding, Zhang, Ma, Han, Ding, Sun. CVPR 2021. https://arxiv.org/abs/2101.03697
+
+Five stages of ``RepBlock``s (the first block of each stage strides by 2), global average
+pooling and a linear classifier. Every variant of the paper is one row of ``REPVGG_CONFIGS``;
+the "g2"/"g4" variants use grouped convs on every second layer, as the official code does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from torch import Tensor, nn
+
+from repblocks.blocks import ActFactory, RepBlock, _relu
+from repblocks.registry import register_model
+
+__all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
+
+
+@dataclass(frozen=True)
+class RepVGGConfig:
+    """Architecture of one RepVGG variant."""
+
+    depths: tuple[int, int, int, int]  # blocks in stages 1-4 (stage 0 is the single stem block)
+    widths: tuple[float, float, float, float]  # the paper's multipliers: a for stages 1-3, b for stage 4
+    groups: int = 1  # groups on every even-numbered layer (paper's g2/g4); 1 keeps all convs dense
+    use_se: bool = False  # squeeze-excitation in every block (RepVGG-D2se)
+    base_channels: tuple[int, int, int, int] = (64, 128, 256, 512)  # widths before the multipliers
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        return tuple(int(base * mult) for base, mult in zip(self.base_channels, self.widths, strict=True))
+
+    @property
+    def stem_channels(self) -> int:
+        # The paper caps the stem at 64 channels: wide stems at full resolution are costly.
+        return min(self.base_channels[0], self.stage_channels[0])
+
+
+_A = (2, 4, 14, 1)
+_B = (4, 6, 16, 1)
+
+REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
+    "repvgg_a0": RepVGGConfig(_A, (0.75, 0.75, 0.75, 2.5)),
+    "repvgg_a1": RepVGGConfig(_A, (1.0, 1.0, 1.0, 2.5)),
+    "repvgg_a2": RepVGGConfig(_A, (1.5, 1.5, 1.5, 2.75)),
+    "repvgg_b0": RepVGGConfig(_B, (1.0, 1.0, 1.0, 2.5)),
+    "repvgg_b1": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0)),
+    "repvgg_b1g2": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=2),
+    "repvgg_b1g4": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=4),
+    "repvgg_b2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0)),
+    "repvgg_b2g2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=2),
+    "repvgg_b2g4": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=4),
+    "repvgg_b3": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0)),
+    "repvgg_b3g2": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=2),
+    "repvgg_b3g4": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=4),
+    "repvgg_d2se": RepVGGConfig((8, 14, 24, 1), (2.5, 2.5, 2.5, 5.0), use_se=True),
+    # Tiny variants for tests and smoke runs: every code path (identity, stride, groups, SE) in a few ms.
+    "repvgg_tiny": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25)),
+    "repvgg_tiny_g2se": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True),
+}
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, dropout, linear. ``num_classes=0`` leaves the pooled features."""
+
+    def __init__(self, in_features: int, num_classes: int, *, drop_rate: float = 0.0):
+        super().__init__()
+        self.in_features = in_features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int) -> None:
+        self.fc = nn.Linear(self.in_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.drop(self.pool(x).flatten(1))  # (B, C)
+        return x if pre_logits else self.fc(x)
+
+
+class RepVGG(nn.Module):
+    """RepVGG classifier or backbone.
+
+    Args:
+        cfg: The architecture (a row of ``REPVGG_CONFIGS``).
+        num_classes: Classifier outputs; 0 keeps pooled features.
+        in_chans: Input image channels.
+        drop_rate: Dropout before the classifier (R-Drop needs one).
+        act: Activation factory for every block.
+        deploy: Build the plain deploy form directly.
+        features_only: ``forward`` returns the feature maps listed in ``out_indices``.
+        out_indices: Feature levels to return: 0 = stem (stride 2), 1-4 = stages (stride 4-32).
+    """
+
+    def __init__(
+        self,
+        cfg: RepVGGConfig,
+        *,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        act: ActFactory | None = _relu,
+        deploy: bool = False,
+        features_only: bool = False,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+    ):
+        super().__init__()
+        if features_only and any(not 0 <= i <= len(cfg.depths) for i in out_indices):
+            raise ValueError(f"out_indices must be in 0..{len(cfg.depths)}, got {tuple(out_indices)}")
+        self.cfg = cfg
+        self.features_only = features_only
+        self.out_indices = tuple(out_indices)
+        block = partial(RepBlock, use_se=cfg.use_se, act=act, deploy=deploy)
+
+        self.stem = block(in_chans, cfg.stem_channels, stride=2)
+        self.feature_info = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem")]
+        stages, channels, layer = [], cfg.stem_channels, 1
+        for stage_idx, (depth, width) in enumerate(zip(cfg.depths, cfg.stage_channels, strict=True)):
+            blocks = []
+            for block_idx in range(depth):
+                groups = cfg.groups if layer % 2 == 0 else 1  # official layout: layers 2, 4, 6, ...
+                blocks.append(block(channels, width, stride=2 if block_idx == 0 else 1, groups=groups))
+                channels, layer = width, layer + 1
+            stages.append(nn.Sequential(*blocks))
+            self.feature_info.append(dict(num_chs=width, reduction=2 ** (stage_idx + 2), module=f"stages.{stage_idx}"))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = channels
+        self.head = None if features_only else ClassifierHead(channels, num_classes, drop_rate=drop_rate)
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.fc.out_features if self.head is not None and isinstance(self.head.fc, nn.Linear) else 0
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Image batch ``(B, C, H, W)`` to the last feature map ``(B, num_features, H/32, W/32)``."""
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Last feature map to logits (or pooled features with ``pre_logits``)."""
+        if self.head is None:
+            raise RuntimeError("this model was built with features_only=True and has no head")
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if not self.features_only:
+            return self.forward_head(self.forward_features(x))
+        x = self.stem(x)
+        features = [x] if 0 in self.out_indices else []
+        for idx, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if idx in self.out_indices:
+                features.append(x)
+        return features
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one of ``num_classes`` outputs (0 removes it)."""
+        if self.head is None:
+            raise RuntimeError("this model was built with features_only=True and has no head")
+        self.head.reset(num_classes)
+
+    def switch_to_deploy(self) -> RepVGG:
+        """Fuse every block in place (idempotent) and return the model."""
+        for module in self.modules():
+            if isinstance(module, RepBlock):
+                module.switch_to_deploy()
+        return self
+
+
+def _create_repvgg(name: str, **kwargs) -> RepVGG:
+    return RepVGG(REPVGG_CONFIGS[name], **kwargs)
+
+
+for _name in REPVGG_CONFIGS:
+    register_model(_name, partial(_create_repvgg, _name))

@@ -1,0 +1,44 @@
+"""Helpers for checking conversions: BatchNorm statistics that are not the trivial defaults.
+
+A freshly built model has running mean 0 and variance 1 in every BatchNorm, which hides any
+error in the folding arithmetic (the BN is then nearly the identity). Every equivalence check
+here, in the tests and in benchmarks, first randomizes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["max_errors", "randomize_bn_"]
+
+
+@torch.no_grad()
+def randomize_bn_(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Give every BatchNorm random running statistics and affine parameters, in place.
+
+    Ranges keep activations of deep networks within a few orders of magnitude, so that relative
+    errors stay meaningful: mean in [-0.5, 0.5], variance in [0.5, 2], weight in [0.5, 1.5], bias in [-0.5, 0.5].
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform_(tensor: Tensor, low: float, high: float) -> None:
+        values = torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * (high - low) + low
+        tensor.copy_(values)
+
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.running_mean is not None:
+            uniform_(module.running_mean, -0.5, 0.5)
+            uniform_(module.running_var, 0.5, 2.0)
+            if module.affine:
+                uniform_(module.weight, 0.5, 1.5)
+                uniform_(module.bias, -0.5, 0.5)
+    return model
+
+
+def max_errors(reference: Tensor, other: Tensor) -> tuple[float, float]:
+    """Maximum absolute error and that error relative to the largest reference magnitude."""
+    abs_err = (reference.double() - other.double()).abs().max().item()
+    scale = reference.double().abs().max().item()
+    return abs_err, abs_err / scale if scale > 0 else abs_err
