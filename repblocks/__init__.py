@@ -9,12 +9,13 @@ from repblocks import models as _models  # noqa: F401  (registers the zoo)
 from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
 from repblocks.convert import fold_conv_bn, switch_to_deploy
 from repblocks.registry import create_model, list_models, register_model
-from repblocks.weights import load_weights, read_state_dict, save_weights
+from repblocks.weights import convert_layout, load_weights, read_state_dict, save_weights
 
 __all__ = [
     "ConvBN",
     "RepBlock",
     "SqueezeExcite",
+    "convert_layout",
     "create_model",
     "fold_conv_bn",
     "list_models",

@@ -52,7 +52,9 @@ def model_cost(name: str, image_size: int = 224) -> ModelCost:
     """Build ``name``, convert it, and count both forms (1000 classes, as in the paper)."""
     model = create_model(name)
     deploy = switch_to_deploy(model)
-    return ModelCost(name, count_params(model), count_params(deploy), count_macs(deploy, (1, 3, image_size, image_size)))
+    return ModelCost(
+        name, count_params(model), count_params(deploy), count_macs(deploy, (1, 3, image_size, image_size))
+    )
 
 
 def markdown_table(names: list[str]) -> str:

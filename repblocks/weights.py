@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from repblocks.blocks import RepBlock
 
-__all__ = ["load_weights", "read_state_dict", "save_weights", "to_repblocks_layout"]
+__all__ = ["LAYOUTS", "convert_layout", "load_weights", "read_state_dict", "save_weights", "to_repblocks_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,23 @@ _TIMM_RENAMES: list[_Rename] = [
     (r"\battn\.fc1\.", "se.down."),
     (r"\battn\.fc2\.", "se.up."),
 ]
+
+# Ours -> theirs, for handing our weights to the official code or to timm.
+_TO_OFFICIAL: list[_Rename] = [
+    (r"^stem\.", "stage0."),
+    (r"^stages\.(\d+)\.", lambda m: f"stage{int(m[1]) + 1}."),
+    (r"\bconv_kxk\.", "rbr_dense."),
+    (r"\bconv_1x1\.", "rbr_1x1."),
+    (r"\bidentity\.", "rbr_identity."),
+    (r"\breparam\.", "rbr_reparam."),
+    (r"^head\.fc\.", "linear."),
+]
+_TO_TIMM: list[_Rename] = [
+    (r"\breparam\.", "reparam_conv."),
+    (r"\bse\.down\.", "attn.fc1."),
+    (r"\bse\.up\.", "attn.fc2."),
+]
+LAYOUTS = ("repblocks", "official", "timm")
 
 
 def read_state_dict(source: WeightsSource) -> StateDict:
@@ -109,12 +126,24 @@ def to_repblocks_layout(state_dict: Mapping[str, Tensor], roots: set[str] | None
     state_dict = _strip_wrappers(dict(state_dict), roots or {"stem", "stages", "head"})
     official = any(re.match(r"^stage\d\.|.*\brbr_", key) for key in state_dict)
     renames = _OFFICIAL_RENAMES if official else _TIMM_RENAMES
-    renamed = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        renamed[key] = value
-    return renamed
+    return {_rename(key, renames): value for key, value in state_dict.items()}
+
+
+def convert_layout(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
+    """Rename a state dict of our layout to ``layout`` (one of :data:`LAYOUTS`).
+
+    The official RepVGG code and timm then load it with a plain ``load_state_dict``.
+    """
+    renames = {"repblocks": [], "official": _TO_OFFICIAL, "timm": _TO_TIMM}.get(layout)
+    if renames is None:
+        raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
+    return {_rename(key, renames): value for key, value in state_dict.items()}
+
+
+def _rename(key: str, renames: list[_Rename]) -> str:
+    for pattern, replacement in renames:
+        key = re.sub(pattern, replacement, key)
+    return key
 
 
 def _strip_wrappers(state_dict: StateDict, roots: set[str]) -> StateDict:

@@ -1,0 +1,14 @@
+"""Shared fixtures: deterministic seeds and the registry split into tiny and large models."""
+
+import pytest
+import torch
+
+import repblocks
+
+TINY_MODELS = repblocks.list_models("*tiny*")
+LARGE_MODELS = [name for name in repblocks.list_models() if name not in TINY_MODELS]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

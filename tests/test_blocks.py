@@ -1,0 +1,115 @@
+"""RepBlock: branch structure, exact fusion for any stride/groups, idempotence, reuse in custom code."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from repblocks import RepBlock
+from repblocks.testing import max_errors, randomize_bn_
+
+# (in, out, stride, groups): dense, strided, channel change, grouped, depthwise, depthwise strided
+CASES = [(8, 8, 1, 1), (8, 8, 2, 1), (8, 16, 1, 1), (8, 8, 1, 2), (8, 8, 1, 8), (8, 8, 2, 8), (16, 32, 2, 4)]
+
+
+def _trained_like(block: nn.Module, dtype=torch.float32) -> nn.Module:
+    return randomize_bn_(block).to(dtype).eval()
+
+
+@pytest.mark.parametrize("in_ch,out_ch,stride,groups", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_fused_block_equals_branches(in_ch, out_ch, stride, groups, dtype, tol):
+    block = _trained_like(RepBlock(in_ch, out_ch, stride=stride, groups=groups), dtype)
+    x = torch.randn(2, in_ch, 9, 9, dtype=dtype)
+    expected = block(x)
+    block.switch_to_deploy()
+    assert block.deploy and block.conv_kxk is None and block.identity is None
+    assert block.reparam.groups == groups and block.reparam.stride == (stride, stride)
+    assert max_errors(expected, block(x))[1] < tol
+
+
+@pytest.mark.parametrize("in_ch,out_ch,stride,expected", [(8, 8, 1, True), (8, 8, 2, False), (8, 16, 1, False)])
+def test_identity_branch_only_when_shapes_allow(in_ch, out_ch, stride, expected):
+    block = RepBlock(in_ch, out_ch, stride=stride)
+    assert block.has_identity is expected
+    assert (block.identity is not None) is expected
+
+
+def test_switch_to_deploy_twice_is_harmless():
+    block = _trained_like(RepBlock(8, 8))
+    block.switch_to_deploy()
+    weights = copy.deepcopy(block.state_dict())
+    block.switch_to_deploy()
+    assert all(torch.equal(weights[k], v) for k, v in block.state_dict().items())
+
+
+def test_deploy_flag_builds_only_the_fused_conv():
+    block = RepBlock(8, 8, deploy=True)
+    assert set(block.state_dict()) == {"reparam.weight", "reparam.bias"}
+
+
+def test_equivalent_kernel_includes_identity_and_matches_the_fused_conv():
+    block = _trained_like(RepBlock(4, 4), torch.float64)
+    kernel, bias = block.get_equivalent_kernel_bias()
+    without_identity = copy.deepcopy(block)
+    without_identity.identity = None
+    assert not torch.allclose(kernel, without_identity.get_equivalent_kernel_bias()[0])
+    block.switch_to_deploy()
+    assert torch.allclose(kernel, block.reparam.weight) and torch.allclose(bias, block.reparam.bias)
+
+
+def test_equivalent_kernel_is_differentiable_for_the_l2_penalty():
+    block = RepBlock(4, 4)
+    kernel, bias = block.get_equivalent_kernel_bias()
+    kernel.square().sum().backward()
+    assert block.conv_kxk.conv.weight.grad is not None and block.identity.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_block_converts_and_keeps_dtype(dtype):
+    block = _trained_like(RepBlock(8, 8, groups=2), dtype)
+    reference = copy.deepcopy(block).double()
+    block.switch_to_deploy()
+    reference.switch_to_deploy()
+    assert block.reparam.weight.dtype == dtype
+    assert torch.equal(block.reparam.weight, reference.reparam.weight.to(dtype))
+
+
+def test_squeeze_excite_survives_deployment():
+    block = _trained_like(RepBlock(8, 8, use_se=True))
+    x = torch.randn(2, 8, 6, 6)
+    expected = block(x)
+    block.switch_to_deploy()
+    assert hasattr(block.se, "down")
+    assert max_errors(expected, block(x))[1] < 1e-5
+
+
+def test_custom_activation_and_kernel_size():
+    block = _trained_like(RepBlock(6, 6, kernel_size=5, act=nn.SiLU))
+    x = torch.randn(1, 6, 8, 8)
+    expected = block(x)
+    block.switch_to_deploy()
+    assert block.reparam.kernel_size == (5, 5) and isinstance(block.act, nn.SiLU)
+    assert max_errors(expected, block(x))[1] < 1e-5
+
+
+@pytest.mark.parametrize("kwargs,match", [({"kernel_size": 4}, "odd"), ({"groups": 3}, "divisible")])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RepBlock(8, 8, **kwargs)
+
+
+def test_blocks_train_inside_a_custom_backbone():
+    backbone = nn.Sequential(RepBlock(3, 8, stride=2), RepBlock(8, 8, groups=8), RepBlock(8, 16, stride=2))
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        backbone(torch.randn(4, 3, 16, 16)).mean().backward()
+        optimizer.step()
+    backbone.eval()
+    x = torch.randn(2, 3, 16, 16)
+    expected = backbone(x)
+    for block in backbone:
+        block.switch_to_deploy()
+    assert max_errors(expected, backbone(x))[1] < 1e-5

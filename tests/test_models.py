@@ -1,0 +1,126 @@
+"""Every registered model, generated from the registry: train form vs deploy form and the model surface.
+
+Equivalence runs for every model in the default run (a few seconds each at 32x32); the other
+checks run for the tiny models by default and for the large ones under the ``slow`` marker.
+"""
+
+import pytest
+import torch
+
+import repblocks
+from repblocks.profile import count_params
+from repblocks.testing import max_errors, randomize_bn_
+
+from .conftest import LARGE_MODELS, TINY_MODELS
+
+ALL_MODELS = TINY_MODELS + LARGE_MODELS
+TINY_THEN_SLOW = TINY_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in LARGE_MODELS]
+INPUT = (2, 3, 32, 32)
+
+
+def _model(name, **kwargs):
+    return randomize_bn_(repblocks.create_model(name, num_classes=10, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+@torch.no_grad()
+def test_deploy_form_equals_train_form(name, dtype, tolerance):
+    model = _model(name).to(dtype)
+    x = torch.randn(INPUT, dtype=dtype)
+    expected = model(x)
+    deployed = repblocks.switch_to_deploy(model)
+    _, rel_err = max_errors(expected, deployed(x))
+    assert rel_err < tolerance, f"{name} {dtype}: relative error {rel_err:.2e}"
+    assert torch.equal(deployed(x).argmax(1), expected.argmax(1))
+    assert model.stem.conv_kxk is not None, "the input model must be left untouched"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+def test_forward_backward(name):
+    model = repblocks.create_model(name, num_classes=10).train()
+    logits = model(torch.randn(INPUT))
+    assert logits.shape == (INPUT[0], 10)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_conversion_is_idempotent(name):
+    deployed = repblocks.switch_to_deploy(_model(name))
+    again = repblocks.switch_to_deploy(deployed)
+    deployed.switch_to_deploy()
+    for key, value in deployed.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key])
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_deploy_weights_round_trip_into_a_deploy_model(name, tmp_path):
+    deployed = repblocks.switch_to_deploy(_model(name))
+    path = repblocks.save_weights(deployed, tmp_path / f"{name}.safetensors")
+    fresh = repblocks.load_weights(repblocks.create_model(name, num_classes=10, deploy=True), path).eval()
+    x = torch.randn(INPUT)
+    assert torch.equal(fresh(x), deployed(x))
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_features_only_returns_the_chosen_stages(name):
+    model = repblocks.create_model(name, features_only=True).eval()
+    features = model(torch.randn(1, 3, 64, 64))
+    assert len(features) == 5
+    for feature, info in zip(features, model.feature_info, strict=True):
+        assert feature.shape == (1, info["num_chs"], 64 // info["reduction"], 64 // info["reduction"])
+    subset = repblocks.create_model(name, features_only=True, out_indices=(2, 4)).eval()
+    assert [f.shape[1] for f in subset(torch.randn(1, 3, 64, 64))] == [model.feature_info[i]["num_chs"] for i in (2, 4)]
+
+
+def test_features_only_rejects_levels_that_do_not_exist():
+    with pytest.raises(ValueError, match="out_indices"):
+        repblocks.create_model("repvgg_tiny", features_only=True, out_indices=(1, 5))
+
+
+@torch.no_grad()
+def test_model_surface():
+    model = _model("repvgg_tiny")
+    x = torch.randn(INPUT)
+    features = model.forward_features(x)
+    assert features.shape == (2, model.num_features, 1, 1)
+    assert torch.equal(model.forward_head(features), model(x))
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7) and model.num_classes == 7
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
+
+
+def test_in_chans_and_dropout_are_configurable():
+    model = repblocks.create_model("repvgg_tiny", in_chans=1, num_classes=3, drop_rate=0.5).train()
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 3)
+    assert model.head.drop.p == 0.5
+
+
+@pytest.mark.parametrize("name,deploy_params", [("repvgg_a0", 8_309_384), ("repvgg_b3", 110_960_872)])
+def test_parameter_counts_match_the_paper(name, deploy_params):
+    """Paper, Table 3: RepVGG-A0 8.30M and RepVGG-B3 110.96M parameters in deploy form."""
+    assert count_params(repblocks.create_model(name, deploy=True)) == deploy_params
+
+
+def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
+    model = repblocks.create_model("repvgg_b1g4")
+    groups = [block.groups for stage in model.stages for block in stage]
+    assert groups[:4] == [1, 4, 1, 4] and groups[-1] == 1 and groups.count(4) == 13
+
+
+def test_unknown_model_lists_what_exists():
+    with pytest.raises(ValueError, match=r"unknown model 'repvgg_z9'.*repvgg_a0"):
+        repblocks.create_model("repvgg_z9")
+
+
+def test_registry_refuses_duplicates_and_filters():
+    with pytest.raises(ValueError, match="already registered"):
+        repblocks.register_model("repvgg_a0", lambda **kwargs: None)
+    assert repblocks.list_models("repvgg_b3*") == ["repvgg_b3", "repvgg_b3g2", "repvgg_b3g4"]

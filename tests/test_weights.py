@@ -1,0 +1,229 @@
+"""load_weights: layouts of other code bases, wrappers, train-to-deploy on load, and safe reading."""
+
+import pickle
+from collections import OrderedDict
+
+import pytest
+import timm
+import torch
+from timm.utils.model import reparameterize_model
+
+import repblocks
+from repblocks.testing import max_errors, randomize_bn_
+from repblocks.weights import convert_layout
+
+from .official_layout import OfficialRepVGG
+
+X = torch.randn(2, 3, 32, 32)
+TINY = dict(num_blocks=(2, 2, 2, 1), widths=(0.25, 0.25, 0.25, 0.25))
+
+
+def _official(deploy=False, **kwargs):
+    model = OfficialRepVGG(**TINY, deploy=deploy, **kwargs)
+    return randomize_bn_(model).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "name,kwargs", [("repvgg_tiny", {}), ("repvgg_tiny_g2se", {"groups_map": {2: 2, 4: 2, 6: 2}, "use_se": True})]
+)
+def test_official_layout_train_form(name, kwargs):
+    official = _official(**kwargs)
+    ours = repblocks.load_weights(repblocks.create_model(name, num_classes=10), official.state_dict()).eval()
+    assert max_errors(official(X), ours(X))[1] < 1e-6
+
+
+@torch.no_grad()
+def test_official_layout_deploy_form_and_train_form_into_deploy_model():
+    official = _official()
+    expected = official(X)
+    deploy_official = OfficialRepVGG(**TINY, deploy=True)
+    deploy_state = repblocks.load_weights(
+        repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), official.state_dict()
+    )
+    # Our fused weights, written in the official layout, run in the official deploy model ...
+    deploy_official.load_state_dict(convert_layout(deploy_state.state_dict(), "official"))
+    assert max_errors(expected, deploy_official.eval()(X))[1] < 1e-5
+    # ... and official deploy weights load into our deploy model.
+    ours = repblocks.load_weights(
+        repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), deploy_official.state_dict()
+    )
+    assert max_errors(expected, ours.eval()(X))[1] < 1e-5
+
+
+@pytest.fixture(scope="module")
+def timm_a0():
+    return randomize_bn_(timm.create_model("repvgg_a0", num_classes=10)).eval()
+
+
+@torch.no_grad()
+def test_timm_layout_train_form_matches_timm_outputs_exactly(timm_a0):
+    ours = repblocks.load_weights(repblocks.create_model("repvgg_a0", num_classes=10), timm_a0.state_dict()).eval()
+    assert torch.equal(ours(X), timm_a0(X))
+
+
+@torch.no_grad()
+def test_timm_layout_deploy_form_and_train_form_into_deploy_model(timm_a0):
+    expected = timm_a0(X)
+    timm_deploy = reparameterize_model(timm_a0)
+    from_deploy = repblocks.load_weights(
+        repblocks.create_model("repvgg_a0", num_classes=10, deploy=True), timm_deploy.state_dict()
+    )
+    from_train = repblocks.load_weights(
+        repblocks.create_model("repvgg_a0", num_classes=10, deploy=True), timm_a0.state_dict()
+    )
+    assert max_errors(expected, from_deploy.eval()(X))[1] < 1e-5
+    assert max_errors(expected, from_train.eval()(X))[1] < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("deploy", [False, True])
+def test_our_weights_load_into_timm_and_the_official_code(deploy):
+    ours = randomize_bn_(repblocks.create_model("repvgg_a0", num_classes=10)).eval()
+    expected = ours(X)
+    if deploy:
+        ours = repblocks.switch_to_deploy(ours)
+    timm_model = timm.create_model("repvgg_a0", num_classes=10).eval()
+    if deploy:
+        timm_model = reparameterize_model(timm_model)
+    timm_model.load_state_dict(convert_layout(ours.state_dict(), "timm"))
+    assert max_errors(expected, timm_model(X))[1] < 1e-5
+    official = OfficialRepVGG(**TINY, deploy=deploy).eval()
+    tiny = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).eval()
+    tiny_expected = tiny(X)
+    official.load_state_dict(
+        convert_layout((repblocks.switch_to_deploy(tiny) if deploy else tiny).state_dict(), "official")
+    )
+    assert max_errors(tiny_expected, official(X))[1] < 1e-5
+
+
+def test_unknown_layout_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known layouts: repblocks, official, timm"):
+        convert_layout({}, "mmpretrain")
+
+
+@torch.no_grad()
+def test_timm_se_layout_loads():
+    """timm's RepVGG-D2se keeps SE as attn.fc1/fc2; a tiny model of the same layout checks the renaming."""
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny_g2se", num_classes=10)).eval()
+    timm_style = {
+        k.replace("se.down.", "attn.fc1.").replace("se.up.", "attn.fc2."): v for k, v in source.state_dict().items()
+    }
+    ours = repblocks.load_weights(repblocks.create_model("repvgg_tiny_g2se", num_classes=10), timm_style).eval()
+    assert torch.equal(ours(X), source(X))
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "model.", "model.module."])
+def test_wrapper_prefixes_are_stripped(prefix):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    wrapped = {prefix + k: v for k, v in source.state_dict().items()}
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), wrapped)
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+
+
+def test_lightning_style_checkpoint_file(tmp_path):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    state = OrderedDict((f"model.{k}", v) for k, v in source.state_dict().items())
+    state["ema.stem.conv_kxk.conv.weight"] = torch.zeros(1)  # extra entries a trainer may keep beside the model
+    path = tmp_path / "last.ckpt"
+    torch.save({"epoch": 3, "global_step": 30, "state_dict": state, "hyper_parameters": {"model": "repvgg_tiny"}}, path)
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    assert torch.equal(loaded.head.fc.weight, source.head.fc.weight)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".safetensors"])
+def test_files_of_every_suffix(tmp_path, suffix):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        repblocks.save_weights(source, path)
+    else:
+        torch.save(source.state_dict(), path)
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    assert torch.equal(loaded.stem.conv_kxk.conv.weight, source.stem.conv_kxk.conv.weight)
+
+
+def test_mismatch_names_missing_unexpected_and_reshaped_keys():
+    source = repblocks.create_model("repvgg_tiny", num_classes=10).state_dict()
+    source.pop("head.fc.bias")
+    source["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"1 missing keys \(head.fc.bias\); 1 unexpected keys \(extra.weight\)"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), source)
+    with pytest.raises(ValueError, match=r"head.fc.weight: \(10, 128\) in the weights, \(5, 128\) in the model"):
+        repblocks.load_weights(
+            repblocks.create_model("repvgg_tiny", num_classes=5),
+            repblocks.create_model("repvgg_tiny", num_classes=10).state_dict(),
+        )
+
+
+def test_non_strict_loads_what_fits(caplog):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).state_dict()
+    source.pop("head.fc.bias")
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), source, strict=False)
+    assert torch.equal(loaded.head.fc.weight, source["head.fc.weight"])
+    assert "head.fc.bias" in caplog.text
+
+
+def test_deploy_weights_into_train_model_say_what_to_do():
+    deployed = repblocks.switch_to_deploy(repblocks.create_model("repvgg_tiny"))
+    with pytest.raises(ValueError, match="deploy-form weights: build the model with deploy=True"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny"), deployed.state_dict())
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny"), tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_junk_and_truncated_files(tmp_path, suffix):
+    junk = tmp_path / f"junk{suffix}"
+    junk.write_text("this is not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read"):
+        repblocks.read_state_dict(junk)
+    good = tmp_path / f"good{suffix}"
+    model = repblocks.create_model("repvgg_tiny")
+    repblocks.save_weights(model, good) if suffix == ".safetensors" else torch.save(model.state_dict(), good)
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot read"):
+        repblocks.read_state_dict(truncated)
+
+
+class _Payload:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Payload.marker),))
+
+
+def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
+    _Payload.marker = str(tmp_path / "pwned")
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": _Payload()}, handle)
+    # A plain pickle file, and the same payload inside torch's zip format.
+    torch.save({"state_dict": _Payload()}, tmp_path / "evil_zip.pth")
+    for candidate in (path, tmp_path / "evil_zip.pth"):
+        with pytest.raises(ValueError, match="refusing to load"):
+            repblocks.read_state_dict(candidate)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_file_without_a_state_dict(tmp_path):
+    path = tmp_path / "numbers.pt"
+    torch.save({"epoch": 3, "note": "no weights here"}, path)
+    with pytest.raises(ValueError, match="holds no state dict"):
+        repblocks.read_state_dict(path)
+
+
+def test_save_weights_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "out.safetensors"
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("safetensors.torch.save_file", explode)
+    with pytest.raises(OSError, match="disk full"):
+        repblocks.save_weights(repblocks.create_model("repvgg_tiny"), path)
+    assert list(tmp_path.iterdir()) == []
