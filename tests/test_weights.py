@@ -227,3 +227,17 @@ def test_save_weights_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         repblocks.save_weights(repblocks.create_model("repvgg_tiny"), path)
     assert list(tmp_path.iterdir()) == []
+
+
+TIMM_TWINS = [name for name in timm.list_models("repvgg*") if name in repblocks.list_models()]
+
+
+@pytest.mark.parametrize(
+    "name", [name if name == "repvgg_a0" else pytest.param(name, marks=pytest.mark.slow) for name in TIMM_TWINS]
+)
+@torch.no_grad()
+def test_every_timm_twin_has_the_same_architecture(name):
+    """timm's RepVGG weights load strictly into ours and give identical outputs, variant by variant."""
+    reference = randomize_bn_(timm.create_model(name, num_classes=10)).eval()
+    ours = repblocks.load_weights(repblocks.create_model(name, num_classes=10), reference.state_dict()).eval()
+    assert torch.equal(ours(X), reference(X))
