@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections import Counter
 
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from repblocks.blocks import RepBlock
 from repblocks.fusion import fuse_conv_bn
@@ -27,7 +27,7 @@ __all__ = ["fold_conv_bn", "switch_to_deploy"]
 
 log = logging.getLogger(__name__)
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, FrozenBatchNorm2d)
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -89,6 +89,8 @@ def fold_conv_bn(model: nn.Module) -> int:
     """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
 
     The conv keeps its class and gains a bias; the BatchNorm is replaced by ``nn.Identity``.
+    BatchNorms in training mode are left alone: they normalize with batch statistics, which no
+    conv can reproduce (call ``model.eval()`` first, as ``switch_to_deploy`` does).
     Returns the number of pairs folded.
     """
     if not any(_foldable_bn(m) for m in model.modules()):
@@ -107,17 +109,34 @@ def fold_conv_bn(model: nn.Module) -> int:
 
 
 def _foldable_bn(module: nn.Module) -> bool:
-    # A BN without running statistics normalizes with batch statistics even in eval mode: not a fixed affine map.
-    return isinstance(module, _BATCH_NORMS) and getattr(module, "running_mean", None) is not None
+    if isinstance(module, _frozen_batch_norms()):
+        return True  # always normalizes with its stored statistics
+    # In training mode, or without running statistics, a BN uses batch statistics: not a fixed affine map.
+    return isinstance(module, _BATCH_NORMS) and not module.training and module.running_mean is not None
+
+
+def _frozen_batch_norms() -> tuple[type, ...]:
+    # torchvision's detection models use FrozenBatchNorm2d. Importing torchvision costs ~1 s,
+    # and a model can only hold one if torchvision is already imported, so look, don't import.
+    misc = sys.modules.get("torchvision.ops.misc")
+    return (misc.FrozenBatchNorm2d,) if misc is not None else ()
 
 
 def _foldable_conv(module: nn.Module) -> bool:
     return isinstance(module, _CONVS)
 
 
+class _ConvBNTracer(torch.fx.Tracer):
+    """Keeps every conv and BN a single graph node, including subclasses defined outside torch.nn
+    (timm's ``Conv2dSame``, torchvision's ``FrozenBatchNorm2d``), which fx would otherwise trace into."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return _foldable_conv(module) or _foldable_bn(module) or super().is_leaf_module(module, qualified_name)
+
+
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _ConvBNTracer().trace(model)
     except Exception as err:  # fx raises many kinds of errors on dynamic code; any of them means "untraceable"
         log.info(
             "torch.fx cannot trace %s (%s); folding only Conv+BN pairs inside nn.Sequential", type(model).__name__, err

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from repblocks.convert import switch_to_deploy
 from repblocks.registry import create_model
 
-__all__ = ["ModelCost", "count_macs", "count_params", "model_cost"]
+__all__ = ["ModelCost", "count_macs", "count_params", "markdown_table", "model_cost"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -32,7 +32,8 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 224, 224))
     counter = FlopCounterMode(display=False)
     try:
         with counter:
-            model(torch.zeros(input_size, device=next(model.parameters()).device))
+            reference = next(model.parameters())
+            model(torch.zeros(input_size, device=reference.device, dtype=reference.dtype))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2

@@ -141,3 +141,24 @@ def test_folding_keeps_dtype(dtype):
     model = randomize_bn_(torchvision.models.resnet18(weights=None)).to(dtype).eval()
     folded = repblocks.switch_to_deploy(model)
     assert folded.conv1.weight.dtype == dtype and folded.conv1.bias.dtype == dtype
+
+
+@torch.no_grad()
+def test_fold_conv_bn_leaves_training_mode_batch_norms_alone():
+    model = randomize_bn_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    assert repblocks.fold_conv_bn(model) == 0 and isinstance(model[1], nn.BatchNorm2d)
+    assert repblocks.fold_conv_bn(model.eval()) == 1 and isinstance(model[1], nn.Identity)
+
+
+@torch.no_grad()
+def test_torchvision_frozen_batch_norm_is_folded():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4))
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(1, 3, 8, 8)
+    expected = model(x)
+    converted = repblocks.switch_to_deploy(model)
+    assert isinstance(converted[1], nn.Identity)
+    assert max_errors(expected, converted(x))[1] < 1e-6

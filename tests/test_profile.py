@@ -29,3 +29,10 @@ def test_a0_macs_at_224():
     """1.36 GMACs: the paper lists 1.52 "FLOPs (B)"; every variant's figure there is ~11.5% above this count."""
     macs = count_macs(repblocks.create_model("repvgg_a0", deploy=True), (1, 3, 224, 224))
     assert round(macs / 1e9, 2) == 1.36
+
+
+def test_count_macs_in_half_precision():
+    import torch
+
+    model = repblocks.create_model("repvgg_tiny", deploy=True).to(torch.bfloat16)
+    assert count_macs(model, (1, 3, 32, 32)) == count_macs(model.float(), (1, 3, 32, 32))

@@ -1,0 +1,242 @@
+"""CPU throughput of RepVGG-A0, ours vs timm's, in train and deploy form, and of ResNet-18 Conv+BN folding.
+
+Six models, timed interleaved in one process (``repblocks.bench.time_interleaved``), so drift of
+the machine spreads evenly over all of them:
+
+* our ``repvgg_a0`` in train form (eval mode) and its ``repblocks.switch_to_deploy`` form;
+* timm's ``repvgg_a0`` and its ``timm.utils.model.reparameterize_model`` form, with the same
+  weights as ours (random BN statistics on timm's model, loaded into ours);
+* torchvision's ``resnet18`` (random BN statistics) before and after Conv+BN folding by
+  ``repblocks.switch_to_deploy``.
+
+Outputs are checked to agree before anything is timed; the run stops with one line if they do not.
+
+    python benchmarks/compare_timm.py                # about 1.5 minutes on 2 idle cores
+    python benchmarks/compare_timm.py --quick        # smoke test, a few seconds
+    python benchmarks/compare_timm.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+import repblocks
+from repblocks.bench import median, p90, throughput, time_interleaved
+from repblocks.testing import max_errors, randomize_bn_
+
+REL_TOLERANCE = 1e-4  # max error relative to the largest reference logit; fp32 reordering gives ~1e-6
+
+# (reference, other): pairs of models whose outputs must agree.
+CHECKS = [
+    ("timm train", "ours train"),
+    ("ours train", "ours deploy"),
+    ("timm train", "timm deploy"),
+    ("timm deploy", "ours deploy"),
+    ("resnet18 unfolded", "resnet18 folded"),
+]
+# (label, candidate, baseline): throughput of the candidate over the baseline's; above 1 is faster.
+RATIOS = [
+    ("ours deploy / ours train", "ours deploy", "ours train"),
+    ("timm deploy / timm train", "timm deploy", "timm train"),
+    ("ours deploy / timm deploy", "ours deploy", "timm deploy"),
+    ("ours train / timm train", "ours train", "timm train"),
+    ("resnet18 folded / unfolded", "resnet18 folded", "resnet18 unfolded"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 16; --quick: 2)")
+    parser.add_argument("--image-size", type=int, help="input height and width (default 224; --quick: 64)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="timed batches per model (default 60: whole cycles of the balanced order; --quick: 2)",
+    )
+    parser.add_argument("--warmup", type=int, help="untimed batches per model first (default 2; --quick: 1)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the BN statistics and the input")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH")
+    args = parser.parse_args(argv)
+    defaults = dict(batch_size=2, image_size=64, rounds=2, warmup=1) if args.quick else {}
+    defaults = dict(dict(batch_size=16, image_size=224, rounds=60, warmup=2), **defaults)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if min(args.batch_size, args.image_size, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --image-size and --rounds must be positive, --warmup non-negative")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    return args
+
+
+def build_models(seed: int) -> dict[str, nn.Module]:
+    """The six models, in eval mode; our RepVGG-A0 carries timm's (BN-randomized) weights."""
+    timm_train = randomize_bn_(timm.create_model("repvgg_a0"), seed=seed).eval()
+    ours_train = repblocks.load_weights(repblocks.create_model("repvgg_a0"), timm_train.state_dict()).eval()
+    resnet = randomize_bn_(torchvision.models.resnet18(weights=None), seed=seed).eval()
+    return {
+        "ours train": ours_train,
+        "ours deploy": repblocks.switch_to_deploy(ours_train),
+        "timm train": timm_train,
+        "timm deploy": reparameterize_model(timm_train).eval(),
+        "resnet18 unfolded": resnet,
+        "resnet18 folded": repblocks.switch_to_deploy(resnet),
+    }
+
+
+@torch.inference_mode()
+def output_errors(models: dict[str, nn.Module], images: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """Max absolute and relative error of each pair in ``CHECKS``, keyed ``"other vs reference"``."""
+    outputs = {name: model(images) for name, model in models.items()}
+    return {f"{other} vs {reference}": max_errors(outputs[reference], outputs[other]) for reference, other in CHECKS}
+
+
+def summarize(samples: dict[str, list[float]], batch_size: int) -> dict:
+    """Per-model statistics and the ratios of ``RATIOS``, as plain data (what ``--json`` writes)."""
+    models = {
+        name: dict(
+            images_per_s=throughput(batch_size, median(times)),
+            ms_median=1e3 * median(times),
+            ms_p90=1e3 * p90(times),
+            samples_s=times,
+        )
+        for name, times in samples.items()
+    }
+    ratios = {}
+    for label, candidate, baseline in RATIOS:
+        # Candidates of one round ran back to back, so per-round ratios show how much the ratio is noise.
+        per_round = [base / cand for cand, base in zip(samples[candidate], samples[baseline], strict=True)]
+        ratios[label] = dict(
+            ratio=median(samples[baseline]) / median(samples[candidate]),
+            per_round_median=median(per_round),
+            per_round_min=min(per_round),
+            per_round_max=max(per_round),
+        )
+    return dict(models=models, ratios=ratios)
+
+
+def print_errors(console: Console, errors: dict[str, tuple[float, float]]) -> None:
+    table = Table(title="Outputs agree? (max error; relative to the largest reference logit)")
+    for column in ("pair", "abs", "rel"):
+        table.add_column(column, justify="left" if column == "pair" else "right")
+    for pair, (abs_err, rel_err) in errors.items():
+        table.add_row(pair, f"{abs_err:.2e}", f"{rel_err:.2e}")
+    console.print(table)
+
+
+def print_timings(console: Console, summary: dict, args: argparse.Namespace) -> None:
+    title = (
+        f"CPU throughput, batch {args.batch_size} x {args.image_size}x{args.image_size}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+    )
+    table = Table(title=title)
+    for column in ("model", "img/s", "ms/batch median", "ms/batch p90"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, stats in summary["models"].items():
+        table.add_row(name, f"{stats['images_per_s']:.1f}", f"{stats['ms_median']:.1f}", f"{stats['ms_p90']:.1f}")
+    console.print(table)
+
+    table = Table(title="Throughput ratios (above 1: the first is faster)")
+    for column in ("ratio", "of medians", "per round", "round min-max"):
+        table.add_column(column, justify="left" if column == "ratio" else "right")
+    for label, ratio in summary["ratios"].items():
+        spread = f"{ratio['per_round_min']:.3f}-{ratio['per_round_max']:.3f}"
+        table.add_row(label, f"{ratio['ratio']:.3f}", f"{ratio['per_round_median']:.3f}", spread)
+    console.print(table)
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_busy_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Write ``results`` to ``path`` atomically: a failure never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            json.dump(results, file, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    models = build_models(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)  # (B, 3, H, W)
+
+    errors = output_errors(models, images)
+    print_errors(console, errors)
+    disagree = [f"{pair}: rel {rel:.1e}" for pair, (_, rel) in errors.items() if not rel <= REL_TOLERANCE]
+    if disagree:
+        raise SystemExit(f"compare_timm: outputs disagree beyond rel {REL_TOLERANCE:g}: {'; '.join(disagree)}")
+
+    candidates = {name: (lambda model=model: model(images)) for name, model in models.items()}
+    # Other processes on the cores skew every timing (more so than their share: OpenMP threads that
+    # outnumber free cores stall each other), so measure how busy the rest of the machine was.
+    machine_start, own_start, wall_start = machine_busy_seconds(), own_busy_seconds(), time.perf_counter()
+    samples = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup)
+    wall = time.perf_counter() - wall_start
+    summary = summarize(samples, args.batch_size)
+    print_timings(console, summary, args)
+    if machine_start is not None:
+        other_cores = max(0.0, machine_busy_seconds() - machine_start - (own_busy_seconds() - own_start)) / wall
+        summary["other_processes_cores"] = other_cores
+        if other_cores > 0.1:
+            console.print(
+                f"[yellow]warning: other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy "
+                "while timing; these figures are skewed"
+            )
+
+    if args.json is not None:
+        config = {key: value for key, value in vars(args).items() if key != "json"}
+        config.update(
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            timm=timm.__version__,
+            torchvision=torchvision.__version__,
+            repblocks=repblocks.__version__,
+            processor=platform.processor() or platform.machine(),
+        )
+        errors_json = {pair: dict(abs=abs_err, rel=rel_err) for pair, (abs_err, rel_err) in errors.items()}
+        write_json(args.json, dict(config=config, errors=errors_json, **summary))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Timing primitives: several candidates timed interleaved in one process, and their statistics.
+
+Timing candidates one after another lets the machine drift between them (clock boost, thermal
+throttling, other processes, allocator state), and that drift lands on whichever was timed later.
+:func:`time_interleaved` runs one call of every candidate per round instead, in an order that
+changes every round (:func:`round_order`), so every candidate sees the same conditions, none is
+always first and none always follows the same other one. Candidates are
+zero-argument callables keyed by name: an eager model, a channels-last copy, an onnxruntime
+session, anything that does one unit of work per call.
+
+>>> samples = time_interleaved({"train": lambda: model(x), "deploy": lambda: plain(x)})
+>>> throughput(x.shape[0], median(samples["deploy"]))  # images per second
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["median", "p90", "percentile", "round_order", "synchronizer", "throughput", "time_interleaved"]
+
+log = logging.getLogger(__name__)
+
+Candidate = Callable[[], object]
+
+
+def time_interleaved(
+    candidates: Mapping[str, Candidate],
+    *,
+    rounds: int = 7,
+    warmup: int = 2,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Time every candidate once per round, for ``rounds`` rounds, after ``warmup`` calls of each.
+
+    Each round runs every candidate once, in the order :func:`round_order` gives, so that no
+    candidate is always first or always follows the same other one. Everything runs under
+    ``torch.inference_mode()`` with the garbage collector paused, and each call is timed with
+    ``time.perf_counter`` between two synchronizations of the device, so asynchronous (CUDA)
+    work is counted in the call that queued it.
+
+    Args:
+        candidates: Zero-argument callables keyed by name; each call is one unit of work (a batch).
+        rounds: Timed calls per candidate.
+        warmup: Untimed calls per candidate first (allocator, kernel selection, lazy init).
+        sync: Waits for the device to finish queued work. By default it is chosen from the
+            warm-up outputs: ``torch.cuda.synchronize`` (or MPS's) when a candidate returns a
+            tensor on that device, otherwise nothing. Pass one (``synchronizer(x)``) when the
+            outputs do not show the device: ``warmup=0``, or candidates that return None or NumPy.
+
+    Returns:
+        Seconds per call, ``rounds`` samples per candidate, in the order of ``candidates``.
+
+    Raises:
+        ValueError: No candidates, ``rounds < 1`` or ``warmup < 0``.
+    """
+    if not candidates:
+        raise ValueError("time_interleaved needs at least one candidate, got none")
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    names = list(candidates)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    with torch.inference_mode():
+        devices = set()
+        for name in names:
+            for _ in range(warmup):
+                devices.update(_devices(candidates[name]()))
+        if sync is None:
+            sync = synchronizer(*devices)
+        sync()
+        gc.collect()
+        gc.disable()
+        try:
+            for round_idx in range(rounds):
+                for name in round_order(names, round_idx):
+                    samples[name].append(_time_call(candidates[name], sync))
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+    for name in names:
+        log.info("%s: median %.2f ms, p90 %.2f ms", name, 1e3 * median(samples[name]), 1e3 * p90(samples[name]))
+    return samples
+
+
+def round_order(names: Sequence[str], round_idx: int) -> list[str]:
+    """The order of the candidates in round ``round_idx``: a row of a Williams design.
+
+    Rotating the order alone lets every candidate go first equally often, but nearly always
+    after the same predecessor, whose leftovers (allocator state, caches) then bias it the same
+    way every round. In a Williams design (a Latin square balanced for carry-over), over every
+    cycle of ``len(names)`` rounds (twice that for an odd count) each candidate goes first
+    equally often and directly follows every other candidate equally often.
+    """
+    count = len(names)
+    base = [0]  # 0, 1, n-1, 2, n-2, ...: consecutive differences that cover every residue once
+    low, high = 1, count - 1
+    while low <= high:
+        base.append(low)
+        low += 1
+        if low <= high:
+            base.append(high)
+            high -= 1
+    row = round_idx % (count if count % 2 == 0 else 2 * count)
+    order = [names[(idx + row) % count] for idx in base]
+    return order[::-1] if row >= count else order
+
+
+def _time_call(candidate: Candidate, sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    candidate()
+    sync()
+    return time.perf_counter() - start
+
+
+def synchronizer(*where: object) -> Callable[[], None]:
+    """A function that waits for the accelerator named in ``where``; a no-op for the CPU.
+
+    Args:
+        where: Devices, device strings, or tensors (also nested in lists, tuples or dicts), e.g.
+            the model input: ``synchronizer(x)``. The first CUDA or MPS device found decides.
+    """
+    where = tuple(torch.device(item) if isinstance(item, str) else item for item in where)
+    for device in _devices(where):
+        if device.type == "cuda":
+            return lambda: torch.cuda.synchronize(device)
+        if device.type == "mps":
+            return torch.mps.synchronize
+    return _no_sync
+
+
+def _no_sync() -> None:
+    pass
+
+
+def _devices(obj: object) -> list[torch.device]:
+    if isinstance(obj, Tensor):
+        return [obj.device]
+    if isinstance(obj, torch.device):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        return [device for item in obj for device in _devices(item)]
+    return []
+
+
+def median(samples: Sequence[float]) -> float:
+    """The median of ``samples`` (the mean of the middle two for an even count)."""
+    return statistics.median(samples)
+
+
+def p90(samples: Sequence[float]) -> float:
+    """The 90th percentile of ``samples``; see :func:`percentile`."""
+    return percentile(samples, 90)
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile, interpolating linearly between order statistics (NumPy's default).
+
+    Raises:
+        ValueError: ``samples`` is empty or ``q`` is outside [0, 100].
+    """
+    if not samples:
+        raise ValueError("percentile of no samples")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    ordered = sorted(samples)
+    position = (len(ordered) - 1) * q / 100
+    lower = math.floor(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
+
+
+def throughput(batch_size: int, seconds: float) -> float:
+    """Images per second when a batch of ``batch_size`` takes ``seconds`` (e.g. the median)."""
+    if seconds <= 0:
+        raise ValueError(f"seconds per batch must be positive, got {seconds}")
+    return batch_size / seconds

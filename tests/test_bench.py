@@ -1,0 +1,143 @@
+"""repblocks.bench: the interleaved timer and its statistics; the benchmark and example programs run."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from repblocks.bench import median, p90, percentile, round_order, synchronizer, throughput, time_interleaved
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _recorder(calls: list[str], name: str):
+    return lambda: calls.append(name)
+
+
+def test_time_interleaved_returns_one_sample_per_round_for_each_candidate():
+    calls = []
+    candidates = {name: _recorder(calls, name) for name in "abc"}
+    samples = time_interleaved(candidates, rounds=5, warmup=2)
+    assert list(samples) == ["a", "b", "c"]
+    assert all(len(times) == 5 and all(t >= 0 for t in times) for times in samples.values())
+    assert len(calls) == 3 * (2 + 5)
+
+
+def test_time_interleaved_warms_up_each_candidate_then_changes_the_order_every_round():
+    calls = []
+    time_interleaved({name: _recorder(calls, name) for name in "abc"}, rounds=6, warmup=1)
+    warmup, timed = calls[:3], calls[3:]
+    assert warmup == ["a", "b", "c"]
+    rounds = ["".join(timed[i : i + 3]) for i in range(0, len(timed), 3)]
+    assert rounds == ["abc", "bca", "cab", "cba", "acb", "bac"]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 6])
+def test_round_order_balances_first_place_and_predecessors(count):
+    names = [f"model{i}" for i in range(count)]
+    cycle = count if count % 2 == 0 else 2 * count
+    orders = [round_order(names, round_idx) for round_idx in range(cycle)]
+    assert all(sorted(order) == names for order in orders)
+    assert Counter(order[0] for order in orders) == Counter({name: cycle // count for name in names})
+    neighbours = Counter((order[i - 1], order[i]) for order in orders for i in range(1, count))
+    assert set(neighbours.values()) <= {cycle // count} and len(neighbours) == count * (count - 1)
+    assert round_order(names, cycle) == orders[0]
+
+
+def test_time_interleaved_runs_in_inference_mode_and_calls_sync_around_each_call():
+    modes, syncs = [], []
+    time_interleaved(
+        {"x": lambda: modes.append(torch.is_inference_mode_enabled())}, rounds=3, warmup=1, sync=lambda: syncs.append(1)
+    )
+    assert modes == [True] * 4
+    assert len(syncs) == 1 + 2 * 3  # once after the warm-up, then before and after each timed call
+
+
+def test_time_interleaved_measures_time():
+    samples = time_interleaved({"sleep": lambda: time.sleep(0.01)}, rounds=2, warmup=0)
+    assert all(0.009 < t < 1 for t in samples["sleep"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(rounds=0), dict(warmup=-1)])
+def test_time_interleaved_rejects_bad_counts(kwargs):
+    with pytest.raises(ValueError, match="rounds"):
+        time_interleaved({"a": lambda: None}, **kwargs)
+
+
+def test_time_interleaved_rejects_no_candidates():
+    with pytest.raises(ValueError, match="at least one candidate"):
+        time_interleaved({})
+
+
+def test_synchronizer_is_a_no_op_on_the_cpu():
+    sync = synchronizer(torch.zeros(2), [torch.ones(1)], {"out": torch.ones(1)}, "cpu", None)
+    assert sync() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_synchronizer_waits_for_cuda_outputs(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    time_interleaved({"cuda": lambda: torch.ones(1, device="cuda")}, rounds=1, warmup=1)
+    assert len(waited) == 3
+
+
+def test_median_and_p90_on_known_data():
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert p90([float(v) for v in range(10, 0, -1)]) == pytest.approx(9.1)  # NumPy's linear interpolation
+    assert p90([5.0]) == 5.0
+    assert percentile([1.0, 2.0, 3.0], 0) == 1.0
+    assert percentile([1.0, 2.0, 3.0], 100) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == median([1.0, 2.0, 3.0, 4.0])
+
+
+def test_percentile_rejects_bad_input():
+    with pytest.raises(ValueError, match="no samples"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        percentile([1.0], 101)
+
+
+def test_throughput():
+    assert throughput(16, 0.5) == 32.0
+    with pytest.raises(ValueError, match="positive"):
+        throughput(16, 0.0)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # One intra-op thread: on a small machine shared with other jobs, OpenMP threads that outnumber
+    # the free cores make these smoke runs many times slower without testing anything more.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_compare_timm_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    result = _run("benchmarks/compare_timm.py", "--quick", "--threads", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    assert results["config"]["image_size"] == 64 and results["config"]["batch_size"] == 2
+    assert {"ours deploy", "timm deploy", "resnet18 folded"} <= set(results["models"])
+    assert all(len(stats["samples_s"]) == 2 for stats in results["models"].values())
+    assert all(error["rel"] <= 1e-4 for error in results["errors"].values())
+    assert "ours deploy / timm deploy" in results["ratios"]
+
+
+def test_custom_backbone_example_runs():
+    result = _run("examples/custom_backbone.py")
+    assert result.returncode == 0, result.stderr
+    assert "max error" in result.stdout
+
+
+def test_convert_repvgg_example_runs():
+    result = _run("examples/convert_repvgg.py")
+    assert result.returncode == 0, result.stderr
+    assert "top-1 agreement 100%" in result.stdout
