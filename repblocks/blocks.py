@@ -140,7 +140,10 @@ class RepBlock(nn.Module):
         if self.reparam is not None:
             return self
         kernel, bias = fused_kernel_bias(self._branches(), self.identity, kernel_size=self.kernel_size)
-        requires_grad = self.conv_kxk.conv.weight.requires_grad
+        weight = self.conv_kxk.conv.weight
+        if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            kernel = kernel.contiguous(memory_format=torch.channels_last)  # a channels_last model stays so
+        requires_grad = weight.requires_grad
         fused = self._fused_conv(device="meta")  # no random init of weights about to be replaced
         fused.weight = nn.Parameter(kernel, requires_grad=requires_grad)
         fused.bias = nn.Parameter(bias, requires_grad=requires_grad)

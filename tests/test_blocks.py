@@ -113,3 +113,33 @@ def test_blocks_train_inside_a_custom_backbone():
     for block in backbone:
         block.switch_to_deploy()
     assert max_errors(expected, backbone(x))[1] < 1e-5
+
+
+def test_channels_last_weights_stay_channels_last():
+    block = _trained_like(RepBlock(8, 8)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    expected = block(x)
+    block.switch_to_deploy()
+    assert block.reparam.weight.is_contiguous(memory_format=torch.channels_last)
+    assert max_errors(expected, block(x))[1] < 1e-5
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_block_configurations_fuse_exactly(seed):
+    """A sweep over shapes nobody thought to list: channels, groups, stride, kernel size, SE, odd input sizes."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=rng).item()]
+
+    groups = pick([1, 1, 2, 3, 4])
+    in_ch = groups * pick([1, 2, 3, 5])
+    out_ch = pick([in_ch, in_ch, groups * pick([1, 2, 4])])
+    block = RepBlock(
+        in_ch, out_ch, stride=pick([1, 1, 2]), groups=groups, kernel_size=pick([3, 3, 5]), use_se=pick([False, True])
+    )
+    block = _trained_like(block, torch.float64)
+    x = torch.randn(2, in_ch, pick([5, 7, 8]), pick([6, 9]), dtype=torch.float64)
+    expected = block(x)
+    block.switch_to_deploy()
+    assert max_errors(expected, block(x))[1] < 1e-12, block

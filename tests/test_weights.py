@@ -12,6 +12,7 @@ import repblocks
 from repblocks.testing import max_errors, randomize_bn_
 from repblocks.weights import convert_layout
 
+from .conftest import TINY_MODELS
 from .official_layout import OfficialRepVGG
 
 X = torch.randn(2, 3, 32, 32)
@@ -241,3 +242,12 @@ def test_every_timm_twin_has_the_same_architecture(name):
     reference = randomize_bn_(timm.create_model(name, num_classes=10)).eval()
     ours = repblocks.load_weights(repblocks.create_model(name, num_classes=10), reference.state_dict()).eval()
     assert torch.equal(ours(X), reference(X))
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+@torch.no_grad()
+def test_train_form_weights_fuse_on_load_into_a_deploy_model(name):
+    """Grouped blocks and SE included: the deploy model gets fused convs and the SE weights as they are."""
+    source = randomize_bn_(repblocks.create_model(name, num_classes=10)).eval()
+    deployed = repblocks.load_weights(repblocks.create_model(name, num_classes=10, deploy=True), source.state_dict())
+    assert max_errors(source(X), deployed.eval()(X))[1] < 1e-5
