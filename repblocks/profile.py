@@ -67,9 +67,3 @@ def markdown_table(names: list[str]) -> str:
             f"| {name} | {cost.train_params / 1e6:.2f} | {cost.deploy_params / 1e6:.2f} | {cost.deploy_macs / 1e9:.2f} |"
         )
     return "\n".join(rows)
-
-
-if __name__ == "__main__":
-    from repblocks.registry import list_models
-
-    print(markdown_table([n for n in list_models() if "tiny" not in n]))  # noqa: T201 (a command-line entry)

@@ -15,7 +15,7 @@ import os
 import pickle
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -115,18 +115,22 @@ def _unwrap(obj: object, what: str) -> StateDict:
     raise ValueError(f"{what} holds a {type(obj).__name__}, not a state dict")
 
 
-def to_repblocks_layout(state_dict: Mapping[str, Tensor], roots: set[str] | None = None) -> StateDict:
+def to_repblocks_layout(
+    state_dict: Mapping[str, Tensor], roots: set[str] | None = None, keep: Collection[str] = ()
+) -> StateDict:
     """Rename keys of the official RepVGG or timm layout to ours, dropping wrapper prefixes.
 
     Args:
         state_dict: Keys in any supported layout.
         roots: First key components of the target model (``{"stem", "stages", "head"}`` for
             RepVGG); wrapper prefixes are stripped until keys start with one of them.
+        keep: Keys the target model has as they are; never renamed, so that loading into a
+            model of another layout (a timm model with ``attn.fc1``, say) leaves its keys alone.
     """
     state_dict = _strip_wrappers(dict(state_dict), roots or {"stem", "stages", "head"})
     official = any(re.match(r"^stage\d\.|.*\brbr_", key) for key in state_dict)
     renames = _OFFICIAL_RENAMES if official else _TIMM_RENAMES
-    return {_rename(key, renames): value for key, value in state_dict.items()}
+    return {key if key in keep else _rename(key, renames): value for key, value in state_dict.items()}
 
 
 def convert_layout(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
@@ -176,7 +180,7 @@ def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True
     """
     expected = model.state_dict()
     roots = {key.split(".")[0] for key in expected}
-    state_dict = to_repblocks_layout(read_state_dict(source), roots)
+    state_dict = to_repblocks_layout(read_state_dict(source), roots, keep=expected.keys())
     state_dict = _fuse_train_form_into_deploy(model, state_dict)
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]

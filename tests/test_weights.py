@@ -251,3 +251,13 @@ def test_train_form_weights_fuse_on_load_into_a_deploy_model(name):
     source = randomize_bn_(repblocks.create_model(name, num_classes=10)).eval()
     deployed = repblocks.load_weights(repblocks.create_model(name, num_classes=10, deploy=True), source.state_dict())
     assert max_errors(source(X), deployed.eval()(X))[1] < 1e-5
+
+
+@torch.no_grad()
+def test_models_of_other_layouts_load_their_own_weights_unrenamed():
+    """load_weights serves any model: timm's D2se-style keys (attn.fc1) stay as they are for a timm model."""
+    source = randomize_bn_(timm.create_model("repvgg_a0", num_classes=10, attn_layer="se")).eval()
+    target = timm.create_model("repvgg_a0", num_classes=10, attn_layer="se").eval()
+    assert any(".attn.fc1." in key for key in source.state_dict())
+    repblocks.load_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()})
+    assert torch.equal(target(X), source(X))
