@@ -198,6 +198,7 @@ class _Payload:
         return (pathlib.Path.touch, (pathlib.Path(_Payload.marker),))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
     _Payload.marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.pth"
