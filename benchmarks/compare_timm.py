@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from torch import nn
 
 import repblocks
 from repblocks.bench import median, p90, throughput, time_interleaved
+from repblocks.files import atomic_path
 from repblocks.testing import max_errors, randomize_bn_
 
 REL_TOLERANCE = 1e-4  # max error relative to the largest reference logit; fp32 reordering gives ~1e-6
@@ -179,15 +179,8 @@ def own_busy_seconds() -> float:
 
 def write_json(path: Path, results: dict) -> None:
     """Write ``results`` to ``path`` atomically: a failure never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as file:
-            json.dump(results, file, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.blocks import RepBlock
+from repblocks.files import atomic_path
 
 __all__ = ["LAYOUTS", "convert_layout", "load_weights", "read_state_dict", "save_weights", "to_repblocks_layout"]
 
@@ -260,14 +260,6 @@ def save_weights(
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
