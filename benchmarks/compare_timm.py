@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import timm
@@ -35,7 +33,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import repblocks
-from repblocks.bench import median, p90, throughput, time_interleaved
+from repblocks.bench import OtherLoad, median, p90, throughput, time_interleaved
 from repblocks.files import atomic_path
 from repblocks.testing import max_errors, randomize_bn_
 
@@ -162,21 +160,6 @@ def print_timings(console: Console, summary: dict, args: argparse.Namespace) -> 
     console.print(table)
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_busy_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def write_json(path: Path, results: dict) -> None:
     """Write ``results`` to ``path`` atomically: a failure never leaves half a file."""
     with atomic_path(path) as tmp:
@@ -199,21 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"compare_timm: outputs disagree beyond rel {REL_TOLERANCE:g}: {'; '.join(disagree)}")
 
     candidates = {name: (lambda model=model: model(images)) for name, model in models.items()}
-    # Other processes on the cores skew every timing (more so than their share: OpenMP threads that
-    # outnumber free cores stall each other), so measure how busy the rest of the machine was.
-    machine_start, own_start, wall_start = machine_busy_seconds(), own_busy_seconds(), time.perf_counter()
-    samples = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup)
-    wall = time.perf_counter() - wall_start
+    with OtherLoad() as load:  # other processes on the cores skew every timing
+        samples = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup)
     summary = summarize(samples, args.batch_size)
     print_timings(console, summary, args)
-    if machine_start is not None:
-        other_cores = max(0.0, machine_busy_seconds() - machine_start - (own_busy_seconds() - own_start)) / wall
-        summary["other_processes_cores"] = other_cores
-        if other_cores > 0.1:
-            console.print(
-                f"[yellow]warning: other processes kept {other_cores:.2f} of {os.cpu_count()} cores busy "
-                "while timing; these figures are skewed"
-            )
+    if load.cores is not None:
+        summary["other_processes_cores"] = load.cores
+    if load.warning():
+        console.print(f"[yellow]{load.warning()}")
 
     if args.json is not None:
         config = {key: value for key, value in vars(args).items() if key != "json"}

@@ -17,14 +17,25 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["median", "p90", "percentile", "round_order", "synchronizer", "throughput", "time_interleaved"]
+__all__ = [
+    "OtherLoad",
+    "median",
+    "p90",
+    "percentile",
+    "round_order",
+    "synchronizer",
+    "throughput",
+    "time_interleaved",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +48,15 @@ def time_interleaved(
     rounds: int = 7,
     warmup: int = 2,
     sync: Callable[[], None] | None = None,
+    inference: bool = True,
 ) -> dict[str, list[float]]:
     """Time every candidate once per round, for ``rounds`` rounds, after ``warmup`` calls of each.
 
     Each round runs every candidate once, in the order :func:`round_order` gives, so that no
     candidate is always first or always follows the same other one. Everything runs under
-    ``torch.inference_mode()`` with the garbage collector paused, and each call is timed with
-    ``time.perf_counter`` between two synchronizations of the device, so asynchronous (CUDA)
-    work is counted in the call that queued it.
+    ``torch.inference_mode()`` (unless ``inference=False``) with the garbage collector paused,
+    and each call is timed with ``time.perf_counter`` between two synchronizations of the
+    device, so asynchronous (CUDA) work is counted in the call that queued it.
 
     Args:
         candidates: Zero-argument callables keyed by name; each call is one unit of work (a batch).
@@ -54,6 +66,8 @@ def time_interleaved(
             warm-up outputs: ``torch.cuda.synchronize`` (or MPS's) when a candidate returns a
             tensor on that device, otherwise nothing. Pass one (``synchronizer(x)``) when the
             outputs do not show the device: ``warmup=0``, or candidates that return None or NumPy.
+        inference: Run under ``torch.inference_mode()``. False runs in the caller's autograd mode,
+            for candidates that train (forward, backward and optimizer step).
 
     Returns:
         Seconds per call, ``rounds`` samples per candidate, in the order of ``candidates``.
@@ -68,7 +82,7 @@ def time_interleaved(
     names = list(candidates)
     samples: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         devices = set()
         for name in names:
             for _ in range(warmup):
@@ -185,3 +199,55 @@ def throughput(batch_size: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"seconds per batch must be positive, got {seconds}")
     return batch_size / seconds
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a ``with`` block ran, to flag skewed timings.
+
+    Other processes on the cores skew every timing, more than their share: OpenMP threads that
+    outnumber the free cores stall each other. Reads ``/proc/stat`` (Linux); elsewhere ``cores``
+    stays None.
+
+    >>> with OtherLoad() as load:
+    ...     samples = time_interleaved(candidates)
+    >>> load.cores  # e.g. 0.05: other processes used a twentieth of one core on average
+    """
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self.cores = None
+        self._start = (_machine_busy_seconds(), _own_busy_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        machine_start, own_start, wall_start = self._start
+        machine_end, wall = _machine_busy_seconds(), time.perf_counter() - wall_start
+        if machine_start is None or machine_end is None or wall <= 0:
+            return
+        others = machine_end - machine_start - (_own_busy_seconds() - own_start)
+        self.cores = max(0.0, others) / wall
+
+    def warning(self, threshold: float = 0.1) -> str | None:
+        """A one-line warning when other processes kept more than ``threshold`` cores busy, else None."""
+        if self.cores is None or self.cores <= threshold:
+            return None
+        return (
+            f"warning: other processes kept {self.cores:.2f} of {os.cpu_count()} cores busy while timing; "
+            "these figures are skewed"
+        )
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    times = os.times()
+    return times.user + times.system

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repblocks.bench import median, p90, percentile, round_order, synchronizer, throughput, time_interleaved
+from repblocks.bench import OtherLoad, median, p90, percentile, round_order, synchronizer, throughput, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,28 @@ def test_time_interleaved_runs_in_inference_mode_and_calls_sync_around_each_call
     )
     assert modes == [True] * 4
     assert len(syncs) == 1 + 2 * 3  # once after the warm-up, then before and after each timed call
+
+
+def test_time_interleaved_can_leave_inference_mode_off_for_training_steps():
+    weight = torch.ones(2, requires_grad=True)
+
+    def train_step():
+        assert not torch.is_inference_mode_enabled()
+        (weight * 3).sum().backward()
+
+    time_interleaved({"train": train_step}, rounds=2, warmup=1, inference=False)
+    assert weight.grad.tolist() == [9.0, 9.0]  # three calls, each adding 3
+
+
+def test_other_load_reports_the_cores_other_processes_used():
+    with OtherLoad() as load:
+        time.sleep(0.05)
+    if not Path("/proc/stat").exists():
+        assert load.cores is None and load.warning() is None
+        return
+    assert load.cores >= 0.0
+    load.cores = 1.5
+    assert "1.50" in load.warning() and load.warning(threshold=2.0) is None
 
 
 def test_time_interleaved_measures_time():
