@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["NORM_TYPES", "cosine_with_warmup", "param_groups"]
+__all__ = ["NORM_TYPES", "cosine_schedule", "cosine_with_warmup", "param_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,22 @@ def cosine_with_warmup(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 1.0,
+    min_lr_ratio: float = 0.0,
+) -> LambdaLR:
+    """:func:`cosine_with_warmup` with the warm-up given in epochs, as training recipes state it.
+
+    This is the form the Lightning module calls (``scheduler(optimizer, total_steps=...,
+    steps_per_epoch=...)``), so a config says ``warmup_epochs: 5`` whatever the batch size.
+    """
+    warmup_steps = round(warmup_epochs * steps_per_epoch)
+    return cosine_with_warmup(
+        optimizer, warmup_steps=min(warmup_steps, total_steps), total_steps=total_steps, min_lr_ratio=min_lr_ratio
+    )

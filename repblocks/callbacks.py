@@ -1,0 +1,114 @@
+"""Lightning callbacks: the end-of-training deploy check.
+
+:class:`DeployCheck` closes every training run with the question a user asks next: does the
+plain network give the same answers? It reloads the best checkpoint the way deploy.py does
+(``weights_only=True``, from the saved hyperparameters), converts it with ``switch_to_deploy``,
+runs the whole validation set through both forms, and saves the deploy weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from repblocks.convert import switch_to_deploy
+from repblocks.registry import create_model
+from repblocks.weights import save_weights
+
+__all__ = ["DeployCheck", "DeployResult", "load_checkpoint_model"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeployResult:
+    """What :class:`DeployCheck` measured on the validation set."""
+
+    val_acc_train_form: float  # the checkpoint's train-form network, recomputed here
+    val_acc_deploy: float  # the same weights after switch_to_deploy
+    top1_agreement: float  # fraction of images on which both forms predict the same class
+    max_abs_err: float  # largest |logit difference| over the whole validation set
+    num_images: int
+    checkpoint: str  # the checkpoint that was converted ("" when the in-memory model was)
+    deploy_weights: str  # the .safetensors written, loadable by create_model(name, deploy=True)
+
+
+def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the train-form network of a train.py checkpoint, reading it with ``weights_only=True``.
+
+    Returns:
+        The network in eval mode, and the checkpoint's hyperparameters (plain containers).
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = checkpoint["hyper_parameters"]
+    prefix = hparams["weights_prefix"]
+    weights = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    model = create_model(hparams["model_name"], num_classes=hparams["num_classes"], **hparams.get("model_kwargs", {}))
+    model.load_state_dict(weights)
+    return model.eval(), hparams
+
+
+class DeployCheck(L.Callback):
+    """At the end of fit: convert the best checkpoint, check it on all validation images, save it.
+
+    Args:
+        output_dir: Where ``<model_name>_deploy.safetensors`` is written.
+
+    After ``trainer.fit`` the result is in :attr:`result` (on the rank-zero process).
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.result: DeployResult | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.interrupted or trainer.fast_dev_run:
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        if best:
+            model, hparams = load_checkpoint_model(best)
+        else:  # no checkpointing configured: check the weights in memory
+            model, hparams = pl_module.eval_model, dict(pl_module.hparams)
+        model = model.float().eval()
+        deploy = switch_to_deploy(model)
+        datamodule = trainer.datamodule
+        datamodule.setup("validate")
+        device = pl_module.device
+        logits_train, logits_deploy, targets = _predict(model, deploy, datamodule.val_dataloader(), device)
+        path = save_weights(
+            deploy,
+            self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
+            metadata={
+                "model_name": hparams["model_name"],
+                "num_classes": str(hparams["num_classes"]),
+                "form": "deploy",
+            },
+        )
+        pred_train, pred_deploy = logits_train.argmax(1), logits_deploy.argmax(1)
+        self.result = DeployResult(
+            val_acc_train_form=(pred_train == targets).float().mean().item(),
+            val_acc_deploy=(pred_deploy == targets).float().mean().item(),
+            top1_agreement=(pred_train == pred_deploy).float().mean().item(),
+            max_abs_err=(logits_train - logits_deploy).abs().max().item(),
+            num_images=len(targets),
+            checkpoint=str(best),
+            deploy_weights=str(path),
+        )
+        log.info("deploy check: %s", asdict(self.result))
+
+
+@torch.inference_mode()
+def _predict(train_form: nn.Module, deploy_form: nn.Module, loader, device: torch.device) -> tuple[Tensor, ...]:
+    train_form, deploy_form = train_form.to(device), deploy_form.to(device)
+    outputs_train, outputs_deploy, targets = [], [], []
+    for images, target in loader:
+        images = images.to(device)
+        outputs_train.append(train_form(images).float().cpu())
+        outputs_deploy.append(deploy_form(images).float().cpu())
+        targets.append(target)
+    return torch.cat(outputs_train), torch.cat(outputs_deploy), torch.cat(targets)

@@ -1,0 +1,329 @@
+"""Data modules for training: the embedded digits set, CIFAR-10, any ImageFolder, and fake data.
+
+Every module knows its ``num_classes`` and ``image_size`` at construction, before any data is
+read, so the model can be built from them. Modules that read from disk check ``root`` at
+construction too, and raise ``FileNotFoundError`` with one line that says what was expected
+where: a user finds out in the first second, not after the model has been built.
+
+Nothing is ever downloaded unless ``download=True`` is passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torchvision import datasets
+from torchvision.transforms import v2
+
+__all__ = [
+    "DATAMODULES",
+    "Cifar10DataModule",
+    "DigitsDataModule",
+    "FakeDataModule",
+    "ImageFolderDataModule",
+    "build_datamodule",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class _ClassificationDataModule(L.LightningDataModule):
+    """Shared loader settings; subclasses set ``train_set``/``val_set`` in ``setup``."""
+
+    num_classes: int
+    in_chans: int = 3
+
+    def __init__(self, *, image_size: int, batch_size: int, num_workers: int, pin_memory: bool = False):
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be at least 8, got {image_size}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        # drop_last: Mixup needs an even batch, and a last batch of one breaks BatchNorm.
+        return self._loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, drop_last=False)
+
+    def _loader(self, dataset: Dataset | None, *, shuffle: bool, drop_last: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a data loader")
+        if isinstance(dataset, InMemoryBatches):
+            sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+            return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, self.batch_size, drop_last))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+class RandomAffineBatch:
+    """Random rotation, shift and scale of every image in a batch, in one ``grid_sample`` call.
+
+    Per image, torchvision's ``RandomAffine`` plus a collate took 5.7 s per digits epoch on two
+    busy CPU cores, as long as the training steps; indexing and augmenting whole batches took 0.03 s.
+    Pixels shifted in from outside take ``fill``.
+    """
+
+    def __init__(
+        self,
+        *,
+        degrees: float = 10.0,
+        translate: float = 0.1,
+        scale: tuple[float, float] = (0.9, 1.1),
+        fill: float = 0.0,
+    ):
+        self.degrees, self.translate, self.scale, self.fill = degrees, translate, scale, fill
+
+    def __call__(self, images: Tensor) -> Tensor:  # (B, C, H, W)
+        batch = images.shape[0]
+        angle = torch.empty(batch).uniform_(-self.degrees, self.degrees).deg2rad_()
+        zoom = torch.empty(batch).uniform_(*self.scale)
+        shift = torch.empty(batch, 2).uniform_(-self.translate, self.translate) * 2  # grid units span [-1, 1]
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)  # (B, H, W, 2)
+        # Shifting by the fill value makes grid_sample's zero padding pad with ``fill``.
+        return F.grid_sample(images - self.fill, grid, align_corners=False, padding_mode="zeros") + self.fill
+
+
+class InMemoryBatches(Dataset):
+    """Images and labels held as two tensors, indexed a whole batch at a time.
+
+    Used with ``DataLoader(batch_size=None, sampler=BatchSampler(...))``: one fancy-indexing call
+    per batch instead of one ``__getitem__`` per image and a collate, and the augmentation runs
+    once on the whole batch.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+        images = self.images[indices]
+        return (self.transform(images) if self.transform else images), self.labels[indices]
+
+
+class DigitsDataModule(_ClassificationDataModule):
+    """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, ever.
+
+    Images are scaled from 0..16 to 0..1, resized once to ``image_size`` (bilinear), repeated to
+    ``in_chans`` channels and normalized to mean 0.5 / std 0.5. The train/val split is
+    stratified and fixed by ``split_seed``, so every run validates on the same images.
+    Training images get small random affine jitter (rotation, shift, scale), which is what lets
+    a VGG-sized network reach high accuracy on so few images.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 32,
+        in_chans: int = 3,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        augment: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be between 0 and 1, got {val_fraction}")
+        self.in_chans = in_chans
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.augment = augment
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().div_(16.0).unsqueeze(1)  # (N, 1, 8, 8)
+        images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        images = images.clamp_(0.0, 1.0).sub_(0.5).div_(0.5).repeat(1, self.in_chans, 1, 1)  # (N, C, S, S)
+        labels = torch.from_numpy(digits.target).long()
+        train_idx, val_idx = train_test_split(
+            range(len(labels)), test_size=self.val_fraction, stratify=digits.target, random_state=self.split_seed
+        )
+        train_idx, val_idx = torch.tensor(train_idx), torch.tensor(val_idx)
+        # fill=-1 is the normalized background (0 before normalization): no bright borders.
+        augment = RandomAffineBatch(fill=-1.0) if self.augment else None
+        self.train_set = InMemoryBatches(images[train_idx], labels[train_idx], augment)
+        self.val_set = InMemoryBatches(images[val_idx], labels[val_idx])
+        log.info("digits: %d train / %d val images at %dx%d", len(train_idx), len(val_idx), *images.shape[-2:])
+
+
+def _require_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.root: {what} not found at {path} ({hint})")
+    if not any(path.iterdir()):
+        raise FileNotFoundError(f"data.root: {what} at {path} is empty ({hint})")
+    return path
+
+
+class Cifar10DataModule(_ClassificationDataModule):
+    """CIFAR-10 from ``root`` (torchvision's ``cifar-10-batches-py`` folder inside it).
+
+    Training uses the usual random crop with 4-pixel padding and horizontal flips.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike | None,
+        download: bool = False,
+        image_size: int = 32,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+    ):
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        if root is None:
+            raise FileNotFoundError(
+                "data.root is not set: pass data.root=DIR, the folder that holds cifar-10-batches-py"
+            )
+        self.root = Path(root).expanduser()
+        self.download = download
+        if not download:
+            hint = "pass data.download=true to fetch it, or data.root=DIR where it already is"
+            _require_dir(self.root / "cifar-10-batches-py", "CIFAR-10 (cifar-10-batches-py)", hint)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+        resize = [v2.Resize(self.image_size, antialias=True)] if self.image_size != 32 else []
+        train = v2.Compose([*resize, v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip(), *normalize])
+        val = v2.Compose([*resize, *normalize])
+        self.train_set = datasets.CIFAR10(self.root, train=True, transform=train, download=self.download)
+        self.val_set = datasets.CIFAR10(self.root, train=False, transform=val, download=self.download)
+
+
+class ImageFolderDataModule(_ClassificationDataModule):
+    """Any ``root/train/<class>/*.jpg`` + ``root/val/<class>/*.jpg`` tree (ImageNet's layout).
+
+    Training: random resized crop and flip; validation: resize to ``image_size / crop_fraction``
+    and center crop, ImageNet's normalization.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | os.PathLike | None,
+        image_size: int = 224,
+        crop_fraction: float = 0.875,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        pin_memory: bool = False,
+    ):
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        if root is None:
+            raise FileNotFoundError("data.root is not set: pass data.root=DIR, a folder with train/ and val/ inside")
+        self.root = Path(root).expanduser()
+        hint = "expected root/train/<class>/<image> and root/val/<class>/<image>"
+        train_dir = _require_dir(self.root / "train", "train/ folder", hint)
+        _require_dir(self.root / "val", "val/ folder", hint)
+        self.classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
+        if not self.classes:
+            raise FileNotFoundError(f"data.root: {train_dir} has no class folders ({hint})")
+        self.num_classes = len(self.classes)
+        self.crop_fraction = crop_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        train = v2.Compose(
+            [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip(), *normalize]
+        )
+        resize = round(self.image_size / self.crop_fraction)
+        val = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size), *normalize])
+        self.train_set = datasets.ImageFolder(self.root / "train", transform=train)
+        self.val_set = datasets.ImageFolder(self.root / "val", transform=val)
+        if self.val_set.classes != self.train_set.classes:
+            raise FileNotFoundError(f"data.root: val/ and train/ under {self.root} hold different class folders")
+
+
+class FakeDataModule(_ClassificationDataModule):
+    """torchvision's ``FakeData`` (random images): for smoke tests of the whole pipeline."""
+
+    def __init__(
+        self,
+        *,
+        num_classes: int = 10,
+        image_size: int = 32,
+        train_size: int = 64,
+        val_size: int = 32,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.num_classes = num_classes
+        self.train_size, self.val_size = train_size, val_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        shape = (3, self.image_size, self.image_size)
+        to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+        fake = dict(image_size=shape, num_classes=self.num_classes, transform=to_tensor)
+        self.train_set = datasets.FakeData(size=self.train_size, random_offset=0, **fake)
+        self.val_set = datasets.FakeData(size=self.val_size, random_offset=1_000_000, **fake)
+
+
+# The data modules a saved config may name. A checkpoint is data, not code: deploy.py rebuilds its
+# data module from this table, never by importing whatever ``_target_`` a file names.
+DATAMODULES: dict[str, type[_ClassificationDataModule]] = {
+    f"{__name__}.{cls.__name__}": cls
+    for cls in (DigitsDataModule, Cifar10DataModule, ImageFolderDataModule, FakeDataModule)
+}
+
+
+def build_datamodule(config: Mapping) -> _ClassificationDataModule:
+    """Rebuild a data module from a saved data config (``{"_target_": ..., **kwargs}``).
+
+    Raises:
+        ValueError: If ``_target_`` is not one of :data:`DATAMODULES`.
+        FileNotFoundError: If the data set is not where the config says.
+    """
+    kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
+    target = config.get("_target_")
+    if target not in DATAMODULES:
+        raise ValueError(f"unknown data module {target!r}; known: {', '.join(DATAMODULES)}")
+    return DATAMODULES[target](**kwargs)
