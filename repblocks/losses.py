@@ -37,12 +37,13 @@ class RDropLoss(nn.Module):
     too (``F.kl_div(..., reduction="batchmean")``), and ``alpha`` means what it means in the paper,
     independently of the batch size.
 
-    The official code differs in its reductions, which changes what a given ``alpha`` means: its
-    image-classification (ViT) code adds two batch-mean cross-entropies to
-    ``alpha * (KL_ab + KL_ba)`` with both KLs *summed over the batch and the classes*
-    (``kl_div(..., reduction="none").sum()``), and its README example halves the cross-entropy sum
-    and sums the halved KL over the batch. An ``alpha`` taken from the ViT code at batch size ``B``
-    is therefore ``2 * B * alpha`` here.
+    The official code (github.com/dropreg/R-Drop) reduces differently, which changes what a given
+    alpha means: its image-classification (ViT) code adds two batch-mean cross-entropies to
+    ``alpha_vit * (KL_ab + KL_ba)`` with both KLs *summed over the batch and the classes*
+    (``kl_div(..., reduction="none").sum()``); its README example takes
+    ``0.5 * (CE_a + CE_b) + alpha_readme * 0.5 * (KL_ab + KL_ba)``, KLs again summed over the batch.
+    At batch size ``B`` both therefore equal ``alpha = 2 * B * alpha_vit`` (or ``2 * B * alpha_readme``,
+    with the README's total halved) here.
 
     Targets may be class indices ``(B,)`` or probabilities ``(B, C)`` (soft targets, e.g. from
     timm's ``Mixup``); ``F.cross_entropy`` takes both. ``label_smoothing`` is passed to it, so it

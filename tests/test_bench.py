@@ -2,6 +2,7 @@
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -163,3 +164,21 @@ def test_convert_repvgg_example_runs():
     result = _run("examples/convert_repvgg.py")
     assert result.returncode == 0, result.stderr
     assert "top-1 agreement 100%" in result.stdout
+
+
+def test_train_throughput_runs_in_process_and_writes_json(tmp_path):
+    main = runpy.run_path(str(ROOT / "benchmarks/train_throughput.py"))["main"]
+    out = tmp_path / "results.json"
+    threads = torch.get_num_threads()
+    try:
+        args = ["--quick", "--image-size", "32", "--rounds", "1", "--warmup", "0", "--threads", "1"]
+        assert main([*args, "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads(out.read_text())
+    assert results["config"]["batch_size"] == 2 and results["config"]["image_size"] == 32
+    assert set(results["models"]) == {"ours", "timm"}
+    assert all(len(stats["samples_s"]) == 1 for stats in results["models"].values())
+    assert results["ratio_ours_over_timm"]["ratio"] > 0
+    losses = results["first_step_losses"]
+    assert losses["ours"] == pytest.approx(losses["timm"], rel=1e-4)

@@ -1,0 +1,173 @@
+"""Training throughput of RepVGG-A0, ours vs timm's: forward + backward + SGD step, in train mode.
+
+Both models start from the same weights (timm's, loaded into ours), see the same batch and
+random labels, and train with the same SGD (momentum, weight decay by ``repblocks.optim.param_groups``).
+Each candidate call is one whole training step; the two are timed interleaved in one process
+(``repblocks.bench.time_interleaved``), so drift of the machine spreads evenly over both. The
+first step's losses are checked to agree before anything is timed.
+
+    python benchmarks/train_throughput.py --threads 2          # about 1 minute on 2 idle cores
+    python benchmarks/train_throughput.py --channels-last --device cuda
+    python benchmarks/train_throughput.py --quick              # smoke test, a few seconds
+    python benchmarks/train_throughput.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+import repblocks
+from repblocks.bench import OtherLoad, median, p90, synchronizer, throughput, time_interleaved
+from repblocks.files import atomic_path
+from repblocks.optim import param_groups
+
+REL_TOLERANCE = 1e-4  # of the first step's loss; fp32 reordering gives ~1e-6
+NUM_CLASSES = 1000  # RepVGG-A0's ImageNet head: the classifier is part of the training cost
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, help="images per batch (default 32; --quick: 2)")
+    parser.add_argument("--image-size", type=int, help="input height and width (default 224; --quick: 32)")
+    parser.add_argument("--rounds", type=int, help="timed steps per model (default 10; --quick: 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per model first (default 2; --quick: 1)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the input and the labels")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH")
+    args = parser.parse_args(argv)
+    defaults = dict(batch_size=2, image_size=32, rounds=2, warmup=1) if args.quick else {}
+    defaults = dict(dict(batch_size=32, image_size=224, rounds=10, warmup=2), **defaults)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if min(args.batch_size, args.image_size, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --image-size and --rounds must be positive, --warmup non-negative")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    return args
+
+
+def build_models(seed: int) -> dict[str, nn.Module]:
+    """Our RepVGG-A0 and timm's, with the same (timm-initialized) weights, in train mode."""
+    torch.manual_seed(seed)
+    timm_model = timm.create_model("repvgg_a0", pretrained=False, num_classes=NUM_CLASSES)
+    ours = repblocks.load_weights(repblocks.create_model("repvgg_a0", num_classes=NUM_CLASSES), timm_model.state_dict())
+    return {"ours": ours.train(), "timm": timm_model.train()}
+
+
+def training_step(model: nn.Module, images: Tensor, labels: Tensor) -> Callable[[], Tensor]:
+    """One SGD step of ``model`` on the batch, as a zero-argument callable returning the loss."""
+    optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+
+    def step() -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def summarize(samples: dict[str, list[float]], batch_size: int) -> dict:
+    """Per-model statistics and the ours/timm throughput ratio, as plain data (what ``--json`` writes)."""
+    models = {
+        name: dict(
+            images_per_s=throughput(batch_size, median(times)),
+            ms_median=1e3 * median(times),
+            ms_p90=1e3 * p90(times),
+            samples_s=times,
+        )
+        for name, times in samples.items()
+    }
+    # Both ran back to back in each round, so the spread of per-round ratios shows how much is noise.
+    per_round = [timm_s / ours_s for ours_s, timm_s in zip(samples["ours"], samples["timm"], strict=True)]
+    ratio = dict(
+        ratio=median(samples["timm"]) / median(samples["ours"]),
+        per_round_median=median(per_round),
+        per_round_min=min(per_round),
+        per_round_max=max(per_round),
+    )
+    return dict(models=models, ratio_ours_over_timm=ratio)
+
+
+def print_summary(console: Console, summary: dict, args: argparse.Namespace) -> None:
+    layout = ", channels_last" if args.channels_last else ""
+    title = (
+        f"Training throughput on {args.device}{layout}, batch {args.batch_size} x {args.image_size}x{args.image_size}, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds"
+    )
+    table = Table(title=title)
+    for column in ("model", "img/s", "ms/step median", "ms/step p90"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, stats in summary["models"].items():
+        table.add_row(name, f"{stats['images_per_s']:.1f}", f"{stats['ms_median']:.1f}", f"{stats['ms_p90']:.1f}")
+    console.print(table)
+    ratio = summary["ratio_ours_over_timm"]
+    console.print(
+        f"ours / timm throughput: {ratio['ratio']:.3f} (above 1: ours faster); per round: median "
+        f"{ratio['per_round_median']:.3f}, range {ratio['per_round_min']:.3f}-{ratio['per_round_max']:.3f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    device = torch.device(args.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    models = {name: model.to(device, memory_format=memory_format) for name, model in build_models(args.seed).items()}
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)  # (B, 3, H, W)
+    images = images.to(device, memory_format=memory_format)
+    labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
+    steps = {name: training_step(model, images, labels) for name, model in models.items()}
+
+    # The first step doubles as the check that both train the same network from the same weights.
+    losses = {name: step().item() for name, step in steps.items()}
+    rel_error = abs(losses["ours"] - losses["timm"]) / abs(losses["timm"])
+    if not rel_error <= REL_TOLERANCE:
+        raise SystemExit(f"train_throughput: first-step losses disagree: {losses} (rel {rel_error:.1e})")
+
+    with OtherLoad() as load:
+        sync = synchronizer(device)  # chosen from the device, so it holds with --warmup 0 too
+        samples = time_interleaved(steps, rounds=args.rounds, warmup=args.warmup, sync=sync, inference=False)
+    summary = summarize(samples, args.batch_size)
+    print_summary(console, summary, args)
+    summary.update(first_step_losses=losses, other_processes_cores=load.cores)
+    if load.warning():
+        console.print(f"[yellow]{load.warning()}")
+
+    if args.json is not None:
+        config = {key: value for key, value in vars(args).items() if key != "json"}
+        config.update(
+            threads=torch.get_num_threads(),
+            torch=torch.__version__,
+            timm=timm.__version__,
+            repblocks=repblocks.__version__,
+            processor=platform.processor() or platform.machine(),
+        )
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(dict(config=config, **summary), indent=2))
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
