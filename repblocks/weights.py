@@ -116,13 +116,29 @@ def read_checkpoint(path: str | os.PathLike) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1][:200]
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors, and unpickling them could run code "
-            f"(loaded with weights_only=True; {first_line})"
-        ) from None
+        if _is_pickle(path) or "Unsupported global" in str(err):
+            raise ValueError(
+                f"refusing to load {path}: it is a pickle that torch's safe loader (weights_only=True) does not "
+                f"accept, and unpickling it fully could run code ({_unpickler_reason(err)})"
+            ) from None
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (PROTO opcode, then the protocol)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    # torch wraps the reason in paragraphs of advice; keep the reason's first sentence.
+    text = str(err)
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    reason = reason.strip() if marker else text.strip()
+    return reason.split(". ")[0].splitlines()[0][:200] if reason else "no reason given"
 
 
 def _unwrap(obj: object, what: str) -> StateDict:
