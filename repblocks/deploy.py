@@ -36,7 +36,7 @@ from repblocks.convert import switch_to_deploy
 from repblocks.export import EXPORT_FORMATS, FILE_NAMES, export_onnx, export_safetensors, export_torch_export
 from repblocks.registry import create_model
 from repblocks.report import write_reports, write_speed_table
-from repblocks.speed import BACKENDS, DTYPES, applicable, benchmark_forms, speed_table
+from repblocks.speed import BACKENDS, DTYPES, applicable, benchmark_forms, fastest_deploy, speed_table
 from repblocks.testing import max_errors, randomize_bn_, within_tolerance
 from repblocks.weights import load_weights, read_checkpoint, to_repblocks_layout
 
@@ -190,6 +190,7 @@ def run_deploy(config: DeployConfig) -> dict:
             "verify": verification,
             "exports": exports,
             "benchmark": rows,
+            "fastest_deploy": fastest_deploy(rows),
             "skipped": skipped,
             "timer": _timer_note(bench),
             "environment": _environment(device),
@@ -227,15 +228,15 @@ def _check_names(formats: tuple[str, ...], bench: BenchConfig) -> None:
         ("backend", bench.backends, BACKENDS),
         ("dtype", bench.dtypes, tuple(DTYPES)),
     ]:
-        for name in names:
-            if name not in known:
-                hint = " (TorchScript is deprecated in torch 2.x: torch_export writes its successor)" * (
-                    name == "torchscript"
-                )
-                raise DeployError(f"unknown {what} {name!r}; known: {', '.join(known)}{hint}")
-    bad = [size for size in bench.batch_sizes if size < 1] + [bench.rounds] * (bench.rounds < 1)
-    if bad:
-        raise DeployError(f"batch sizes and rounds must be positive, got {bad[0]}")
+        unknown = [name for name in names if name not in known]
+        if unknown == ["torchscript"]:
+            raise DeployError(
+                "TorchScript is deprecated in torch 2.x; export.formats=[torch_export] writes its successor"
+            )
+        if unknown:
+            raise DeployError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
+    if any(size < 1 for size in bench.batch_sizes) or bench.rounds < 1:
+        raise DeployError(f"batch sizes and rounds must be positive, got {list(bench.batch_sizes)}, {bench.rounds}")
 
 
 @contextlib.contextmanager

@@ -112,8 +112,11 @@ def export_torch_export(model: nn.Module, path: str | Path, example: Tensor, *, 
     path = Path(path)
     with atomic_path(path) as tmp:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, tmp)
-        reloaded = torch.export.load(tmp).module()
+        # Through file objects: given a path, torch.export wants it to end in .pt2, and the temporary name does not.
+        with open(tmp, "wb") as handle:
+            torch.export.save(program, handle)
+        with open(tmp, "rb") as handle:
+            reloaded = torch.export.load(handle).module()
         errors = _check_outputs(model, reloaded, example, atol, rtol, "torch.export.load")
     return {"path": str(path), "format": "torch_export", "runtime": f"torch {torch.__version__}", **errors}
 
@@ -122,6 +125,8 @@ def onnx_session(path: str | Path, *, threads: int | None = None, providers: Seq
     """An onnxruntime session for ``path``; ``threads`` intra-op threads (default: torch's count, for fair timing)."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    # By default its idle threads spin for work; in a process that also runs torch they would steal torch's cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(
         str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
     )

@@ -81,13 +81,26 @@ def console_tables(report: dict) -> list[Table]:
         )
     tables = [checks]
     if report["benchmark"]:
-        bench = Table(title="Train vs deploy form (ratios: throughput over the train form's)")
+        bench = Table(title="Train vs deploy form (ratios: throughput over the train form's)", caption=_fastest(report))
         for column in _BENCH_COLUMNS:
             bench.add_column(column, justify="left" if column in _BENCH_COLUMNS[:3] else "right")
         for row in report["benchmark"]:
             bench.add_row(*_bench_cells(row))
         tables.append(bench)
     return tables
+
+
+def _fastest(report: dict) -> str:
+    parts = [
+        f"batch {best['batch_size']}: {best['backend']} {best['dtype']}"
+        + (
+            ""
+            if best["ratio_to_train_eager"] is None
+            else f", {best['ratio_to_train_eager']:.2f}x the train form eager fp32"
+        )
+        for best in report["fastest_deploy"]
+    ]
+    return "Fastest deploy form: " + "; ".join(parts)
 
 
 def _real_summary(real: dict) -> str:
@@ -149,7 +162,7 @@ def markdown_report(report: dict) -> str:
     if report["benchmark"]:
         lines += ["", "## Benchmark", "", "| " + " | ".join(_BENCH_COLUMNS) + " |", "|---|---|---|" + "---:|" * 6]
         lines += ["| " + " | ".join(_bench_cells(row)) + " |" for row in report["benchmark"]]
-        lines += ["", f"Timer: {report['timer']}.", "", MALLOC_NOTE]
+        lines += ["", _fastest(report) + ".", "", f"Timer: {report['timer']}.", "", MALLOC_NOTE]
     if report["skipped"]:
         lines += ["", "## Not timed", ""] + [f"- {item['what']}: {item['reason']}" for item in report["skipped"]]
     environment = ", ".join(f"{key} {value}" for key, value in report["environment"].items())

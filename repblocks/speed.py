@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from repblocks.bench import median, p90, synchronizer, throughput, time_interleaved
 from repblocks.export import export_onnx, onnx_session
 
-__all__ = ["BACKENDS", "DTYPES", "RunnerSpec", "applicable", "benchmark_forms", "speed_table"]
+__all__ = ["BACKENDS", "DTYPES", "RunnerSpec", "applicable", "benchmark_forms", "fastest_deploy", "speed_table"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,17 @@ def benchmark_forms(
             rows.extend(_row(spec, batch_size, times) for spec, times in samples.items())
     _add_ratios(rows)
     return rows, skipped
+
+
+def fastest_deploy(rows: list[dict]) -> list[dict]:
+    """Per batch size, the fastest deploy-form runner of ``rows`` and its throughput over the train form, eager fp32."""
+    best: dict[int, dict] = {}
+    for row in rows:
+        current = best.get(row["batch_size"])
+        if row["form"] == "deploy" and (current is None or row["throughput"] > current["throughput"]):
+            best[row["batch_size"]] = row
+    keys = ("batch_size", "backend", "dtype", "throughput", "ratio_to_train_eager")
+    return [{key: row[key] for key in keys} for _, row in sorted(best.items())]
 
 
 def speed_table(

@@ -187,7 +187,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
         (dict(source="torchvision:resnet_x"), r"unknown torchvision classification model .*; known: alexnet, "),
         (dict(source="timm:resnet18"), r"unknown source 'timm:resnet18'; known: torchvision:NAME"),
         (dict(model="repvgg_tiny", export={"formats": ["tflite"]}), r"known: safetensors, onnx, torch_export$"),
-        (dict(model="repvgg_tiny", export={"formats": ["torchscript"]}), r"torch_export writes its successor"),
+        (dict(model="repvgg_tiny", export={"formats": ["torchscript"]}), r"TorchScript is deprecated.*torch_export"),
         (dict(model="repvgg_tiny", bench=dict(backends=["tensorrt"])), r"known: eager, channels_last, compile, onnx"),
         (dict(model="repvgg_tiny", bench=dict(dtypes=["fp8"])), r"unknown dtype 'fp8'; known: fp32, fp16, bf16"),
         (dict(model="repvgg_tiny", bench=dict(device="tpu")), r"unknown bench.device 'tpu'"),
