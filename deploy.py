@@ -19,7 +19,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from repblocks.deploy import DeployConfig, DeployError, run_deploy
+from repblocks.deploy import DeployConfig, run_deploy
+from repblocks.errors import UserError
 from repblocks.report import console_tables, speed_console_table
 
 
@@ -29,7 +30,7 @@ def main(cfg: DictConfig) -> None:
     logging.captureWarnings(True)
     try:
         report = run_deploy(DeployConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
-    except DeployError as err:
+    except UserError as err:
         print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
         sys.exit(1)
     console = Console(width=None if sys.stdout.isatty() else 120)  # rich assumes 80 columns in a pipe or log

@@ -6,7 +6,7 @@
    with random weights (and random BN statistics), or a torchvision classifier; ``weights_only=True`` always;
 2. convert it with ``switch_to_deploy`` and verify the deploy form against the train form on random
    images (and on validation images when the checkpoint's data config is available); over tolerance,
-   stop with :class:`DeployError` before anything is written;
+   stop with :class:`repblocks.errors.UserError` before anything is written;
 3. export the deploy form (``repblocks.export``), every file checked before it takes its name;
 4. time train vs deploy form side by side per backend and dtype (``repblocks.speed``);
 5. write ``report.json``, ``report.md`` and a throughput plot (``repblocks.report``).
@@ -19,47 +19,30 @@ after Conv+BN folding) side by side: the RepVGG paper's speed table. The library
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from repblocks.convert import switch_to_deploy
+from repblocks.errors import UserError, user_errors
 from repblocks.export import EXPORT_FORMATS, FILE_NAMES, export_onnx, export_safetensors, export_torch_export
-from repblocks.registry import create_model
+from repblocks.networks import TORCHVISION, Network, load_network
 from repblocks.report import write_reports, write_speed_table
-from repblocks.speed import BACKENDS, DTYPES, applicable, benchmark_forms, fastest_deploy, speed_table
-from repblocks.testing import max_errors, randomize_bn_, within_tolerance
-from repblocks.weights import load_weights, read_checkpoint, to_repblocks_layout
+from repblocks.speed import BACKENDS, DTYPES, benchmark_forms, fastest_deploy, speed_table
+from repblocks.verify import VerifyConfig, verify
 
-__all__ = ["BenchConfig", "DeployConfig", "DeployError", "ExportConfig", "VerifyConfig", "load_network", "run_deploy"]
+__all__ = ["BenchConfig", "DeployConfig", "ExportConfig", "VerifyConfig", "run_deploy", "run_speed_table"]
 
 log = logging.getLogger(__name__)
 
-TORCHVISION = "torchvision:"
 DEFAULT_IMAGE_SIZE = 224
-
-
-class DeployError(ValueError):
-    """Bad input, or a deploy form that fails its checks: the command line prints it as one line and exits 1."""
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """How the deploy form is checked against the train form."""
-
-    atol: float = 1e-4  # max absolute error of the logits ...
-    rtol: float = 1e-4  # ... or max error relative to the largest logit (either passes); fp32 rounding gives ~1e-6
-    batch_size: int = 8  # random images per check
-    real_batches: int = 4  # validation batches when the checkpoint's data is available; 0: none
 
 
 @dataclass(frozen=True)
@@ -118,32 +101,15 @@ def _dataclass_from(cls: type, values: Mapping, prefix: str = ""):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise DeployError(
-            f"unknown setting {prefix}{unknown[0]}; known: {', '.join(prefix + k for k in sorted(known))}"
-        )
+        raise UserError(f"unknown setting {prefix}{unknown[0]}; known: {', '.join(prefix + k for k in sorted(known))}")
     return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
-
-
-@dataclass
-class Network:
-    """A loaded network in train form and what is needed to rebuild and describe it."""
-
-    name: str  # registry name, or "torchvision:NAME"
-    model: nn.Module  # train form, eval mode, float32 on the CPU
-    rebuild_deploy: Callable[[], nn.Module]  # an empty deploy-form model with the same structure
-    num_classes: int
-    in_chans: int = 3
-    image_size: int | None = None  # what it was trained at, when known
-    origin: str = ""  # where the weights came from, for the report
-    model_kwargs: dict = field(default_factory=dict)
-    data: Mapping | None = None  # the checkpoint's data config, for verification on real images
 
 
 def run_deploy(config: DeployConfig) -> dict:
     """Load, convert, verify, export, benchmark and report; return the report (also in ``out_dir``).
 
     Raises:
-        DeployError: Bad input (the message says what exists), or the deploy form fails its checks.
+        UserError: Bad input (the message says what exists), or the deploy form fails its checks.
             Nothing is written to ``out_dir`` before verification has passed.
     """
     if config.models:
@@ -152,7 +118,9 @@ def run_deploy(config: DeployConfig) -> dict:
     bench = _bench_defaults(config.bench, device)
     _check_names(config.export.formats, bench)
     with _threads(bench.threads):
-        network = load_network(config)
+        network = load_network(
+            ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
+        )
         image_size = bench.image_size or network.image_size or DEFAULT_IMAGE_SIZE
         image_shape = (network.in_chans, image_size, image_size)
 
@@ -162,7 +130,13 @@ def run_deploy(config: DeployConfig) -> dict:
         log.info("converted %s in %.3f s", network.name, conversion_s)
 
         verification = verify(
-            network, plain, device=device, image_shape=image_shape, dtypes=bench.dtypes, config=config
+            network,
+            plain,
+            device=device,
+            image_shape=image_shape,
+            dtypes=bench.dtypes,
+            settings=config.verify,
+            seed=config.seed,
         )
         out_dir = Path(config.out_dir)
         exports = export_all(network, plain, config, out_dir=out_dir, image_shape=image_shape)
@@ -200,16 +174,16 @@ def run_deploy(config: DeployConfig) -> dict:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is a :class:`DeployError`."""
+    """``auto`` is CUDA when present, else the CPU; asking for CUDA without one is a :class:`UserError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise DeployError(f"bench.device={name} but no CUDA device is available; use bench.device=cpu or auto")
+            raise UserError(f"bench.device={name} but no CUDA device is available; use bench.device=cpu or auto")
         return torch.device(name)
-    raise DeployError(f"unknown bench.device {name!r}; known: auto, cpu, cuda, cuda:N")
+    raise UserError(f"unknown bench.device {name!r}; known: auto, cpu, cuda, cuda:N")
 
 
 def _bench_defaults(bench: BenchConfig, device: torch.device) -> BenchConfig:
@@ -230,269 +204,13 @@ def _check_names(formats: tuple[str, ...], bench: BenchConfig) -> None:
     ]:
         unknown = [name for name in names if name not in known]
         if unknown == ["torchscript"]:
-            raise DeployError(
+            raise UserError(
                 "TorchScript is deprecated in torch 2.x; export.formats=[torch_export] writes its successor"
             )
         if unknown:
-            raise DeployError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
+            raise UserError(f"unknown {what} {unknown[0]!r}; known: {', '.join(known)}")
     if any(size < 1 for size in bench.batch_sizes) or bench.rounds < 1:
-        raise DeployError(f"batch sizes and rounds must be positive, got {list(bench.batch_sizes)}, {bench.rounds}")
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Errors of reading user input (missing file, bad checkpoint, unknown name) become :class:`DeployError`."""
-    try:
-        yield
-    except DeployError:
-        raise
-    except (FileNotFoundError, ValueError) as err:
-        raise DeployError(str(err)) from None
-
-
-def load_network(config: DeployConfig) -> Network:
-    """Build the network the config names, with its weights, in eval mode (see :class:`DeployConfig`)."""
-    given = [key for key in ("ckpt", "source") if getattr(config, key)]
-    if len(given) > 1 or (config.source and config.model):
-        raise DeployError(
-            "give one of ckpt=PATH, model=NAME, source=torchvision:NAME (ckpt with model for bare weights)"
-        )
-    with _user_errors():
-        if config.source:
-            return _torchvision_network(config.source, config.num_classes or 1000, seed=config.seed)
-        if config.ckpt:
-            return _checkpoint_network(config)
-        if config.model:
-            model = randomize_bn_(_build(config.model, num_classes=config.num_classes or 1000), seed=config.seed)
-            return _registry_network(config.model, model.eval(), origin="random weights, random BN statistics")
-    raise DeployError("nothing to deploy: give ckpt=PATH, model=NAME or source=torchvision:NAME")
-
-
-def _build(name: str, *, deploy: bool = False, **kwargs) -> nn.Module:
-    if name.startswith(TORCHVISION):
-        raise DeployError(f"{name} is a torchvision model: pass it as source={name}")
-    return create_model(name, deploy=deploy, **kwargs)
-
-
-def _registry_network(name: str, model: nn.Module, *, origin: str, **extra) -> Network:
-    kwargs = dict(extra.pop("model_kwargs", {}))
-    num_classes, in_chans = model.num_classes, extra.pop("in_chans", 3)
-
-    def rebuild() -> nn.Module:
-        return create_model(name, deploy=True, num_classes=num_classes, in_chans=in_chans, **kwargs)
-
-    return Network(name, model, rebuild, num_classes, in_chans, origin=origin, model_kwargs=kwargs, **extra)
-
-
-def _checkpoint_network(config: DeployConfig) -> Network:
-    checkpoint = read_checkpoint(config.ckpt)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    if isinstance(hparams, Mapping) and "model_name" in hparams and isinstance(checkpoint.get("state_dict"), Mapping):
-        return _lightning_network(config, checkpoint, hparams)
-    if not config.model:
-        raise DeployError(
-            f"{config.ckpt} is not a train.py checkpoint (no hyper_parameters.model_name); "
-            "for a bare weights file, name its architecture: model=NAME"
-        )
-    if not isinstance(checkpoint, Mapping):
-        raise DeployError(f"{config.ckpt} holds a {type(checkpoint).__name__}, not a state dict")
-    num_classes = config.num_classes or _classes_in(checkpoint) or 1000
-    model = load_weights(_build(config.model, num_classes=num_classes), checkpoint).eval()
-    return _registry_network(config.model, model, origin=f"weights file {config.ckpt}")
-
-
-def _lightning_network(config: DeployConfig, checkpoint: Mapping, hparams: Mapping) -> Network:
-    name = hparams["model_name"]
-    if config.model and config.model != name:
-        raise DeployError(f"{config.ckpt} holds a {name}, but model={config.model} was given; leave model unset")
-    prefix = hparams.get("weights_prefix", "model.")
-    # The LightningModule's state also holds loss buffers, an EMA copy, ...: keep the network's own weights.
-    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    if not state:
-        raise DeployError(f"{config.ckpt} has no weights under its weights_prefix {prefix!r}")
-    kwargs = dict(hparams.get("model_kwargs") or {})
-    in_chans = int(hparams.get("in_chans", 3))
-    model = _build(name, num_classes=int(hparams["num_classes"]), in_chans=in_chans, **kwargs)
-    load_weights(model, state)
-    return _registry_network(
-        name,
-        model.eval(),
-        origin=f"train.py checkpoint {config.ckpt} (weights under {prefix!r})",
-        model_kwargs=kwargs,
-        in_chans=in_chans,
-        image_size=hparams.get("image_size"),
-        data=hparams.get("data"),
-    )
-
-
-def _classes_in(state_dict: Mapping) -> int | None:
-    """The classifier's output count in weights of any layout, or None when there is none."""
-    try:
-        head = to_repblocks_layout(state_dict).get("head.fc.weight")
-    except Exception:  # not a state dict we can read; load_weights will say why
-        return None
-    return int(head.shape[0]) if isinstance(head, Tensor) and head.dim() == 2 else None
-
-
-def _torchvision_network(source: str, num_classes: int, *, seed: int) -> Network:
-    import torchvision  # ~1 s to import: only when asked for
-
-    prefix, _, name = source.partition(":")
-    if f"{prefix}:" != TORCHVISION or not name:
-        raise DeployError(f"unknown source {source!r}; known: torchvision:NAME")
-    known = torchvision.models.list_models(module=torchvision.models)
-    if name not in known:
-        raise DeployError(f"unknown torchvision classification model {name!r}; known: {', '.join(known)}")
-
-    def build() -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-
-    model = randomize_bn_(build(), seed=seed).eval()
-    # Folding a fresh model gives the structure of any folded one: where Conv+BN pairs become convs with bias.
-    return Network(
-        source,
-        model,
-        lambda: switch_to_deploy(build()),
-        num_classes,
-        origin="torchvision, random weights (weights=None), random BN statistics",
-    )
-
-
-@torch.inference_mode()
-def verify(
-    network: Network,
-    plain: nn.Module,
-    *,
-    device: torch.device,
-    image_shape: tuple[int, int, int],
-    dtypes: tuple[str, ...],
-    config: DeployConfig,
-) -> dict:
-    """Compare the deploy form with the train form on ``device``; raise :class:`DeployError` over tolerance.
-
-    float32 is checked against ``verify.atol``/``rtol``. Each other dtype the benchmark runs is
-    checked against the float32 train form: the deploy form may be no less accurate than the train
-    form in that dtype (one fused conv rounds less than three branches), within ``rtol``.
-    """
-    with _ieee_fp32():
-        return _verify(network, plain, device=device, image_shape=image_shape, dtypes=dtypes, config=config)
-
-
-def _verify(
-    network: Network,
-    plain: nn.Module,
-    *,
-    device: torch.device,
-    image_shape: tuple[int, int, int],
-    dtypes: tuple[str, ...],
-    config: DeployConfig,
-) -> dict:
-    settings = config.verify
-    train, deploy = _on(network.model, device), _on(plain, device)
-    generator = torch.Generator().manual_seed(config.seed)
-    images = torch.randn(settings.batch_size, *image_shape, generator=generator).to(device)  # (B, C, H, W)
-    reference, output = train(images), deploy(images)
-    abs_err, rel_err = max_errors(reference, output)
-    result = {
-        "random_images": settings.batch_size,
-        "max_abs_err": abs_err,
-        "max_rel_err": rel_err,
-        "top1_agreement": _agreement(reference, output),
-        "atol": settings.atol,
-        "rtol": settings.rtol,
-    }
-    result["real_images"] = _verify_real_images(network, train, deploy, device, settings.real_batches)
-    real = result["real_images"]
-    if isinstance(real, dict):
-        result["max_abs_err"] = max(abs_err, real["max_abs_err"])
-        result["max_rel_err"] = max(rel_err, real["max_rel_err"])
-    if not within_tolerance(result["max_abs_err"], result["max_rel_err"], atol=settings.atol, rtol=settings.rtol):
-        raise DeployError(
-            f"the deploy form of {network.name} differs from the train form: max error {result['max_abs_err']:.2e} "
-            f"abs, {result['max_rel_err']:.2e} rel (tolerance verify.atol={settings.atol:g}, verify.rtol={settings.rtol:g})"
-            "; nothing was exported"
-        )
-    result["dtypes"] = _verify_dtypes(train, deploy, images, reference, dtypes, device, settings.rtol, network.name)
-    log.info("verified %s: %.1e abs, %.1e rel", network.name, result["max_abs_err"], result["max_rel_err"])
-    return result
-
-
-def _on(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
-    if device.type == "cpu" and dtype == torch.float32:
-        return model
-    return copy.deepcopy(model).to(device, dtype)  # nn.Module.to works in place; the caller's stays as it is
-
-
-def _agreement(reference: Tensor, other: Tensor) -> float:
-    return (reference.argmax(dim=1) == other.argmax(dim=1)).float().mean().item()
-
-
-def _verify_real_images(
-    network: Network, train: nn.Module, deploy: nn.Module, device: torch.device, max_batches: int
-) -> dict | str:
-    """Errors and accuracies on validation images, or why they were skipped."""
-    if network.data is None or max_batches < 1:
-        return (
-            "skipped (no data config in the checkpoint)" if network.data is None else "skipped (verify.real_batches=0)"
-        )
-    try:
-        from repblocks.data import build_datamodule
-    except ImportError as err:
-        return f"skipped (repblocks.data.build_datamodule is not available: {err})"
-    try:
-        datamodule = build_datamodule(network.data)
-        datamodule.setup("validate")
-        batches = list(itertools.islice(datamodule.val_dataloader(), max_batches))
-    except (FileNotFoundError, ValueError) as err:
-        return f"skipped ({err})"
-    worst_abs = worst_rel = 0.0
-    agree = train_correct = deploy_correct = count = 0
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        train_logits, deploy_logits = train(images), deploy(images)
-        abs_err, rel_err = max_errors(train_logits, deploy_logits)
-        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
-        agree += (train_logits.argmax(1) == deploy_logits.argmax(1)).sum().item()
-        train_correct += (train_logits.argmax(1) == labels).sum().item()
-        deploy_correct += (deploy_logits.argmax(1) == labels).sum().item()
-        count += labels.numel()
-    if count == 0:
-        return "skipped (the validation loader yielded no images)"
-    return {
-        "images": count,
-        "max_abs_err": worst_abs,
-        "max_rel_err": worst_rel,
-        "top1_agreement": agree / count,
-        "train_accuracy": train_correct / count,
-        "deploy_accuracy": deploy_correct / count,
-    }
-
-
-def _verify_dtypes(
-    train: nn.Module,
-    deploy: nn.Module,
-    images: Tensor,
-    reference: Tensor,
-    dtypes: tuple[str, ...],
-    device: torch.device,
-    rtol: float,
-    name: str,
-) -> dict:
-    results = {}
-    for dtype_name in dtypes:
-        if dtype_name == "fp32" or applicable("eager", dtype_name, device) is not None:
-            continue
-        dtype = DTYPES[dtype_name]
-        batch = images.to(dtype)
-        train_rel = max_errors(reference, _on(train, device, dtype)(batch).float())[1]
-        deploy_rel = max_errors(reference, _on(deploy, device, dtype)(batch).float())[1]
-        results[dtype_name] = {"train_rel_err": train_rel, "deploy_rel_err": deploy_rel}
-        if not deploy_rel <= 2 * train_rel + rtol:
-            raise DeployError(
-                f"in {dtype_name}, the deploy form of {name} is less accurate than the train form: "
-                f"{deploy_rel:.2e} vs {train_rel:.2e} relative to float32; nothing was exported"
-            )
-    return results
+        raise UserError(f"batch sizes and rounds must be positive, got {list(bench.batch_sizes)}, {bench.rounds}")
 
 
 def export_all(
@@ -512,7 +230,7 @@ def export_all(
     for fmt in config.export.formats:
         path = out_dir / FILE_NAMES[fmt]
         log.info("exporting %s to %s", fmt, path)
-        with _user_errors():  # an export that does not reproduce the model stops the run in one line
+        with user_errors():  # an export that does not reproduce the model stops the run in one line
             if fmt == "safetensors":
                 exports[fmt] = export_safetensors(plain, path, rebuild=network.rebuild_deploy, metadata=metadata)
             elif fmt == "onnx":
@@ -565,20 +283,13 @@ def run_speed_table(config: DeployConfig) -> dict:
 
 def _speed_table_entries(name: str, image_shape: tuple[int, int, int], config: DeployConfig) -> dict[str, nn.Module]:
     """``{name: deploy form}``; a torchvision model also as it is (``{name: original, name folded: folded}``)."""
-    with _user_errors():
-        if name.startswith(TORCHVISION):
-            network = _torchvision_network(name, 1000, seed=config.seed)
-        else:
-            network = _registry_network(name, randomize_bn_(create_model(name), seed=config.seed).eval(), origin="")
+    source = name if name.startswith(TORCHVISION) else None
+    network = load_network(model=None if source else name, source=source, seed=config.seed)
     plain = switch_to_deploy(network.model)
-    images = torch.randn(2, *image_shape, generator=torch.Generator().manual_seed(config.seed))  # (2, C, H, W)
-    with torch.inference_mode():
-        abs_err, rel_err = max_errors(network.model(images), plain(images))
-    if not within_tolerance(abs_err, rel_err, atol=config.verify.atol, rtol=config.verify.rtol):
-        raise DeployError(
-            f"the deploy form of {name} differs from the train form: {abs_err:.2e} abs, {rel_err:.2e} rel"
-        )
-    log.info("built and verified %s (%.1e rel)", name, rel_err)
+    # Two images on the CPU: the conversion is what is checked here, cheaply, before anything is timed.
+    settings = dataclasses.replace(config.verify, batch_size=2, real_batches=0)
+    cpu = torch.device("cpu")
+    verify(network, plain, device=cpu, image_shape=image_shape, dtypes=("fp32",), settings=settings, seed=config.seed)
     if name.startswith(TORCHVISION):
         return {name: network.model, f"{name} folded": plain}
     return {name: plain}
@@ -593,21 +304,6 @@ def _threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-@contextlib.contextmanager
-def _ieee_fp32() -> Iterator[None]:
-    """float32 convs and matmuls in full float32 precision, not TF32 (Ampere and later GPUs round to TF32 by
-    default): verification measures the conversion's error, not TF32's ~1e-3."""
-    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
-    previous = [backend.fp32_precision for backend in backends]
-    for backend in backends:
-        backend.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for backend, precision in zip(backends, previous, strict=True):
-            backend.fp32_precision = precision
 
 
 @contextlib.contextmanager

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import DeployConfig, DeployError, run_deploy
+from repblocks.deploy import DeployConfig, run_deploy
+from repblocks.errors import UserError
 from repblocks.testing import max_errors, randomize_bn_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,8 +147,8 @@ def test_verification_on_validation_images_is_skipped_with_the_reason(tmp_path, 
 
 
 def test_bare_weights_file_with_a_model_name(tmp_path):
-    path = tmp_path / "weights.pth"
-    torch.save(_trained_model().state_dict(), path)
+    path = tmp_path / "weights.pth"  # another trainer's checkpoint: no hyper-parameters, a wrapped state dict
+    torch.save({"epoch": 3, "state_dict": {f"model.{k}": v for k, v in _trained_model().state_dict().items()}}, path)
     report = run_deploy(_config(tmp_path, ckpt=str(path), model="repvgg_tiny", export={"formats": []}))
     assert report["num_classes"] == 10 and report["max_rel_err"] < 1e-5  # classes read from the weights
 
@@ -175,7 +176,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
         return plain
 
     monkeypatch.setattr("repblocks.deploy.switch_to_deploy", broken_switch_to_deploy)
-    with pytest.raises(DeployError, match=r"differs from the train form.*tolerance verify.atol=0.0001.*nothing was"):
+    with pytest.raises(UserError, match=r"differs from the train form.*tolerance verify.atol=0.0001.*nothing was"):
         run_deploy(_config(tmp_path, model="repvgg_tiny"))
     assert not (tmp_path / "out").exists()
 
@@ -197,7 +198,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
     ],
 )
 def test_unknown_names_say_what_exists(tmp_path, settings, message):
-    with pytest.raises(DeployError, match=message):
+    with pytest.raises(UserError, match=message):
         run_deploy(DeployConfig.from_dict({"out_dir": str(tmp_path / "out"), **settings}))
     assert not (tmp_path / "out").exists()
 
