@@ -327,7 +327,7 @@ def _timer_note(bench: BenchConfig) -> str:
     return (
         f"time.perf_counter around each call, between device synchronizations (repblocks.bench.time_interleaved); "
         f"median and p90 of {bench.rounds} rounds after {bench.warmup} warm-up calls, every runner of a batch size "
-        "interleaved in one process"
+        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads"
     )
 
 

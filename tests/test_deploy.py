@@ -15,6 +15,7 @@ import torch
 import repblocks
 from repblocks.deploy import DeployConfig, run_deploy
 from repblocks.errors import UserError
+from repblocks.speed import applicable
 from repblocks.testing import max_errors, randomize_bn_
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,26 @@ def test_random_weights_of_a_named_model_and_no_exports(tmp_path):
     report = run_deploy(_config(tmp_path, model="repvgg_tiny_g2se", export={"formats": []}, bench=bench))
     assert report["exports"] == {} and report["max_rel_err"] < 1e-5 and len(report["benchmark"]) == 4
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md", "throughput.png"]
+
+
+def test_combinations_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
+    bench = dict(FAST_BENCH, batch_sizes=[2], backends=["eager", "channels_last"], dtypes=["fp32", "fp16", "bf16"])
+    report = run_deploy(_config(tmp_path, model="repvgg_tiny", export={"formats": []}, bench=bench))
+    assert {(row["backend"], row["dtype"]) for row in report["benchmark"]} == {
+        (backend, dtype) for backend in ("eager", "channels_last") for dtype in ("fp32", "bf16")
+    }
+    assert [item["what"] for item in report["skipped"]] == ["eager fp16", "channels_last fp16"]
+    assert "fp16 convolutions on the CPU" in report["skipped"][0]["reason"]
+    assert set(report["verify"]["dtypes"]) == {"bf16"}  # every dtype that is timed is verified first
+    assert "## Not timed" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_onnxruntime_runs_float32_only_and_needs_its_cuda_provider_on_gpus():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert applicable("onnxruntime", "fp32", cpu) is None
+    assert "float32" in applicable("onnxruntime", "bf16", cpu)
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "no CUDAExecutionProvider" in applicable("onnxruntime", "fp32", cuda)
 
 
 @torch.inference_mode()
