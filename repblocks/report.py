@@ -183,12 +183,25 @@ def _plot(report: dict, path: Path) -> None:
     for (backend, dtype, form), points in sorted(series.items()):
         color = colors.setdefault((backend, dtype), f"C{len(colors) % 10}")
         sizes, speeds = zip(*sorted(points), strict=True)
-        style = "-" if form == "deploy" else "--"
-        axes.plot(sizes, speeds, style, marker="o", color=color, label=f"{form}, {backend}, {dtype}")
+        # Filled circles and solid lines for the deploy form, hollow squares and dashes for the train form:
+        # told apart even where a single batch size leaves no line to draw.
+        deploy = form == "deploy"
+        axes.plot(
+            sizes,
+            speeds,
+            "-" if deploy else "--",
+            marker="o" if deploy else "s",
+            markerfacecolor=color if deploy else "none",
+            color=color,
+            label=f"{form}, {backend}, {dtype}",
+        )
+    batch_sizes = sorted({row["batch_size"] for row in report["benchmark"]})
     axes.set_xscale("log", base=2)
+    axes.set_xticks(batch_sizes, [str(size) for size in batch_sizes])
+    axes.minorticks_off()
     axes.set_xlabel("batch size")
     axes.set_ylabel("images / s")
-    axes.set_title(f"{report['model']} on {report['device']}: deploy (solid) vs train (dashed)")
+    axes.set_title(f"{report['model']} on {report['device']}: deploy (filled) vs train (hollow)")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.tight_layout()
