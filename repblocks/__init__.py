@@ -9,7 +9,7 @@ from repblocks import models as _models  # noqa: F401  (registers the zoo)
 from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
 from repblocks.convert import fold_conv_bn, switch_to_deploy
 from repblocks.registry import create_model, list_models, register_model
-from repblocks.weights import convert_layout, load_weights, read_state_dict, save_weights
+from repblocks.weights import convert_layout, load_weights, read_checkpoint, read_state_dict, save_weights
 
 __all__ = [
     "ConvBN",
@@ -20,6 +20,7 @@ __all__ = [
     "fold_conv_bn",
     "list_models",
     "load_weights",
+    "read_checkpoint",
     "read_state_dict",
     "register_model",
     "save_weights",

@@ -1,4 +1,4 @@
-"""Helpers for checking conversions: BatchNorm statistics that are not the trivial defaults.
+"""Helpers for checking conversions: BatchNorm statistics that are not the trivial defaults, and error measures.
 
 A freshly built model has running mean 0 and variance 1 in every BatchNorm, which hides any
 error in the folding arithmetic (the BN is then nearly the identity). Every equivalence check
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["max_errors", "randomize_bn_"]
+__all__ = ["max_errors", "randomize_bn_", "within_tolerance"]
 
 
 @torch.no_grad()
@@ -42,3 +42,13 @@ def max_errors(reference: Tensor, other: Tensor) -> tuple[float, float]:
     abs_err = (reference.double() - other.double()).abs().max().item()
     scale = reference.double().abs().max().item()
     return abs_err, abs_err / scale if scale > 0 else abs_err
+
+
+def within_tolerance(abs_err: float, rel_err: float, *, atol: float, rtol: float) -> bool:
+    """Whether errors from :func:`max_errors` pass: absolute error at most ``atol``, or relative error at most ``rtol``.
+
+    Either bound suffices (``torch.allclose`` adds the two, which differs by at most a factor 2):
+    ``atol`` serves outputs near zero, where a relative error means little, and ``rtol`` serves
+    large outputs, where float32 rounding alone exceeds any fixed ``atol``.
+    """
+    return abs_err <= atol or rel_err <= rtol

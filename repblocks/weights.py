@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from repblocks.blocks import RepBlock
 from repblocks.files import atomic_path
 
-__all__ = ["LAYOUTS", "convert_layout", "load_weights", "read_state_dict", "save_weights", "to_repblocks_layout"]
+__all__ = [
+    "LAYOUTS",
+    "convert_layout",
+    "load_weights",
+    "read_checkpoint",
+    "read_state_dict",
+    "save_weights",
+    "to_repblocks_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,22 @@ def read_state_dict(source: WeightsSource) -> StateDict:
     """
     if isinstance(source, Mapping):
         return _unwrap(source, "the given mapping")
-    path = Path(source)
+    return _unwrap(read_checkpoint(source), str(source))
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """Read a whole checkpoint file safely, as it was saved: tensors, dicts, lists, numbers, strings.
+
+    Pickles are read with ``weights_only=True``; a ``.safetensors`` file gives its dict of tensors.
+    Use this to see what a checkpoint holds beside its weights (a Lightning checkpoint's
+    ``hyper_parameters``); use :func:`read_state_dict` for the weights alone.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not a checkpoint, is truncated or corrupted, or would need to run
+            code to unpickle.
+    """
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -91,16 +114,31 @@ def read_state_dict(source: WeightsSource) -> StateDict:
         except Exception as err:  # safetensors raises its own SafetensorError and others on bad headers
             raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[-1][:200]
-        raise ValueError(
-            f"refusing to load {path}: it holds objects other than tensors, and unpickling them could run code "
-            f"(loaded with weights_only=True; {first_line})"
-        ) from None
+        if _is_pickle(path) or "Unsupported global" in str(err):
+            raise ValueError(
+                f"refusing to load {path}: it is a pickle that torch's safe loader (weights_only=True) does not "
+                f"accept, and unpickling it fully could run code ({_unpickler_reason(err)})"
+            ) from None
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
-    return _unwrap(obj, str(path))
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (PROTO opcode, then the protocol)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    # torch wraps the reason in paragraphs of advice; keep the reason's first sentence.
+    text = str(err)
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    reason = reason.strip() if marker else text.strip()
+    return reason.split(". ")[0].splitlines()[0][:200] if reason else "no reason given"
 
 
 def _unwrap(obj: object, what: str) -> StateDict:

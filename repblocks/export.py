@@ -1,0 +1,157 @@
+"""Export a deploy-form model to files, each checked against the model before it takes its final name.
+
+Three formats, written under a temporary name in the destination folder and renamed only once
+the file has been loaded back and its outputs match (``repblocks.files.atomic_path``), so a
+failed export or check never leaves a file, whole or half, at the final name:
+
+* ``safetensors``: the weights, with metadata saying how to rebuild the model;
+* ``onnx``: through ``torch.onnx.export(dynamo=True)``, the torch.export-based exporter that is
+  torch's default since 2.9 (the TorchScript-based one warns that it will be removed). It needs
+  ``onnxscript`` and nothing online. The batch axis is dynamic; onnxruntime runs it at batch 1 and 3;
+* ``torch_export``: a ``torch.export`` program saved as ``.pt2`` (``torch.export.load``). TorchScript
+  (``torch.jit``) is deprecated in torch 2.x; ``torch.export`` is its successor and what
+  AOTInductor, ExecuTorch and the ONNX exporter above consume.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+from torch import Tensor, nn
+
+from repblocks.files import atomic_path
+from repblocks.testing import max_errors, within_tolerance
+from repblocks.weights import load_weights, save_weights
+
+__all__ = ["EXPORT_FORMATS", "FILE_NAMES", "export_onnx", "export_safetensors", "export_torch_export", "onnx_session"]
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export")
+FILE_NAMES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torch_export": "model.pt2"}
+CHECK_BATCH_SIZES = (1, 3)  # neither is the export's example batch (2): the batch axis must really be dynamic
+_ONNX_SIZE_LIMIT = 2**31  # protobuf's limit for one file; we write no external-data side files
+
+
+def export_safetensors(
+    model: nn.Module, path: str | Path, *, rebuild: Callable[[], nn.Module], metadata: dict[str, str]
+) -> dict:
+    """Write the weights of ``model`` and check that they load into ``rebuild()`` unchanged.
+
+    Args:
+        model: The deploy-form model.
+        path: Destination ``.safetensors`` file.
+        rebuild: Builds an empty model of the same structure (``create_model(name, deploy=True)``).
+        metadata: Strings stored in the file's header (model name, number of classes, ...).
+
+    Raises:
+        ValueError: The written weights do not load back identically (the file is removed).
+    """
+    path = Path(path)
+    save_weights(model, path, metadata=metadata)  # atomic by itself
+    try:
+        loaded = load_weights(rebuild(), path).state_dict()
+        expected = model.state_dict()
+        differ = [key for key, value in expected.items() if not torch.equal(value.cpu(), loaded[key])]
+        if differ:
+            raise ValueError(f"{path.name} loads back with other values in {', '.join(differ[:5])}")
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "format": "safetensors", "check": "reloaded into a fresh model: every tensor equal"}
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, example: Tensor, *, atol: float, rtol: float, opset: int | None = None
+) -> dict:
+    """Export ``model`` to ONNX with a dynamic batch axis; onnxruntime must reproduce its outputs.
+
+    Args:
+        model: A float32 CPU model in eval mode.
+        path: Destination ``.onnx`` file (self-contained: no external-data file beside it).
+        example: An input batch of size 2, ``(2, C, H, W)``.
+        atol, rtol: Tolerance of onnxruntime's outputs (see ``repblocks.testing.within_tolerance``).
+        opset: ONNX opset; the exporter's default when None.
+
+    Raises:
+        ValueError: The model is too large for one ONNX file, or onnxruntime's outputs differ.
+    """
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size >= _ONNX_SIZE_LIMIT:
+        raise ValueError(f"the model's {size / 2**30:.1f} GiB of weights exceed one ONNX file's 2 GiB limit")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.onnx.export(
+            model,
+            (example,),
+            tmp,
+            dynamo=True,
+            external_data=False,  # one file, so that the atomic rename moves all of it
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            verbose=False,  # its progress lines would go to stdout, which belongs to the caller
+        )
+        session = onnx_session(tmp)
+        errors = _check_outputs(model, lambda x: _run_onnx(session, x), example, atol, rtol, "onnxruntime")
+    return {"path": str(path), "format": "onnx", "runtime": f"onnxruntime {onnxruntime.__version__}", **errors}
+
+
+def export_torch_export(model: nn.Module, path: str | Path, example: Tensor, *, atol: float, rtol: float) -> dict:
+    """Save ``model`` as a ``torch.export`` program (``.pt2``) with a dynamic batch axis; check it reloads.
+
+    Raises:
+        ValueError: The reloaded program's outputs differ from the model's.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        # Through file objects: given a path, torch.export wants it to end in .pt2, and the temporary name does not.
+        with open(tmp, "wb") as handle:
+            torch.export.save(program, handle)
+        with open(tmp, "rb") as handle:
+            reloaded = torch.export.load(handle).module()
+        errors = _check_outputs(model, reloaded, example, atol, rtol, "torch.export.load")
+    return {"path": str(path), "format": "torch_export", "runtime": f"torch {torch.__version__}", **errors}
+
+
+def onnx_session(path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+    """An onnxruntime session for ``path``; ``threads`` intra-op threads (default: torch's count, for fair timing)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    # By default its idle threads spin for work; in a process that also runs torch they would steal torch's cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(
+        str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+    )
+
+
+def _run_onnx(session, images: Tensor) -> Tensor:
+    (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    return torch.from_numpy(np.asarray(logits))
+
+
+@torch.inference_mode()
+def _check_outputs(
+    model: nn.Module, runner: Callable[[Tensor], Tensor], example: Tensor, atol: float, rtol: float, what: str
+) -> dict:
+    worst_abs, worst_rel = 0.0, 0.0
+    for batch_size in CHECK_BATCH_SIZES:
+        images = torch.randn(batch_size, *example.shape[1:], generator=torch.Generator().manual_seed(batch_size))
+        abs_err, rel_err = max_errors(model(images), runner(images))
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+    if not within_tolerance(worst_abs, worst_rel, atol=atol, rtol=rtol):
+        raise ValueError(
+            f"{what} does not reproduce the model: max error {worst_abs:.2e} abs, {worst_rel:.2e} rel "
+            f"(tolerance atol {atol:g}, rtol {rtol:g})"
+        )
+    log.info(
+        "%s matches the model at batch sizes %s: %.1e abs, %.1e rel", what, CHECK_BATCH_SIZES, worst_abs, worst_rel
+    )
+    return {"checked_batch_sizes": list(CHECK_BATCH_SIZES), "max_abs_err": worst_abs, "max_rel_err": worst_rel}

@@ -1,0 +1,177 @@
+"""Does the deploy form compute what the train form computes? Checked on random and validation images, per dtype.
+
+float32 is compared against a tolerance (``VerifyConfig``), in full float32 precision even on GPUs
+that would round convolutions to TF32. Each lower precision the benchmark runs (fp16, bf16) is
+compared with the float32 train form: the deploy form must be no less accurate there than the
+train form in the same dtype, since one fused conv rounds less often than three branches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from repblocks.errors import UserError
+from repblocks.networks import Network
+from repblocks.speed import DTYPES, applicable
+from repblocks.testing import max_errors, within_tolerance
+
+__all__ = ["VerifyConfig", "verify"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """How the deploy form is checked against the train form."""
+
+    atol: float = 1e-4  # max absolute error of the logits ...
+    rtol: float = 1e-4  # ... or max error relative to the largest logit (either passes); fp32 rounding gives ~1e-6
+    batch_size: int = 8  # random images per check
+    real_batches: int = 4  # validation batches when the checkpoint's data is available; 0: none
+
+
+@torch.inference_mode()
+def verify(
+    network: Network,
+    plain: nn.Module,
+    *,
+    device: torch.device,
+    image_shape: tuple[int, int, int],
+    dtypes: tuple[str, ...],
+    settings: VerifyConfig,
+    seed: int = 0,
+) -> dict:
+    """Compare the deploy form ``plain`` with ``network.model`` on ``device``; raise :class:`UserError` when they differ.
+
+    Returns:
+        ``max_abs_err``, ``max_rel_err`` and ``top1_agreement`` over the random images (and the
+        validation images, when there are any), ``real_images`` (their errors and accuracies, or
+        why they were skipped), and ``dtypes``: the relative errors of both forms in each lower precision.
+    """
+    train, deploy = _on(network.model, device), _on(plain, device)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(settings.batch_size, *image_shape, generator=generator).to(device)  # (B, C, H, W)
+    with _ieee_fp32():
+        reference, output = train(images), deploy(images)
+        real = _verify_real_images(network, train, deploy, device, settings.real_batches)
+    abs_err, rel_err = max_errors(reference, output)
+    if isinstance(real, dict):
+        abs_err, rel_err = max(abs_err, real["max_abs_err"]), max(rel_err, real["max_rel_err"])
+    if not within_tolerance(abs_err, rel_err, atol=settings.atol, rtol=settings.rtol):
+        raise UserError(
+            f"the deploy form of {network.name} differs from the train form: max error {abs_err:.2e} abs, "
+            f"{rel_err:.2e} rel (tolerance verify.atol={settings.atol:g}, verify.rtol={settings.rtol:g}); "
+            "nothing was exported"
+        )
+    log.info("verified %s: %.1e abs, %.1e rel", network.name, abs_err, rel_err)
+    return {
+        "random_images": settings.batch_size,
+        "max_abs_err": abs_err,
+        "max_rel_err": rel_err,
+        "top1_agreement": _agreement(reference, output),
+        "atol": settings.atol,
+        "rtol": settings.rtol,
+        "real_images": real,
+        "dtypes": _verify_dtypes(train, deploy, images, reference, dtypes, device, settings.rtol, network.name),
+    }
+
+
+def _on(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if device.type == "cpu" and dtype == torch.float32:
+        return model
+    return copy.deepcopy(model).to(device, dtype)  # nn.Module.to works in place; the caller's stays as it is
+
+
+def _agreement(reference: Tensor, other: Tensor) -> float:
+    return (reference.argmax(dim=1) == other.argmax(dim=1)).float().mean().item()
+
+
+def _verify_real_images(
+    network: Network, train: nn.Module, deploy: nn.Module, device: torch.device, max_batches: int
+) -> dict | str:
+    """Errors and accuracies on validation images, or why they were skipped."""
+    if network.data is None or max_batches < 1:
+        return (
+            "skipped (no data config in the checkpoint)" if network.data is None else "skipped (verify.real_batches=0)"
+        )
+    try:
+        from repblocks.data import build_datamodule
+    except ImportError as err:
+        return f"skipped (repblocks.data.build_datamodule is not available: {err})"
+    try:
+        datamodule = build_datamodule(network.data)
+        datamodule.setup("validate")
+        batches = list(itertools.islice(datamodule.val_dataloader(), max_batches))
+    except (FileNotFoundError, ValueError) as err:
+        return f"skipped ({err})"
+    worst_abs = worst_rel = 0.0
+    agree = train_correct = deploy_correct = count = 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        train_logits, deploy_logits = train(images), deploy(images)
+        abs_err, rel_err = max_errors(train_logits, deploy_logits)
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+        agree += (train_logits.argmax(1) == deploy_logits.argmax(1)).sum().item()
+        train_correct += (train_logits.argmax(1) == labels).sum().item()
+        deploy_correct += (deploy_logits.argmax(1) == labels).sum().item()
+        count += labels.numel()
+    if count == 0:
+        return "skipped (the validation loader yielded no images)"
+    return {
+        "images": count,
+        "max_abs_err": worst_abs,
+        "max_rel_err": worst_rel,
+        "top1_agreement": agree / count,
+        "train_accuracy": train_correct / count,
+        "deploy_accuracy": deploy_correct / count,
+    }
+
+
+def _verify_dtypes(
+    train: nn.Module,
+    deploy: nn.Module,
+    images: Tensor,
+    reference: Tensor,
+    dtypes: tuple[str, ...],
+    device: torch.device,
+    rtol: float,
+    name: str,
+) -> dict:
+    results = {}
+    for dtype_name in dtypes:
+        if dtype_name == "fp32" or applicable("eager", dtype_name, device) is not None:
+            continue
+        dtype = DTYPES[dtype_name]
+        batch = images.to(dtype)
+        train_rel = max_errors(reference, _on(train, device, dtype)(batch).float())[1]
+        deploy_rel = max_errors(reference, _on(deploy, device, dtype)(batch).float())[1]
+        results[dtype_name] = {"train_rel_err": train_rel, "deploy_rel_err": deploy_rel}
+        if not deploy_rel <= 2 * train_rel + rtol:
+            raise UserError(
+                f"in {dtype_name}, the deploy form of {name} is less accurate than the train form: "
+                f"{deploy_rel:.2e} vs {train_rel:.2e} relative to float32; nothing was exported"
+            )
+    return results
+
+
+@contextlib.contextmanager
+def _ieee_fp32() -> Iterator[None]:
+    """float32 convs and matmuls in full float32 precision, not TF32 (Ampere and later GPUs round to TF32 by
+    default): verification measures the conversion's error, not TF32's ~1e-3."""
+    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+    previous = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(backends, previous, strict=True):
+            backend.fp32_precision = precision
