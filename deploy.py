@@ -14,25 +14,25 @@ prints the report, and turns bad input into one line on stderr and exit status 1
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
+from repblocks.cli import check_overrides, exit_on_user_error
 from repblocks.deploy import DeployConfig, run_deploy
-from repblocks.errors import UserError
 from repblocks.report import console_tables, speed_console_table
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
 
 
 @hydra.main(config_path="configs/deploy", config_name="deploy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Library warnings (torch, onnx) go to the log, so that stderr carries only what went wrong.
     logging.captureWarnings(True)
-    try:
+    with exit_on_user_error():
         report = run_deploy(DeployConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
-    except UserError as err:
-        print("error: " + " ".join(str(err).splitlines()), file=sys.stderr)
-        sys.exit(1)
     console = Console(width=None if sys.stdout.isatty() else 120)  # rich assumes 80 columns in a pipe or log
     if "rows" in report:
         console.print(speed_console_table(report))
@@ -44,4 +44,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    with exit_on_user_error():
+        check_overrides(sys.argv[1:], CONFIG_DIR, "deploy")
     main()

@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from repblocks.callbacks import DeployCheck
-from repblocks.cli import check_overrides, user_errors
+from repblocks.cli import check_overrides, exit_on_user_error
 from repblocks.files import atomic_path
 from repblocks.lit import RepClassifier
 
@@ -163,13 +163,13 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with user_errors():
+    with exit_on_user_error():
         metrics = train(cfg)
     if metrics.get("val_acc") is not None and L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         print(_summary(metrics))
 
 
 if __name__ == "__main__":
-    with user_errors():
+    with exit_on_user_error():
         check_overrides(sys.argv[1:], CONFIG_DIR, "train")
     main()

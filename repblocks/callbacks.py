@@ -8,6 +8,7 @@ runs the whole validation set through both forms, and saves the deploy weights.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.convert import switch_to_deploy
-from repblocks.registry import create_model
+from repblocks.networks import load_network
 from repblocks.weights import save_weights
 
-__all__ = ["DeployCheck", "DeployResult", "load_checkpoint_model"]
+__all__ = ["DeployCheck", "DeployResult"]
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +37,6 @@ class DeployResult:
     num_images: int
     checkpoint: str  # the checkpoint that was converted ("" when the in-memory model was)
     deploy_weights: str  # the .safetensors written, loadable by create_model(name, deploy=True)
-
-
-def load_checkpoint_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the train-form network of a train.py checkpoint, reading it with ``weights_only=True``.
-
-    Returns:
-        The network in eval mode, and the checkpoint's hyperparameters (plain containers).
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = checkpoint["hyper_parameters"]
-    prefix = hparams["weights_prefix"]
-    weights = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    model = create_model(hparams["model_name"], num_classes=hparams["num_classes"], **hparams.get("model_kwargs", {}))
-    model.load_state_dict(weights)
-    return model.eval(), hparams
 
 
 class DeployCheck(L.Callback):
@@ -70,10 +56,10 @@ class DeployCheck(L.Callback):
         if not trainer.is_global_zero or trainer.interrupted or trainer.fast_dev_run:
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        if best:
-            model, hparams = load_checkpoint_model(best)
-        else:  # no checkpointing configured: check the weights in memory
-            model, hparams = pl_module.eval_model, dict(pl_module.hparams)
+        # The best checkpoint is read back as deploy.py reads it (weights_only, rebuilt from its
+        # hyperparameters); without checkpointing, the weights in memory are checked.
+        model = load_network(ckpt=best).model if best else copy.deepcopy(pl_module.eval_model)
+        hparams = pl_module.hparams
         model = model.float().eval()
         deploy = switch_to_deploy(model)
         datamodule = trainer.datamodule

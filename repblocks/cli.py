@@ -1,8 +1,11 @@
 """What the entry scripts (train.py, deploy.py) share: one-line errors for user mistakes.
 
 A user mistake (a missing file, an unknown name, a bad value) ends the program with one line on
-stderr and exit status 1. Anything else is a bug and keeps its traceback. This module does not
-import Hydra: it sees Hydra's wrapper exceptions only by name.
+stderr and exit status 1. Anything else is a bug and keeps its traceback. The library marks the
+mistakes it recognizes as :class:`repblocks.errors.UserError` (a ``ValueError``); the training
+stack reports bad configs through Hydra's ``instantiate`` and Lightning, so the types they raise
+for those count too. This module sees Hydra's exceptions by name and imports Hydra only inside
+:func:`check_overrides`, so ``repblocks`` never needs it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "check_config_choices", "check_overrides", "one_line", "user_errors"]
+__all__ = ["USER_ERRORS", "check_config_choices", "check_overrides", "exit_on_user_error", "one_line"]
 
 # FloatingPointError: a NaN loss; MisconfigurationException (Lightning): e.g. a GPU asked for and absent.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -34,14 +37,16 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (its first non-empty line, whitespace squeezed)."""
+def one_line(error: BaseException, *, first_only: bool = False) -> str:
+    """The error's message on one line: its non-empty lines joined (or the first alone), stripped."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    return lines[0] if first_only else " ".join(lines)
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
+def exit_on_user_error() -> Iterator[None]:
     """Turn user mistakes raised inside into ``error: <one line>`` on stderr and exit status 1."""
     try:
         yield
@@ -51,7 +56,7 @@ def user_errors() -> Iterator[None]:
             message = one_line(error)
         elif isinstance(error, TypeError) and error is not raised:
             # A config key the target does not take (loss.alpha with loss=ce): name the target too.
-            message = f"{one_line(raised)} {type(error).__name__}({one_line(error)})"
+            message = f"{one_line(raised, first_only=True)} {type(error).__name__}({one_line(error)})"
         else:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -99,5 +104,5 @@ def check_overrides(overrides: Sequence[str], config_dir: str | Path, config_nam
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
             compose(config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as error:
-        cause = f" ({one_line(error.__cause__)})" if error.__cause__ is not None else ""
+        cause = f" ({one_line(error.__cause__, first_only=True)})" if error.__cause__ is not None else ""
         raise ValueError(f"{one_line(error)}{cause}") from None

@@ -9,8 +9,10 @@ and ``data`` (the data config); its ``state_dict`` holds the network's weights u
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -51,7 +53,8 @@ def load_network(
     """Load the network to deploy, in train form and eval mode, from exactly one of these.
 
     Args:
-        ckpt: A train.py checkpoint (architecture and classes read from it), or a weights file in
+        ckpt: A train.py checkpoint (architecture and classes read from it), a train.py run
+            directory (its best checkpoint, from ``metrics.json``), or a weights file in
             any layout :func:`repblocks.load_weights` reads, then with ``model``.
         model: A registry name: the architecture of ``ckpt``'s bare weights, or, alone, random
             weights with random BN statistics (to time an architecture).
@@ -63,6 +66,8 @@ def load_network(
         UserError: A missing or unreadable file, weights that do not fit, an unknown name (the
             message lists what exists), or not exactly one thing to load.
     """
+    if ckpt and Path(ckpt).is_dir():
+        ckpt = str(_run_checkpoint(Path(ckpt)))
     if (ckpt and source) or (source and model):
         raise UserError("give one of ckpt=PATH, model=NAME, source=torchvision:NAME (ckpt with model for bare weights)")
     with user_errors():
@@ -74,6 +79,23 @@ def load_network(
             network = randomize_bn_(_build(model, num_classes=num_classes or 1000), seed=seed)
             return _registry_network(model, network.eval(), origin="random weights, random BN statistics")
     raise UserError("nothing to deploy: give ckpt=PATH, model=NAME or source=torchvision:NAME")
+
+
+def _run_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of a train.py run directory (from its metrics.json), else its last.ckpt."""
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            best = json.loads(metrics.read_text()).get("best_ckpt")
+        except (json.JSONDecodeError, AttributeError):
+            best = None
+        if best and Path(best).is_file():
+            return Path(best)
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return run_dir / "checkpoints" / "last.ckpt"
+    raise UserError(
+        f"ckpt={run_dir} is a folder but not a train.py run (no metrics.json best_ckpt, no checkpoints/last.ckpt)"
+    )
 
 
 def _build(name: str, *, deploy: bool = False, **kwargs) -> nn.Module:

@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.callbacks import load_checkpoint_model
-from repblocks.cli import check_overrides, user_errors
+from repblocks.cli import check_overrides, exit_on_user_error
 from repblocks.data import DATAMODULES
+from repblocks.networks import load_network
 from train import CONFIG_DIR, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +108,19 @@ def test_every_zoo_model_and_data_module_has_a_config():
     ids=["rdrop", "rep_l2", "ema+channels_last", "mixup", "adamw"],
 )
 def test_recipe_options_run(tmp_path, overrides):
-    metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", *overrides, *FAST))
-    assert math.isfinite(metrics["val_acc"])
+    """One short epoch each, so the deploy check also runs on what the option checkpoints (EMA weights...)."""
+    metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", *overrides))
+    assert math.isfinite(metrics["val_acc"]) and metrics["global_step"] == 4
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [["compile=true"], ["trainer.precision=bf16-mixed"]], ids=["compile", "bf16"])
+def test_compile_and_bf16_run(tmp_path, overrides):
+    metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", *overrides))
+    assert math.isfinite(metrics["val_acc"]) and metrics["top1_agreement"] == 1.0
+    checkpoint = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    assert not any("_orig_mod" in key for key in checkpoint["state_dict"])  # compiled in place: same keys
 
 
 def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
@@ -123,7 +134,8 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
     assert metrics["top1_agreement"] == 1.0
     assert metrics["max_abs_err"] < 1e-4
     # The deploy weights load into the plain model and give the checkpoint's predictions.
-    trained, hparams = load_checkpoint_model(metrics["best_ckpt"])
+    network = load_network(ckpt=metrics["best_ckpt"])
+    trained, hparams = network.model, torch.load(metrics["best_ckpt"], weights_only=True)["hyper_parameters"]
     plain = repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True)
     repblocks.load_weights(plain, metrics["deploy_weights"])
     images = torch.randn(4, 3, 32, 32)
@@ -177,15 +189,18 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
         (["data=imagefolder", "data.root=/nonexistent"], "error: data.root: train/ folder not found at /nonexistent"),
         (["ckpt_path=/nonexistent.ckpt"], "error: ckpt_path: no checkpoint at /nonexistent.ckpt"),
         (["data.batch_size=0"], "error: data.batch_size must be at least 1, got 0"),
-        (["loss.alpha=2"], "error: Could not override 'loss.alpha'. (Key 'alpha' is not in struct)"),
+        (
+            ["loss.alpha=2"],
+            "error: Could not override 'loss.alpha'. To append to your config use +loss.alpha=2 (Key 'alpha' is not in struct)",
+        ),
         (["seed"], "error: Error parsing override 'seed'"),
         (["+experiment=nope"], "error: unknown experiment 'nope'; available: imagenet_repvgg, mixup"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, overrides, message):
-    """What train.py's __main__ does, in process: check the overrides, then train, under user_errors."""
+    """What train.py's __main__ does, in process: check the overrides, then train, under exit_on_user_error."""
     argv = ["model=repvgg_tiny", *overrides]
-    with pytest.raises(SystemExit) as exit_info, user_errors():
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
         check_overrides(argv, CONFIG_DIR, "train")
         train(compose_train(tmp_path, *argv))
     assert exit_info.value.code == 1
