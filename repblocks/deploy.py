@@ -36,6 +36,7 @@ from repblocks.export import EXPORT_FORMATS, FILE_NAMES, export_onnx, export_saf
 from repblocks.networks import TORCHVISION, Network, load_network
 from repblocks.report import write_reports, write_speed_table
 from repblocks.speed import BACKENDS, DTYPES, benchmark_forms, fastest_deploy, speed_table
+from repblocks.testing import ieee_fp32
 from repblocks.verify import VerifyConfig, verify
 
 __all__ = ["BenchConfig", "DeployConfig", "ExportConfig", "VerifyConfig", "run_deploy", "run_speed_table"]
@@ -66,6 +67,9 @@ class BenchConfig:
     warmup: int = 2  # untimed calls per runner first
     threads: int | None = None  # torch and onnxruntime intra-op threads; None: torch's choice
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels, as deployments do
+    tf32: bool = (
+        True  # fp32 convs in TF32 on Ampere+ GPUs (PyTorch's default); false: full fp32, as on the paper's 1080Ti
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,7 @@ def run_deploy(config: DeployConfig) -> dict:
         )
         out_dir = Path(config.out_dir)
         exports = export_all(network, plain, config, out_dir=out_dir, image_shape=image_shape)
-        with _cudnn_benchmark(bench.cudnn_benchmark):
+        with _cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
             rows, skipped = benchmark_forms(
                 {"train": network.model, "deploy": plain},
                 device=device,
@@ -167,7 +171,7 @@ def run_deploy(config: DeployConfig) -> dict:
             "fastest_deploy": fastest_deploy(rows),
             "skipped": skipped,
             "timer": _timer_note(bench),
-            "environment": _environment(device),
+            "environment": _environment(device, bench),
         }
     report["files"] = {name: str(path) for name, path in write_reports(report, out_dir).items()}
     return report
@@ -255,7 +259,7 @@ def run_speed_table(config: DeployConfig) -> dict:
         models = {}
         for name in config.models:
             models.update(_speed_table_entries(name, image_shape, config))
-        with _cudnn_benchmark(bench.cudnn_benchmark):
+        with _cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
             rows = [
                 row
                 for batch_size in bench.batch_sizes
@@ -275,7 +279,7 @@ def run_speed_table(config: DeployConfig) -> dict:
             "backend": "eager",
             "rows": rows,
             "timer": _timer_note(bench),
-            "environment": _environment(device),
+            "environment": _environment(device, bench),
         }
     report["files"] = {name: str(path) for name, path in write_speed_table(report, Path(config.out_dir)).items()}
     return report
@@ -331,7 +335,7 @@ def _timer_note(bench: BenchConfig) -> str:
     )
 
 
-def _environment(device: torch.device) -> dict:
+def _environment(device: torch.device, bench: BenchConfig) -> dict:
     import onnxruntime
 
     environment = {
@@ -340,6 +344,6 @@ def _environment(device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
-        # "tf32": fp32 convs run in TF32 on Ampere and later, as PyTorch does by default (the paper's 1080Ti cannot).
-        environment["fp32_conv_precision"] = torch.backends.cudnn.conv.fp32_precision
+        # "tf32": fp32 convs ran in TF32 on Ampere and later, as PyTorch does by default (the paper's 1080Ti cannot).
+        environment["fp32_conv_precision"] = torch.backends.cudnn.conv.fp32_precision if bench.tf32 else "ieee"
     return environment

@@ -7,11 +7,14 @@ here, in the tests and in benchmarks, first randomizes them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["max_errors", "randomize_bn_", "within_tolerance"]
+__all__ = ["ieee_fp32", "max_errors", "randomize_bn_", "within_tolerance"]
 
 
 @torch.no_grad()
@@ -52,3 +55,25 @@ def within_tolerance(abs_err: float, rel_err: float, *, atol: float, rtol: float
     large outputs, where float32 rounding alone exceeds any fixed ``atol``.
     """
     return abs_err <= atol or rel_err <= rtol
+
+
+@contextlib.contextmanager
+def ieee_fp32(enabled: bool = True) -> Iterator[None]:
+    """float32 convs and matmuls in full float32 precision inside, not TF32.
+
+    Ampere and later GPUs round float32 convs to TF32 by default (~1e-3 relative error), which
+    would drown the conversion's own error (~1e-6) in any comparison. ``enabled=False`` changes
+    nothing, so callers can pass a setting through.
+    """
+    if not enabled:
+        yield
+        return
+    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+    previous = [backend.fp32_precision for backend in backends]
+    for backend in backends:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, precision in zip(backends, previous, strict=True):
+            backend.fp32_precision = precision

@@ -8,11 +8,9 @@ train form in the same dtype, since one fused conv rounds less often than three 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +19,7 @@ from torch import Tensor, nn
 from repblocks.errors import UserError
 from repblocks.networks import Network
 from repblocks.speed import DTYPES, applicable
-from repblocks.testing import max_errors, within_tolerance
+from repblocks.testing import ieee_fp32, max_errors, within_tolerance
 
 __all__ = ["VerifyConfig", "verify"]
 
@@ -59,7 +57,7 @@ def verify(
     train, deploy = _on(network.model, device), _on(plain, device)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(settings.batch_size, *image_shape, generator=generator).to(device)  # (B, C, H, W)
-    with _ieee_fp32():
+    with ieee_fp32():
         reference, output = train(images), deploy(images)
         real = _verify_real_images(network, train, deploy, device, settings.real_batches)
     abs_err, rel_err = max_errors(reference, output)
@@ -160,18 +158,3 @@ def _verify_dtypes(
                 f"{deploy_rel:.2e} vs {train_rel:.2e} relative to float32; nothing was exported"
             )
     return results
-
-
-@contextlib.contextmanager
-def _ieee_fp32() -> Iterator[None]:
-    """float32 convs and matmuls in full float32 precision, not TF32 (Ampere and later GPUs round to TF32 by
-    default): verification measures the conversion's error, not TF32's ~1e-3."""
-    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
-    previous = [backend.fp32_precision for backend in backends]
-    for backend in backends:
-        backend.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for backend, precision in zip(backends, previous, strict=True):
-            backend.fp32_precision = precision

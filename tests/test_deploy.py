@@ -308,7 +308,8 @@ def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
 @pytest.fixture(scope="module")
 def bad_runs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # ROOT first, and whatever PYTHONPATH already holds after it (a machine may keep packages there).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     runs = {}
     for name, (overrides, expected) in _bad_inputs(folder).items():
         out_dir = folder / name.replace(" ", "_")
