@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help demo test test-slow test-all bench lint clean
+.PHONY: help demo test test-slow test-all bench bench-train paper-speed lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## build repvgg_a0, convert it, verify it, time train vs deploy form
-	$(PY) examples/convert_repvgg.py
+demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, export and time it (outputs/demo/)
+	$(PY) train.py model=repvgg_a0 hydra.run.dir=outputs/demo/train
+	$(PY) deploy.py ckpt=outputs/demo/train bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=outputs/demo/deploy
 
 test: $(STAMP)  ## the fast test suite (what a change must pass)
 	$(PY) -m pytest -m "not slow"
@@ -30,12 +31,18 @@ test-slow: $(STAMP)  ## the slow tests only: the large zoo models (CI runs these
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest
 
-bench: $(STAMP)  ## CPU throughput: ours vs timm's RepVGG-A0, and ResNet-18 Conv+BN folding
+bench: $(STAMP)  ## CPU inference: ours vs timm's RepVGG-A0 (train and deploy form), and ResNet-18 Conv+BN folding
 	$(PY) benchmarks/compare_timm.py
 
+bench-train: $(STAMP)  ## CPU training steps/s: ours vs timm's RepVGG-A0, same weights and SGD
+	$(PY) benchmarks/train_throughput.py --threads 2
+
+paper-speed: $(STAMP)  ## the RepVGG paper's speed table: A0-B3 vs ResNet-18..152 (batch 128 on GPU, 8 on CPU)
+	$(PY) deploy.py +experiment=paper_speed
+
 lint: $(STAMP)  ## ruff
-	$(PY) -m ruff check repblocks tests benchmarks examples
-	$(PY) -m ruff format --check repblocks tests benchmarks examples
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache
