@@ -33,7 +33,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import repblocks
-from repblocks.bench import OtherLoad, median, p90, throughput, time_interleaved
+from repblocks.bench import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, time_interleaved
 from repblocks.files import atomic_path
 from repblocks.testing import max_errors, randomize_bn_
 
@@ -59,29 +59,11 @@ RATIOS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, help="images per batch (default 16; --quick: 2)")
-    parser.add_argument("--image-size", type=int, help="input height and width (default 224; --quick: 64)")
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        help="timed batches per model (default 60: whole cycles of the balanced order; --quick: 2)",
+    # 60 rounds: whole cycles of time_interleaved's balanced order of six candidates.
+    defaults = dict(batch_size=16, image_size=224, rounds=60, warmup=2)
+    return parse_benchmark_args(
+        parser, argv, defaults=defaults, quick=dict(batch_size=2, image_size=64, rounds=2, warmup=1)
     )
-    parser.add_argument("--warmup", type=int, help="untimed batches per model first (default 2; --quick: 1)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the BN statistics and the input")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH")
-    args = parser.parse_args(argv)
-    defaults = dict(batch_size=2, image_size=64, rounds=2, warmup=1) if args.quick else {}
-    defaults = dict(dict(batch_size=16, image_size=224, rounds=60, warmup=2), **defaults)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if min(args.batch_size, args.image_size, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --image-size and --rounds must be positive, --warmup non-negative")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
-    return args
 
 
 def build_models(seed: int) -> dict[str, nn.Module]:
@@ -108,26 +90,8 @@ def output_errors(models: dict[str, nn.Module], images: torch.Tensor) -> dict[st
 
 def summarize(samples: dict[str, list[float]], batch_size: int) -> dict:
     """Per-model statistics and the ratios of ``RATIOS``, as plain data (what ``--json`` writes)."""
-    models = {
-        name: dict(
-            images_per_s=throughput(batch_size, median(times)),
-            ms_median=1e3 * median(times),
-            ms_p90=1e3 * p90(times),
-            samples_s=times,
-        )
-        for name, times in samples.items()
-    }
-    ratios = {}
-    for label, candidate, baseline in RATIOS:
-        # Candidates of one round ran back to back, so per-round ratios show how much the ratio is noise.
-        per_round = [base / cand for cand, base in zip(samples[candidate], samples[baseline], strict=True)]
-        ratios[label] = dict(
-            ratio=median(samples[baseline]) / median(samples[candidate]),
-            per_round_median=median(per_round),
-            per_round_min=min(per_round),
-            per_round_max=max(per_round),
-        )
-    return dict(models=models, ratios=ratios)
+    ratios = {label: speed_ratio(samples[candidate], samples[baseline]) for label, candidate, baseline in RATIOS}
+    return dict(models=summarize_samples(samples, batch_size), ratios=ratios)
 
 
 def print_errors(console: Console, errors: dict[str, tuple[float, float]]) -> None:

@@ -19,7 +19,6 @@ import json
 import platform
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import timm
 import torch
@@ -29,7 +28,14 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import repblocks
-from repblocks.bench import OtherLoad, median, p90, synchronizer, throughput, time_interleaved
+from repblocks.bench import (
+    OtherLoad,
+    parse_benchmark_args,
+    speed_ratio,
+    summarize_samples,
+    synchronizer,
+    time_interleaved,
+)
 from repblocks.files import atomic_path
 from repblocks.optim import param_groups
 
@@ -39,27 +45,12 @@ NUM_CLASSES = 1000  # RepVGG-A0's ImageNet head: the classifier is part of the t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, help="images per batch (default 32; --quick: 2)")
-    parser.add_argument("--image-size", type=int, help="input height and width (default 224; --quick: 32)")
-    parser.add_argument("--rounds", type=int, help="timed steps per model (default 10; --quick: 2)")
-    parser.add_argument("--warmup", type=int, help="untimed steps per model first (default 2; --quick: 1)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--channels-last", action="store_true", help="models and input in channels_last")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, the input and the labels")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH")
-    args = parser.parse_args(argv)
-    defaults = dict(batch_size=2, image_size=32, rounds=2, warmup=1) if args.quick else {}
-    defaults = dict(dict(batch_size=32, image_size=224, rounds=10, warmup=2), **defaults)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if min(args.batch_size, args.image_size, args.rounds) < 1 or args.warmup < 0:
-        parser.error("--batch-size, --image-size and --rounds must be positive, --warmup non-negative")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
-    return args
+    defaults = dict(batch_size=32, image_size=224, rounds=10, warmup=2)
+    return parse_benchmark_args(
+        parser, argv, defaults=defaults, quick=dict(batch_size=2, image_size=32, rounds=2, warmup=1)
+    )
 
 
 def build_models(seed: int) -> dict[str, nn.Module]:
@@ -86,24 +77,10 @@ def training_step(model: nn.Module, images: Tensor, labels: Tensor) -> Callable[
 
 def summarize(samples: dict[str, list[float]], batch_size: int) -> dict:
     """Per-model statistics and the ours/timm throughput ratio, as plain data (what ``--json`` writes)."""
-    models = {
-        name: dict(
-            images_per_s=throughput(batch_size, median(times)),
-            ms_median=1e3 * median(times),
-            ms_p90=1e3 * p90(times),
-            samples_s=times,
-        )
-        for name, times in samples.items()
-    }
-    # Both ran back to back in each round, so the spread of per-round ratios shows how much is noise.
-    per_round = [timm_s / ours_s for ours_s, timm_s in zip(samples["ours"], samples["timm"], strict=True)]
-    ratio = dict(
-        ratio=median(samples["timm"]) / median(samples["ours"]),
-        per_round_median=median(per_round),
-        per_round_min=min(per_round),
-        per_round_max=max(per_round),
+    return dict(
+        models=summarize_samples(samples, batch_size),
+        ratio_ours_over_timm=speed_ratio(samples["ours"], samples["timm"]),
     )
-    return dict(models=models, ratio_ours_over_timm=ratio)
 
 
 def print_summary(console: Console, summary: dict, args: argparse.Namespace) -> None:

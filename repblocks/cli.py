@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def one_line(error: BaseException, *, first_only: bool = False) -> str:
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn user mistakes raised inside into ``error: <one line>`` on stderr and exit status 1."""
+    """Turn user mistakes raised inside into ``SystemExit("error: <one line>")``: that line on stderr, status 1."""
     try:
         yield
     except BaseException as raised:  # noqa: BLE001  (filtered just below; the rest is re-raised)
@@ -59,8 +58,8 @@ def exit_on_user_error() -> Iterator[None]:
             message = f"{one_line(raised, first_only=True)} {type(error).__name__}({one_line(error)})"
         else:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(1) from None
+        # SystemExit with a message: Python prints it to stderr and exits with status 1.
+        raise SystemExit(f"error: {message}") from None
 
 
 def check_config_choices(overrides: Sequence[str], config_dir: str | Path) -> None:

@@ -1,5 +1,6 @@
 """repblocks.bench: the interleaved timer and its statistics; the benchmark and example programs run."""
 
+import argparse
 import json
 import os
 import runpy
@@ -12,7 +13,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from repblocks.bench import OtherLoad, median, p90, percentile, round_order, synchronizer, throughput, time_interleaved
+from repblocks.bench import (
+    OtherLoad,
+    median,
+    p90,
+    parse_benchmark_args,
+    percentile,
+    round_order,
+    speed_ratio,
+    summarize_samples,
+    synchronizer,
+    throughput,
+    time_interleaved,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,3 +195,29 @@ def test_train_throughput_runs_in_process_and_writes_json(tmp_path):
     assert results["ratio_ours_over_timm"]["ratio"] > 0
     losses = results["first_step_losses"]
     assert losses["ours"] == pytest.approx(losses["timm"], rel=1e-4)
+
+
+def test_speed_ratio_of_medians_and_per_round_spread():
+    ratio = speed_ratio(candidate=[1.0, 2.0, 1.0], baseline=[2.0, 2.0, 4.0])
+    assert ratio["ratio"] == 2.0  # median 2.0 over median 1.0
+    assert (ratio["per_round_min"], ratio["per_round_median"], ratio["per_round_max"]) == (1.0, 2.0, 4.0)
+    stats = summarize_samples({"a": [0.5, 0.25, 1.0]}, batch_size=8)["a"]
+    assert stats["images_per_s"] == 16.0 and stats["ms_median"] == 500.0
+
+
+def test_benchmark_args_defaults_quick_and_checks():
+    def parse(*argv):
+        return parse_benchmark_args(
+            argparse.ArgumentParser(),
+            list(argv),
+            defaults=dict(batch_size=16, image_size=224, rounds=60, warmup=2),
+            quick=dict(batch_size=2, image_size=32, rounds=2, warmup=1),
+        )
+
+    assert (parse().batch_size, parse("--quick").batch_size, parse("--quick", "--batch-size", "4").batch_size) == (
+        16,
+        2,
+        4,
+    )
+    with pytest.raises(SystemExit):
+        parse("--rounds", "0")
