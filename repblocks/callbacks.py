@@ -9,6 +9,7 @@ runs the whole validation set through both forms, and saves the deploy weights.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,9 +70,12 @@ class DeployCheck(L.Callback):
         path = save_weights(
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
+            # The same metadata as deploy.py's export, so either file says how to rebuild its model.
             metadata={
-                "model_name": hparams["model_name"],
+                "model": hparams["model_name"],
                 "num_classes": str(hparams["num_classes"]),
+                "in_chans": str(hparams["in_chans"]),
+                "model_kwargs": json.dumps(hparams["model_kwargs"]),
                 "form": "deploy",
             },
         )
