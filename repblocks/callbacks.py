@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
-from torch import Tensor, nn
 
 from repblocks.convert import switch_to_deploy
 from repblocks.networks import load_network
+from repblocks.testing import compare_forms
 from repblocks.weights import save_weights
 
 __all__ = ["DeployCheck", "DeployResult"]
@@ -66,7 +65,7 @@ class DeployCheck(L.Callback):
         datamodule = trainer.datamodule
         datamodule.setup("validate")
         device = pl_module.device
-        logits_train, logits_deploy, targets = _predict(model, deploy, datamodule.val_dataloader(), device)
+        compared = compare_forms(model.to(device), deploy.to(device), datamodule.val_dataloader(), device)
         path = save_weights(
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
@@ -79,26 +78,13 @@ class DeployCheck(L.Callback):
                 "form": "deploy",
             },
         )
-        pred_train, pred_deploy = logits_train.argmax(1), logits_deploy.argmax(1)
         self.result = DeployResult(
-            val_acc_train_form=(pred_train == targets).float().mean().item(),
-            val_acc_deploy=(pred_deploy == targets).float().mean().item(),
-            top1_agreement=(pred_train == pred_deploy).float().mean().item(),
-            max_abs_err=(logits_train - logits_deploy).abs().max().item(),
-            num_images=len(targets),
+            val_acc_train_form=compared["train_accuracy"],
+            val_acc_deploy=compared["deploy_accuracy"],
+            top1_agreement=compared["top1_agreement"],
+            max_abs_err=compared["max_abs_err"],
+            num_images=compared["images"],
             checkpoint=str(best),
             deploy_weights=str(path),
         )
         log.info("deploy check: %s", asdict(self.result))
-
-
-@torch.inference_mode()
-def _predict(train_form: nn.Module, deploy_form: nn.Module, loader, device: torch.device) -> tuple[Tensor, ...]:
-    train_form, deploy_form = train_form.to(device), deploy_form.to(device)
-    outputs_train, outputs_deploy, targets = [], [], []
-    for images, target in loader:
-        images = images.to(device)
-        outputs_train.append(train_form(images).float().cpu())
-        outputs_deploy.append(deploy_form(images).float().cpu())
-        targets.append(target)
-    return torch.cat(outputs_train), torch.cat(outputs_deploy), torch.cat(targets)

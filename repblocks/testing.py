@@ -8,13 +8,13 @@ here, in the tests and in benchmarks, first randomizes them.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["ieee_fp32", "max_errors", "randomize_bn_", "within_tolerance"]
+__all__ = ["compare_forms", "ieee_fp32", "max_errors", "randomize_bn_", "within_tolerance"]
 
 
 @torch.no_grad()
@@ -77,3 +77,37 @@ def ieee_fp32(enabled: bool = True) -> Iterator[None]:
     finally:
         for backend, precision in zip(backends, previous, strict=True):
             backend.fp32_precision = precision
+
+
+@torch.inference_mode()
+def compare_forms(
+    train_form: nn.Module, deploy_form: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> dict:
+    """Run both forms over labelled ``(images, labels)`` batches on ``device`` and compare them.
+
+    Returns:
+        ``images`` (count), ``max_abs_err`` and ``max_rel_err`` (worst batch, as :func:`max_errors`),
+        ``top1_agreement``, ``train_accuracy`` and ``deploy_accuracy``; an empty dict when the
+        batches held no images.
+    """
+    worst_abs = worst_rel = 0.0
+    agree = train_correct = deploy_correct = count = 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        train_logits, deploy_logits = train_form(images), deploy_form(images)
+        abs_err, rel_err = max_errors(train_logits, deploy_logits)
+        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+        agree += (train_logits.argmax(1) == deploy_logits.argmax(1)).sum().item()
+        train_correct += (train_logits.argmax(1) == labels).sum().item()
+        deploy_correct += (deploy_logits.argmax(1) == labels).sum().item()
+        count += labels.numel()
+    if count == 0:
+        return {}
+    return {
+        "images": count,
+        "max_abs_err": worst_abs,
+        "max_rel_err": worst_rel,
+        "top1_agreement": agree / count,
+        "train_accuracy": train_correct / count,
+        "deploy_accuracy": deploy_correct / count,
+    }

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from repblocks.errors import UserError
 from repblocks.networks import Network
 from repblocks.speed import DTYPES, applicable
-from repblocks.testing import ieee_fp32, max_errors, within_tolerance
+from repblocks.testing import compare_forms, ieee_fp32, max_errors, within_tolerance
 
 __all__ = ["VerifyConfig", "verify"]
 
@@ -110,27 +110,8 @@ def _verify_real_images(
         batches = list(itertools.islice(datamodule.val_dataloader(), max_batches))
     except (FileNotFoundError, ValueError) as err:
         return f"skipped ({err})"
-    worst_abs = worst_rel = 0.0
-    agree = train_correct = deploy_correct = count = 0
-    for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
-        train_logits, deploy_logits = train(images), deploy(images)
-        abs_err, rel_err = max_errors(train_logits, deploy_logits)
-        worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
-        agree += (train_logits.argmax(1) == deploy_logits.argmax(1)).sum().item()
-        train_correct += (train_logits.argmax(1) == labels).sum().item()
-        deploy_correct += (deploy_logits.argmax(1) == labels).sum().item()
-        count += labels.numel()
-    if count == 0:
-        return "skipped (the validation loader yielded no images)"
-    return {
-        "images": count,
-        "max_abs_err": worst_abs,
-        "max_rel_err": worst_rel,
-        "top1_agreement": agree / count,
-        "train_accuracy": train_correct / count,
-        "deploy_accuracy": deploy_correct / count,
-    }
+    compared = compare_forms(train, deploy, batches, device)
+    return compared or "skipped (the validation loader yielded no images)"
 
 
 def _verify_dtypes(

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import repblocks
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.testing import compare_forms, max_errors, randomize_bn_
 
 
 def _bn_count(model):
@@ -162,3 +162,14 @@ def test_torchvision_frozen_batch_norm_is_folded():
     converted = repblocks.switch_to_deploy(model)
     assert isinstance(converted[1], nn.Identity)
     assert max_errors(expected, converted(x))[1] < 1e-6
+
+
+def test_compare_forms_counts_agreement_accuracy_and_error():
+
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=4)).eval()
+    plain = repblocks.switch_to_deploy(model)
+    batches = [(torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])), (torch.randn(2, 3, 32, 32), torch.tensor([3, 0]))]
+    result = compare_forms(model, plain, batches, torch.device("cpu"))
+    assert result["images"] == 5 and result["top1_agreement"] == 1.0
+    assert result["train_accuracy"] == result["deploy_accuracy"] and result["max_rel_err"] < 1e-5
+    assert compare_forms(model, plain, [], torch.device("cpu")) == {}
