@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help demo test test-slow test-all bench bench-train paper-speed lint clean
+.PHONY: help demo test test-slow test-all test-core bench bench-train paper-speed lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, export and time it (outputs/demo/)
@@ -31,11 +31,24 @@ test-slow: $(STAMP)  ## the slow tests only: the large zoo models (CI runs these
 test-all: $(STAMP)  ## every test
 	$(PY) -m pytest
 
+# The core alone (torch, safetensors, numpy), in a venv of its own: `pip install repblocks` must give
+# working blocks and zoo without Lightning, Hydra or any inference engine.
+CORE_VENV := .venv-core
+$(CORE_VENV)/.installed: pyproject.toml
+	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
+	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CORE_VENV)/bin/python -m pip install --quiet torch==2.14.1
+	$(CORE_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+test-core: $(CORE_VENV)/.installed  ## the core library in a venv with only its own dependencies (CI runs this too)
+	$(CORE_VENV)/bin/python tests/core_smoke.py
+
 bench: $(STAMP)  ## CPU inference: ours vs timm's RepVGG-A0 (train and deploy form), and ResNet-18 Conv+BN folding
-	$(PY) benchmarks/compare_timm.py
+	$(PY) -m benchmarks.compare_timm
 
 bench-train: $(STAMP)  ## CPU training steps/s: ours vs timm's RepVGG-A0, same weights and SGD
-	$(PY) benchmarks/train_throughput.py --threads 2
+	$(PY) -m benchmarks.train_throughput --threads 2
 
 paper-speed: $(STAMP)  ## the RepVGG paper's speed table: A0-B3 vs ResNet-18..152 (batch 128 on GPU, 8 on CPU)
 	$(PY) deploy.py +experiment=paper_speed
@@ -45,4 +58,4 @@ lint: $(STAMP)  ## ruff
 	$(PY) -m ruff format --check .
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CORE_VENV) .pytest_cache .ruff_cache

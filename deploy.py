@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from repblocks.cli import check_overrides, exit_on_user_error
-from repblocks.deploy import DeployConfig, run_deploy
-from repblocks.report import console_tables, speed_console_table
+from repblocks.deploy.pipeline import DeployConfig, run_deploy
+from repblocks.deploy.report import console_tables, speed_console_table
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
 

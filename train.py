@@ -25,10 +25,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repblocks.callbacks import DeployCheck
 from repblocks.cli import check_overrides, exit_on_user_error
 from repblocks.files import atomic_path
-from repblocks.lit import RepClassifier
+from repblocks.train.callbacks import DeployCheck
+from repblocks.train.data import ClassificationDataModule
+from repblocks.train.module import RepClassifier
 
 log = logging.getLogger("train")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -47,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = ClassificationDataModule(instantiate(cfg.data))
     model_kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _MODEL_META_KEYS
     }

@@ -11,9 +11,9 @@ the machine spreads evenly over all of them:
 
 Outputs are checked to agree before anything is timed; the run stops with one line if they do not.
 
-    python benchmarks/compare_timm.py                # about 1.5 minutes on 2 idle cores
-    python benchmarks/compare_timm.py --quick        # smoke test, a few seconds
-    python benchmarks/compare_timm.py --json out.json
+    python -m benchmarks.compare_timm                # about 1.5 minutes on 2 idle cores
+    python -m benchmarks.compare_timm --quick        # smoke test, a few seconds
+    python -m benchmarks.compare_timm --json out.json
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import repblocks
-from repblocks.bench import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, time_interleaved
+from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from repblocks.bench import time_interleaved
 from repblocks.files import atomic_path
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.numerics import max_errors, randomize_bn_
 
 REL_TOLERANCE = 1e-4  # max error relative to the largest reference logit; fp32 reordering gives ~1e-6
 

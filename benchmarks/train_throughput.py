@@ -6,10 +6,10 @@ Each candidate call is one whole training step; the two are timed interleaved in
 (``repblocks.bench.time_interleaved``), so drift of the machine spreads evenly over both. The
 first step's losses are checked to agree before anything is timed.
 
-    python benchmarks/train_throughput.py --threads 2          # about 1 minute on 2 idle cores
-    python benchmarks/train_throughput.py --channels-last --device cuda
-    python benchmarks/train_throughput.py --quick              # smoke test, a few seconds
-    python benchmarks/train_throughput.py --json out.json
+    python -m benchmarks.train_throughput --threads 2          # about 1 minute on 2 idle cores
+    python -m benchmarks.train_throughput --channels-last --device cuda
+    python -m benchmarks.train_throughput --quick              # smoke test, a few seconds
+    python -m benchmarks.train_throughput --json out.json
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import repblocks
-from repblocks.bench import (
-    OtherLoad,
-    parse_benchmark_args,
-    speed_ratio,
-    summarize_samples,
-    synchronizer,
-    time_interleaved,
-)
+from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from repblocks.bench import synchronizer, time_interleaved
 from repblocks.files import atomic_path
-from repblocks.optim import param_groups
+from repblocks.train.optim import param_groups
 
 REL_TOLERANCE = 1e-4  # of the first step's loss; fp32 reordering gives ~1e-6
 NUM_CLASSES = 1000  # RepVGG-A0's ImageNet head: the classifier is part of the training cost

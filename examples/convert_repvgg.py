@@ -10,8 +10,8 @@ import torch
 
 import repblocks
 from repblocks.bench import median, throughput, time_interleaved
+from repblocks.numerics import max_errors, randomize_bn_
 from repblocks.profile import count_params
-from repblocks.testing import max_errors, randomize_bn_
 
 torch.manual_seed(0)
 

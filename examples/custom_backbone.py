@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import repblocks
-from repblocks.testing import max_errors
+from repblocks.numerics import max_errors
 
 torch.manual_seed(0)
 model = nn.Sequential(

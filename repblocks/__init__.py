@@ -7,9 +7,11 @@
 
 from repblocks import models as _models  # noqa: F401  (registers the zoo)
 from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
+from repblocks.checkpoint import read_checkpoint, read_state_dict
 from repblocks.convert import fold_conv_bn, switch_to_deploy
+from repblocks.layouts import convert_layout
 from repblocks.registry import create_model, list_models, register_model
-from repblocks.weights import convert_layout, load_weights, read_checkpoint, read_state_dict, save_weights
+from repblocks.weights import load_weights, save_weights
 
 __all__ = [
     "ConvBN",

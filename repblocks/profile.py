@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from repblocks.convert import switch_to_deploy
 from repblocks.registry import create_model
 
-__all__ = ["ModelCost", "count_macs", "count_params", "markdown_table", "model_cost"]
+__all__ = ["ModelCost", "count_macs", "count_params", "model_cost"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -56,14 +56,3 @@ def model_cost(name: str, image_size: int = 224) -> ModelCost:
     return ModelCost(
         name, count_params(model), count_params(deploy), count_macs(deploy, (1, 3, image_size, image_size))
     )
-
-
-def markdown_table(names: list[str]) -> str:
-    """The README's model table: parameters (train, deploy) and GMACs at 224x224."""
-    rows = ["| model | params, train (M) | params, deploy (M) | GMACs (224x224) |", "|---|---:|---:|---:|"]
-    for name in names:
-        cost = model_cost(name)
-        rows.append(
-            f"| {name} | {cost.train_params / 1e6:.2f} | {cost.deploy_params / 1e6:.2f} | {cost.deploy_macs / 1e9:.2f} |"
-        )
-    return "\n".join(rows)

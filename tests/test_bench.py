@@ -13,19 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from repblocks.bench import (
-    OtherLoad,
-    median,
-    p90,
-    parse_benchmark_args,
-    percentile,
-    round_order,
-    speed_ratio,
-    summarize_samples,
-    synchronizer,
-    throughput,
-    time_interleaved,
-)
+from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from repblocks.bench import median, p90, percentile, round_order, synchronizer, throughput, time_interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +146,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_compare_timm_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
-    result = _run("benchmarks/compare_timm.py", "--quick", "--threads", "1", "--json", str(out))
+    result = _run("-m", "benchmarks.compare_timm", "--quick", "--threads", "1", "--json", str(out))
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())
     assert results["config"]["image_size"] == 64 and results["config"]["batch_size"] == 2
@@ -180,7 +169,7 @@ def test_convert_repvgg_example_runs():
 
 
 def test_train_throughput_runs_in_process_and_writes_json(tmp_path):
-    main = runpy.run_path(str(ROOT / "benchmarks/train_throughput.py"))["main"]
+    main = runpy.run_module("benchmarks.train_throughput")["main"]
     out = tmp_path / "results.json"
     threads = torch.get_num_threads()
     try:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from repblocks import RepBlock
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.numerics import max_errors, randomize_bn_
 
 # (in, out, stride, groups): dense, strided, channel change, grouped, depthwise, depthwise strided
 CASES = [(8, 8, 1, 1), (8, 8, 2, 1), (8, 16, 1, 1), (8, 8, 1, 2), (8, 8, 1, 8), (8, 8, 2, 8), (16, 32, 2, 4)]

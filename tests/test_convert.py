@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import repblocks
-from repblocks.testing import compare_forms, max_errors, randomize_bn_
+from repblocks.numerics import compare_forms, max_errors, randomize_bn_
 
 
 def _bn_count(model):

@@ -5,7 +5,6 @@ import os
 import pickle
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import onnxruntime
@@ -13,10 +12,10 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import DeployConfig, run_deploy
+from repblocks.deploy.pipeline import DeployConfig, run_deploy
+from repblocks.deploy.speed import applicable
 from repblocks.errors import UserError
-from repblocks.speed import applicable
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.numerics import max_errors, randomize_bn_
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = torch.randn(3, 3, 32, 32)  # (B, C, H, W)
@@ -108,43 +107,19 @@ def test_weights_under_the_ema_prefix_are_the_ones_deployed(tmp_path):
         assert max_errors(ema(IMAGES), plain.eval()(IMAGES))[1] < 1e-5
 
 
-class _FakeDataModule:
-    def __init__(self, config):
-        self.config = config
-
-    def setup(self, stage):
-        assert stage == "validate"
-
-    def val_dataloader(self):
-        generator = torch.Generator().manual_seed(0)
-        return [(torch.randn(4, 3, 32, 32, generator=generator), torch.arange(4)) for _ in range(3)]
-
-
-def _fake_data_module(build):
-    module = types.ModuleType("repblocks.data")
-    module.build_datamodule = build
-    return module
-
-
-def test_verification_on_validation_images_when_the_data_is_there(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "repblocks.data", _fake_data_module(_FakeDataModule))
-    data = {"_target_": "repblocks.data.DigitsDataModule", "root": "data/digits"}
+def test_verification_on_validation_images_when_the_data_is_there(tmp_path):
+    data = {"_target_": "repblocks.datasets.FakeData", "num_classes": 10, "image_size": 32, "val_size": 12}
     ckpt = _checkpoint(tmp_path / "last.ckpt", _trained_model(), data=data)
     real = run_deploy(_config(tmp_path, ckpt=str(ckpt), export={"formats": []}))["verify"]["real_images"]
     assert real["images"] == 12 and real["top1_agreement"] == 1.0 and real["max_rel_err"] < 1e-5
     assert 0 <= real["train_accuracy"] == real["deploy_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("data_module", [None, "missing root"])
-def test_verification_on_validation_images_is_skipped_with_the_reason(tmp_path, monkeypatch, data_module):
-    def build(config):
-        raise FileNotFoundError("data root not found: data/digits")
-
-    # None in sys.modules makes the import fail, as before train.py's data module exists.
-    monkeypatch.setitem(sys.modules, "repblocks.data", None if data_module is None else _fake_data_module(build))
-    ckpt = _checkpoint(tmp_path / "last.ckpt", _trained_model(), data={"root": "data/digits"})
+def test_verification_on_validation_images_is_skipped_with_the_reason(tmp_path):
+    data = {"_target_": "repblocks.datasets.ImageFolderData", "root": str(tmp_path / "gone")}
+    ckpt = _checkpoint(tmp_path / "last.ckpt", _trained_model(), data=data)
     real = run_deploy(_config(tmp_path, ckpt=str(ckpt), export={"formats": []}))["verify"]["real_images"]
-    assert real.startswith("skipped") and ("not available" if data_module is None else "data root not found") in real
+    assert real.startswith("skipped") and "train/ folder not found" in real
 
 
 def test_bare_weights_file_with_a_model_name(tmp_path):
@@ -196,7 +171,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
             plain.head.fc.bias += 1.0
         return plain
 
-    monkeypatch.setattr("repblocks.deploy.switch_to_deploy", broken_switch_to_deploy)
+    monkeypatch.setattr("repblocks.deploy.pipeline.switch_to_deploy", broken_switch_to_deploy)
     with pytest.raises(UserError, match=r"differs from the train form.*tolerance verify.atol=0.0001.*nothing was"):
         run_deploy(_config(tmp_path, model="repvgg_tiny"))
     assert not (tmp_path / "out").exists()

@@ -4,9 +4,9 @@ import onnxruntime
 import torch
 
 import repblocks
-from repblocks.deploy import DeployConfig, run_deploy
-from repblocks.networks import load_network
-from repblocks.testing import max_errors
+from repblocks.deploy.pipeline import DeployConfig, run_deploy
+from repblocks.deploy.sources import load_network
+from repblocks.numerics import max_errors
 from tests.test_train import compose_train
 from train import train
 

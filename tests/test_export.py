@@ -9,8 +9,8 @@ import safetensors
 import torch
 
 import repblocks
-from repblocks.export import export_onnx, export_safetensors, export_torch_export
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.deploy.export import export_onnx, export_safetensors, export_torch_export
+from repblocks.numerics import max_errors, randomize_bn_
 
 EXAMPLE = torch.randn(2, 3, 32, 32)  # (B, C, H, W): the batch the exporters trace with
 

@@ -15,7 +15,7 @@ from repblocks.fusion import (
     identity_kernel,
     pad_kernel,
 )
-from repblocks.testing import max_errors, randomize_bn_
+from repblocks.numerics import max_errors, randomize_bn_
 
 
 def test_three_convs_sum_to_one_fused_conv():

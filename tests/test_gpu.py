@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.testing import ieee_fp32, max_errors, randomize_bn_
+from repblocks.numerics import ieee_fp32, max_errors, randomize_bn_
 
 pytestmark = pytest.mark.gpu
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.losses import RDropLoss, rep_l2, rep_l2_parameters
-from repblocks.testing import randomize_bn_
+from repblocks.numerics import randomize_bn_
+from repblocks.train.losses import RDropLoss, rep_l2, rep_l2_parameters
 
 BATCH, CLASSES = 4, 5
 

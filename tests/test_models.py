@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import repblocks
+from repblocks.numerics import max_errors, randomize_bn_
 from repblocks.profile import count_params
-from repblocks.testing import max_errors, randomize_bn_
 
 from .conftest import LARGE_MODELS, TINY_MODELS
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import repblocks
-from repblocks.losses import rep_l2_parameters
-from repblocks.optim import cosine_with_warmup, param_groups
+from repblocks.train.losses import rep_l2_parameters
+from repblocks.train.optim import cosine_with_warmup, param_groups
 
 
 def _ids(group: dict) -> set[int]:

@@ -16,8 +16,8 @@ from PIL import Image
 
 import repblocks
 from repblocks.cli import check_overrides, exit_on_user_error
-from repblocks.data import DATAMODULES
-from repblocks.networks import load_network
+from repblocks.datasets import DATASETS
+from repblocks.deploy.sources import load_network
 from train import CONFIG_DIR, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_every_zoo_model_and_data_module_has_a_config():
     targets = {
         compose_train(Path("/tmp"), f"data={path.stem}").data._target_ for path in (CONFIG_DIR / "data").glob("*.yaml")
     }
-    assert targets == set(DATAMODULES)
+    assert targets == {name for name in DATASETS if name.startswith("repblocks.datasets.")}
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(images), trained(images), atol=1e-4, rtol=1e-4)
-    assert hparams["data"]["_target_"] == "repblocks.data.DigitsDataModule"
+    assert hparams["data"]["_target_"] == "repblocks.datasets.DigitsData"
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
 
 

@@ -9,8 +9,8 @@ import torch
 from timm.utils.model import reparameterize_model
 
 import repblocks
-from repblocks.testing import max_errors, randomize_bn_
-from repblocks.weights import convert_layout
+from repblocks.layouts import convert_layout
+from repblocks.numerics import max_errors, randomize_bn_
 
 from .conftest import TINY_MODELS
 from .official_layout import OfficialRepVGG

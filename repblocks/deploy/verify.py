@@ -11,29 +11,20 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from repblocks.datasets import build_data
+from repblocks.deploy.config import VerifyConfig
+from repblocks.deploy.engines import DTYPES, applicable
+from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
-from repblocks.networks import Network
-from repblocks.speed import DTYPES, applicable
-from repblocks.testing import compare_forms, ieee_fp32, max_errors, within_tolerance
+from repblocks.numerics import compare_forms, ieee_fp32, max_errors, within_tolerance
 
-__all__ = ["VerifyConfig", "verify"]
+__all__ = ["verify"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class VerifyConfig:
-    """How the deploy form is checked against the train form."""
-
-    atol: float = 1e-4  # max absolute error of the logits ...
-    rtol: float = 1e-4  # ... or max error relative to the largest logit (either passes); fp32 rounding gives ~1e-6
-    batch_size: int = 8  # random images per check
-    real_batches: int = 4  # validation batches when the checkpoint's data is available; 0: none
 
 
 @torch.inference_mode()
@@ -101,14 +92,10 @@ def _verify_real_images(
             "skipped (no data config in the checkpoint)" if network.data is None else "skipped (verify.real_batches=0)"
         )
     try:
-        from repblocks.data import build_datamodule
-    except ImportError as err:
-        return f"skipped (repblocks.data.build_datamodule is not available: {err})"
-    try:
-        datamodule = build_datamodule(network.data)
-        datamodule.setup("validate")
-        batches = list(itertools.islice(datamodule.val_dataloader(), max_batches))
-    except (FileNotFoundError, ValueError) as err:
+        data = build_data(network.data)  # never downloads: the config comes from a file
+        data.setup("validate")
+        batches = list(itertools.islice(data.val_dataloader(), max_batches))
+    except (FileNotFoundError, ValueError, ImportError) as err:
         return f"skipped ({err})"
     compared = compare_forms(train, deploy, batches, device)
     return compared or "skipped (the validation loader yielded no images)"

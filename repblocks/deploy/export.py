@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.files import atomic_path
-from repblocks.testing import max_errors, within_tolerance
+from repblocks.numerics import max_errors, within_tolerance
 from repblocks.weights import load_weights, save_weights
 
 __all__ = ["EXPORT_FORMATS", "FILE_NAMES", "export_onnx", "export_safetensors", "export_torch_export", "onnx_session"]
@@ -75,7 +75,7 @@ def export_onnx(
         model: A float32 CPU model in eval mode.
         path: Destination ``.onnx`` file (self-contained: no external-data file beside it).
         example: An input batch of size 2, ``(2, C, H, W)``.
-        atol, rtol: Tolerance of onnxruntime's outputs (see ``repblocks.testing.within_tolerance``).
+        atol, rtol: Tolerance of onnxruntime's outputs (see ``repblocks.numerics.within_tolerance``).
         opset: ONNX opset; the exporter's default when None.
 
     Raises:

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from repblocks.losses import RDropLoss, rep_l2, rep_l2_parameters
-from repblocks.optim import param_groups
+from repblocks.train.losses import RDropLoss, rep_l2, rep_l2_parameters
+from repblocks.train.optim import param_groups
 
 __all__ = ["RepClassifier"]
 

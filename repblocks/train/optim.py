@@ -31,7 +31,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, skip: Set[int] = froz
     Not decayed: every parameter of a normalization layer (:data:`NORM_TYPES`), every bias, every
     parameter with at most one dimension (layer scales, learnable scalars), and every parameter
     whose ``id`` is in ``skip``. Everything else (conv and linear kernels) gets ``weight_decay``.
-    With :func:`repblocks.losses.rep_l2` in the loss, pass ``skip=rep_l2_parameters(model)`` so the
+    With :func:`repblocks.train.losses.rep_l2` in the loss, pass ``skip=rep_l2_parameters(model)`` so the
     kernels it already decays are not decayed twice.
 
     Args:

@@ -1,11 +1,15 @@
-"""Data modules for training: the embedded digits set, CIFAR-10, any ImageFolder, and fake data.
+"""Image classification data: the embedded digits set, CIFAR-10, any ImageFolder, and fake data.
 
-Every module knows its ``num_classes`` and ``image_size`` at construction, before any data is
-read, so the model can be built from them. Modules that read from disk check ``root`` at
+Plain torch (no Lightning): training wraps these in a LightningDataModule
+(``repblocks.train.data``), deployment reads the same validation images to verify a converted
+model. Every data set knows its ``num_classes`` and ``image_size`` at construction, before any
+data is read, so the model can be built from them. Those that read from disk check ``root`` at
 construction too, and raise ``FileNotFoundError`` with one line that says what was expected
 where: a user finds out in the first second, not after the model has been built.
 
-Nothing is ever downloaded unless ``download=True`` is passed.
+torchvision (CIFAR-10, ImageFolder, fake data) and scikit-learn (digits) are imported only when
+a data set that needs them is set up. Nothing is ever downloaded unless ``download=True`` is
+passed, and a config read back from a checkpoint never downloads (:func:`build_data`).
 """
 
 from __future__ import annotations
@@ -15,21 +19,19 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
-from torchvision import datasets
-from torchvision.transforms import v2
 
 __all__ = [
-    "DATAMODULES",
-    "Cifar10DataModule",
-    "DigitsDataModule",
-    "FakeDataModule",
-    "ImageFolderDataModule",
-    "build_datamodule",
+    "DATASETS",
+    "ClassificationData",
+    "Cifar10Data",
+    "DigitsData",
+    "FakeData",
+    "ImageFolderData",
+    "build_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -40,14 +42,13 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-class _ClassificationDataModule(L.LightningDataModule):
+class ClassificationData:
     """Shared loader settings; subclasses set ``train_set``/``val_set`` in ``setup``."""
 
     num_classes: int
     in_chans: int = 3
 
     def __init__(self, *, image_size: int, batch_size: int, num_workers: int, pin_memory: bool = False):
-        super().__init__()
         if image_size < 8:
             raise ValueError(f"data.image_size must be at least 8, got {image_size}")
         if batch_size < 1:
@@ -132,7 +133,7 @@ class InMemoryBatches(Dataset):
         return (self.transform(images) if self.transform else images), self.labels[indices]
 
 
-class DigitsDataModule(_ClassificationDataModule):
+class DigitsData(ClassificationData):
     """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, ever.
 
     Images are scaled from 0..16 to 0..1, resized once to ``image_size`` (bilinear), repeated to
@@ -194,7 +195,7 @@ def _require_dir(path: Path, what: str, hint: str) -> Path:
     return path
 
 
-class Cifar10DataModule(_ClassificationDataModule):
+class Cifar10Data(ClassificationData):
     """CIFAR-10 from ``root`` (torchvision's ``cifar-10-batches-py`` folder inside it).
 
     Training uses the usual random crop with 4-pixel padding and horizontal flips.
@@ -226,6 +227,9 @@ class Cifar10DataModule(_ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
         normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         resize = [v2.Resize(self.image_size, antialias=True)] if self.image_size != 32 else []
         train = v2.Compose([*resize, v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip(), *normalize])
@@ -234,7 +238,7 @@ class Cifar10DataModule(_ClassificationDataModule):
         self.val_set = datasets.CIFAR10(self.root, train=False, transform=val, download=self.download)
 
 
-class ImageFolderDataModule(_ClassificationDataModule):
+class ImageFolderData(ClassificationData):
     """Any ``root/train/<class>/*.jpg`` + ``root/val/<class>/*.jpg`` tree (ImageNet's layout).
 
     Training: random resized crop and flip; validation: resize to ``image_size / crop_fraction``
@@ -267,6 +271,9 @@ class ImageFolderDataModule(_ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
         normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         train = v2.Compose(
             [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip(), *normalize]
@@ -279,7 +286,7 @@ class ImageFolderDataModule(_ClassificationDataModule):
             raise FileNotFoundError(f"data.root: val/ and train/ under {self.root} hold different class folders")
 
 
-class FakeDataModule(_ClassificationDataModule):
+class FakeData(ClassificationData):
     """torchvision's ``FakeData`` (random images): for smoke tests of the whole pipeline."""
 
     def __init__(
@@ -300,6 +307,9 @@ class FakeDataModule(_ClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
+        from torchvision import datasets
+        from torchvision.transforms import v2
+
         shape = (3, self.image_size, self.image_size)
         to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
         fake = dict(image_size=shape, num_classes=self.num_classes, transform=to_tensor)
@@ -307,23 +317,37 @@ class FakeDataModule(_ClassificationDataModule):
         self.val_set = datasets.FakeData(size=self.val_size, random_offset=1_000_000, **fake)
 
 
-# The data modules a saved config may name. A checkpoint is data, not code: deploy.py rebuilds its
-# data module from this table, never by importing whatever ``_target_`` a file names.
-DATAMODULES: dict[str, type[_ClassificationDataModule]] = {
-    f"{__name__}.{cls.__name__}": cls
-    for cls in (DigitsDataModule, Cifar10DataModule, ImageFolderDataModule, FakeDataModule)
+# The data sets a saved config may name. A checkpoint is data, not code: its data set is rebuilt
+# from this table, never by importing whatever ``_target_`` a file names. The second half holds
+# the names that checkpoints written before the library was split into packages carry.
+DATASETS: dict[str, type[ClassificationData]] = {
+    **{f"{__name__}.{cls.__name__}": cls for cls in (DigitsData, Cifar10Data, ImageFolderData, FakeData)},
+    "repblocks.data.DigitsDataModule": DigitsData,
+    "repblocks.data.Cifar10DataModule": Cifar10Data,
+    "repblocks.data.ImageFolderDataModule": ImageFolderData,
+    "repblocks.data.FakeDataModule": FakeData,
 }
 
 
-def build_datamodule(config: Mapping) -> _ClassificationDataModule:
-    """Rebuild a data module from a saved data config (``{"_target_": ..., **kwargs}``).
+def build_data(config: Mapping, *, allow_download: bool = False) -> ClassificationData:
+    """Rebuild a data set from a saved data config (``{"_target_": ..., **kwargs}``).
+
+    Args:
+        config: The config, typically read back from a checkpoint's hyper-parameters.
+        allow_download: Keep a ``download: true`` of the config. Off by default: a file that
+            names a data set must not make this process fetch data into a path of its choosing.
 
     Raises:
-        ValueError: If ``_target_`` is not one of :data:`DATAMODULES`.
+        ValueError: If ``_target_`` is not one of :data:`DATASETS`, or an argument is not one it takes.
         FileNotFoundError: If the data set is not where the config says.
     """
-    kwargs = {key: value for key, value in config.items() if not key.startswith("_")}
+    kwargs = {key: value for key, value in config.items() if not str(key).startswith("_")}
     target = config.get("_target_")
-    if target not in DATAMODULES:
-        raise ValueError(f"unknown data module {target!r}; known: {', '.join(DATAMODULES)}")
-    return DATAMODULES[target](**kwargs)
+    if target not in DATASETS:
+        raise ValueError(f"unknown data set {target!r}; known: {', '.join(DATASETS)}")
+    if not allow_download and kwargs.get("download"):
+        kwargs["download"] = False
+    try:
+        return DATASETS[target](**kwargs)
+    except TypeError as err:  # a key the class does not take: the config is not one of ours
+        raise ValueError(f"data config for {target} does not fit it: {err}") from None

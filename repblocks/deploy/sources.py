@@ -1,26 +1,30 @@
 """The network to deploy, from a train.py checkpoint, a weights file, the registry, or torchvision.
 
-Files are read with ``weights_only=True`` only (``repblocks.weights.read_checkpoint``): a
-checkpoint that would need to run code to load is refused. A train.py checkpoint is a Lightning
-checkpoint whose ``hyper_parameters`` hold ``model_name``, ``num_classes``, ``in_chans``,
-``image_size``, ``model_kwargs``, ``weights_prefix`` (``"model."``, or ``"ema.module."`` with EMA)
-and ``data`` (the data config); its ``state_dict`` holds the network's weights under that prefix.
+Files are read with ``weights_only=True`` only (:mod:`repblocks.checkpoint`): a checkpoint that
+would need to run code to load is refused. A train.py checkpoint says how to rebuild its network
+(:class:`repblocks.checkpoint.RunCheckpoint`); a bare weights file needs ``model=NAME``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from torch import Tensor, nn
 
+from repblocks.checkpoint import (
+    RunCheckpoint,
+    read_checkpoint,
+    read_run_checkpoint,
+    read_state_dict,
+    resolve_run_checkpoint,
+)
 from repblocks.convert import switch_to_deploy
 from repblocks.errors import UserError, user_errors
+from repblocks.layouts import to_repblocks_layout
+from repblocks.numerics import randomize_bn_
 from repblocks.registry import create_model
-from repblocks.testing import randomize_bn_
-from repblocks.weights import load_weights, read_checkpoint, read_state_dict, to_repblocks_layout
+from repblocks.weights import build_run_model, load_weights
 
 __all__ = ["TORCHVISION", "Network", "load_network"]
 
@@ -66,36 +70,17 @@ def load_network(
         UserError: A missing or unreadable file, weights that do not fit, an unknown name (the
             message lists what exists), or not exactly one thing to load.
     """
-    if ckpt and Path(ckpt).is_dir():
-        ckpt = str(_run_checkpoint(Path(ckpt)))
     if (ckpt and source) or (source and model):
         raise UserError("give one of ckpt=PATH, model=NAME, source=torchvision:NAME (ckpt with model for bare weights)")
     with user_errors():
         if source:
             return _torchvision_network(source, num_classes or 1000, seed=seed)
         if ckpt:
-            return _checkpoint_network(ckpt, model, num_classes)
+            return _checkpoint_network(str(resolve_run_checkpoint(ckpt)), model, num_classes)
         if model:
             network = randomize_bn_(_build(model, num_classes=num_classes or 1000), seed=seed)
             return _registry_network(model, network.eval(), origin="random weights, random BN statistics")
     raise UserError("nothing to deploy: give ckpt=PATH, model=NAME or source=torchvision:NAME")
-
-
-def _run_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint of a train.py run directory (from its metrics.json), else its last.ckpt."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        try:
-            best = json.loads(metrics.read_text()).get("best_ckpt")
-        except (json.JSONDecodeError, AttributeError):
-            best = None
-        if best and Path(best).is_file():
-            return Path(best)
-    if (run_dir / "checkpoints" / "last.ckpt").is_file():
-        return run_dir / "checkpoints" / "last.ckpt"
-    raise UserError(
-        f"ckpt={run_dir} is a folder but not a train.py run (no metrics.json best_ckpt, no checkpoints/last.ckpt)"
-    )
 
 
 def _build(name: str, *, deploy: bool = False, **kwargs) -> nn.Module:
@@ -116,9 +101,9 @@ def _registry_network(name: str, model: nn.Module, *, origin: str, **extra) -> N
 
 def _checkpoint_network(ckpt: str, model: str | None, num_classes: int | None) -> Network:
     checkpoint = read_checkpoint(ckpt)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    if isinstance(hparams, Mapping) and "model_name" in hparams and isinstance(checkpoint.get("state_dict"), Mapping):
-        return _lightning_network(ckpt, model, checkpoint, hparams)
+    run = read_run_checkpoint(ckpt, checkpoint)
+    if run is not None:
+        return _run_network(run, model)
     if not model:
         raise UserError(
             f"{ckpt} is not a train.py checkpoint (no hyper_parameters.model_name); "
@@ -131,27 +116,19 @@ def _checkpoint_network(ckpt: str, model: str | None, num_classes: int | None) -
     return _registry_network(model, network, origin=f"weights file {ckpt}")
 
 
-def _lightning_network(ckpt: str, model: str | None, checkpoint: Mapping, hparams: Mapping) -> Network:
-    name = hparams["model_name"]
-    if model and model != name:
-        raise UserError(f"{ckpt} holds a {name}, but model={model} was given; leave model unset")
-    prefix = hparams.get("weights_prefix", "model.")
-    # The LightningModule's state also holds loss buffers, an EMA copy, ...: keep the network's own weights.
-    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    if not state:
-        raise UserError(f"{ckpt} has no weights under its weights_prefix {prefix!r}")
-    kwargs = dict(hparams.get("model_kwargs") or {})
-    in_chans = int(hparams.get("in_chans", 3))
-    network = _build(name, num_classes=int(hparams["num_classes"]), in_chans=in_chans, **kwargs)
-    load_weights(network, state)
+def _run_network(run: RunCheckpoint, model: str | None) -> Network:
+    if model and model != run.model_name:
+        raise UserError(f"{run.path} holds a {run.model_name}, but model={model} was given; leave model unset")
+    if run.model_name.startswith(TORCHVISION):
+        raise UserError(f"{run.path} names {run.model_name}: pass it as source={run.model_name}")
     return _registry_network(
-        name,
-        network.eval(),
-        origin=f"train.py checkpoint {ckpt} (weights under {prefix!r})",
-        model_kwargs=kwargs,
-        in_chans=in_chans,
-        image_size=hparams.get("image_size"),
-        data=hparams.get("data"),
+        run.model_name,
+        build_run_model(run),
+        origin=f"train.py checkpoint {run.path} (weights under {run.weights_prefix!r})",
+        model_kwargs=run.model_kwargs,
+        in_chans=run.in_chans,
+        image_size=run.image_size,
+        data=run.data,
     )
 
 

@@ -7,9 +7,9 @@
 2. convert it with ``switch_to_deploy`` and verify the deploy form against the train form on random
    images (and on validation images when the checkpoint's data config is available); over tolerance,
    stop with :class:`repblocks.errors.UserError` before anything is written;
-3. export the deploy form (``repblocks.export``), every file checked before it takes its name;
-4. time train vs deploy form side by side per backend and dtype (``repblocks.speed``);
-5. write ``report.json``, ``report.md`` and a throughput plot (``repblocks.report``).
+3. export the deploy form (``repblocks.deploy.export``), every file checked before it takes its name;
+4. time train vs deploy form side by side per backend and dtype (``repblocks.deploy.speed``);
+5. write ``report.json``, ``report.md`` and a throughput plot (``repblocks.deploy.report``).
 
 With ``models=[...]`` it instead times many models' deploy forms (and torchvision models before and
 after Conv+BN folding) side by side: the RepVGG paper's speed table. The library never imports Hydra;
@@ -23,90 +23,28 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from repblocks.convert import switch_to_deploy
+from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, VerifyConfig
+from repblocks.deploy.engines import BACKENDS, DTYPES
+from repblocks.deploy.export import EXPORT_FORMATS, FILE_NAMES, export_onnx, export_safetensors, export_torch_export
+from repblocks.deploy.report import write_reports, write_speed_table
+from repblocks.deploy.sources import TORCHVISION, Network, load_network
+from repblocks.deploy.speed import benchmark_forms, fastest_deploy, speed_table
+from repblocks.deploy.verify import verify
 from repblocks.errors import UserError, user_errors
-from repblocks.export import EXPORT_FORMATS, FILE_NAMES, export_onnx, export_safetensors, export_torch_export
-from repblocks.networks import TORCHVISION, Network, load_network
-from repblocks.report import write_reports, write_speed_table
-from repblocks.speed import BACKENDS, DTYPES, benchmark_forms, fastest_deploy, speed_table
-from repblocks.testing import ieee_fp32
-from repblocks.verify import VerifyConfig, verify
+from repblocks.numerics import ieee_fp32
 
 __all__ = ["BenchConfig", "DeployConfig", "ExportConfig", "VerifyConfig", "run_deploy", "run_speed_table"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_SIZE = 224
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Which files to write."""
-
-    formats: tuple[str, ...] = EXPORT_FORMATS  # any of repblocks.export.EXPORT_FORMATS; () exports nothing
-    onnx_opset: int | None = None  # None: the exporter's default
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What to time. None picks a default for the device."""
-
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    batch_sizes: tuple[int, ...] | None = None  # CPU (1, 16), CUDA (1, 32, 128); () times nothing
-    image_size: int | None = None  # the checkpoint's, else 224
-    dtypes: tuple[str, ...] | None = None  # CPU fp32; CUDA fp32, fp16, bf16
-    backends: tuple[str, ...] | None = None  # eager, channels_last, onnxruntime (compile is opt-in: slow to build)
-    rounds: int = 20  # timed calls per runner, interleaved
-    warmup: int = 2  # untimed calls per runner first
-    threads: int | None = None  # torch and onnxruntime intra-op threads; None: torch's choice
-    cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels, as deployments do
-    tf32: bool = (
-        True  # fp32 convs in TF32 on Ampere+ GPUs (PyTorch's default); false: full fp32, as on the paper's 1080Ti
-    )
-
-
-@dataclass(frozen=True)
-class DeployConfig:
-    """One deploy run. Exactly one of ``ckpt``, ``model``, ``source`` or ``models`` says what to load
-    (``ckpt`` with ``model`` when the file holds bare weights)."""
-
-    ckpt: str | None = None  # train.py checkpoint, or a weights file in any layout load_weights reads
-    model: str | None = None  # registry name: random weights, or the architecture of a bare weights file
-    source: str | None = None  # "torchvision:NAME": a torchvision classifier, Conv+BN folded
-    models: tuple[str, ...] | None = None  # many models timed side by side (registry or torchvision: names)
-    num_classes: int | None = None  # None: from the checkpoint or weights, else 1000
-    out_dir: str = "deploy_out"
-    seed: int = 0  # random BN statistics and inputs
-    verify: VerifyConfig = field(default_factory=VerifyConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-
-    @classmethod
-    def from_dict(cls, config: Mapping) -> DeployConfig:
-        """Build from plain nested dicts and lists (what ``OmegaConf.to_container`` gives)."""
-        nested = {"verify": VerifyConfig, "export": ExportConfig, "bench": BenchConfig}
-        values = {}
-        for key, value in config.items():
-            if key in nested:
-                values[key] = _dataclass_from(nested[key], value or {}, prefix=f"{key}.")
-            else:
-                values[key] = value
-        return _dataclass_from(cls, values)
-
-
-def _dataclass_from(cls: type, values: Mapping, prefix: str = ""):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"unknown setting {prefix}{unknown[0]}; known: {', '.join(prefix + k for k in sorted(known))}")
-    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
 
 
 def run_deploy(config: DeployConfig) -> dict:

@@ -150,7 +150,7 @@ def rep_l2_parameters(model: nn.Module) -> set[int]:
 
     For a block in training form: its branch conv kernels and the weights (gammas) of its branch
     and identity BatchNorms; for a block in deploy form: its fused kernel. The BN weights are 1-D
-    and so never decayed by :func:`repblocks.optim.param_groups` anyway; they are listed because
+    and so never decayed by :func:`repblocks.train.optim.param_groups` anyway; they are listed because
     the penalty reaches them. BN biases and the fused bias do not enter the kernel and are not listed.
     """
     ids = set()

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import lightning as L
 
+from repblocks.checkpoint import read_run_checkpoint
 from repblocks.convert import switch_to_deploy
-from repblocks.networks import load_network
-from repblocks.testing import compare_forms
-from repblocks.weights import save_weights
+from repblocks.numerics import compare_forms
+from repblocks.weights import build_run_model, save_weights
 
 __all__ = ["DeployCheck", "DeployResult"]
 
@@ -58,7 +58,7 @@ class DeployCheck(L.Callback):
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         # The best checkpoint is read back as deploy.py reads it (weights_only, rebuilt from its
         # hyperparameters); without checkpointing, the weights in memory are checked.
-        model = load_network(ckpt=best).model if best else copy.deepcopy(pl_module.eval_model)
+        model = build_run_model(read_run_checkpoint(best)) if best else copy.deepcopy(pl_module.eval_model)
         hparams = pl_module.hparams
         model = model.float().eval()
         deploy = switch_to_deploy(model)

@@ -1,7 +1,7 @@
 """Speed of models side by side: train vs deploy form per backend and dtype, and the paper's speed table.
 
-A *runner* is one way to execute one model: a backend (``eager``, ``channels_last``, ``compile``,
-``onnxruntime``) in a dtype (``fp32``, ``fp16``, ``bf16``) on a device. Every runner of one batch
+A *runner* (:mod:`repblocks.deploy.engines`) is one way to execute one model: a backend in a
+dtype on a device. Every runner of one batch
 size is timed in one ``repblocks.bench.time_interleaved`` call, so the ratios between them
 (deploy over train form, one backend over another) are measured under the same conditions.
 Each runner is called once before timing; one that fails there (no compiler for
@@ -11,57 +11,22 @@ the others are timed.
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import onnxruntime
 import torch
 from torch import Tensor, nn
 
 from repblocks.bench import median, p90, synchronizer, throughput, time_interleaved
-from repblocks.export import export_onnx, onnx_session
+from repblocks.deploy.engines import Candidate, RunnerSpec, applicable, build_runner, one_line
 
-__all__ = ["BACKENDS", "DTYPES", "RunnerSpec", "applicable", "benchmark_forms", "fastest_deploy", "speed_table"]
+__all__ = ["benchmark_forms", "fastest_deploy", "speed_table"]
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
 PAPER_BASELINE = "torchvision:resnet18"  # the paper states every speed relative to ResNet-18
-
-Candidate = Callable[[], object]
-
-
-@dataclass(frozen=True)
-class RunnerSpec:
-    """What one timed candidate runs: which model form, through which backend, in which dtype."""
-
-    form: str  # "train"/"deploy", or a model name in the speed table
-    backend: str
-    dtype: str
-
-    @property
-    def key(self) -> str:
-        return f"{self.form} {self.backend} {self.dtype}"
-
-
-def applicable(backend: str, dtype: str, device: torch.device) -> str | None:
-    """Why ``backend`` in ``dtype`` is not benchmarked on ``device``, or None when it is."""
-    if dtype == "fp16" and device.type == "cpu":
-        return "fp16 convolutions on the CPU are slow emulations, not a deployment setting (bf16 is timed on the CPU)"
-    if backend == "onnxruntime" and dtype != "fp32":
-        return "the ONNX export is float32; onnxruntime runs it as such"
-    if backend == "onnxruntime" and device.type == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
-        return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(_ort_providers())})"
-    return None
-
-
-def _ort_providers() -> list[str]:
-    return onnxruntime.get_available_providers()
 
 
 def benchmark_forms(
@@ -105,9 +70,9 @@ def benchmark_forms(
         runners = {}
         for spec in specs:
             try:
-                runners[spec] = _runner(forms[spec.form], spec, device, Path(workdir), image_shape)
+                runners[spec] = build_runner(forms[spec.form], spec, device, Path(workdir), image_shape)
             except Exception as err:  # an export or session that fails is reported, not fatal
-                skipped.append({"what": spec.key, "reason": _one_line(err)})
+                skipped.append({"what": spec.key, "reason": one_line(err)})
         rows = []
         for batch_size in batch_sizes:
             images = torch.randn(batch_size, *image_shape, generator=torch.Generator().manual_seed(batch_size))
@@ -144,7 +109,9 @@ def speed_table(
     ``ratio_to_resnet18`` (throughput over that of ``torchvision:resnet18``, when it is among the models).
     """
     runners = {
-        RunnerSpec(name, "eager", "fp32"): _runner(model, RunnerSpec(name, "eager", "fp32"), device, None, image_shape)
+        RunnerSpec(name, "eager", "fp32"): build_runner(
+            model, RunnerSpec(name, "eager", "fp32"), device, None, image_shape
+        )
         for name, model in models.items()
     }
     images = torch.randn(batch_size, *image_shape, generator=torch.Generator().manual_seed(0))
@@ -158,38 +125,6 @@ def speed_table(
             row.pop(key)
         row["ratio_to_resnet18"] = row["throughput"] / baseline if baseline else None
     return rows
-
-
-def _runner(
-    model: nn.Module, spec: RunnerSpec, device: torch.device, workdir: Path | None, image_shape: tuple[int, int, int]
-) -> Callable[[Tensor], Candidate]:
-    """Prepare ``model`` for ``spec``; the result turns a float32 CPU batch into a zero-argument candidate."""
-    dtype = DTYPES[spec.dtype]
-    if spec.backend == "onnxruntime":
-        path = workdir / f"{spec.form}.onnx"
-        example = torch.randn(2, *image_shape)  # (2, C, H, W): the export's example batch
-        export_onnx(model, path, example, atol=1e-3, rtol=1e-3)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-        session = onnx_session(path, providers=providers)
-        name = session.get_inputs()[0].name
-
-        def ort_candidate(images: Tensor) -> Candidate:
-            feed = {name: images.numpy()}  # on CUDA, each call copies it to the GPU and the logits back
-            return lambda: session.run(None, feed)
-
-        return ort_candidate
-    memory_format = torch.channels_last if spec.backend == "channels_last" else torch.contiguous_format
-    runnable = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
-    if spec.backend == "compile":
-        runnable = torch.compile(runnable)
-    elif spec.backend not in ("eager", "channels_last"):
-        raise ValueError(f"unknown backend {spec.backend!r}; known backends: {', '.join(BACKENDS)}")
-
-    def candidate(images: Tensor) -> Candidate:
-        batch = images.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)  # (B, C, H, W)
-        return lambda: runnable(batch)
-
-    return candidate
 
 
 def _time_batch(
@@ -209,8 +144,8 @@ def _time_batch(
         except Exception as err:
             if (spec.backend, spec.dtype) == ("eager", "fp32"):
                 raise  # the reference itself failing is a bug, not a limitation of a backend
-            log.warning("not timing %s at batch %d: %s", spec.key, images.shape[0], _one_line(err))
-            skipped.append({"what": f"{spec.key} batch {images.shape[0]}", "reason": _one_line(err)})
+            log.warning("not timing %s at batch %d: %s", spec.key, images.shape[0], one_line(err))
+            skipped.append({"what": f"{spec.key} batch {images.shape[0]}", "reason": one_line(err)})
             continue
         candidates[spec] = candidate
     if not candidates:
@@ -244,8 +179,3 @@ def _add_ratios(rows: list[dict]) -> None:
         train_eager = by_key.get(("train", "eager", "fp32", row["batch_size"]))
         row["ratio_to_train"] = row["throughput"] / train["throughput"] if train else None
         row["ratio_to_train_eager"] = row["throughput"] / train_eager["throughput"] if train_eager else None
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"

@@ -1,0 +1,133 @@
+"""What the benchmark programs share: their command-line options, other processes' load, and statistics.
+
+The timing itself is :func:`repblocks.bench.time_interleaved` (the library's, which deploy.py uses
+too); this module holds what only the programs in ``benchmarks/`` need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from repblocks.bench import median, p90, throughput
+
+__all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples"]
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a ``with`` block ran, to flag skewed timings.
+
+    Other processes on the cores skew every timing, more than their share: OpenMP threads that
+    outnumber the free cores stall each other. Reads ``/proc/stat`` (Linux); elsewhere ``cores``
+    stays None.
+
+    >>> with OtherLoad() as load:
+    ...     samples = time_interleaved(candidates)
+    >>> load.cores  # e.g. 0.05: other processes used a twentieth of one core on average
+    """
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self.cores = None
+        self._start = (_machine_busy_seconds(), _own_busy_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        machine_start, own_start, wall_start = self._start
+        machine_end, wall = _machine_busy_seconds(), time.perf_counter() - wall_start
+        if machine_start is None or machine_end is None or wall <= 0:
+            return
+        others = machine_end - machine_start - (_own_busy_seconds() - own_start)
+        self.cores = max(0.0, others) / wall
+
+    def warning(self, threshold: float = 0.1) -> str | None:
+        """A one-line warning when other processes kept more than ``threshold`` cores busy, else None."""
+        if self.cores is None or self.cores <= threshold:
+            return None
+        return (
+            f"warning: other processes kept {self.cores:.2f} of {os.cpu_count()} cores busy while timing; "
+            "these figures are skewed"
+        )
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def summarize_samples(samples: Mapping[str, Sequence[float]], batch_size: int) -> dict[str, dict]:
+    """Per-candidate images/s, median and p90 milliseconds, and the raw samples, as plain data."""
+    return {
+        name: dict(
+            images_per_s=throughput(batch_size, median(times)),
+            ms_median=1e3 * median(times),
+            ms_p90=1e3 * p90(times),
+            samples_s=list(times),
+        )
+        for name, times in samples.items()
+    }
+
+
+def speed_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
+    """Throughput of ``candidate`` over ``baseline`` (above 1: the candidate is faster), from paired samples.
+
+    ``ratio`` is the ratio of the medians. The two ran back to back in every round of
+    :func:`time_interleaved`, so the spread of the per-round ratios shows how much of it is noise.
+    """
+    per_round = [base / cand for cand, base in zip(candidate, baseline, strict=True)]
+    return dict(
+        ratio=median(baseline) / median(candidate),
+        per_round_median=median(per_round),
+        per_round_min=min(per_round),
+        per_round_max=max(per_round),
+    )
+
+
+def parse_benchmark_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    *,
+    defaults: Mapping[str, int],
+    quick: Mapping[str, int],
+) -> argparse.Namespace:
+    """Add the options every benchmark program shares, parse ``argv``, and fill and check the sizes.
+
+    The shared options are ``--batch-size``, ``--image-size``, ``--rounds``, ``--warmup`` (their
+    values come from ``defaults``, or from ``quick`` with ``--quick``), ``--threads``, ``--seed``,
+    ``--quick`` and ``--json``. The program adds its own options to ``parser`` first.
+    """
+
+    def sizes(name: str) -> str:
+        return f"(default {defaults[name]}; --quick: {quick[name]})"
+
+    parser.add_argument("--batch-size", type=int, help=f"images per batch {sizes('batch_size')}")
+    parser.add_argument("--image-size", type=int, help=f"input height and width {sizes('image_size')}")
+    parser.add_argument("--rounds", type=int, help=f"timed calls per candidate, interleaved {sizes('rounds')}")
+    parser.add_argument("--warmup", type=int, help=f"untimed calls per candidate first {sizes('warmup')}")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights, BN statistics and inputs")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH")
+    args = parser.parse_args(argv)
+    for name, value in (quick if args.quick else defaults).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if min(args.batch_size, args.image_size, args.rounds) < 1 or args.warmup < 0:
+        parser.error("--batch-size, --image-size and --rounds must be positive, --warmup non-negative")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
+    return args

@@ -1,0 +1,197 @@
+"""Reading checkpoints safely, and the contract of train.py's own checkpoints.
+
+Every file is read with ``torch.load(..., weights_only=True)`` (or as safetensors): a checkpoint
+that needs arbitrary objects to unpickle is refused, never executed.
+
+A train.py checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold ``model_name``,
+``num_classes``, ``in_chans``, ``image_size``, ``model_kwargs``, ``weights_prefix`` (``"model."``,
+or ``"ema.module."`` with EMA) and ``data`` (the data config); its ``state_dict`` holds the
+network's weights under that prefix. Training writes it and deployment reads it: this module is
+where both meet, so neither has to import the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RunCheckpoint",
+    "StateDict",
+    "WeightsSource",
+    "read_checkpoint",
+    "read_run_checkpoint",
+    "read_state_dict",
+    "resolve_run_checkpoint",
+]
+
+StateDict = dict[str, Tensor]
+WeightsSource = str | os.PathLike | Mapping[str, Tensor]
+
+# Keys under which checkpoints of various trainers keep the state dict.
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+
+def read_state_dict(source: WeightsSource) -> StateDict:
+    """Read a state dict from a ``.safetensors``/``.pth``/``.pt``/``.ckpt`` file, or pass a mapping through.
+
+    Checkpoints that wrap the state dict (Lightning's ``state_dict``, ``model``, ...) are unwrapped.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ValueError: The file is not a checkpoint, is truncated or corrupted, would need to run
+            code to unpickle, or holds no state dict.
+    """
+    if isinstance(source, Mapping):
+        return _unwrap(source, "the given mapping")
+    return _unwrap(read_checkpoint(source), str(source))
+
+
+def read_checkpoint(path: str | os.PathLike) -> object:
+    """Read a whole checkpoint file safely, as it was saved: tensors, dicts, lists, numbers, strings.
+
+    Pickles are read with ``weights_only=True``; a ``.safetensors`` file gives its dict of tensors.
+    Use this to see what a checkpoint holds beside its weights (a Lightning checkpoint's
+    ``hyper_parameters``); use :func:`read_state_dict` for the weights alone.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file is not a checkpoint, is truncated or corrupted, or would need to run
+            code to unpickle.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own SafetensorError and others on bad headers
+            raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if _is_pickle(path) or "Unsupported global" in str(err):
+            raise ValueError(
+                f"refusing to load {path}: it is a pickle that torch's safe loader (weights_only=True) does not "
+                f"accept, and unpickling it fully could run code ({_unpickler_reason(err)})"
+            ) from None
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
+        raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (PROTO opcode, then the protocol)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _unpickler_reason(err: pickle.UnpicklingError) -> str:
+    # torch wraps the reason in paragraphs of advice; keep the reason's first sentence.
+    text = str(err)
+    _, marker, reason = text.partition("WeightsUnpickler error:")
+    reason = reason.strip() if marker else text.strip()
+    return reason.split(". ")[0].splitlines()[0][:200] if reason else "no reason given"
+
+
+def _unwrap(obj: object, what: str) -> StateDict:
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            return dict(obj)
+        for key in _CONTAINER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return _unwrap(obj[key], what)
+        keys = ", ".join(map(str, list(obj)[:10]))
+        raise ValueError(f"{what} holds no state dict of tensors (top-level keys: {keys or 'none'})")
+    raise ValueError(f"{what} holds a {type(obj).__name__}, not a state dict")
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """What a train.py checkpoint says about its network, and the network's own weights."""
+
+    path: Path
+    model_name: str  # registry name
+    num_classes: int
+    in_chans: int
+    model_kwargs: dict  # further create_model arguments (drop_rate, ...)
+    state_dict: StateDict  # the network's weights, prefix removed
+    weights_prefix: str = "model."  # where they sat in the LightningModule's state ("ema.module." with EMA)
+    image_size: int | None = None  # what it was trained at
+    data: dict | None = None  # the data config, to rebuild its validation images
+    hyper_parameters: dict = field(default_factory=dict)  # everything saved, for callers that need more
+
+
+def resolve_run_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file; for a train.py run folder, its best checkpoint, else its last.
+
+    Raises:
+        FileNotFoundError: Nothing at ``path``.
+        ValueError: A folder that is not a train.py run.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        try:
+            best = json.loads(metrics.read_text()).get("best_ckpt")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            best = None
+        if isinstance(best, str) and best and Path(best).is_file():
+            return Path(best)
+    if (path / "checkpoints" / "last.ckpt").is_file():
+        return path / "checkpoints" / "last.ckpt"
+    raise ValueError(f"{path} is a folder but not a train.py run (no metrics.json best_ckpt, no checkpoints/last.ckpt)")
+
+
+def read_run_checkpoint(path: str | os.PathLike, checkpoint: object | None = None) -> RunCheckpoint | None:
+    """Read a train.py checkpoint (or run folder); None when the file is a checkpoint of another kind.
+
+    Args:
+        path: The checkpoint file or a train.py run folder.
+        checkpoint: Its contents, when the caller has already read them with :func:`read_checkpoint`.
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`read_checkpoint`, or a train.py checkpoint whose
+            hyper-parameters or weights are malformed.
+    """
+    path = resolve_run_checkpoint(path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(hparams, Mapping) or "model_name" not in hparams:
+        return None
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(f"{path} is a train.py checkpoint without a state_dict")
+    prefix = hparams.get("weights_prefix", "model.")
+    # The LightningModule's state also holds loss buffers, an EMA copy, ...: keep the network's own weights.
+    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path} has no weights under its weights_prefix {prefix!r}")
+    try:
+        return RunCheckpoint(
+            path=path,
+            model_name=str(hparams["model_name"]),
+            num_classes=int(hparams["num_classes"]),
+            in_chans=int(hparams.get("in_chans", 3)),
+            model_kwargs=dict(hparams.get("model_kwargs") or {}),
+            state_dict=state,
+            weights_prefix=prefix,
+            image_size=int(hparams["image_size"]) if hparams.get("image_size") else None,
+            data=dict(hparams["data"]) if isinstance(hparams.get("data"), Mapping) else None,
+            hyper_parameters=dict(hparams),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed train.py hyper_parameters ({type(err).__name__}: {err})") from None

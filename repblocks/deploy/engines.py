@@ -1,0 +1,91 @@
+"""The engines a deploy form runs on: a *runner* is one model through one backend in one dtype on one device.
+
+Backends: ``eager`` and ``channels_last`` (PyTorch), ``compile`` (``torch.compile``) and
+``onnxruntime`` (the model exported to ONNX, run by onnxruntime's CPU or CUDA provider). Each
+runner turns a float32 CPU batch into a zero-argument callable, which
+:mod:`repblocks.deploy.speed` times side by side with the others.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime
+import torch
+from torch import Tensor, nn
+
+from repblocks.deploy.export import export_onnx, onnx_session
+
+__all__ = ["BACKENDS", "DTYPES", "Candidate", "RunnerSpec", "applicable", "build_runner", "one_line"]
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+Candidate = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What one timed candidate runs: which model form, through which backend, in which dtype."""
+
+    form: str  # "train"/"deploy", or a model name in the speed table
+    backend: str
+    dtype: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.form} {self.backend} {self.dtype}"
+
+
+def applicable(backend: str, dtype: str, device: torch.device) -> str | None:
+    """Why ``backend`` in ``dtype`` is not benchmarked on ``device``, or None when it is."""
+    if dtype == "fp16" and device.type == "cpu":
+        return "fp16 convolutions on the CPU are slow emulations, not a deployment setting (bf16 is timed on the CPU)"
+    if backend == "onnxruntime" and dtype != "fp32":
+        return "the ONNX export is float32; onnxruntime runs it as such"
+    if backend == "onnxruntime" and device.type == "cuda" and "CUDAExecutionProvider" not in _ort_providers():
+        return f"this onnxruntime has no CUDAExecutionProvider (it has {', '.join(_ort_providers())})"
+    return None
+
+
+def _ort_providers() -> list[str]:
+    return onnxruntime.get_available_providers()
+
+
+def build_runner(
+    model: nn.Module, spec: RunnerSpec, device: torch.device, workdir: Path | None, image_shape: tuple[int, int, int]
+) -> Callable[[Tensor], Candidate]:
+    """Prepare ``model`` for ``spec``; the result turns a float32 CPU batch into a zero-argument candidate."""
+    dtype = DTYPES[spec.dtype]
+    if spec.backend == "onnxruntime":
+        path = workdir / f"{spec.form}.onnx"
+        example = torch.randn(2, *image_shape)  # (2, C, H, W): the export's example batch
+        export_onnx(model, path, example, atol=1e-3, rtol=1e-3)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
+        session = onnx_session(path, providers=providers)
+        name = session.get_inputs()[0].name
+
+        def ort_candidate(images: Tensor) -> Candidate:
+            feed = {name: images.numpy()}  # on CUDA, each call copies it to the GPU and the logits back
+            return lambda: session.run(None, feed)
+
+        return ort_candidate
+    memory_format = torch.channels_last if spec.backend == "channels_last" else torch.contiguous_format
+    runnable = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
+    if spec.backend == "compile":
+        runnable = torch.compile(runnable)
+    elif spec.backend not in ("eager", "channels_last"):
+        raise ValueError(f"unknown backend {spec.backend!r}; known backends: {', '.join(BACKENDS)}")
+
+    def candidate(images: Tensor) -> Candidate:
+        batch = images.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)  # (B, C, H, W)
+        return lambda: runnable(batch)
+
+    return candidate
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"

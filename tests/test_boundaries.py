@@ -1,0 +1,77 @@
+"""The package boundaries: the core needs only torch and safetensors (and the numpy safetensors writes with); training and deployment never import each other.
+
+``repblocks/`` is the core, ``repblocks/train/`` the ``[train]`` extra and ``repblocks/deploy/`` the
+``[deploy]`` extra. Imports are read from the source (function-level imports included), so a lazy
+import that would cross a boundary is caught too; the core is also imported for real in a
+process where every optional dependency is hidden.
+"""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "repblocks"
+SMOKE = Path(__file__).resolve().parent / "core_smoke.py"
+CORE_DEPENDENCIES = {"torch", "safetensors"}
+# Imported inside functions only, where the feature that needs them is used.
+CORE_LAZY = {"torchvision", "sklearn", "timm", "hydra", "omegaconf", "PIL"}
+OPTIONAL = ["lightning", "torchmetrics", "hydra", "omegaconf", "onnx", "onnxruntime", "onnxscript", "timm"]
+# numpy stays: safetensors writes through it (and torch uses it when present) without declaring it.
+OPTIONAL += ["torchvision", "sklearn", "matplotlib", "rich", "PIL"]
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """``(module, at_top_level)`` for every import statement in ``path``."""
+    tree = ast.parse(path.read_text())
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.module, id(node) in top_level))
+    return found
+
+
+def _part(path: Path) -> str:
+    relative = path.relative_to(PACKAGE).parts
+    return relative[0] if relative[0] in ("train", "deploy") else "core"
+
+
+FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PACKAGE)) for p in FILES])
+def test_imports_point_one_way(path):
+    part = _part(path)
+    stdlib = sys.stdlib_module_names
+    for module, top_level in _imports(path):
+        root = module.split(".")[0]
+        if root == "repblocks":
+            crossed = module.split(".")[1] if module.count(".") else ""
+            if part == "core":
+                assert crossed not in ("train", "deploy"), f"the core imports {module}"
+            else:
+                other = "deploy" if part == "train" else "train"
+                assert crossed != other, f"repblocks.{part} imports {module}"
+        elif part == "core" and root not in stdlib:
+            allowed = CORE_DEPENDENCIES if top_level else CORE_DEPENDENCIES | CORE_LAZY
+            assert root in allowed, f"the core imports {module}{'' if top_level else ' (lazily)'}"
+
+
+def test_core_works_with_only_torch_and_safetensors():
+    """tests/core_smoke.py, in a process where every optional dependency is hidden (CI also runs it in a core-only venv)."""
+    code = f"""
+import importlib.abc, runpy, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {OPTIONAL!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (hidden by the test)")
+sys.meta_path.insert(0, Hide())
+sys.exit(runpy.run_path({str(SMOKE)!r})["main"]())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("core ok"), result.stderr
