@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from repblocks.cli import check_overrides, exit_on_user_error
+from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.report import console_tables, speed_console_table
 
@@ -44,6 +44,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
     with exit_on_user_error():
         check_overrides(sys.argv[1:], CONFIG_DIR, "deploy")
     main()

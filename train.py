@@ -25,7 +25,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from repblocks.cli import check_overrides, exit_on_user_error
+from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.files import atomic_path
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.data import ClassificationDataModule
@@ -171,6 +171,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
     with exit_on_user_error():
         check_overrides(sys.argv[1:], CONFIG_DIR, "train")
     main()

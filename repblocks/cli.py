@@ -12,10 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-__all__ = ["USER_ERRORS", "check_config_choices", "check_overrides", "exit_on_user_error", "one_line"]
+__all__ = [
+    "PATH_KEYS",
+    "USER_ERRORS",
+    "check_config_choices",
+    "check_overrides",
+    "exit_on_user_error",
+    "one_line",
+    "quote_path_values",
+    "sigterm_as_interrupt",
+]
 
 # FloatingPointError: a NaN loss; MisconfigurationException (Lightning): e.g. a GPU asked for and absent.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -37,18 +49,31 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def one_line(error: BaseException, *, first_only: bool = False) -> str:
-    """The error's message on one line: its non-empty lines joined (or the first alone), stripped."""
+    """The error's message on one line: its non-empty lines joined (or the first alone), stripped.
+
+    An error re-raised from a DataLoader worker carries the worker's traceback in its message;
+    its last line is the original message, and that is what is kept.
+    """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
+    if any(line.startswith("Original Traceback") for line in lines):
+        return lines[-1]
     return lines[0] if first_only else " ".join(lines)
 
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn user mistakes raised inside into ``SystemExit("error: <one line>")``: that line on stderr, status 1."""
+    """Turn user mistakes raised inside into ``SystemExit("error: <one line>")``: that line on stderr, status 1.
+
+    Ctrl-C (and SIGTERM under :func:`sigterm_as_interrupt`) ends with one line and status 130, after
+    the cleanup that the interrupted code does on its way out (temporary files are removed).
+    """
     try:
         yield
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: stopped before finishing; no partial output was kept\n")
+        raise SystemExit(130) from None
     except BaseException as raised:  # noqa: BLE001  (filtered just below; the rest is re-raised)
         error = _root_cause(raised)
         if isinstance(error, USER_ERRORS) or type(error).__name__ in _USER_ERROR_NAMES:
@@ -105,3 +130,46 @@ def check_overrides(overrides: Sequence[str], config_dir: str | Path, config_nam
     except (HydraException, OmegaConfBaseException) as error:
         cause = f" ({one_line(error.__cause__, first_only=True)})" if error.__cause__ is not None else ""
         raise ValueError(f"{one_line(error)}{cause}") from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, instead of killing the process outright.
+
+    Killed outright, a process runs no ``finally`` block, so a file being written under a
+    temporary name stays behind; raised as an exception, the writers' cleanup runs.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# Settings whose values are file paths. Hydra's override grammar gives '=', ',', brackets and
+# quotes a meaning, so a path holding them (train.py's own "epoch=003-val_acc=0.9778.ckpt") fails
+# to parse or turns into a sweep; such values are quoted before Hydra reads the command line.
+PATH_KEYS = ("ckpt", "ckpt_path", "out_dir", "data.root", "paths.output_dir", "hydra.run.dir", "hydra.sweep.dir")
+_PLAIN_PATH = re.compile(r"[\w\-+./:@%~]*")
+
+
+def quote_path_values(argv: Sequence[str], keys: Sequence[str] = PATH_KEYS) -> list[str]:
+    """``argv`` with each ``key=value`` of a path setting quoted when Hydra would not read ``value`` as it is.
+
+    Values already quoted, and every other argument, pass unchanged.
+    """
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in keys and not _PLAIN_PATH.fullmatch(value) and value[:1] not in "'\"":
+            # Hydra unescapes backslashes only before a quote and at the end of a quoted value.
+            escaped = re.sub(r"(\\*)'", lambda m: 2 * m[1] + "\\'", value)
+            escaped = re.sub(r"(\\+)$", lambda m: 2 * m[1], escaped)
+            arg = f"{key}='{escaped}'"
+        quoted.append(arg)
+    return quoted
