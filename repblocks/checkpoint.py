@@ -128,6 +128,8 @@ class RunCheckpoint:
     weights_prefix: str = "model."  # where they sat in the LightningModule's state ("ema.module." with EMA)
     image_size: int | None = None  # what it was trained at
     data: dict | None = None  # the data config, to rebuild its validation images
+    # How images were prepared for it (input_size, mean, std, crop_pct, interpolation), when saved.
+    preprocessing: dict | None = None
     hyper_parameters: dict = field(default_factory=dict)  # everything saved, for callers that need more
 
 
@@ -191,6 +193,7 @@ def read_run_checkpoint(path: str | os.PathLike, checkpoint: object | None = Non
             weights_prefix=prefix,
             image_size=int(hparams["image_size"]) if hparams.get("image_size") else None,
             data=dict(hparams["data"]) if isinstance(hparams.get("data"), Mapping) else None,
+            preprocessing=dict(hparams["preprocessing"]) if isinstance(hparams.get("preprocessing"), Mapping) else None,
             hyper_parameters=dict(hparams),
         )
     except (KeyError, TypeError, ValueError) as err:
