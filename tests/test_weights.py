@@ -1,6 +1,8 @@
 """load_weights: layouts of other code bases, wrappers, train-to-deploy on load, and safe reading."""
 
 import pickle
+import shlex
+import sys
 from collections import OrderedDict
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 from timm.utils.model import reparameterize_model
 
 import repblocks
+from repblocks.checkpoint import read_safetensors_metadata
 from repblocks.layouts import convert_layout
 from repblocks.numerics import max_errors, randomize_bn_
 
@@ -262,3 +265,71 @@ def test_models_of_other_layouts_load_their_own_weights_unrenamed():
     assert any(".attn.fc1." in key for key in source.state_dict())
     repblocks.load_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()})
     assert torch.equal(target(X), source(X))
+
+
+# --- reading files ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_yacs(tmp_path, monkeypatch):
+    """An importable ``yacs.config.CfgNode`` whose import or unpickling leaves a mark; gone after the test."""
+    marker = tmp_path / "payload_ran"
+    package = tmp_path / "fake_site" / "yacs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text(
+        f"import pathlib\nMARK = pathlib.Path({str(marker)!r})\nMARK.touch()\n"
+        "class CfgNode(dict):\n    def __setstate__(self, state):\n        MARK.touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield marker
+    for name in ("yacs.config", "yacs"):
+        sys.modules.pop(name, None)
+
+
+def test_official_training_checkpoint_is_refused_with_a_way_to_extract_its_weights(tmp_path, fake_yacs):
+    """The official training script pickles its yacs config beside the weights: refused, never run, explained."""
+    from yacs.config import CfgNode  # the fake one
+
+    config = CfgNode(MODEL=CfgNode(ARCH="RepVGG-A0"))
+    config.frozen = True  # instance state, so unpickling would call __setstate__
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "ckpt_epoch_3.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3, "config": config}, path)
+    for name in ("yacs.config", "yacs"):
+        del sys.modules[name]
+    fake_yacs.unlink()
+
+    with pytest.raises(ValueError) as refusal:
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    message = str(refusal.value)
+    assert "\n" not in message and "official RepVGG training script" in message and "yacs.config.CfgNode" in message
+    assert not fake_yacs.exists()  # nothing was imported or rebuilt
+    # Where the user trusts the file, the suggested command extracts the weights, which then load.
+    command = shlex.split(message.split("installed: ", 1)[1].split(" then load ", 1)[0])
+    assert command[:2] == ["python", "-c"]
+    exec(command[2], {})  # as on the user's trusted machine, where yacs is importable
+    extracted = tmp_path / "ckpt_epoch_3_model.pth"
+    assert message.endswith(f"then load {extracted}")
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), extracted)
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+
+
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a folder, not a weights file"):
+        repblocks.read_state_dict(tmp_path)
+
+
+def test_safetensors_metadata_is_read_back(tmp_path):
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    with_metadata = repblocks.save_weights(model, tmp_path / "a.safetensors", metadata={"model": "repvgg_tiny"})
+    assert read_safetensors_metadata(with_metadata) == {"model": "repvgg_tiny"}
+    assert read_safetensors_metadata(repblocks.save_weights(model, tmp_path / "b.safetensors")) == {}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(with_metadata.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*truncated.safetensors: not a valid safetensors file") as err:
+        read_safetensors_metadata(truncated)
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        read_safetensors_metadata(tmp_path / "missing.safetensors")
