@@ -12,6 +12,7 @@ where both meet, so neither has to import the other.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -41,6 +42,10 @@ WeightsSource = str | os.PathLike | Mapping[str, Tensor]
 
 # Keys under which checkpoints of various trainers keep the state dict.
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+# Plain attribute bags that are safe to rebuild: timm's training script saves its argparse arguments
+# beside the weights (timm reads its own checkpoints allowing exactly this class).
+_SAFE_CLASSES = [argparse.Namespace]
 
 
 class _TrainerPickle(NamedTuple):
@@ -75,7 +80,8 @@ def read_state_dict(source: WeightsSource) -> StateDict:
 def read_checkpoint(path: str | os.PathLike) -> object:
     """Read a whole checkpoint file safely, as it was saved: tensors, dicts, lists, numbers, strings.
 
-    Pickles are read with ``weights_only=True``; a ``.safetensors`` file gives its dict of tensors.
+    Pickles are read with ``weights_only=True`` (which also admits ``argparse.Namespace``, as in timm's
+    training checkpoints); a safetensors file, whatever its suffix, gives its dict of tensors.
     Use this to see what a checkpoint holds beside its weights (a Lightning checkpoint's
     ``hyper_parameters``); use :func:`read_state_dict` for the weights alone.
 
@@ -86,13 +92,16 @@ def read_checkpoint(path: str | os.PathLike) -> object:
             the weights where the file is trusted).
     """
     path = _existing_file(path)
-    if path.suffix == ".safetensors":
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path}: the file is empty")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             return safetensors.torch.load_file(path, device="cpu")
         except Exception as err:  # safetensors raises its own SafetensorError and others on bad headers
             raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         known = next(((name, trainer) for name, trainer in _TRAINER_PICKLES.items() if name in str(err)), None)
         if known is not None:
@@ -147,6 +156,13 @@ def _extraction_hint(path: Path, class_name: str, trainer: _TrainerPickle) -> st
     )
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors do: its header's length (8 bytes, little-endian), then ``{``."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _is_pickle(path: Path) -> bool:
     """Whether the file starts as a pickle of protocol 2 or later does (PROTO opcode, then the protocol)."""
     with open(path, "rb") as handle:
@@ -165,6 +181,9 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
 def _unwrap(obj: object, what: str) -> StateDict:
     if isinstance(obj, Mapping):
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            if not all(isinstance(k, str) for k in obj):
+                keys = ", ".join(repr(k) for k in list(obj)[:5])
+                raise ValueError(f"{what} holds tensors under keys that are not parameter names ({keys})")
             return dict(obj)
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):

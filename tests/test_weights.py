@@ -1,5 +1,6 @@
 """load_weights: layouts of other code bases, wrappers, train-to-deploy on load, and safe reading."""
 
+import argparse
 import logging
 import pickle
 import shlex
@@ -498,3 +499,32 @@ def test_safetensors_metadata_is_read_back(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         read_safetensors_metadata(tmp_path / "missing.safetensors")
+
+
+def test_timm_training_checkpoint_with_its_argparse_arguments_loads(tmp_path):
+    """timm's train.py pickles its argparse.Namespace beside the weights; timm itself reads it with weights_only."""
+    from timm.utils import CheckpointSaver
+
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(model="repvgg_tiny", lr=0.1)
+    CheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path)).save_checkpoint(0, metric=0.5)
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), tmp_path / "last.pth.tar")
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+    assert repblocks.read_checkpoint(tmp_path / "last.pth.tar")["args"].model == "repvgg_tiny"
+
+
+def test_safetensors_file_under_another_suffix_is_read_as_safetensors(tmp_path):
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    path = repblocks.save_weights(model, tmp_path / "weights.pth")
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+
+
+def test_empty_file_and_keys_that_are_not_names(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        repblocks.read_state_dict(empty)
+    with pytest.raises(ValueError, match=r"keys that are not parameter names \(0, 1\)"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny"), {0: torch.zeros(1), 1: torch.zeros(1)})
