@@ -202,10 +202,18 @@ def save_weights(
     """Write a model's (or a state dict's) weights to ``path`` as safetensors, atomically.
 
     The file is written under a temporary name in the same folder and renamed, so a failure
-    never leaves half a file at ``path``.
+    never leaves half a file at ``path``. Tensors that share memory (tied weights) are stored
+    as copies of their own, which safetensors requires.
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # safetensors refuses tensors that share memory (tied weights): such a tensor is stored as its own copy.
+    storages = set()
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in storages:
+            tensors[key] = tensor.clone()
+        storages.add(storage)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
     return Path(path)

@@ -528,3 +528,16 @@ def test_empty_file_and_keys_that_are_not_names(tmp_path):
         repblocks.read_state_dict(empty)
     with pytest.raises(ValueError, match=r"keys that are not parameter names \(0, 1\)"):
         repblocks.load_weights(repblocks.create_model("repvgg_tiny"), {0: torch.zeros(1), 1: torch.zeros(1)})
+
+
+@torch.no_grad()
+def test_tied_weights_are_saved_and_load_back(tmp_path):
+    def tied():
+        model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    source = tied()
+    path = repblocks.save_weights(source, tmp_path / "tied.safetensors")
+    loaded = repblocks.load_weights(tied(), path)
+    assert torch.equal(loaded[1].weight, source[0].weight) and loaded[1].weight is loaded[0].weight
