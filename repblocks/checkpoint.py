@@ -12,12 +12,15 @@ where both meet, so neither has to import the other.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors.torch
 import torch
@@ -29,6 +32,7 @@ __all__ = [
     "WeightsSource",
     "read_checkpoint",
     "read_run_checkpoint",
+    "read_safetensors_metadata",
     "read_state_dict",
     "resolve_run_checkpoint",
 ]
@@ -38,6 +42,24 @@ WeightsSource = str | os.PathLike | Mapping[str, Tensor]
 
 # Keys under which checkpoints of various trainers keep the state dict.
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+# Plain attribute bags that are safe to rebuild: timm's training script saves its argparse arguments
+# beside the weights (timm reads its own checkpoints allowing exactly this class).
+_SAFE_CLASSES = [argparse.Namespace]
+
+
+class _TrainerPickle(NamedTuple):
+    """A trainer's checkpoint that pickles a class of its own beside the weights, which the safe loader refuses."""
+
+    description: str  # what the file is
+    weights_key: str  # where its state dict sits
+    package: str  # what unpickling it needs installed
+
+
+# Keyed by the class the unpickler names, so the refusal can say how to extract the weights from a trusted file.
+_TRAINER_PICKLES = {
+    "yacs.config.CfgNode": _TrainerPickle("a checkpoint of the official RepVGG training script", "model", "yacs"),
+}
 
 
 def read_state_dict(source: WeightsSource) -> StateDict:
@@ -58,26 +80,32 @@ def read_state_dict(source: WeightsSource) -> StateDict:
 def read_checkpoint(path: str | os.PathLike) -> object:
     """Read a whole checkpoint file safely, as it was saved: tensors, dicts, lists, numbers, strings.
 
-    Pickles are read with ``weights_only=True``; a ``.safetensors`` file gives its dict of tensors.
+    Pickles are read with ``weights_only=True`` (which also admits ``argparse.Namespace``, as in timm's
+    training checkpoints); a safetensors file, whatever its suffix, gives its dict of tensors.
     Use this to see what a checkpoint holds beside its weights (a Lightning checkpoint's
     ``hyper_parameters``); use :func:`read_state_dict` for the weights alone.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
+        FileNotFoundError: ``path`` does not exist, or is a folder.
         ValueError: The file is not a checkpoint, is truncated or corrupted, or would need to run
-            code to unpickle.
+            code to unpickle (for a known trainer's checkpoint, the message says how to extract
+            the weights where the file is trusted).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    path = _existing_file(path)
+    if path.stat().st_size == 0:
+        raise ValueError(f"cannot read {path}: the file is empty")
+    if path.suffix == ".safetensors" or _is_safetensors(path):
         try:
             return safetensors.torch.load_file(path, device="cpu")
         except Exception as err:  # safetensors raises its own SafetensorError and others on bad headers
             raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_SAFE_CLASSES):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        known = next(((name, trainer) for name, trainer in _TRAINER_PICKLES.items() if name in str(err)), None)
+        if known is not None:
+            raise ValueError(_extraction_hint(path, *known)) from None
         if _is_pickle(path) or "Unsupported global" in str(err):
             raise ValueError(
                 f"refusing to load {path}: it is a pickle that torch's safe loader (weights_only=True) does not "
@@ -86,6 +114,53 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata in a ``.safetensors`` file's header (``{}`` when it has none), without reading tensors.
+
+    :func:`repblocks.save_weights` writes it; deployment reads it back to rebuild the model a file is for.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, or is a folder.
+        ValueError: The file is not a valid safetensors file (truncated, corrupted, another format).
+    """
+    path = _existing_file(path)
+    try:
+        with safetensors.safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as err:  # safetensors raises its own SafetensorError and others on bad headers
+        raise ValueError(f"cannot read {path}: not a valid safetensors file ({err})") from None
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path} is a folder, not a weights file")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return path
+
+
+def _extraction_hint(path: Path, class_name: str, trainer: _TrainerPickle) -> str:
+    """One line: why the file is refused, and the command that extracts its weights where the user trusts it."""
+    target = path.with_name(f"{path.stem}_{trainer.weights_key}.pth")
+    code = (
+        f'import torch; torch.save(torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False)'
+        f"[{json.dumps(trainer.weights_key)}], {json.dumps(str(target))})"
+    )
+    return (
+        f"refusing to unpickle {path}: it looks like {trainer.description}, and its {class_name} is not a class "
+        f"torch's safe loader accepts (unpickling it fully could run code); if you trust the file, extract its weights "
+        f"once, with {trainer.package} installed: python -c {shlex.quote(code)} then load {target}"
+    )
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file starts as safetensors do: its header's length (8 bytes, little-endian), then ``{``."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 def _is_pickle(path: Path) -> bool:
@@ -106,6 +181,9 @@ def _unpickler_reason(err: pickle.UnpicklingError) -> str:
 def _unwrap(obj: object, what: str) -> StateDict:
     if isinstance(obj, Mapping):
         if obj and all(isinstance(v, Tensor) for v in obj.values()):
+            if not all(isinstance(k, str) for k in obj):
+                keys = ", ".join(repr(k) for k in list(obj)[:5])
+                raise ValueError(f"{what} holds tensors under keys that are not parameter names ({keys})")
             return dict(obj)
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):

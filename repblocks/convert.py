@@ -13,9 +13,11 @@ to each other inside an ``nn.Sequential``, where the data flow is certain.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,9 +36,10 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def switch_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Return the deploy form of ``model``, in eval mode, with outputs equal to ``model.eval()``'s.
 
-    Every ``RepBlock`` is fused into one conv, every other module exposing
-    ``reparameterize()`` or ``switch_to_deploy()`` (timm's RepVGG/MobileOne blocks) is asked to
-    fuse itself, and every remaining Conv->BatchNorm pair is folded into the conv.
+    Every ``RepBlock`` is fused into one conv, every other module exposing ``switch_to_deploy()``
+    or ``reparameterize()`` without arguments (the official code's, mmpretrain's and timm's
+    RepVGG/MobileOne blocks) is asked to fuse itself, and every remaining Conv->BatchNorm pair is
+    folded into the conv.
 
     Args:
         model: Any module.
@@ -75,13 +78,32 @@ def _reparameterize_blocks(model: nn.Module) -> int:
         if isinstance(module, RepBlock):
             fused += not module.deploy
             module.switch_to_deploy()
-        elif callable(getattr(module, "reparameterize", None)):
-            module.reparameterize()
-            fused += 1
-        elif callable(getattr(module, "switch_to_deploy", None)):
-            module.switch_to_deploy()
+        elif (fuse := _own_fusion(module)) is not None:
+            fuse()
             fused += 1
     return fused
+
+
+def _own_fusion(module: nn.Module) -> Callable[[], object] | None:
+    """The module's own method that fuses it in place, or None.
+
+    ``switch_to_deploy()`` comes first: mmpretrain's RepVGG block has both, and its ``reparameterize()``
+    only returns the fused kernel and bias (timm's two names do the same thing). A method that
+    needs arguments is someone else's ``reparameterize(mu, logvar)`` (a VAE's sampling), not a fusion.
+    """
+    for name in ("switch_to_deploy", "reparameterize"):
+        method = getattr(module, name, None)
+        if callable(method) and _takes_no_arguments(method):
+            return method
+    return None
+
+
+def _takes_no_arguments(method: Callable) -> bool:
+    try:
+        parameters = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): do not guess
+        return False
+    return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters)
 
 
 @torch.no_grad()

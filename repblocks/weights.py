@@ -11,48 +11,67 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
+import torch
 from torch import Tensor, nn
 
 from repblocks.blocks import RepBlock
 from repblocks.checkpoint import RunCheckpoint, StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
-from repblocks.layouts import to_repblocks_layout
+from repblocks.layouts import detect_layout, to_repblocks_layout
 from repblocks.registry import create_model
 
 __all__ = ["build_run_model", "load_weights", "save_weights"]
 
 log = logging.getLogger(__name__)
 
+# Keys of a RepBlock's train-form branches and of its fused conv, below the block's own name.
+_BRANCH = re.compile(r"(^|\.)(conv_kxk|conv_1x1|identity)\.")
+_FUSED = re.compile(r"(^|\.)reparam\.weight$")
+
 
 def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True) -> nn.Module:
     """Load weights from a file or state dict into ``model``, in place, and return it.
 
-    Train-form weights loaded into a deploy-form model (``deploy=True``) are fused on the way.
+    Any layout of :data:`repblocks.layouts.LAYOUTS` is read (the one recognised is logged at INFO).
+    Train-form weights loaded into a deploy-form model (``deploy=True``) are fused on the way, in
+    float64 from the values given, and rounded once to the model's own dtype. A model without a
+    classifier (``features_only``, ``num_classes=0``) takes classifier checkpoints: their ``head.*``
+    keys are dropped (and logged). A ``torch.compile``d or DataParallel/DDP-wrapped model is filled
+    through the module it wraps, without compiling anything.
 
     Args:
         model: The model to fill.
         source: A path (``.pth``, ``.pt``, ``.ckpt``, ``.safetensors``) or a state dict.
-        strict: Raise when keys are missing or unexpected; otherwise log them and load the rest.
+        strict: Raise when keys are missing or unexpected (fused branches included); otherwise log
+            them and load the rest. Keys whose shape differs from the model's raise either way.
 
     Raises:
         ValueError: The weights do not fit the model (the message names the keys), or the file
             cannot be read safely (see :func:`read_state_dict`).
     """
-    expected = model.state_dict()
+    target = _wrapped_module(model)
+    expected = target.state_dict()
     roots = {key.split(".")[0] for key in expected}
-    state_dict = to_repblocks_layout(read_state_dict(source), roots, keep=expected.keys())
-    state_dict = _fuse_train_form_into_deploy(model, state_dict)
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state_dict if k not in expected]
+    given = read_state_dict(source)
+    state_dict = to_repblocks_layout(given, roots, keep=expected.keys())
+    name = type(target).__name__
+    log.info("loading weights into %s: %s layout%s", name, detect_layout(given), _form(state_dict))
+    state_dict = _drop_classifier_if_headless(state_dict, expected, name)
+    fused = _fuse_train_form_into_deploy(target, state_dict, expected)
+    state_dict = fused.state_dict
+    missing = [
+        k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked") and k not in fused.replaced
+    ] + fused.missing
+    unexpected = [k for k in state_dict if k not in expected] + fused.unexpected
     reshaped = [
         f"{k}: {tuple(state_dict[k].shape)} in the weights, {tuple(expected[k].shape)} in the model"
         for k in expected
         if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    name = type(model).__name__
+    ] + fused.reshaped
     if reshaped or (strict and (missing or unexpected)):
         raise ValueError(f"weights do not fit {name}: " + _describe(missing, unexpected, reshaped))
     if missing or unexpected:
@@ -60,8 +79,38 @@ def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True
     for key in expected:  # older checkpoints lack BN's step counter; it does not affect outputs
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = expected[key]
-    model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    target.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
     return model
+
+
+def _wrapped_module(model: nn.Module) -> nn.Module:
+    """The module whose weights ``model`` holds: wrappers prefix every key (``_orig_mod.``, ``module.``)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _form(state_dict: StateDict) -> str:
+    """Whether re-parameterizable blocks come fused, as branches, or both; empty for other networks."""
+    fused = any(_FUSED.search(key) for key in state_dict)
+    branches = any(_BRANCH.search(key) for key in state_dict)
+    return {(True, False): ", deploy form", (False, True): ", train form", (True, True): ", train and deploy form"}.get(
+        (fused, branches), ""
+    )
+
+
+def _drop_classifier_if_headless(state_dict: StateDict, expected: Mapping[str, Tensor], name: str) -> StateDict:
+    """A backbone takes a classifier's weights: without a head in the model, the checkpoint's head goes."""
+    if any(key.startswith("head.") for key in expected):
+        return state_dict
+    dropped = [key for key in state_dict if key.startswith("head.")]
+    if dropped:
+        log.info("%s has no classifier head: dropping the weights' %s", name, ", ".join(dropped))
+    return {key: value for key, value in state_dict.items() if key not in dropped}
 
 
 def _describe(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:
@@ -81,20 +130,61 @@ def _describe(missing: list[str], unexpected: list[str], reshaped: list[str]) ->
     return "; ".join(parts) + hint
 
 
-def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict) -> StateDict:
-    """Where the model has a fused block and the weights have its branches, fuse them now."""
+@dataclass
+class _Fused:
+    """Train-form weights fused for a deploy-form model, and what did not fit the branches."""
+
+    state_dict: StateDict
+    replaced: set[str] = field(default_factory=set)  # the model's fused keys, given as branches instead
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    reshaped: list[str] = field(default_factory=list)
+
+
+def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expected: Mapping[str, Tensor]) -> _Fused:
+    """Where the model has a fused block and the weights have its branches, fuse them now.
+
+    The branches are checked against the block's train form like any other keys: a missing or an
+    extra branch is reported, never filled with defaults. Fusion runs in float64 from the values
+    given (fp16 weights included) and rounds once, to the dtype of the model's own fused conv.
+    """
+    fused = _Fused(dict(state_dict))
     for name, block in model.named_modules():
         if not isinstance(block, RepBlock) or not block.deploy:
             continue
         prefix = f"{name}." if name else ""
-        branch_keys = [
-            k
-            for k in state_dict
-            if k.startswith(prefix) and re.match(r"(conv_kxk|conv_1x1|identity)\.", k[len(prefix) :])
-        ]
-        if not branch_keys or f"{prefix}reparam.weight" in state_dict:
+        branch_keys = [k for k in fused.state_dict if k.startswith(prefix) and _BRANCH.match(k[len(prefix) :])]
+        if not branch_keys or f"{prefix}reparam.weight" in fused.state_dict:
             continue
-        train_block = RepBlock(
+        given = {k[len(prefix) :]: fused.state_dict.pop(k) for k in branch_keys}
+        fused.replaced |= {f"{prefix}reparam.weight", f"{prefix}reparam.bias"}
+        train_block = _train_form_of(block)
+        wanted = train_block.state_dict()
+        missing = [k for k in wanted if k not in given and not k.endswith("num_batches_tracked")]
+        reshaped = [
+            f"{prefix}{k}: {tuple(v.shape)} in the weights, {tuple(wanted[k].shape)} in the model's train form"
+            for k, v in given.items()
+            if k in wanted and v.shape != wanted[k].shape
+        ]
+        fused.missing += [prefix + k for k in missing]
+        fused.unexpected += [prefix + k for k in given if k not in wanted]
+        fused.reshaped += reshaped
+        if missing or reshaped:
+            continue  # nothing to fuse faithfully; the block keeps its own weights and the keys are reported
+        train_block.load_state_dict({k: v for k, v in given.items() if k in wanted}, strict=False)
+        train_block.switch_to_deploy()
+        for param in ("weight", "bias"):
+            own = expected[f"{prefix}reparam.{param}"]
+            fused.state_dict[f"{prefix}reparam.{param}"] = (
+                getattr(train_block.reparam, param).detach().to(own.device, own.dtype)
+            )
+    return fused
+
+
+def _train_form_of(block: RepBlock) -> RepBlock:
+    """An empty float64 train-form twin of a fused block, on the CPU, to load branches into and fuse."""
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        twin = RepBlock(
             block.in_channels,
             block.out_channels,
             stride=block.stride,
@@ -102,15 +192,8 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict) -> Sta
             kernel_size=block.kernel_size,
             act=None,
         )
-        branches = {k[len(prefix) :]: state_dict.pop(k) for k in branch_keys}
-        try:
-            train_block.load_state_dict(branches, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"weights do not fit block {name!r}: {str(err).splitlines()[-1].strip()}") from None
-        train_block.to(dtype=next(iter(branches.values())).dtype).switch_to_deploy()
-        state_dict[f"{prefix}reparam.weight"] = train_block.reparam.weight.detach()
-        state_dict[f"{prefix}reparam.bias"] = train_block.reparam.bias.detach()
-    return state_dict
+    # Module.to(dtype) leaves BN's integer step counters alone; float64 holds fp16/bf16/fp32 values exactly.
+    return twin.to_empty(device="cpu").to(torch.float64)
 
 
 def save_weights(
@@ -119,10 +202,18 @@ def save_weights(
     """Write a model's (or a state dict's) weights to ``path`` as safetensors, atomically.
 
     The file is written under a temporary name in the same folder and renamed, so a failure
-    never leaves half a file at ``path``.
+    never leaves half a file at ``path``. Tensors that share memory (tied weights) are stored
+    as copies of their own, which safetensors requires.
     """
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    # safetensors refuses tensors that share memory (tied weights): such a tensor is stored as its own copy.
+    storages = set()
+    for key, tensor in tensors.items():
+        storage = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and storage in storages:
+            tensors[key] = tensor.clone()
+        storages.add(storage)
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
     return Path(path)

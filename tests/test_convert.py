@@ -9,6 +9,8 @@ from torch import nn
 import repblocks
 from repblocks.numerics import compare_forms, max_errors, randomize_bn_
 
+from .mmpretrain_layout import MMImageClassifier
+
 
 def _bn_count(model):
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
@@ -173,3 +175,45 @@ def test_compare_forms_counts_agreement_accuracy_and_error():
     assert result["images"] == 5 and result["top1_agreement"] == 1.0
     assert result["train_accuracy"] == result["deploy_accuracy"] and result["max_rel_err"] < 1e-5
     assert compare_forms(model, plain, [], torch.device("cpu")) == {}
+
+
+class _TinyVAE(nn.Module):
+    """A VAE's ``reparameterize(mu, logvar)`` samples; it is no fusion and must not be called by the converter."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.mu = nn.Conv2d(8, 4, 1)
+        self.logvar = nn.Conv2d(8, 4, 1)
+
+    def reparameterize(self, mu, logvar):
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+
+    def forward(self, x):
+        hidden = self.encoder(x)
+        return self.reparameterize(self.mu(hidden), self.logvar(hidden))
+
+
+@torch.no_grad()
+def test_a_vae_reparameterize_is_not_mistaken_for_a_fusion():
+    model = randomize_bn_(nn.Sequential(_TinyVAE())).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    converted = repblocks.switch_to_deploy(model)
+    assert _bn_count(converted) == 0
+    assert max_errors(expected, converted(x))[1] < 1e-6
+
+
+@torch.no_grad()
+def test_mmpretrain_blocks_are_switched_not_asked_for_their_kernel():
+    """mmpretrain's blocks have switch_to_deploy() and a reparameterize() that only returns the fused kernel."""
+    model = randomize_bn_(MMImageClassifier(num_blocks=(2, 2, 2, 1), widths=(0.25,) * 4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    expected = model(x)
+    converted = repblocks.switch_to_deploy(model)
+    assert _bn_count(converted) == 0 and all(
+        hasattr(block, "branch_reparam") and not hasattr(block, "branch_3x3")
+        for block in converted.modules()
+        if hasattr(block, "reparameterize")
+    )
+    assert max_errors(expected, converted(x))[1] < 1e-5

@@ -1,18 +1,25 @@
 """load_weights: layouts of other code bases, wrappers, train-to-deploy on load, and safe reading."""
 
+import argparse
+import logging
 import pickle
+import shlex
+import sys
 from collections import OrderedDict
 
 import pytest
 import timm
 import torch
 from timm.utils.model import reparameterize_model
+from torch import nn
 
 import repblocks
-from repblocks.layouts import convert_layout
+from repblocks.checkpoint import read_safetensors_metadata
+from repblocks.layouts import convert_layout, detect_layout
 from repblocks.numerics import max_errors, randomize_bn_
 
 from .conftest import TINY_MODELS
+from .mmpretrain_layout import MMImageClassifier
 from .official_layout import OfficialRepVGG
 
 X = torch.randn(2, 3, 32, 32)
@@ -99,8 +106,8 @@ def test_our_weights_load_into_timm_and_the_official_code(deploy):
 
 
 def test_unknown_layout_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known layouts: repblocks, official, timm"):
-        convert_layout({}, "mmpretrain")
+    with pytest.raises(ValueError, match="known layouts: repblocks, official, timm, mmpretrain"):
+        convert_layout({}, "caffe")
 
 
 @torch.no_grad()
@@ -262,3 +269,275 @@ def test_models_of_other_layouts_load_their_own_weights_unrenamed():
     assert any(".attn.fc1." in key for key in source.state_dict())
     repblocks.load_weights(target, {f"module.{k}": v for k, v in source.state_dict().items()})
     assert torch.equal(target(X), source(X))
+
+
+# --- mmpretrain's layout -------------------------------------------------------------------------
+
+MM_VARIANTS = {"repvgg_tiny": {}, "repvgg_tiny_g2se": {"group_layer_map": {2: 2, 4: 2, 6: 2}, "use_se": True}}
+
+
+def _mmpretrain(name, deploy=False):
+    return randomize_bn_(MMImageClassifier(**TINY, **MM_VARIANTS[name], deploy=deploy)).eval()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", MM_VARIANTS)
+def test_mmpretrain_layout_train_form_both_ways(name, caplog):
+    mm = _mmpretrain(name)
+    expected = mm(X)
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        ours = repblocks.load_weights(repblocks.create_model(name, num_classes=10), mm.state_dict()).eval()
+    assert "mmpretrain layout, train form" in caplog.text
+    assert torch.equal(ours(X), expected)
+    # Train-form weights fuse on the way into our deploy model, SE included.
+    fused = repblocks.load_weights(repblocks.create_model(name, num_classes=10, deploy=True), mm.state_dict())
+    assert max_errors(expected, fused.eval()(X))[1] < 1e-5
+    # And back: our weights in mmpretrain's layout load strictly into its classifier.
+    back = MMImageClassifier(**TINY, **MM_VARIANTS[name]).eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "mmpretrain"))
+    assert torch.equal(back(X), expected)
+
+
+@torch.no_grad()
+def test_mmpretrain_layout_deploy_form_both_ways():
+    mm = _mmpretrain("repvgg_tiny")
+    expected = mm(X)
+    mm_deploy = repblocks.switch_to_deploy(mm)  # mmpretrain's own fusion (its blocks' switch_to_deploy)
+    assert hasattr(mm_deploy.backbone.stem, "branch_reparam")
+    ours = repblocks.load_weights(
+        repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), mm_deploy.state_dict()
+    ).eval()
+    assert max_errors(expected, ours(X))[1] < 1e-5
+    back = MMImageClassifier(**TINY, deploy=True).eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "mmpretrain"))
+    assert torch.equal(back(X), ours(X))
+
+
+@torch.no_grad()
+def test_mmpretrain_backbone_only_weights_into_a_backbone():
+    """Detection code bases keep mmpretrain's backbone keys without the ``backbone.`` prefix."""
+    mm = _mmpretrain("repvgg_tiny")
+    backbone_only = {k.removeprefix("backbone."): v for k, v in mm.state_dict().items() if k.startswith("backbone.")}
+    ours = repblocks.load_weights(repblocks.create_model("repvgg_tiny", features_only=True), backbone_only).eval()
+    assert torch.equal(ours(X)[-1], mm.backbone(X)[-1])
+
+
+def _layout_samples():
+    timm_se = timm.create_model("repvgg_a0", num_classes=10, attn_layer="se")
+    ours_se = repblocks.create_model("repvgg_tiny_g2se", num_classes=10)
+    return {
+        "official": [OfficialRepVGG(**TINY).state_dict(), OfficialRepVGG(**TINY, deploy=True).state_dict()],
+        "timm": [reparameterize_model(timm.create_model("repvgg_a0")).state_dict(), timm_se.state_dict()],
+        "mmpretrain": [MMImageClassifier(**TINY).state_dict(), MMImageClassifier(**TINY, deploy=True).state_dict()],
+        "repblocks": [ours_se.state_dict(), repblocks.switch_to_deploy(ours_se).state_dict()],
+    }
+
+
+def test_layouts_are_told_apart_in_both_forms_and_behind_wrappers():
+    for layout, samples in _layout_samples().items():
+        for state_dict in samples:
+            assert detect_layout(state_dict) == layout
+            assert detect_layout(f"module.{key}" for key in state_dict) == layout
+
+
+# --- loading into deploy-form models --------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_our_train_form_safetensors_loads_into_a_deploy_model(tmp_path):
+    """The file holds BN's int64 step counters beside the floats; fusion must not take its dtype from them."""
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).eval()
+    path = repblocks.save_weights(source, tmp_path / "train_form.safetensors")
+    deployed = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), path)
+    assert max_errors(source(X), deployed.eval()(X))[1] < 1e-5
+
+
+def _without(state_dict, fragment):
+    return {k: v for k, v in state_dict.items() if fragment not in k}
+
+
+@pytest.mark.parametrize(
+    "edit,named",
+    [
+        (lambda sd: _without(sd, "stages.0.1.conv_1x1."), "stages.0.1.conv_1x1.conv.weight"),  # a whole 1x1 branch
+        (lambda sd: _without(sd, "stages.0.1.identity."), "stages.0.1.identity.running_var"),  # the identity BN
+        (lambda sd: _without(sd, "stem.conv_kxk.bn.running_mean"), "stem.conv_kxk.bn.running_mean"),
+        (lambda sd: {**sd, "stages.0.0.identity.weight": torch.ones(32)}, "stages.0.0.identity.weight"),  # stride 2
+        (lambda sd: {**sd, "stem.conv_kxk.conv.bias": torch.zeros(16)}, "stem.conv_kxk.conv.bias"),
+    ],
+    ids=["missing-1x1-branch", "missing-identity", "missing-bn-stat", "extra-identity", "extra-bias"],
+)
+def test_strict_deploy_load_names_missing_and_extra_branch_weights(edit, named, caplog):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).eval()
+    weights = edit(source.state_dict())
+    with pytest.raises(ValueError, match=rf"weights do not fit RepVGG: .*{named}"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), weights)
+    with caplog.at_level(logging.WARNING, logger="repblocks.weights"):
+        repblocks.load_weights(
+            repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), weights, strict=False
+        )
+    assert named in caplog.text and "reparam" not in caplog.text  # the branches are named, not the fused conv
+
+
+@pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision_weights_fuse_in_float64_and_round_once_to_the_model_dtype(file_dtype, model_dtype):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    weights = {k: v.to(file_dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    reference = repblocks.create_model("repvgg_tiny", num_classes=10).double()
+    reference.load_state_dict(weights)  # the file's values, exactly, in float64
+    reference = repblocks.switch_to_deploy(reference).state_dict()
+    model = repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True).to(model_dtype)
+    loaded = repblocks.load_weights(model, weights).state_dict()
+    fused = [key for key in loaded if "reparam" in key]
+    assert fused and all(loaded[key].dtype == model_dtype for key in fused)
+    assert all(torch.equal(loaded[key], reference[key].to(model_dtype)) for key in fused)
+
+
+# --- wrapped and headless models --------------------------------------------------------------------
+
+
+def test_load_into_a_compiled_model_fills_the_module_it_wraps():
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    compiled = torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10))
+    assert repblocks.load_weights(compiled, source.state_dict()) is compiled
+    assert torch.equal(compiled._orig_mod.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+    # The compiled model's own state dict (keys under ``_orig_mod.``) loads back the same way.
+    again = repblocks.load_weights(
+        torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10)), compiled.state_dict()
+    )
+    assert torch.equal(again._orig_mod.head.fc.weight, source.head.fc.weight)
+
+
+def test_load_into_a_data_parallel_model_fills_the_module_it_wraps():
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    wrapped = nn.DataParallel(repblocks.create_model("repvgg_tiny", num_classes=10))
+    assert repblocks.load_weights(wrapped, source.state_dict()) is wrapped
+    assert torch.equal(wrapped.module.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+
+
+@pytest.mark.parametrize("kwargs", [{"features_only": True}, {"num_classes": 0}])
+@pytest.mark.parametrize("layout", ["repblocks", "official"])
+@torch.no_grad()
+def test_a_model_without_a_head_takes_classifier_weights_and_says_it_dropped_them(kwargs, layout, caplog):
+    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).eval()
+    weights = convert_layout(source.state_dict(), layout)
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        backbone = repblocks.load_weights(repblocks.create_model("repvgg_tiny", **kwargs), weights, strict=True)
+    assert "no classifier head: dropping the weights' head.fc.weight, head.fc.bias" in caplog.text
+    expected = source.forward_features(X)
+    if kwargs.get("features_only"):
+        assert torch.equal(backbone.eval()(X)[-1], expected)
+    else:
+        assert torch.equal(backbone.eval()(X), source.forward_head(expected, pre_logits=True))
+
+
+# --- reading files ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_yacs(tmp_path, monkeypatch):
+    """An importable ``yacs.config.CfgNode`` whose import or unpickling leaves a mark; gone after the test."""
+    marker = tmp_path / "payload_ran"
+    package = tmp_path / "fake_site" / "yacs"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text(
+        f"import pathlib\nMARK = pathlib.Path({str(marker)!r})\nMARK.touch()\n"
+        "class CfgNode(dict):\n    def __setstate__(self, state):\n        MARK.touch()\n"
+    )
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield marker
+    for name in ("yacs.config", "yacs"):
+        sys.modules.pop(name, None)
+
+
+def test_official_training_checkpoint_is_refused_with_a_way_to_extract_its_weights(tmp_path, fake_yacs):
+    """The official training script pickles its yacs config beside the weights: refused, never run, explained."""
+    from yacs.config import CfgNode  # the fake one
+
+    config = CfgNode(MODEL=CfgNode(ARCH="RepVGG-A0"))
+    config.frozen = True  # instance state, so unpickling would call __setstate__
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    path = tmp_path / "ckpt_epoch_3.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3, "config": config}, path)
+    for name in ("yacs.config", "yacs"):
+        del sys.modules[name]
+    fake_yacs.unlink()
+
+    with pytest.raises(ValueError) as refusal:
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    message = str(refusal.value)
+    assert "\n" not in message and "official RepVGG training script" in message and "yacs.config.CfgNode" in message
+    assert not fake_yacs.exists()  # nothing was imported or rebuilt
+    # Where the user trusts the file, the suggested command extracts the weights, which then load.
+    command = shlex.split(message.split("installed: ", 1)[1].split(" then load ", 1)[0])
+    assert command[:2] == ["python", "-c"]
+    exec(command[2], {})  # as on the user's trusted machine, where yacs is importable
+    extracted = tmp_path / "ckpt_epoch_3_model.pth"
+    assert message.endswith(f"then load {extracted}")
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), extracted)
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+
+
+def test_a_folder_is_not_called_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is a folder, not a weights file"):
+        repblocks.read_state_dict(tmp_path)
+
+
+def test_safetensors_metadata_is_read_back(tmp_path):
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    with_metadata = repblocks.save_weights(model, tmp_path / "a.safetensors", metadata={"model": "repvgg_tiny"})
+    assert read_safetensors_metadata(with_metadata) == {"model": "repvgg_tiny"}
+    assert read_safetensors_metadata(repblocks.save_weights(model, tmp_path / "b.safetensors")) == {}
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(with_metadata.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot read .*truncated.safetensors: not a valid safetensors file") as err:
+        read_safetensors_metadata(truncated)
+    assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        read_safetensors_metadata(tmp_path / "missing.safetensors")
+
+
+def test_timm_training_checkpoint_with_its_argparse_arguments_loads(tmp_path):
+    """timm's train.py pickles its argparse.Namespace beside the weights; timm itself reads it with weights_only."""
+    from timm.utils import CheckpointSaver
+
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(model="repvgg_tiny", lr=0.1)
+    CheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path)).save_checkpoint(0, metric=0.5)
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), tmp_path / "last.pth.tar")
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+    assert repblocks.read_checkpoint(tmp_path / "last.pth.tar")["args"].model == "repvgg_tiny"
+
+
+def test_safetensors_file_under_another_suffix_is_read_as_safetensors(tmp_path):
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
+    path = repblocks.save_weights(model, tmp_path / "weights.pth")
+    loaded = repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10), path)
+    assert torch.equal(loaded.stem.conv_kxk.bn.running_var, model.stem.conv_kxk.bn.running_var)
+
+
+def test_empty_file_and_keys_that_are_not_names(tmp_path):
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="the file is empty"):
+        repblocks.read_state_dict(empty)
+    with pytest.raises(ValueError, match=r"keys that are not parameter names \(0, 1\)"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny"), {0: torch.zeros(1), 1: torch.zeros(1)})
+
+
+@torch.no_grad()
+def test_tied_weights_are_saved_and_load_back(tmp_path):
+    def tied():
+        model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    source = tied()
+    path = repblocks.save_weights(source, tmp_path / "tied.safetensors")
+    loaded = repblocks.load_weights(tied(), path)
+    assert torch.equal(loaded[1].weight, source[0].weight) and loaded[1].weight is loaded[0].weight
