@@ -30,8 +30,13 @@ def _trained_model(seed: int = 0) -> torch.nn.Module:
     return randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=seed).eval()
 
 
-def _checkpoint(path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None) -> Path:
-    """A checkpoint in train.py's format: a Lightning checkpoint whose hyper-parameters say how to rebuild the model."""
+def _checkpoint(
+    path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None, **extra
+) -> Path:
+    """A checkpoint in train.py's format: a Lightning checkpoint whose hyper-parameters say how to rebuild the model.
+
+    ``extra`` hyper-parameters are added to the usual ones.
+    """
     state = {prefix + key: value for key, value in model.state_dict().items()}
     state["loss.weight"] = torch.ones(10)  # the LightningModule holds more than the network
     hyper_parameters = dict(
@@ -42,6 +47,7 @@ def _checkpoint(path: Path, model: torch.nn.Module, *, prefix: str = "model.", d
         model_kwargs={"drop_rate": 0.0},
         weights_prefix=prefix,
         data=data,
+        **extra,
     )
     checkpoint = {
         "state_dict": state,

@@ -64,7 +64,7 @@ def resolve(*, in_chans: int, found: list[tuple[str, Mapping | None]], what: str
         UserError: A saved value is malformed (a file is untrusted input).
     """
     values, sources = {}, {}
-    for where, mapping in [*found, ("ImageNet defaults (nothing names its own)", DEFAULTS)]:
+    for where, mapping in [*found, ("ImageNet defaults (nothing names its own)", _defaults(in_chans))]:
         for key in KEYS:
             if key not in values and mapping is not None and mapping.get(key) is not None:
                 values[key], sources[key] = mapping[key], where
@@ -136,6 +136,14 @@ def from_metadata(metadata: Mapping[str, str]) -> dict | None:
             except json.JSONDecodeError:
                 raise UserError(f"malformed metadata {key}={metadata[key]!r}: not a JSON value") from None
     return found or None
+
+
+def _defaults(in_chans: int) -> dict:
+    if in_chans == len(IMAGENET_MEAN):
+        return DEFAULTS
+    # Another channel count (grey digits, say): ImageNet's statistics averaged over its channels, as timm does.
+    mean, std = sum(IMAGENET_MEAN) / len(IMAGENET_MEAN), sum(IMAGENET_STD) / len(IMAGENET_STD)
+    return {**DEFAULTS, "mean": [mean] * in_chans, "std": [std] * in_chans}
 
 
 def _input_size(value: object, in_chans: int) -> list[int]:
