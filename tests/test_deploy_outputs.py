@@ -133,3 +133,13 @@ def test_the_device_is_checked_before_loading(tmp_path, never_load):
     with pytest.raises(UserError, match="no CUDA device is available"):
         run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=dict(NO_BENCH, device="cuda")))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, monkeypatch):
+    monkeypatch.setattr("repblocks.deploy.runtime.total_memory", lambda device: 2**30)
+    bench = dict(NO_BENCH, batch_sizes=[1, 512], image_size=512)  # 512 x 3 x 512 x 512 x 4 bytes: 1.5 GiB
+    with pytest.raises(
+        UserError, match=r"a batch of 512 images of 3x512x512 is 1.5 GiB .* than the 1.0 GiB of cpu memory"
+    ):
+        run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=bench))
+    assert list(tmp_path.iterdir()) == []

@@ -38,7 +38,7 @@ from repblocks.deploy.export import export_all
 from repblocks.deploy.outputs import check_out_dir, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
-from repblocks.deploy.runtime import resolve_device, threads
+from repblocks.deploy.runtime import check_memory, resolve_device, threads
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
 from repblocks.deploy.speed import time_forms, time_models
 from repblocks.deploy.verify import check_inputs, not_compared, verify
@@ -63,7 +63,10 @@ def run_deploy(config: DeployConfig) -> dict:
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
         )
+        # The two input sizes of the run, the timed one and the model's own: each must fit and go through the model.
         timed_shape = _timed_shape(network, bench)
+        check_memory(batch_sizes=[*bench.batch_sizes, config.verify.batch_size], image_shape=timed_shape, device=device)
+        check_memory(batch_sizes=[config.verify.batch_size], image_shape=network.input_shape, device=device)
         check_inputs(network, [timed_shape, network.input_shape], setting="bench.image_size")
 
         conversion = convert(network)
@@ -106,6 +109,7 @@ def run_speed_table(config: DeployConfig) -> dict:
     bench = config.bench.for_device(device.type, batch_sizes=(128,) if device.type == "cuda" else (8,))
     image_size = bench.image_size or DEFAULT_IMAGE_SIZE
     image_shape = (3, image_size, image_size)
+    check_memory(batch_sizes=bench.batch_sizes, image_shape=image_shape, device=device)
     with threads(bench.threads):
         models = {}
         for name in config.models:

@@ -154,7 +154,10 @@ def console_tables(report: dict) -> list[Table]:
         )
     tables = [checks]
     if report["benchmark"]:
-        bench = Table(title="Train vs deploy form (ratios: throughput over the train form's)", caption=_fastest(report))
+        title = "Train vs deploy form (ratios: throughput over the train form's)"
+        if report["already_deployed"]:
+            title = "Deploy form (loaded in deploy form: no train form to time)"
+        bench = Table(title=title, caption=_fastest(report))
         for column in _BENCH_COLUMNS:
             bench.add_column(column, justify="left" if column in _BENCH_COLUMNS[:3] else "right")
         for row in report["benchmark"]:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+import os
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from repblocks.errors import UserError
 
-__all__ = ["cudnn_benchmark", "describe_device", "environment", "resolve_device", "threads"]
+__all__ = [
+    "check_memory",
+    "cudnn_benchmark",
+    "describe_device",
+    "environment",
+    "resolve_device",
+    "threads",
+    "total_memory",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,6 +36,34 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"bench.device={name}: this machine has cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return torch.device(name)
     raise UserError(f"unknown bench.device {name!r}; known: auto, cpu, cuda, cuda:N")
+
+
+def check_memory(*, batch_sizes: Sequence[int], image_shape: tuple[int, int, int], device: torch.device) -> None:
+    """Refuse, in one line, a float32 input batch that alone would not fit in ``device``'s memory.
+
+    The activations need more still: this is a floor that catches a typo, not a promise that a run fits.
+
+    Raises:
+        UserError: The largest batch of ``image_shape`` images is larger than the memory.
+    """
+    largest = max(batch_sizes, default=0)
+    need, have = largest * math.prod(image_shape) * 4, total_memory(device)
+    if have and need > have:
+        raise UserError(
+            f"a batch of {largest} images of {'x'.join(map(str, image_shape))} is {need / 2**30:.1f} GiB in float32 "
+            f"alone, more than the {have / 2**30:.1f} GiB of {device.type} memory here: lower bench.batch_sizes, "
+            "verify.batch_size or bench.image_size"
+        )
+
+
+def total_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (the machine's RAM for the CPU); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
 
 
 @contextlib.contextmanager
