@@ -139,6 +139,7 @@ def test_torchvision_models_take_the_preprocessing_of_their_weights(tmp_path):
         ({"model_kwargs": "[1]"}, {}, r"malformed deploy metadata \(TypeError: model_kwargs is a list"),
         ({"model_kwargs": '{"colour": 1}'}, {}, r"cannot build repvgg_tiny with .*'colour': 1.*argument 'colour'"),
         ({"mean": "[0.5"}, {}, r"malformed metadata mean='\[0.5': not a JSON value"),
+        ({"in_chans": "0"}, {}, r"malformed deploy metadata \(ValueError: num_classes 10 and in_chans 0 must be"),
         (
             {},
             {"model": "repvgg_tiny_g2se"},
@@ -163,3 +164,12 @@ def test_data_named_by_a_checkpoint_is_never_downloaded(tmp_path):
     real = run_deploy(_config(tmp_path / "out", ckpt=str(ckpt), formats=[]))["verify"]["real_images"]
     assert real.startswith("skipped (data.root: CIFAR-10") and real.endswith("is never downloaded)")
     assert not root.exists()  # nothing fetched, nothing created
+
+
+def test_a_checkpoint_whose_model_kwargs_do_not_fit_is_one_line(tmp_path):
+    ckpt = _checkpoint(tmp_path / "last.ckpt", _trained_model())
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["model_kwargs"] = {"colour": 1}
+    torch.save(checkpoint, ckpt)
+    with pytest.raises(UserError, match=r"cannot build repvgg_tiny with model_kwargs \{'colour': 1\}: .*'colour'"):
+        run_deploy(_config(tmp_path / "out", ckpt=str(ckpt), formats=[]))

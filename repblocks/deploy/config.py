@@ -9,6 +9,7 @@ its range and known names are data, in the field's ``metadata``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -28,8 +29,9 @@ MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 4096
 
 
-def _at_least(low: int | float, **extra) -> dict:
-    return {"min": low, **extra}
+def _range(low: float, high: float | None = None, *, why_high=None) -> dict:
+    """Field metadata: the lowest and highest value, and a function saying why above ``high`` is refused."""
+    return {"min": low, "max": high, "why_max": why_high}
 
 
 def _image_size_limit(size: int) -> str:
@@ -58,10 +60,10 @@ class VerifyConfig(_Checked):
     """How the deploy form is checked against the train form."""
 
     prefix: ClassVar[str] = "verify."
-    atol: float = field(default=1e-4, metadata=_at_least(0))  # max absolute error of the logits ...
-    rtol: float = field(default=1e-4, metadata=_at_least(0))  # ... or relative to the largest logit; fp32 gives ~1e-6
-    batch_size: int = field(default=8, metadata=_at_least(1, max=MAX_BATCH_SIZE))  # random images per check
-    real_batches: int = field(default=4, metadata=_at_least(0))  # validation batches when the data is there; 0: none
+    atol: float = field(default=1e-4, metadata=_range(0))  # max absolute error of the logits ...
+    rtol: float = field(default=1e-4, metadata=_range(0))  # ... or relative to the largest logit; fp32 gives ~1e-6
+    batch_size: int = field(default=8, metadata=_range(1, MAX_BATCH_SIZE))  # random images per check
+    real_batches: int = field(default=4, metadata=_range(0))  # validation batches when the data is there; 0: none
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,11 @@ class ExportConfig(_Checked):
 
     prefix: ClassVar[str] = "export."
     # Any of repblocks.deploy.export.EXPORT_FORMATS; () exports nothing.
-    formats: tuple[str, ...] = field(default=EXPORT_FORMATS, metadata={"known": EXPORT_FORMATS, "what": "format"})
+    formats: tuple[str, ...] = field(
+        default=EXPORT_FORMATS, metadata={"known": EXPORT_FORMATS, "what": "export format"}
+    )
     # None: the exporter's default. Below 18 the torch.export-based exporter would silently write 18.
-    onnx_opset: int | None = field(default=None, metadata=_at_least(MIN_ONNX_OPSET, max=onnx.defs.onnx_opset_version()))
+    onnx_opset: int | None = field(default=None, metadata=_range(MIN_ONNX_OPSET, onnx.defs.onnx_opset_version()))
 
 
 @dataclass(frozen=True)
@@ -82,15 +86,15 @@ class BenchConfig(_Checked):
     prefix: ClassVar[str] = "bench."
     device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
     # CPU (1, 16), CUDA (1, 32, 128); () times nothing.
-    batch_sizes: tuple[int, ...] | None = field(default=None, metadata=_at_least(1, max=MAX_BATCH_SIZE))
+    batch_sizes: tuple[int, ...] | None = field(default=None, metadata=_range(1, MAX_BATCH_SIZE))
     # The timed input's side; None: the model's own input size. Exports always take the model's own.
-    image_size: int | None = field(default=None, metadata=_at_least(1, max=MAX_IMAGE_SIZE, why_max=_image_size_limit))
+    image_size: int | None = field(default=None, metadata=_range(1, MAX_IMAGE_SIZE, why_high=_image_size_limit))
     dtypes: tuple[str, ...] | None = field(default=None, metadata={"known": tuple(DTYPES), "what": "dtype"})
     # eager, channels_last, onnxruntime by default; compile is opt-in (minutes to build on a small CPU).
     backends: tuple[str, ...] | None = field(default=None, metadata={"known": BACKENDS, "what": "backend"})
-    rounds: int = field(default=20, metadata=_at_least(1))  # timed calls per runner, interleaved
-    warmup: int = field(default=2, metadata=_at_least(0))  # untimed calls per runner first
-    threads: int | None = field(default=None, metadata=_at_least(1))  # torch and onnxruntime intra-op threads
+    rounds: int = field(default=20, metadata=_range(1))  # timed calls per runner, interleaved
+    warmup: int = field(default=2, metadata=_range(0))  # untimed calls per runner first
+    threads: int | None = field(default=None, metadata=_range(1))  # torch and onnxruntime intra-op threads
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels, as deployments do
     tf32: bool = True  # fp32 convs in TF32 on Ampere+ GPUs (PyTorch's default); false: full fp32, as on a 1080Ti
 
@@ -110,13 +114,12 @@ class DeployConfig(_Checked):
     """One deploy run. Exactly one of ``ckpt``, ``model``, ``source`` or ``models`` says what to load
     (``ckpt`` with ``model`` when the file holds bare weights)."""
 
-    ckpt: str | None = (
-        None  # train.py checkpoint or run folder, deploy.py's model.safetensors, or weights of any layout
-    )
+    # A train.py checkpoint or run folder, deploy.py's model.safetensors, or weights of any layout and form.
+    ckpt: str | None = None
     model: str | None = None  # registry name: random weights, or the architecture of a bare weights file
     source: str | None = None  # "torchvision:NAME": a torchvision classifier, Conv+BN folded
     models: tuple[str, ...] | None = None  # many models timed side by side (registry or torchvision: names)
-    num_classes: int | None = field(default=None, metadata=_at_least(1))  # None: from the weights, else 1000
+    num_classes: int | None = field(default=None, metadata=_range(1))  # None: from the weights, else 1000
     out_dir: str = "deploy_out"  # replaced whole at the end of a run; never left half-written
     seed: int = 0  # random BN statistics and inputs
     verify: VerifyConfig = field(default_factory=VerifyConfig)
@@ -162,12 +165,13 @@ def _check(name: str, value: object, hint: object, limits: Mapping) -> None:
 
 
 def _check_range(name: str, value: int | float, limits: Mapping) -> None:
-    low, high = limits.get("min"), limits.get("max")
+    low, high, why_high = limits.get("min"), limits.get("max"), limits.get("why_max")
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
     if low is not None and value < low:
         raise UserError(f"{name} must be at least {low}, got {value}")
     if high is not None and value > high:
-        why = limits["why_max"](value) if "why_max" in limits else ""
-        raise UserError(f"{name} must be at most {high}, got {value}" + (f": {why}" if why else ""))
+        raise UserError(f"{name} must be at most {high}, got {value}" + (f": {why_high(value)}" if why_high else ""))
 
 
 def _check_known(what: str, value: str, known: tuple[str, ...]) -> None:

@@ -135,7 +135,15 @@ def _build(name: str, *, deploy: bool = False, **kwargs) -> nn.Module:
         raise UserError(f"cannot build {name} with {kwargs}: {err}") from None
 
 
-def _registry_network(name: str, model: nn.Module, *, origin: str, found=(), form: str = "train", **extra) -> Network:
+def _registry_network(
+    name: str,
+    model: nn.Module,
+    *,
+    origin: str,
+    found: Sequence[tuple[str, Mapping | None]] = (),
+    form: str = "train",
+    **extra,
+) -> Network:
     kwargs = dict(extra.pop("model_kwargs", {}))
     num_classes, in_chans = model.num_classes, extra.pop("in_chans", 3)
 
@@ -192,6 +200,8 @@ def _deployed_network(path: Path, metadata: Mapping[str, str], model: str | None
         kwargs = json.loads(metadata.get("model_kwargs", "{}"))
         if not isinstance(kwargs, dict):
             raise TypeError(f"model_kwargs is a {type(kwargs).__name__}, not a mapping")
+        if saved_classes < 1 or in_chans < 1:
+            raise ValueError(f"num_classes {saved_classes} and in_chans {in_chans} must be at least 1")
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"{path}: malformed deploy metadata ({type(err).__name__}: {err})") from None
     if num_classes is not None and num_classes != saved_classes:
@@ -212,9 +222,15 @@ def _run_network(run: RunCheckpoint, model: str | None) -> Network:
         raise UserError(f"{run.path} holds a {run.model_name}, but model={model} was given; leave model unset")
     if run.model_name.startswith(TORCHVISION):
         raise UserError(f"{run.path} names {run.model_name}: pass it as source={run.model_name}")
+    try:
+        model = build_run_model(run)
+    except TypeError as err:  # model_kwargs the constructor does not take
+        raise UserError(
+            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
+        ) from None
     return _registry_network(
         run.model_name,
-        build_run_model(run),
+        model,
         origin=f"train.py checkpoint {run.path} (weights under {run.weights_prefix!r})",
         found=[
             ("the checkpoint's preprocessing", run.preprocessing),
