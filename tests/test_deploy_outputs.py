@@ -101,6 +101,15 @@ def test_a_previous_deploy_output_is_replaced_whole(tmp_path):
     assert '"model": "repvgg_tiny_g2se"' in (out / "config.json").read_text()
 
 
+def test_an_output_of_an_older_deploy_with_hydras_files_is_replaced_too(tmp_path):
+    out = tmp_path / "out"
+    (out / ".hydra").mkdir(parents=True)
+    for name in (".hydra/config.yaml", "deploy.log", "report.json", "model.onnx", ".model.onnx.x1y2.tmp"):
+        (out / name).write_text("from an older run")
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert _listing(tmp_path) == ["out", "out/config.json", "out/report.json", "out/report.md"]
+
+
 def test_missing_parents_of_out_dir_are_made_and_removed_again_on_failure(tmp_path, monkeypatch):
     def failing_export(*_, **__):
         raise UserError("the export failed")
