@@ -1,7 +1,8 @@
 """Load a trained network, convert it to its plain deploy form, verify, export and benchmark it.
 
     python deploy.py ckpt=outputs/.../last.ckpt          # a train.py checkpoint
-    python deploy.py ckpt=a0.pth model=repvgg_a0          # a weights file in any layout
+    python deploy.py ckpt=outputs/deploy/.../model.safetensors  # deploy.py's own export: already in deploy form
+    python deploy.py ckpt=a0.pth model=repvgg_a0          # a weights file in any layout, train or deploy form
     python deploy.py model=repvgg_a0 bench.image_size=224 # random weights: time an architecture
     python deploy.py source=torchvision:resnet50          # fold Conv+BN in a torchvision model
     python deploy.py +experiment=paper_speed              # the RepVGG paper's speed table
@@ -9,9 +10,12 @@
 Settings: configs/deploy/deploy.yaml. Deploy has a config root of its own so that train.py's
 config group ``model`` (configs/model/) does not capture the plain key ``model=NAME``.
 ``repblocks.deploy.run_deploy`` does the work; this script turns the Hydra config into plain data,
-prints the report, and turns bad input into one line on stderr and exit status 1.
+prints the report, and turns bad input into one line on stderr and exit status 1 (Ctrl-C and
+SIGTERM: one line and status 130). A run writes its outputs whole at the end or not at all; the
+run folder Hydra makes before the run starts is removed again when nothing was written into it.
 """
 
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -20,19 +24,29 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
+from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values, sigterm_as_interrupt
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.report import console_tables, speed_console_table
+from repblocks.files import check_writable_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
+RUN_DIR = "hydra.run.dir"
+# The run folder and its parents that are missing before Hydra makes them, deepest first (set before
+# main runs): only those are removed again, when the run leaves nothing in them.
+made_for_the_run: list[Path] = []
 
 
 @hydra.main(config_path="configs/deploy", config_name="deploy", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Library warnings (torch, onnx) go to the log, so that stderr carries only what went wrong.
     logging.captureWarnings(True)
-    with exit_on_user_error():
-        report = run_deploy(DeployConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
+    try:
+        with exit_on_user_error():
+            report = run_deploy(DeployConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
+    finally:
+        for folder in made_for_the_run:
+            with contextlib.suppress(OSError):  # not empty: it holds the outputs (out_dir is the run folder)
+                folder.rmdir()  # only ever removes an empty folder
     console = Console(width=None if sys.stdout.isatty() else 120)  # rich assumes 80 columns in a pipe or log
     if "rows" in report:
         console.print(speed_console_table(report))
@@ -43,8 +57,33 @@ def main(cfg: DictConfig) -> None:
         console.print(f"{name}: {path}")
 
 
+def pin_run_dir(overrides: list[str]) -> tuple[list[str], Path]:
+    """Resolve the run folder once (``${now:...}`` included), check it can be made, and hand Hydra that one.
+
+    Hydra makes the run folder before ``main`` runs, and fails with a traceback where it cannot.
+
+    Raises:
+        ValueError: The run folder cannot be made or written.
+    """
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        run_dir = Path(compose("deploy", overrides=overrides, return_hydra_config=True).hydra.run.dir)
+    try:
+        check_writable_dir(run_dir, f"the run folder ({RUN_DIR})")
+    except PermissionError as err:  # a parent this user cannot enter
+        raise ValueError(f"the run folder ({RUN_DIR}) {run_dir} cannot be reached: {err.strerror}") from None
+    kept = [arg for arg in overrides if arg.partition("=")[0].lstrip("+~") != RUN_DIR]
+    return [*kept, f"{RUN_DIR}={run_dir}"], run_dir
+
+
 if __name__ == "__main__":
-    sys.argv[1:] = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
-    with exit_on_user_error():
-        check_overrides(sys.argv[1:], CONFIG_DIR, "deploy")
-    main()
+    # SIGTERM (a scheduler, `kill`, `timeout`) is handled as Ctrl-C: temporary files are removed on the way out.
+    with sigterm_as_interrupt(), exit_on_user_error():
+        overrides = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
+        check_overrides(overrides, CONFIG_DIR, "deploy")
+        if not any(arg.startswith("-") for arg in overrides):  # flags (--cfg job, --multirun) are Hydra's own
+            overrides, run_dir = pin_run_dir(overrides)
+            made_for_the_run = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]
+        sys.argv[1:] = quote_path_values(overrides)
+        main()

@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import onnxruntime
@@ -16,6 +17,7 @@ from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.speed import applicable
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors, randomize_bn_
+from tests.helpers import open_to_everyone, read_only_dir, unprivileged
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = torch.randn(3, 3, 32, 32)  # (B, C, H, W)
@@ -28,8 +30,13 @@ def _trained_model(seed: int = 0) -> torch.nn.Module:
     return randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=seed).eval()
 
 
-def _checkpoint(path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None) -> Path:
-    """A checkpoint in train.py's format: a Lightning checkpoint whose hyper-parameters say how to rebuild the model."""
+def _checkpoint(
+    path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None, **extra
+) -> Path:
+    """A checkpoint in train.py's format: a Lightning checkpoint whose hyper-parameters say how to rebuild the model.
+
+    ``extra`` hyper-parameters are added to the usual ones.
+    """
     state = {prefix + key: value for key, value in model.state_dict().items()}
     state["loss.weight"] = torch.ones(10)  # the LightningModule holds more than the network
     hyper_parameters = dict(
@@ -40,6 +47,7 @@ def _checkpoint(path: Path, model: torch.nn.Module, *, prefix: str = "model.", d
         model_kwargs={"drop_rate": 0.0},
         weights_prefix=prefix,
         data=data,
+        **extra,
     )
     checkpoint = {
         "state_dict": state,
@@ -133,7 +141,12 @@ def test_random_weights_of_a_named_model_and_no_exports(tmp_path):
     bench = dict(FAST_BENCH, backends=["eager"])
     report = run_deploy(_config(tmp_path, model="repvgg_tiny_g2se", export={"formats": []}, bench=bench))
     assert report["exports"] == {} and report["max_rel_err"] < 1e-5 and len(report["benchmark"]) == 4
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.json", "report.md", "throughput.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "report.json",
+        "report.md",
+        "throughput.png",
+    ]
 
 
 def test_combinations_that_do_not_apply_are_skipped_with_the_reason(tmp_path):
@@ -171,7 +184,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
             plain.head.fc.bias += 1.0
         return plain
 
-    monkeypatch.setattr("repblocks.deploy.pipeline.switch_to_deploy", broken_switch_to_deploy)
+    monkeypatch.setattr("repblocks.deploy.convert.switch_to_deploy", broken_switch_to_deploy)
     with pytest.raises(UserError, match=r"differs from the train form.*tolerance verify.atol=0.0001.*nothing was"):
         run_deploy(_config(tmp_path, model="repvgg_tiny"))
     assert not (tmp_path / "out").exists()
@@ -230,7 +243,7 @@ def test_cuda_in_every_dtype(tmp_path):
     assert {row["dtype"] for row in report["benchmark"]} == {"fp32", "fp16", "bf16"}
 
 
-# deploy.py itself, on bad input: one line on stderr, exit status 1, nothing in out_dir.
+# deploy.py itself, on bad input: one line on stderr, exit status 1, out_dir as it was, and no run folder left.
 # All runs start at once (each is mostly torch's import time) and are checked one test each.
 
 
@@ -255,48 +268,95 @@ BAD_INPUTS = [
     "unknown source",
     "unknown format",
     "cuda without a GPU",
+    "image size not a number",
+    "out_dir is a file",
+    "out_dir holds other files",
+    "read-only out_dir",
+    "vit at another image size",
 ]
+UNPRIVILEGED = {"read-only out_dir"}  # run as user nobody, for whom the folder's mode applies
 
 
-def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], str]]:
-    """name: (overrides, what stderr must say)."""
+def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """name: (overrides, what stderr must say). out_dir is folder/<name with underscores>, set up here when needed."""
     good = folder / "good.pth"
     torch.save(_trained_model().state_dict(), good)
     (folder / "junk.ckpt").write_text("not a checkpoint")
     (folder / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with open(folder / "evil.ckpt", "wb") as handle:
         pickle.dump({"state_dict": _Payload(folder / "pwned")}, handle)
+    (folder / "out_dir_is_a_file").write_text("a file of the user's")
+    (folder / "out_dir_holds_other_files").mkdir()
+    (folder / "out_dir_holds_other_files" / "notes.txt").write_text("the user's notes")
+    read_only_dir(folder / "read-only_out_dir")
+    tiny = ["model=repvgg_tiny"]
     return {
-        "missing file": ([f"ckpt={folder / 'nope.ckpt'}"], "weights file not found"),
-        "not a checkpoint": ([f"ckpt={folder / 'junk.ckpt'}"], "not a PyTorch checkpoint"),
-        "truncated": ([f"ckpt={folder / 'truncated.ckpt'}", "model=repvgg_tiny"], "truncated/corrupted"),
-        "code in the pickle": ([f"ckpt={folder / 'evil.ckpt'}"], "refusing to load"),
-        "weights of another model": ([f"ckpt={good}", "model=repvgg_tiny_g2se"], "missing keys (stem.se."),
-        "bare weights without a model": ([f"ckpt={good}"], "name its architecture: model=NAME"),
-        "unknown model": (["model=repvgg_z9"], "registered models: repvgg_a0"),
-        "unknown source": (["source=torchvision:nope"], "known: alexnet"),
-        "unknown format": (["model=repvgg_tiny", "export.formats=[tflite]"], "known: safetensors, onnx"),
-        "cuda without a GPU": (["model=repvgg_tiny", "bench.device=cuda"], "no CUDA device is available"),
+        "missing file": ([f"ckpt={folder / 'nope.ckpt'}"], ("weights file not found",)),
+        "not a checkpoint": ([f"ckpt={folder / 'junk.ckpt'}"], ("not a PyTorch checkpoint",)),
+        "truncated": ([f"ckpt={folder / 'truncated.ckpt'}", "model=repvgg_tiny"], ("truncated/corrupted",)),
+        "code in the pickle": ([f"ckpt={folder / 'evil.ckpt'}"], ("refusing to load",)),
+        "weights of another model": ([f"ckpt={good}", "model=repvgg_tiny_g2se"], ("missing keys (stem.se.",)),
+        "bare weights without a model": ([f"ckpt={good}"], ("name its architecture: model=NAME",)),
+        "unknown model": (["model=repvgg_z9"], ("registered models: repvgg_a0",)),
+        "unknown source": (["source=torchvision:nope"], ("known: alexnet",)),
+        "unknown format": ([*tiny, "export.formats=[tflite]"], ("known: safetensors, onnx",)),
+        "cuda without a GPU": ([*tiny, "bench.device=cuda"], ("no CUDA device is available",)),
+        "image size not a number": ([*tiny, "bench.image_size=abc"], ("bench.image_size must be an integer",)),
+        "out_dir is a file": (tiny, ("is a file; give a folder",)),
+        "out_dir holds other files": (tiny, ("not empty and not a deploy output (it holds notes.txt)",)),
+        "read-only out_dir": (tiny, ("read-only_out_dir is not writable",)),
+        "vit at another image size": (
+            ["source=torchvision:vit_b_16", "bench.image_size=32", "bench.device=cpu"],
+            ("torchvision:vit_b_16 does not take 3x32x32 inputs", "it takes 3x224x224"),
+        ),
     }
 
 
+def _snapshot(path: Path) -> object:
+    """What is at ``path``: None, a file's bytes, or a folder's names and contents."""
+    if path.is_file():
+        return path.read_bytes()
+    if path.is_dir():
+        return {child.name: _snapshot(child) for child in sorted(path.iterdir())}
+    return None
+
+
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bad")
+def bad_runs():
+    # Not under pytest's own temporary folder: every pytest run on the machine makes that owner-only
+    # again, and the unprivileged run must reach its out_dir.
+    with tempfile.TemporaryDirectory(prefix="repblocks-bad-deploys-") as tmp:
+        yield _run_bad_inputs(open_to_everyone(Path(tmp)))
+
+
+def _run_bad_inputs(folder: Path) -> tuple[Path, dict]:
+    for shared in ("hydra", "home"):  # run folders, and user nobody's HOME (matplotlib's cache)
+        (folder / shared).mkdir()
+        (folder / shared).chmod(0o777)
     # ROOT first, and whatever PYTHONPATH already holds after it (a machine may keep packages there).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     runs = {}
     for name, (overrides, expected) in _bad_inputs(folder).items():
-        out_dir = folder / name.replace(" ", "_")
-        command = [sys.executable, str(ROOT / "deploy.py"), *overrides, f"out_dir={out_dir}"]
-        command.append(f"hydra.run.dir={folder / 'hydra' / name.replace(' ', '_')}")
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        runs[name] = (process, expected, out_dir)
+        out_dir, run_dir = folder / name.replace(" ", "_"), folder / "hydra" / name.replace(" ", "_")
+        command = [
+            sys.executable,
+            str(ROOT / "deploy.py"),
+            *overrides,
+            f"out_dir={out_dir}",
+            f"hydra.run.dir={run_dir}",
+        ]
+        if name in UNPRIVILEGED:
+            command, run_env = unprivileged(command), dict(env, HOME=str(folder / "home"))
+        else:
+            run_env = env
+        before = _snapshot(out_dir)
+        process = subprocess.Popen(command, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs[name] = (process, expected, out_dir, before, run_dir)
     assert list(runs) == BAD_INPUTS
     results = {}
-    for name, (process, expected, out_dir) in runs.items():
+    for name, (process, expected, out_dir, before, run_dir) in runs.items():
         _, stderr = process.communicate(timeout=300)
-        results[name] = (process.returncode, stderr, expected, out_dir)
+        results[name] = (process.returncode, stderr, expected, out_dir, before, run_dir)
     return folder, results
 
 
@@ -305,8 +365,11 @@ def test_deploy_py_bad_input_is_one_line_and_exit_1(bad_runs, name):
     if name == "cuda without a GPU" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     folder, results = bad_runs
-    returncode, stderr, expected, out_dir = results[name]
+    returncode, stderr, expected, out_dir, before, run_dir = results[name]
     assert returncode == 1
-    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
-    assert not out_dir.exists()
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
+    assert all(part in stderr for part in expected), stderr
+    assert _snapshot(out_dir) == before  # nothing written, nothing removed
+    assert not run_dir.exists()  # the run folder Hydra made for the run is gone again
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert not (folder / "pwned").exists()  # the pickle's payload never ran

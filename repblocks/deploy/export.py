@@ -2,12 +2,15 @@
 
 Three formats, written under a temporary name in the destination folder and renamed only once
 the file has been loaded back and its outputs match (``repblocks.files.atomic_path``), so a
-failed export or check never leaves a file, whole or half, at the final name:
+failed export or check never leaves a file, whole or half, at the final name. Every format takes
+the model's own input size (``Network.input_shape``), whatever size is timed:
 
-* ``safetensors``: the weights, with metadata saying how to rebuild the model;
+* ``safetensors``: the weights, with metadata saying how to rebuild the model and prepare its
+  images (deploy.py reads it back: ``ckpt=model.safetensors``);
 * ``onnx``: through ``torch.onnx.export(dynamo=True)``, the torch.export-based exporter that is
   torch's default since 2.9 (the TorchScript-based one warns that it will be removed). It needs
-  ``onnxscript`` and nothing online. The batch axis is dynamic; onnxruntime runs it at batch 1 and 3;
+  ``onnxscript`` and nothing online. The batch axis is dynamic; onnxruntime runs it at batch 1 and 3.
+  The same metadata is in the model's ``metadata_props``;
 * ``torch_export``: a ``torch.export`` program saved as ``.pt2`` (``torch.export.load``). TorchScript
   (``torch.jit``) is deprecated in torch 2.x; ``torch.export`` is its successor and what
   AOTInductor, ExecuTorch and the ONNX exporter above consume.
@@ -15,20 +18,38 @@ failed export or check never leaves a file, whole or half, at the final name:
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime
 import torch
 from torch import Tensor, nn
 
+from repblocks.deploy.preprocessing import to_metadata
+from repblocks.deploy.sources import DEPLOY_FORM, Network
+from repblocks.errors import user_errors
 from repblocks.files import atomic_path
 from repblocks.numerics import max_errors, within_tolerance
 from repblocks.weights import load_weights, save_weights
 
-__all__ = ["EXPORT_FORMATS", "FILE_NAMES", "export_onnx", "export_safetensors", "export_torch_export", "onnx_session"]
+if TYPE_CHECKING:  # config.py imports this module for EXPORT_FORMATS
+    from repblocks.deploy.config import ExportConfig, VerifyConfig
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "FILE_NAMES",
+    "MIN_ONNX_OPSET",
+    "deploy_metadata",
+    "export_all",
+    "export_onnx",
+    "export_safetensors",
+    "export_torch_export",
+    "onnx_session",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +57,63 @@ EXPORT_FORMATS = ("safetensors", "onnx", "torch_export")
 FILE_NAMES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torch_export": "model.pt2"}
 CHECK_BATCH_SIZES = (1, 3)  # neither is the export's example batch (2): the batch axis must really be dynamic
 _ONNX_SIZE_LIMIT = 2**31  # protobuf's limit for one file; we write no external-data side files
+MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
+
+
+def export_all(
+    network: Network,
+    plain: nn.Module,
+    *,
+    into: Path,
+    out_dir: Path,
+    export: ExportConfig,
+    verify: VerifyConfig,
+    seed: int = 0,
+) -> dict:
+    """Write each format of ``export.formats``, at the model's own input size; return what was written.
+
+    Args:
+        into: The folder to write into (the staging folder).
+        out_dir: Where the files will be once the run is done: the paths returned.
+
+    Raises:
+        UserError: An export does not reproduce the model within ``verify``'s tolerance.
+    """
+    example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
+    metadata = deploy_metadata(network)
+    exports = {}
+    for fmt in export.formats:
+        path = Path(into) / FILE_NAMES[fmt]
+        log.info("exporting %s", fmt)
+        with user_errors():  # an export that does not reproduce the model stops the run in one line
+            if fmt == "safetensors":
+                exports[fmt] = export_safetensors(plain, path, rebuild=network.rebuild_deploy, metadata=metadata)
+            elif fmt == "onnx":
+                exports[fmt] = export_onnx(
+                    plain,
+                    path,
+                    example,
+                    atol=verify.atol,
+                    rtol=verify.rtol,
+                    opset=export.onnx_opset,
+                    metadata=metadata,
+                )
+            else:
+                exports[fmt] = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
+        exports[fmt].update(path=str(Path(out_dir) / FILE_NAMES[fmt]), input_shape=list(network.input_shape))
+    return exports
+
+
+def deploy_metadata(network: Network) -> dict[str, str]:
+    """What rebuilds the deploy form and prepares its images, as strings: model, classes, kwargs, preprocessing."""
+    return {
+        "model": network.name,
+        "num_classes": str(network.num_classes),
+        "in_chans": str(network.in_chans),
+        "model_kwargs": json.dumps(network.model_kwargs),
+        "form": DEPLOY_FORM,
+        **to_metadata(network.preprocessing),
+    }
 
 
 def export_safetensors(
@@ -67,38 +145,53 @@ def export_safetensors(
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, example: Tensor, *, atol: float, rtol: float, opset: int | None = None
+    model: nn.Module,
+    path: str | Path,
+    example: Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    opset: int | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> dict:
     """Export ``model`` to ONNX with a dynamic batch axis; onnxruntime must reproduce its outputs.
 
     Args:
         model: A float32 CPU model in eval mode.
         path: Destination ``.onnx`` file (self-contained: no external-data file beside it).
-        example: An input batch of size 2, ``(2, C, H, W)``.
+        example: An input batch of size 2, ``(2, C, H, W)``: the other axes are fixed to its.
         atol, rtol: Tolerance of onnxruntime's outputs (see ``repblocks.numerics.within_tolerance``).
-        opset: ONNX opset; the exporter's default when None.
+        opset: ONNX opset, at least :data:`MIN_ONNX_OPSET`; the exporter's default when None.
+        metadata: Strings for the model's ``metadata_props`` (name, preprocessing, ...).
 
     Raises:
-        ValueError: The model is too large for one ONNX file, or onnxruntime's outputs differ.
+        ValueError: The model is too large for one ONNX file, the exporter wrote another opset,
+            onnxruntime cannot load the file, or its outputs differ.
     """
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if size >= _ONNX_SIZE_LIMIT:
         raise ValueError(f"the model's {size / 2**30:.1f} GiB of weights exceed one ONNX file's 2 GiB limit")
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.onnx.export(
+        program = torch.onnx.export(
             model,
             (example,),
-            tmp,
             dynamo=True,
-            external_data=False,  # one file, so that the atomic rename moves all of it
             input_names=["images"],
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             opset_version=opset,
             verbose=False,  # its progress lines would go to stdout, which belongs to the caller
         )
-        session = onnx_session(tmp)
+        written = program.model.opset_imports.get("")
+        if opset is not None and written != opset:
+            raise ValueError(f"the ONNX exporter cannot write opset {opset} (it wrote {written})")
+        program.model.metadata_props.update(metadata or {})
+        program.save(tmp, external_data=False)  # one file, so that the atomic rename moves all of it
+        try:
+            session = onnx_session(tmp)
+        except Exception as err:  # onnxruntime's own exception types; an opset it does not know, say
+            raise ValueError(f"onnxruntime {onnxruntime.__version__} cannot load the export: {err}") from None
         errors = _check_outputs(model, lambda x: _run_onnx(session, x), example, atol, rtol, "onnxruntime")
     return {"path": str(path), "format": "onnx", "runtime": f"onnxruntime {onnxruntime.__version__}", **errors}
 

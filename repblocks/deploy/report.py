@@ -1,20 +1,38 @@
 """A deploy run's report, for people and for programs: rich tables, ``report.json``, ``report.md``, a plot.
 
-Every file is written through ``repblocks.files.atomic_path``; ``report.json`` is written last, so
-its presence means the whole report is there.
+The run's outputs are built in a staging folder and moved to ``out_dir`` whole
+(:mod:`repblocks.deploy.outputs`); the paths in the report are the final ones. ``config.json``
+holds the run's settings as resolved, ``report.json`` is written last.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 from rich.table import Table
 
+from repblocks.deploy.config import BenchConfig, DeployConfig
+from repblocks.deploy.convert import Conversion
+from repblocks.deploy.outputs import CONFIG_FILE
+from repblocks.deploy.preprocessing import describe_sources
+from repblocks.deploy.runtime import describe_device, environment
+from repblocks.deploy.sources import Network
+from repblocks.deploy.speed import fastest_deploy, timer_note
 from repblocks.files import atomic_path
 
-__all__ = ["console_tables", "markdown_report", "speed_console_table", "write_reports", "write_speed_table"]
+__all__ = [
+    "console_tables",
+    "deploy_report",
+    "markdown_report",
+    "speed_console_table",
+    "speed_report",
+    "write_reports",
+    "write_speed_table",
+]
 
 MALLOC_NOTE = (
     "On Linux CPUs, glibc's malloc hands large activation buffers back to the OS after every batch and "
@@ -25,49 +43,103 @@ MALLOC_NOTE = (
 _BENCH_COLUMNS = ("form", "backend", "dtype", "batch", "img/s", "ms/batch", "p90 ms", "vs train", "vs train eager")
 
 
-def write_reports(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``throughput.png`` (when anything was timed), ``report.md`` and ``report.json`` into ``out_dir``."""
-    out_dir = Path(out_dir)
-    files = {}
+def deploy_report(
+    *,
+    network: Network,
+    conversion: Conversion,
+    verification: dict,
+    exports: dict,
+    timing: tuple[list[dict], list[dict]],
+    device: torch.device,
+    bench: BenchConfig,
+    timed_shape: tuple[int, int, int],
+) -> dict:
+    """The report of one deploy run, as plain data (what ``report.json`` holds)."""
+    rows, skipped = timing
+    return {
+        "model": network.name,
+        "origin": network.origin,
+        "device": describe_device(device),
+        "input_shape": list(network.input_shape),
+        "image_shape": list(timed_shape),
+        "num_classes": network.num_classes,
+        "preprocessing": network.preprocessing,
+        "conversion": conversion.note,
+        "already_deployed": conversion.already_deployed,
+        "conversion_s": conversion.seconds,
+        "max_abs_err": verification["max_abs_err"],
+        "max_rel_err": verification["max_rel_err"],
+        "top1_agreement": verification["top1_agreement"],
+        "verify": verification,
+        "exports": exports,
+        "benchmark": rows,
+        "fastest_deploy": fastest_deploy(rows),
+        "skipped": skipped,
+        "timer": timer_note(bench),
+        "environment": environment(device, tf32=bench.tf32),
+    }
+
+
+def speed_report(*, rows: list[dict], device: torch.device, bench: BenchConfig, image_shape: tuple[int, ...]) -> dict:
+    """The report of a speed table run (``models=[...]``)."""
+    return {
+        "device": describe_device(device),
+        "image_shape": list(image_shape),
+        "dtype": "fp32",
+        "backend": "eager",
+        "rows": rows,
+        "timer": timer_note(bench),
+        "environment": environment(device, tf32=bench.tf32),
+    }
+
+
+def write_reports(report: dict, into: str | Path, *, out_dir: str | Path, config: DeployConfig) -> dict[str, str]:
+    """Write ``config.json``, ``throughput.png`` (when anything was timed), ``report.md`` and ``report.json``.
+
+    Args:
+        into: Where to write them (the staging folder).
+        out_dir: Where they will be when the run is done: the paths in the report and the result.
+        config: The run's settings, as resolved.
+    """
+    into, out_dir = Path(into), Path(out_dir)
+    files = {"config": _write(into, out_dir, CONFIG_FILE, lambda tmp: tmp.write_text(_config_json(config)))}
     if report["benchmark"]:
-        files["plot"] = _write(out_dir / "throughput.png", lambda tmp: _plot(report, tmp))
-    files["markdown"] = _write(out_dir / "report.md", lambda tmp: tmp.write_text(markdown_report(report)))
-    files["json"] = out_dir / "report.json"
-    _write(files["json"], lambda tmp: tmp.write_text(json.dumps({**report, "files": _str(files)}, indent=2)))
+        files["plot"] = _write(into, out_dir, "throughput.png", lambda tmp: _plot(report, tmp))
+    files["markdown"] = _write(into, out_dir, "report.md", lambda tmp: tmp.write_text(markdown_report(report)))
+    files["json"] = str(out_dir / "report.json")
+    _write(into, out_dir, "report.json", lambda tmp: tmp.write_text(json.dumps({**report, "files": files}, indent=2)))
     return files
 
 
-def write_speed_table(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``speed_table.md`` and ``speed_table.json`` into ``out_dir``."""
-    out_dir = Path(out_dir)
-    files = {"markdown": out_dir / "speed_table.md", "json": out_dir / "speed_table.json"}
-    _write(files["markdown"], lambda tmp: tmp.write_text(_speed_markdown(report)))
-    _write(files["json"], lambda tmp: tmp.write_text(json.dumps({**report, "files": _str(files)}, indent=2)))
+def write_speed_table(report: dict, into: str | Path, *, out_dir: str | Path, config: DeployConfig) -> dict[str, str]:
+    """Write ``config.json``, ``speed_table.md`` and ``speed_table.json`` (see :func:`write_reports`)."""
+    into, out_dir = Path(into), Path(out_dir)
+    files = {"config": _write(into, out_dir, CONFIG_FILE, lambda tmp: tmp.write_text(_config_json(config)))}
+    files["markdown"] = _write(into, out_dir, "speed_table.md", lambda tmp: tmp.write_text(_speed_markdown(report)))
+    files["json"] = str(out_dir / "speed_table.json")
+    _write(
+        into, out_dir, "speed_table.json", lambda tmp: tmp.write_text(json.dumps({**report, "files": files}, indent=2))
+    )
     return files
 
 
-def _write(path: Path, writer) -> Path:
-    with atomic_path(path) as tmp:
+def _config_json(config: DeployConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+
+
+def _write(into: Path, out_dir: Path, name: str, writer) -> str:
+    with atomic_path(into / name) as tmp:
         writer(tmp)
-    return path
-
-
-def _str(files: dict[str, Path]) -> dict[str, str]:
-    return {name: str(path) for name, path in files.items()}
+    return str(out_dir / name)
 
 
 def console_tables(report: dict) -> list[Table]:
     """Rich tables of a deploy report: verification and exports, then the benchmark."""
-    checks = Table(title=f"{report['model']} on {report['device']}: converted in {report['conversion_s']:.3f} s")
+    checks = Table(title=f"{report['model']} on {report['device']}: {report['conversion']}")
     for column in ("check", "max abs err", "max rel err", "detail"):
         checks.add_column(column, justify="left" if column in ("check", "detail") else "right")
     verification = report["verify"]
-    checks.add_row(
-        "deploy vs train form",
-        f"{report['max_abs_err']:.2e}",
-        f"{report['max_rel_err']:.2e}",
-        f"top-1 agreement {report['top1_agreement']:.0%} on {verification['random_images']} random images",
-    )
+    checks.add_row("deploy vs train form", _err(report["max_abs_err"]), _err(report["max_rel_err"]), _compared(report))
     real = verification["real_images"]
     checks.add_row("validation images", "", "", real if isinstance(real, str) else _real_summary(real))
     for dtype, errors in verification.get("dtypes", {}).items():
@@ -82,13 +154,36 @@ def console_tables(report: dict) -> list[Table]:
         )
     tables = [checks]
     if report["benchmark"]:
-        bench = Table(title="Train vs deploy form (ratios: throughput over the train form's)", caption=_fastest(report))
+        title = "Train vs deploy form (ratios: throughput over the train form's)"
+        if report["already_deployed"]:
+            title = "Deploy form (loaded in deploy form: no train form to time)"
+        bench = Table(title=title, caption=_fastest(report))
         for column in _BENCH_COLUMNS:
             bench.add_column(column, justify="left" if column in _BENCH_COLUMNS[:3] else "right")
         for row in report["benchmark"]:
             bench.add_row(*_bench_cells(row))
         tables.append(bench)
     return tables
+
+
+def _err(value: float | None) -> str:
+    return "" if value is None else f"{value:.2e}"
+
+
+def _compared(report: dict) -> str:
+    verification = report["verify"]
+    if report["max_abs_err"] is None:
+        return verification["reason"]
+    shapes = ", ".join("x".join(map(str, shape)) for shape in verification["image_shapes"])
+    return f"top-1 agreement {report['top1_agreement']:.0%} on {verification['random_images']} random images ({shapes})"
+
+
+def _preprocessing(report: dict) -> str:
+    pre = report["preprocessing"]
+    return (
+        f"input {'x'.join(map(str, pre['input_size']))}, mean {pre['mean']}, std {pre['std']}, crop_pct "
+        f"{pre['crop_pct']}, {pre['interpolation']} ({describe_sources(pre)})"
+    )
 
 
 def _fastest(report: dict) -> str:
@@ -141,13 +236,19 @@ def markdown_report(report: dict) -> str:
         f"# Deploy report: {report['model']}",
         "",
         f"- weights: {report['origin']}",
-        f"- device: {report['device']}; input {' x '.join(map(str, report['image_shape']))}",
-        f"- conversion (`switch_to_deploy`): {report['conversion_s']:.3f} s",
-        f"- deploy vs train form: max error {report['max_abs_err']:.2e} abs, {report['max_rel_err']:.2e} relative "
-        f"(tolerance atol {verification['atol']:g} or rtol {verification['rtol']:g}); top-1 agreement "
-        f"{report['top1_agreement']:.0%} on {verification['random_images']} random images",
-        f"- validation images: {real if isinstance(real, str) else _real_summary(real)}",
+        f"- preprocessing: {_preprocessing(report)}",
+        f"- device: {report['device']}; exports take {' x '.join(map(str, report['input_shape']))}, "
+        f"timed at {' x '.join(map(str, report['image_shape']))}",
+        f"- conversion: {report['conversion']}",
     ]
+    if report["max_abs_err"] is None:
+        lines.append(f"- deploy vs train form: {verification['reason']}")
+    else:
+        lines.append(
+            f"- deploy vs train form: max error {report['max_abs_err']:.2e} abs, {report['max_rel_err']:.2e} "
+            f"relative (tolerance atol {verification['atol']:g} or rtol {verification['rtol']:g}); " + _compared(report)
+        )
+    lines.append(f"- validation images: {real if isinstance(real, str) else _real_summary(real)}")
     for dtype, errors in verification.get("dtypes", {}).items():
         lines.append(
             f"- {dtype}: deploy form {errors['deploy_rel_err']:.2e} relative to fp32, {_dtype_summary(errors)}"

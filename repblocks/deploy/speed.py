@@ -20,13 +20,61 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.bench import median, p90, synchronizer, throughput, time_interleaved
+from repblocks.deploy.config import BenchConfig
 from repblocks.deploy.engines import Candidate, RunnerSpec, applicable, build_runner, one_line
+from repblocks.deploy.runtime import cudnn_benchmark
+from repblocks.numerics import ieee_fp32
 
-__all__ = ["benchmark_forms", "fastest_deploy", "speed_table"]
+__all__ = ["benchmark_forms", "fastest_deploy", "speed_table", "time_forms", "time_models", "timer_note"]
 
 log = logging.getLogger(__name__)
 
 PAPER_BASELINE = "torchvision:resnet18"  # the paper states every speed relative to ResNet-18
+
+
+def time_forms(
+    forms: Mapping[str, nn.Module], *, device: torch.device, bench: BenchConfig, image_shape: tuple[int, int, int]
+) -> tuple[list[dict], list[dict]]:
+    """The time stage of a deploy run: :func:`benchmark_forms` under ``bench``'s cuDNN and TF32 settings."""
+    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
+        return benchmark_forms(
+            forms,
+            device=device,
+            batch_sizes=bench.batch_sizes,
+            image_shape=image_shape,
+            backends=bench.backends,
+            dtypes=bench.dtypes,
+            rounds=bench.rounds,
+            warmup=bench.warmup,
+        )
+
+
+def time_models(
+    models: Mapping[str, nn.Module], *, device: torch.device, bench: BenchConfig, image_shape: tuple[int, int, int]
+) -> list[dict]:
+    """The paper's speed table under ``bench``'s settings: :func:`speed_table` at each batch size."""
+    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
+        return [
+            row
+            for batch_size in bench.batch_sizes
+            for row in speed_table(
+                models,
+                device=device,
+                batch_size=batch_size,
+                image_shape=image_shape,
+                rounds=bench.rounds,
+                warmup=bench.warmup,
+            )
+        ]
+
+
+def timer_note(bench: BenchConfig) -> str:
+    """How the times were taken, for the report."""
+    return (
+        f"time.perf_counter around each call, between device synchronizations (repblocks.bench.time_interleaved); "
+        f"median and p90 of {bench.rounds} rounds after {bench.warmup} warm-up calls, every runner of a batch size "
+        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads"
+    )
 
 
 def benchmark_forms(

@@ -1,5 +1,7 @@
 """Does the deploy form compute what the train form computes? Checked on random and validation images, per dtype.
 
+First, :func:`check_inputs` runs one image of every shape the run will use through the model: a
+model that does not take a shape (a ViT at another image size) is one line, before any work.
 float32 is compared against a tolerance (``VerifyConfig``), in full float32 precision even on GPUs
 that would round convolutions to TF32. Each lower precision the benchmark runs (fp16, bf16) is
 compared with the float32 train form: the deploy form must be no less accurate there than the
@@ -11,20 +13,53 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from repblocks.datasets import build_data
 from repblocks.deploy.config import VerifyConfig
-from repblocks.deploy.engines import DTYPES, applicable
+from repblocks.deploy.engines import DTYPES, applicable, one_line
 from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, max_errors, within_tolerance
 
-__all__ = ["verify"]
+__all__ = ["check_inputs", "not_compared", "verify"]
 
 log = logging.getLogger(__name__)
+
+# What a model raises for an input it cannot take: a shape mismatch or a failed size assert
+# (torchvision's ViT), or too little memory for a very large image.
+_INPUT_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError, MemoryError)
+
+
+@torch.inference_mode()
+def check_inputs(network: Network, shapes: Sequence[tuple[int, int, int]], *, setting: str) -> None:
+    """Run one image of each ``(C, H, W)`` in ``shapes`` through ``network.model``, each distinct shape once.
+
+    Args:
+        setting: The setting that chose a shape other than the model's own, for the message.
+
+    Raises:
+        UserError: The model fails on a shape; the message says what the model takes, when known.
+    """
+    for shape in dict.fromkeys(shapes):
+        try:
+            network.model(torch.zeros(1, *shape))  # (1, C, H, W)
+        except _INPUT_ERRORS as err:
+            message = f"{network.name} does not take {_shape(shape)} inputs ({one_line(err)})"
+            if shape != network.input_shape:
+                where = network.preprocessing["source"]["input_size"]
+                message += (
+                    f"; it takes {_shape(network.input_shape)} (input size from {where}): "
+                    f"leave {setting} unset, or set it to {network.input_shape[-1]}"
+                )
+            raise UserError(message) from None
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
 
 
 @torch.inference_mode()
@@ -33,12 +68,15 @@ def verify(
     plain: nn.Module,
     *,
     device: torch.device,
-    image_shape: tuple[int, int, int],
+    image_shapes: Sequence[tuple[int, int, int]],
     dtypes: tuple[str, ...],
     settings: VerifyConfig,
     seed: int = 0,
 ) -> dict:
     """Compare the deploy form ``plain`` with ``network.model`` on ``device``; raise :class:`UserError` when they differ.
+
+    Random images of each distinct shape of ``image_shapes`` are compared in float32; lower
+    precisions at the first shape.
 
     Returns:
         ``max_abs_err``, ``max_rel_err`` and ``top1_agreement`` over the random images (and the
@@ -47,11 +85,14 @@ def verify(
     """
     train, deploy = _on(network.model, device), _on(plain, device)
     generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(settings.batch_size, *image_shape, generator=generator).to(device)  # (B, C, H, W)
+    shapes = list(dict.fromkeys(image_shapes))
+    batches = [torch.randn(settings.batch_size, *shape, generator=generator).to(device) for shape in shapes]
     with ieee_fp32():
-        reference, output = train(images), deploy(images)
+        outputs = [(train(images), deploy(images)) for images in batches]  # (B, C, H, W) -> (B, classes)
         real = _verify_real_images(network, train, deploy, device, settings.real_batches)
-    abs_err, rel_err = max_errors(reference, output)
+    errors = [max_errors(reference, output) for reference, output in outputs]
+    abs_err, rel_err = max(err[0] for err in errors), max(err[1] for err in errors)
+    images, reference = batches[0], outputs[0][0]  # lower precisions are checked at the first shape
     if isinstance(real, dict):
         abs_err, rel_err = max(abs_err, real["max_abs_err"]), max(rel_err, real["max_rel_err"])
     if not within_tolerance(abs_err, rel_err, atol=settings.atol, rtol=settings.rtol):
@@ -62,14 +103,31 @@ def verify(
         )
     log.info("verified %s: %.1e abs, %.1e rel", network.name, abs_err, rel_err)
     return {
-        "random_images": settings.batch_size,
+        "random_images": settings.batch_size * len(shapes),
+        "image_shapes": [list(shape) for shape in shapes],
         "max_abs_err": abs_err,
         "max_rel_err": rel_err,
-        "top1_agreement": _agreement(reference, output),
+        "top1_agreement": min(_agreement(reference, output) for reference, output in outputs),
         "atol": settings.atol,
         "rtol": settings.rtol,
         "real_images": real,
         "dtypes": _verify_dtypes(train, deploy, images, reference, dtypes, device, settings.rtol, network.name),
+    }
+
+
+def not_compared(reason: str, settings: VerifyConfig) -> dict:
+    """What :func:`verify` returns, for a network with no train form to compare (``reason`` says why)."""
+    return {
+        "random_images": 0,
+        "image_shapes": [],
+        "max_abs_err": None,
+        "max_rel_err": None,
+        "top1_agreement": None,
+        "atol": settings.atol,
+        "rtol": settings.rtol,
+        "reason": f"not compared: {reason}",
+        "real_images": "skipped (no train form to compare)",
+        "dtypes": {},
     }
 
 
@@ -91,12 +149,16 @@ def _verify_real_images(
         return (
             "skipped (no data config in the checkpoint)" if network.data is None else "skipped (verify.real_batches=0)"
         )
+    # Never downloads: the config comes from a file, and a file must not make us fetch data into a path it names.
+    never = "; data named by a checkpoint is never downloaded" if network.data.get("download") else ""
     try:
-        data = build_data(network.data)  # never downloads: the config comes from a file
+        data = build_data(network.data)
         data.setup("validate")
         batches = list(itertools.islice(data.val_dataloader(), max_batches))
     except (FileNotFoundError, ValueError, ImportError) as err:
-        return f"skipped ({err})"
+        return f"skipped ({err}{never})"
+    except Exception as err:  # corrupt files on disk: this check is optional, the run goes on without it
+        return f"skipped (cannot read the validation images: {one_line(err)}{never})"
     compared = compare_forms(train, deploy, batches, device)
     return compared or "skipped (the validation loader yielded no images)"
 

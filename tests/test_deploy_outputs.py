@@ -1,0 +1,154 @@
+"""Deploy's settings are all checked before any work, and its outputs are written all or nothing."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from repblocks.deploy.config import DeployConfig
+from repblocks.deploy.pipeline import run_deploy
+from repblocks.errors import UserError
+
+NO_BENCH = dict(device="cpu", batch_sizes=[])
+
+
+def _config(out_dir: Path, **settings) -> DeployConfig:
+    return DeployConfig.from_dict({"out_dir": str(out_dir), "bench": NO_BENCH, **settings})
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+@pytest.fixture
+def never_load(monkeypatch):
+    """Loading fails the test: the check under test must come before anything is loaded."""
+
+    def load_network(**_):
+        raise AssertionError("the network was loaded before the settings were checked")
+
+    monkeypatch.setattr("repblocks.deploy.pipeline.load_network", load_network)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(bench=dict(image_size="abc")), r"^bench.image_size must be an integer or null, got 'abc'$"),
+        (dict(bench=dict(image_size=-5)), r"^bench.image_size must be at least 1, got -5$"),
+        (
+            dict(bench=dict(image_size=20000)),
+            r"at most 4096, got 20000: one 3x20000x20000 float32 image alone is 4.5 GiB",
+        ),
+        (dict(bench=dict(image_size=True)), r"bench.image_size must be an integer or null, got True"),
+        (dict(bench=dict(threads=-1)), r"^bench.threads must be at least 1, got -1$"),
+        (dict(bench=dict(warmup=-3)), r"^bench.warmup must be at least 0, got -3$"),
+        (dict(bench=dict(rounds=0)), r"^bench.rounds must be at least 1, got 0$"),
+        (dict(bench=dict(batch_sizes=[1, 0])), r"^bench.batch_sizes must be at least 1, got 0$"),
+        (dict(bench=dict(batch_sizes=16)), r"^bench.batch_sizes must be a list of integers or null, got 16$"),
+        (dict(bench=dict(tf32="yes")), r"^bench.tf32 must be true or false, got 'yes'$"),
+        (dict(bench=3), r"^bench must be a group of settings"),
+        (dict(verify=dict(atol=-1e-3)), r"^verify.atol must be at least 0, got -0.001$"),
+        (dict(verify=dict(real_batches=-1)), r"^verify.real_batches must be at least 0"),
+        (dict(export=dict(onnx_opset=7)), r"^export.onnx_opset must be at least 18, got 7$"),
+        (dict(export=dict(onnx_opset=99)), r"^export.onnx_opset must be at most \d+, got 99$"),
+        (dict(export=dict(formats="onnx")), r"^export.formats must be a list of names, got 'onnx'$"),
+        (dict(num_classes=0), r"^num_classes must be at least 1, got 0$"),
+        (dict(models="repvgg_a0"), r"^models must be a list of names or null, got 'repvgg_a0'$"),
+    ],
+)
+def test_a_bad_setting_is_one_line_before_anything_is_built(tmp_path, settings, message):
+    with pytest.raises(UserError, match=message):
+        _config(tmp_path / "out", model="repvgg_tiny", **settings)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(models=["repvgg_tiny", "repvgg_z9"]), r"unknown model 'repvgg_z9'; registered models: repvgg_a0"),
+        (dict(models=["torchvision:nope"]), r"unknown torchvision classification model 'nope'"),
+        (dict(models=["repvgg_tiny"], model="repvgg_tiny"), r"models=\[...\] times the models it names"),
+    ],
+)
+def test_speed_table_names_are_checked_before_any_model_is_built(tmp_path, never_load, settings, message):
+    with pytest.raises(UserError, match=message):
+        run_deploy(_config(tmp_path / "out", bench=dict(NO_BENCH, batch_sizes=[1]), **settings))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_dir_that_is_a_file_is_refused_before_loading(tmp_path, never_load):
+    (tmp_path / "out").write_text("the user's file")
+    with pytest.raises(UserError, match=r"out_dir .*out is a file; give a folder"):
+        run_deploy(_config(tmp_path / "out", model="repvgg_tiny"))
+    assert (tmp_path / "out").read_text() == "the user's file"
+
+
+def test_a_folder_that_is_not_a_deploy_output_is_never_replaced(tmp_path, never_load):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's notes")
+    with pytest.raises(UserError, match=r"not empty and not a deploy output \(it holds notes.txt\)"):
+        run_deploy(_config(tmp_path / "out", model="repvgg_tiny"))
+    assert _listing(tmp_path) == ["out", "out/notes.txt"]
+
+
+def test_a_previous_deploy_output_is_replaced_whole(tmp_path):
+    out = tmp_path / "out"
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": ["safetensors"]}))
+    assert (out / "model.safetensors").is_file()
+    report = run_deploy(_config(out, model="repvgg_tiny_g2se", export={"formats": []}))
+    # The first model's export is gone: nothing in out_dir belongs to another run.
+    assert report["model"] == "repvgg_tiny_g2se" and report["exports"] == {}
+    assert _listing(tmp_path) == ["out", "out/config.json", "out/report.json", "out/report.md"]
+    assert '"model": "repvgg_tiny_g2se"' in (out / "config.json").read_text()
+
+
+def test_an_output_of_an_older_deploy_with_hydras_files_is_replaced_too(tmp_path):
+    out = tmp_path / "out"
+    (out / ".hydra").mkdir(parents=True)
+    for name in (".hydra/config.yaml", "deploy.log", "report.json", "model.onnx", ".model.onnx.x1y2.tmp"):
+        (out / name).write_text("from an older run")
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert _listing(tmp_path) == ["out", "out/config.json", "out/report.json", "out/report.md"]
+
+
+def test_missing_parents_of_out_dir_are_made_and_removed_again_on_failure(tmp_path, monkeypatch):
+    def failing_export(*_, **__):
+        raise UserError("the export failed")
+
+    monkeypatch.setattr("repblocks.deploy.pipeline.export_all", failing_export)
+    with pytest.raises(UserError, match="the export failed"):
+        run_deploy(_config(tmp_path / "a" / "b" / "out", model="repvgg_tiny"))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("raised", [RuntimeError("a bug while timing"), KeyboardInterrupt()])
+def test_a_failure_after_the_exports_leaves_the_previous_output_as_it_was(tmp_path, monkeypatch, raised):
+    out = tmp_path / "out"
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+
+    def failing_timer(*_, **__):
+        raise raised
+
+    monkeypatch.setattr("repblocks.deploy.pipeline.time_forms", failing_timer)
+    with pytest.raises(type(raised)):
+        run_deploy(_config(out, model="repvgg_tiny_g2se", export={"formats": ["safetensors"]}))
+    # Neither the new export nor a staging folder: out_dir is the previous run's, byte for byte.
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_the_device_is_checked_before_loading(tmp_path, never_load):
+    with pytest.raises(UserError, match="no CUDA device is available"):
+        run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=dict(NO_BENCH, device="cuda")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, monkeypatch):
+    monkeypatch.setattr("repblocks.deploy.runtime.total_memory", lambda device: 2**30)
+    bench = dict(NO_BENCH, batch_sizes=[1, 512], image_size=512)  # 512 x 3 x 512 x 512 x 4 bytes: 1.5 GiB
+    with pytest.raises(
+        UserError, match=r"a batch of 512 images of 3x512x512 is 1.5 GiB .* than the 1.0 GiB of cpu memory"
+    ):
+        run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=bench))
+    assert list(tmp_path.iterdir()) == []
