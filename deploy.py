@@ -69,10 +69,7 @@ def pin_run_dir(overrides: list[str]) -> tuple[list[str], Path]:
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         run_dir = Path(compose("deploy", overrides=overrides, return_hydra_config=True).hydra.run.dir)
-    try:
-        check_writable_dir(run_dir, f"the run folder ({RUN_DIR})")
-    except PermissionError as err:  # a parent this user cannot enter
-        raise ValueError(f"the run folder ({RUN_DIR}) {run_dir} cannot be reached: {err.strerror}") from None
+    check_writable_dir(run_dir, f"the run folder ({RUN_DIR})")
     kept = [arg for arg in overrides if arg.partition("=")[0].lstrip("+~") != RUN_DIR]
     return [*kept, f"{RUN_DIR}={run_dir}"], run_dir
 

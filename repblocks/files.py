@@ -60,10 +60,13 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """
     path = Path(path).expanduser()
     probe_dir = path
-    while not probe_dir.exists():
-        if probe_dir.parent == probe_dir:
-            break
-        probe_dir = probe_dir.parent
+    try:
+        while not probe_dir.exists():
+            if probe_dir.parent == probe_dir:
+                break
+            probe_dir = probe_dir.parent
+    except PermissionError as err:  # a parent this user may not enter
+        raise ValueError(f"{what} {path} is not reachable: {err.strerror} ({err.filename})") from None
     if not probe_dir.is_dir():
         raise ValueError(f"{what} {path} cannot be a folder: {probe_dir} is a file")
     try:
