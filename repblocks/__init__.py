@@ -3,6 +3,9 @@
 >>> import repblocks
 >>> model = repblocks.create_model("repvgg_a0", num_classes=10)
 >>> plain = repblocks.switch_to_deploy(model)  # a copy: one 3x3 conv + ReLU per block
+>>> backbone = repblocks.create_model("repvgg_a0", features_only=True, out_indices=(2, 3, 4))
+>>> backbone.feature_info.channels()
+[96, 192, 1280]
 """
 
 from repblocks import models as _models  # noqa: F401  (registers the zoo)

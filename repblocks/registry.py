@@ -7,7 +7,9 @@ when ``repblocks.models`` is imported.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
@@ -36,7 +38,7 @@ def create_model(
     in_chans: int = 3,
     deploy: bool = False,
     features_only: bool = False,
-    out_indices: Sequence[int] | None = None,
+    out_indices: int | Sequence[int] | None = None,
     **kwargs,
 ) -> nn.Module:
     """Build a registered model.
@@ -46,17 +48,38 @@ def create_model(
         num_classes: Classifier outputs (0 for no classifier: ``forward`` returns pooled features).
         in_chans: Input image channels.
         deploy: Build the plain deploy form (one conv per block), e.g. to load fused weights.
-        features_only: Return a list of feature maps instead of logits, for detection/segmentation necks.
-        out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages).
+        features_only: A backbone: ``forward`` returns a list of feature maps, for detection/segmentation
+            necks; ``model.feature_info`` describes them.
+        out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages;
+            negative from the end; n for the last n).
         **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``).
 
     Raises:
-        ValueError: If ``name`` is not registered; the message lists what is.
+        ValueError: An unknown name or argument (the message lists what exists), or an invalid value.
     """
+    _check_registered(name)
+    builder = _BUILDERS[name]
+    _check_arguments(name, builder, kwargs)
+    if out_indices is not None:
+        kwargs["out_indices"] = tuple(out_indices) if isinstance(out_indices, Sequence) else out_indices
+    return builder(num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only, **kwargs)
+
+
+def _check_registered(name: str) -> None:
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(list_models())}")
-    if out_indices is not None:
-        kwargs["out_indices"] = tuple(out_indices)
-    return _BUILDERS[name](
-        num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only, **kwargs
-    )
+
+
+def _check_arguments(name: str, builder: Callable[..., nn.Module], kwargs: Mapping[str, Any]) -> None:
+    """Unknown keywords (a config's ``+model.foo=1``) fail here, naming the ones the model takes."""
+    parameters = inspect.signature(builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return  # the builder takes anything: it checks for itself
+    accepted = {p.name for p in parameters if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    own = {p.name for p in inspect.signature(create_model).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        raise ValueError(
+            f"{name} got unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+            f"it accepts: {', '.join(sorted(accepted | own))}"
+        )

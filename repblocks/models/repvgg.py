@@ -15,7 +15,8 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu
+from repblocks.blocks import ActFactory, RepBlock, _relu, check_int, resolve_act
+from repblocks.features import FeatureInfo, resolve_indices
 from repblocks.registry import register_model
 
 __all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
@@ -86,15 +87,21 @@ class ClassifierHead(nn.Module):
 class RepVGG(nn.Module):
     """RepVGG classifier or backbone.
 
+    Feature levels: 0 = the stem (stride 2), 1-4 = the four stages (stride 4, 8, 16, 32).
+    ``feature_info`` (a :class:`~repblocks.features.FeatureInfo`) describes them as timm does.
+
     Args:
         cfg: The architecture (a row of ``REPVGG_CONFIGS``).
         num_classes: Classifier outputs; 0 keeps pooled features.
         in_chans: Input image channels.
         drop_rate: Dropout before the classifier (R-Drop needs one).
-        act: Activation factory for every block.
+        act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
+            or a factory (``nn.GELU``).
         deploy: Build the plain deploy form directly.
-        features_only: ``forward`` returns the feature maps listed in ``out_indices``.
-        out_indices: Feature levels to return: 0 = stem (stride 2), 1-4 = stages (stride 4-32).
+        features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
+            and ``forward`` returns the feature maps of ``out_indices``.
+        out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
+            the end, as in timm) or n for the last n levels. All five by default.
     """
 
     def __init__(
@@ -104,32 +111,43 @@ class RepVGG(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
-        act: ActFactory | None = _relu,
+        act: str | ActFactory | None = _relu,
         deploy: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        out_indices: int | Sequence[int] | None = None,
     ):
         super().__init__()
-        if features_only and any(not 0 <= i <= len(cfg.depths) for i in out_indices):
-            raise ValueError(f"out_indices must be in 0..{len(cfg.depths)}, got {tuple(out_indices)}")
+        check_int(num_classes, "num_classes", minimum=0)
+        check_int(in_chans, "in_chans", minimum=1)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        if out_indices is not None and not features_only:
+            raise ValueError("out_indices chooses the levels a backbone returns: pass features_only=True with it")
+        levels = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem", stage=0, index=0)]
+        for stage_idx, width in enumerate(cfg.stage_channels, start=1):
+            levels.append(dict(num_chs=width, reduction=2 ** (stage_idx + 1), module=f"stages.{stage_idx - 1}"))
+            levels[-1].update(stage=stage_idx, index=stage_idx)
+        self.feature_info = FeatureInfo(levels, out_indices)
         self.cfg = cfg
         self.features_only = features_only
-        self.out_indices = tuple(out_indices)
-        block = partial(RepBlock, use_se=cfg.use_se, act=act, deploy=deploy)
+        self.out_indices = self.feature_info.out_indices
+        block = partial(RepBlock, use_se=cfg.use_se, act=resolve_act(act), deploy=deploy)
 
         self.stem = block(in_chans, cfg.stem_channels, stride=2)
-        self.feature_info = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem")]
+        # A backbone stops at its last returned level: stages past it would hold unused parameters
+        # (which DDP refuses) and cost memory, as in timm.
+        num_stages = max(self.out_indices) if features_only else len(cfg.depths)
         stages, channels, layer = [], cfg.stem_channels, 1
-        for stage_idx, (depth, width) in enumerate(zip(cfg.depths, cfg.stage_channels, strict=True)):
+        for depth, width in zip(cfg.depths[:num_stages], cfg.stage_channels, strict=False):
             blocks = []
             for block_idx in range(depth):
                 groups = cfg.groups if layer % 2 == 0 else 1  # official layout: layers 2, 4, 6, ...
                 blocks.append(block(channels, width, stride=2 if block_idx == 0 else 1, groups=groups))
                 channels, layer = width, layer + 1
             stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=2 ** (stage_idx + 2), module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = channels
+        self.drop_rate = drop_rate
         self.head = None if features_only else ClassifierHead(channels, num_classes, drop_rate=drop_rate)
 
     @property
@@ -147,21 +165,71 @@ class RepVGG(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if not self.features_only:
-            return self.forward_head(self.forward_features(x))
+        """Logits ``(B, num_classes)``; with ``features_only``, the feature maps of ``out_indices``."""
+        if self.features_only:
+            return self.forward_intermediates(x, indices=self.out_indices, stop_early=True, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The last feature map and the feature maps of the chosen levels, as timm's ``forward_intermediates``.
+
+        Args:
+            x: Image batch ``(B, C, H, W)``.
+            indices: Levels to return (0 = stem, 1-4 = stages): None for all the model has, n for the
+                last n, or a sequence (negative counts from the end).
+            norm: Accepted for timm compatibility; RepVGG has no final norm.
+            stop_early: Stop after the last chosen level; the "last feature map" is then that level's.
+            output_fmt: Only ``"NCHW"``.
+            intermediates_only: Return only the list of intermediates.
+
+        Returns:
+            ``(final, intermediates)``, or ``intermediates`` with ``intermediates_only``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (RepVGG's features are NCHW), got {output_fmt!r}")
+        take = resolve_indices(1 + len(self.stages), indices)
         x = self.stem(x)
-        features = [x] if 0 in self.out_indices else []
-        for idx, stage in enumerate(self.stages, start=1):
+        intermediates = [x] if 0 in take else []
+        for level, stage in enumerate(self.stages, start=1):
+            if stop_early and level > max(take):
+                break
             x = stage(x)
-            if idx in self.out_indices:
-                features.append(x)
-        return features
+            if level in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last level in ``indices`` (and the classifier), as timm's method.
+
+        Returns:
+            The absolute levels kept for :meth:`forward_intermediates`.
+        """
+        take = resolve_indices(1 + len(self.stages), indices)
+        if self.features_only and max(take) < max(self.out_indices):
+            raise ValueError(f"this backbone returns levels {self.out_indices}: it cannot be pruned to {max(take)}")
+        pruned = max(take) < len(self.stages)
+        self.stages = self.stages[: max(take)]
+        if pruned:
+            self.num_features = self.feature_info.channels(max(take))
+        if self.head is not None and (prune_head or pruned):
+            self.head = ClassifierHead(self.num_features, 0, drop_rate=self.drop_rate)
+        return take
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one of ``num_classes`` outputs (0 removes it)."""
         if self.head is None:
             raise RuntimeError("this model was built with features_only=True and has no head")
-        self.head.reset(num_classes)
+        self.head.reset(check_int(num_classes, "num_classes", minimum=0))
 
     def switch_to_deploy(self) -> RepVGG:
         """Fuse every block in place (idempotent) and return the model."""
@@ -171,9 +239,5 @@ class RepVGG(nn.Module):
         return self
 
 
-def _create_repvgg(name: str, **kwargs) -> RepVGG:
-    return RepVGG(REPVGG_CONFIGS[name], **kwargs)
-
-
-for _name in REPVGG_CONFIGS:
-    register_model(_name, partial(_create_repvgg, _name))
+for _name, _cfg in REPVGG_CONFIGS.items():
+    register_model(_name, partial(RepVGG, _cfg))
