@@ -13,7 +13,7 @@ from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
 from repblocks.checkpoint import read_checkpoint, read_state_dict
 from repblocks.convert import fold_conv_bn, switch_to_deploy
 from repblocks.layouts import convert_layout
-from repblocks.registry import create_model, list_models, register_model
+from repblocks.registry import create_model, get_pretrained_cfg, list_models, register_model
 from repblocks.weights import load_weights, save_weights
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "convert_layout",
     "create_model",
     "fold_conv_bn",
+    "get_pretrained_cfg",
     "list_models",
     "load_weights",
     "read_checkpoint",

@@ -103,7 +103,7 @@ def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, .*out_indices"),
+        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, .*pretrained"),
         ({"foo": 1, "bar": 2}, "unknown arguments bar, foo"),
         ({"act": "gelux"}, r"unknown activation 'gelux'; known activations: relu, .*silu"),
         ({"num_classes": -1}, "num_classes must be an integer >= 0, got -1"),
@@ -111,6 +111,7 @@ def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
         ({"in_chans": 0}, "in_chans must be an integer >= 1, got 0"),
         ({"drop_rate": 1.5}, r"drop_rate must be in \[0, 1\), got 1.5"),
         ({"drop_rate": "0.1"}, r"drop_rate must be in \[0, 1\), got '0.1'"),
+        ({"pretrained": 3}, "pretrained must be True, False or a path"),
     ],
 )
 def test_bad_model_arguments_raise_one_line_errors(kwargs, match):

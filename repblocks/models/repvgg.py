@@ -5,6 +5,8 @@ Ding, Zhang, Ma, Han, Ding, Sun. CVPR 2021. https://arxiv.org/abs/2101.03697
 Five stages of ``RepBlock``s (the first block of each stage strides by 2), global average
 pooling and a linear classifier. Every variant of the paper is one row of ``REPVGG_CONFIGS``;
 the "g2"/"g4" variants use grouped convs on every second layer, as the official code does.
+Each row also says how the variant's published weights expect images (``pretrained_cfg``, timm's
+keys) and which of timm's published weights it takes (``create_model(name, pretrained=True)``).
 """
 
 from __future__ import annotations
@@ -21,16 +23,22 @@ from repblocks.registry import register_model
 
 __all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class RepVGGConfig:
-    """Architecture of one RepVGG variant."""
+    """Architecture of one RepVGG variant, and the images its published weights expect."""
 
     depths: tuple[int, int, int, int]  # blocks in stages 1-4 (stage 0 is the single stem block)
     widths: tuple[float, float, float, float]  # the paper's multipliers: a for stages 1-3, b for stage 4
     groups: int = 1  # groups on every even-numbered layer (paper's g2/g4); 1 keeps all convs dense
     use_se: bool = False  # squeeze-excitation in every block (RepVGG-D2se)
     base_channels: tuple[int, int, int, int] = (64, 128, 256, 512)  # widths before the multipliers
+    image_size: int = 224  # side of the images the weights were evaluated at (D2se: 320)
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, then centre-crop image_size
+    timm_tag: str | None = None  # timm publishes weights as "<name>.<tag>"; None where it has none
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -44,26 +52,51 @@ class RepVGGConfig:
 
 _A = (2, 4, 14, 1)
 _B = (4, 6, 16, 1)
+_TIMM = "rvgg_in1k"  # timm's ImageNet-1k weights, converted from the official release
 
 REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
-    "repvgg_a0": RepVGGConfig(_A, (0.75, 0.75, 0.75, 2.5)),
-    "repvgg_a1": RepVGGConfig(_A, (1.0, 1.0, 1.0, 2.5)),
-    "repvgg_a2": RepVGGConfig(_A, (1.5, 1.5, 1.5, 2.75)),
-    "repvgg_b0": RepVGGConfig(_B, (1.0, 1.0, 1.0, 2.5)),
-    "repvgg_b1": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0)),
+    "repvgg_a0": RepVGGConfig(_A, (0.75, 0.75, 0.75, 2.5), timm_tag=_TIMM),
+    "repvgg_a1": RepVGGConfig(_A, (1.0, 1.0, 1.0, 2.5), timm_tag=_TIMM),
+    "repvgg_a2": RepVGGConfig(_A, (1.5, 1.5, 1.5, 2.75), timm_tag=_TIMM),
+    "repvgg_b0": RepVGGConfig(_B, (1.0, 1.0, 1.0, 2.5), timm_tag=_TIMM),
+    "repvgg_b1": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), timm_tag=_TIMM),
     "repvgg_b1g2": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=2),
-    "repvgg_b1g4": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=4),
-    "repvgg_b2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0)),
+    "repvgg_b1g4": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=4, timm_tag=_TIMM),
+    "repvgg_b2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), timm_tag=_TIMM),
     "repvgg_b2g2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=2),
-    "repvgg_b2g4": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=4),
-    "repvgg_b3": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0)),
+    "repvgg_b2g4": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=4, timm_tag=_TIMM),
+    "repvgg_b3": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), timm_tag=_TIMM),
     "repvgg_b3g2": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=2),
-    "repvgg_b3g4": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=4),
-    "repvgg_d2se": RepVGGConfig((8, 14, 24, 1), (2.5, 2.5, 2.5, 5.0), use_se=True),
-    # Tiny variants for tests and smoke runs: every code path (identity, stride, groups, SE) in a few ms.
-    "repvgg_tiny": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25)),
-    "repvgg_tiny_g2se": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True),
+    "repvgg_b3g4": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=4, timm_tag=_TIMM),
+    "repvgg_d2se": RepVGGConfig(
+        (8, 14, 24, 1), (2.5, 2.5, 2.5, 5.0), use_se=True, image_size=320, crop_pct=1.0, timm_tag=_TIMM
+    ),
+    # Tiny variants for tests and smoke runs: every code path (identity, stride, groups, SE) in a few ms,
+    # on the 32x32 images of the digits and CIFAR recipes.
+    "repvgg_tiny": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), image_size=32, crop_pct=1.0),
+    "repvgg_tiny_g2se": RepVGGConfig(
+        (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True, image_size=32, crop_pct=1.0
+    ),
 }
+
+
+def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
+    """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
+    return dict(
+        architecture=name,
+        tag=cfg.timm_tag,
+        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,  # where timm's weights live
+        input_size=(3, cfg.image_size, cfg.image_size),
+        interpolation="bilinear",
+        crop_pct=cfg.crop_pct,
+        crop_mode="center",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=1000,
+        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
+        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv"),  # in the train form; deploy form: stem.reparam
+        classifier="head.fc",
+    )
 
 
 class ClassifierHead(nn.Module):
@@ -240,4 +273,4 @@ class RepVGG(nn.Module):
 
 
 for _name, _cfg in REPVGG_CONFIGS.items():
-    register_model(_name, partial(RepVGG, _cfg))
+    register_model(_name, partial(RepVGG, _cfg), pretrained_cfg=_pretrained_cfg(_name, _cfg))
