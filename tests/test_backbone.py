@@ -1,5 +1,8 @@
 """The backbone surface, as timm's: feature_info that follows out_indices, forward_intermediates, pruning,
-and train vs deploy form of every backbone (generated from the registry)."""
+train vs deploy form of every backbone (generated from the registry), and a detector built on one."""
+
+import runpy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from repblocks.numerics import max_errors, randomize_bn_
 from .conftest import LARGE_MODELS, TINY_MODELS
 
 TINY_THEN_SLOW = TINY_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in LARGE_MODELS]
+ROOT = Path(__file__).resolve().parents[1]
 SIDE = 64  # every level down to stride 32 is 2x2
 
 
@@ -161,3 +165,16 @@ def test_deploy_form_gives_the_same_intermediates(name):
 def test_feature_info_can_be_built_for_other_models():
     info = FeatureInfo([dict(num_chs=8, reduction=2, module="a"), dict(num_chs=16, reduction=4, module="b")], [-1])
     assert info.out_indices == (1,) and info.channels() == [16] and info.module_name(0) == "a"
+
+
+def test_a_backbone_inside_faster_rcnn_deploys_with_the_same_detections():
+    """examples/detection_backbone.py: one training step, switch_to_deploy of the whole detector, same detections."""
+    pytest.importorskip("torchvision")
+    example = runpy.run_path(str(ROOT / "examples" / "detection_backbone.py"))  # exits non-zero on a mismatch
+    expected, actual = example["expected"], example["actual"]
+    assert all(len(detections["boxes"]) > 0 for detections in expected), "nothing detected: nothing compared"
+    for want, got in zip(expected, actual, strict=True):
+        assert torch.equal(want["labels"], got["labels"])
+        torch.testing.assert_close(got["boxes"], want["boxes"], rtol=0, atol=1e-9)
+        torch.testing.assert_close(got["scores"], want["scores"], rtol=0, atol=1e-9)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in example["deployed"].modules())
