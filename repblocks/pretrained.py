@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from repblocks.checkpoint import StateDict, read_state_dict
+from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.layouts import to_repblocks_layout
 from repblocks.registry import get_pretrained_cfg, list_models
 from repblocks.weights import load_weights
@@ -79,16 +79,16 @@ def classifier_classes(state_dict: Mapping[str, Tensor], classifier: str | None)
     return weight.shape[0] if weight is not None and weight.dim() == 2 else None
 
 
-def load_pretrained(model: nn.Module, state_dict: Mapping[str, Tensor], *, classifier: str | None) -> nn.Module:
-    """Load ``state_dict`` into ``model`` with :func:`repblocks.load_weights`, after fitting the classifier.
+def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str | None = "head.fc") -> nn.Module:
+    """Load weights (a file or a state dict) into ``model`` with :func:`repblocks.load_weights`, fitting the classifier.
 
     What the model does not have (a backbone's head and the stages past its last level) is left
     out; a classifier of another size (or none in the file) leaves the model's own, fresh one.
-    Everything else must fit exactly.
+    Both are logged. Everything else must fit exactly.
     """
     expected = model.state_dict()
     roots = {key.split(".")[0] for key in expected} | {"head"}
-    state_dict = to_repblocks_layout(state_dict, roots, keep=expected.keys())
+    state_dict = to_repblocks_layout(read_state_dict(source), roots, keep=expected.keys())
     state_dict = _without_absent_modules(model, state_dict)
     if classifier is not None:
         state_dict = _fit_classifier(state_dict, expected, classifier)

@@ -15,6 +15,7 @@ import torch
 
 import repblocks
 from repblocks.numerics import max_errors, randomize_bn_
+from repblocks.pretrained import load_pretrained
 
 from .official_layout import OfficialRepVGG
 
@@ -120,6 +121,18 @@ def test_a_backbone_loads_a_classifier_without_its_head_and_unused_stages(tmp_pa
     assert "left out head, stages.2, stages.3" in caplog.text
     expected = reference.forward_intermediates(X, indices=(1, 2), intermediates_only=True)
     assert all(torch.equal(a, b) for a, b in zip(backbone(X), expected, strict=True))
+
+
+@torch.no_grad()
+def test_load_pretrained_fills_a_backbone_built_beforehand(tmp_path):
+    """What create_model(pretrained=PATH) does, for a model already built: a classifier's file into a backbone."""
+    source = _trained(num_classes=10)
+    path = repblocks.save_weights(source, tmp_path / "tiny.safetensors")
+    backbone = repblocks.create_model("repvgg_tiny", features_only=True, out_indices=(2,))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        repblocks.load_weights(backbone, path)  # the strict loader refuses the head and the stages it lacks
+    load_pretrained(backbone, path).eval()
+    assert torch.equal(backbone(X)[0], source.forward_intermediates(X, indices=(2,), intermediates_only=True)[0])
 
 
 def test_a_file_without_a_classifier_leaves_the_head_fresh(tmp_path, caplog):
