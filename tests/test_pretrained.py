@@ -82,8 +82,9 @@ def test_train_and_deploy_form_files_load_into_a_deploy_model(tmp_path):
     source = _trained("repvgg_tiny_g2se", num_classes=10)
     train_file = tmp_path / "train.pth"
     torch.save(source.state_dict(), train_file)
+    train_safetensors = repblocks.save_weights(source, tmp_path / "train.safetensors")
     deploy_file = repblocks.save_weights(repblocks.switch_to_deploy(source), tmp_path / "deploy.safetensors")
-    for path in (train_file, deploy_file):
+    for path in (train_file, train_safetensors, deploy_file):
         model = repblocks.create_model("repvgg_tiny_g2se", deploy=True, pretrained=path).eval()
         assert model.stem.deploy and max_errors(source(X), model(X))[1] < 1e-5, path.name
 
