@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from repblocks.fusion import equivalent_kernel_bias, fused_kernel_bias
 
-__all__ = ["ConvBN", "RepBlock", "SqueezeExcite"]
+__all__ = ["ACTIVATIONS", "ConvBN", "RepBlock", "SqueezeExcite", "resolve_act"]
 
 ActFactory = Callable[[], nn.Module]
 
@@ -25,6 +26,53 @@ ActFactory = Callable[[], nn.Module]
 def _relu() -> nn.Module:
     # In place is safe: the block's sum (or fused conv output) is a fresh tensor nobody else holds.
     return nn.ReLU(inplace=True)
+
+
+# Activations by name, so a config can say `act: gelu` (names as timm spells them).
+ACTIVATIONS: dict[str, ActFactory] = {
+    "relu": _relu,
+    "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "gelu_tanh": partial(nn.GELU, approximate="tanh"),
+    "silu": nn.SiLU,
+    "mish": nn.Mish,
+    "hardswish": nn.Hardswish,
+    "hardsigmoid": nn.Hardsigmoid,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "prelu": nn.PReLU,
+    "identity": nn.Identity,
+}
+
+
+def resolve_act(act: str | ActFactory | None) -> ActFactory | None:
+    """An activation factory from a name in :data:`ACTIVATIONS`, a factory (``nn.GELU``), or None (no activation).
+
+    Raises:
+        ValueError: An unknown name (the message lists the known ones), or a module instance
+            instead of a factory (every block needs its own, or a PReLU would share its weights).
+    """
+    if act is None:
+        return None
+    if isinstance(act, str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; known activations: {', '.join(ACTIVATIONS)}")
+        return ACTIVATIONS[act]
+    if isinstance(act, nn.Module) or not callable(act):
+        raise ValueError(
+            f"act must be an activation name ({', '.join(ACTIVATIONS)}) or a factory such as nn.GELU, got {act!r}"
+        )
+    return act
+
+
+def check_int(value: object, name: str, *, minimum: int) -> int:
+    """``value`` if it is an int of at least ``minimum``; otherwise a one-line ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 class ConvBN(nn.Sequential):
@@ -66,7 +114,7 @@ class RepBlock(nn.Module):
         groups: Convolution groups (``groups == in_channels`` is depthwise).
         kernel_size: Odd size of the main kernel (3 in RepVGG).
         use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se).
-        act: Factory of the activation module; None for no activation.
+        act: Activation: a name from :data:`ACTIVATIONS` (``"gelu"``), a factory (``nn.GELU``), or None for none.
         deploy: Build only the fused convolution (for loading deploy-form weights).
     """
 
@@ -79,11 +127,15 @@ class RepBlock(nn.Module):
         groups: int = 1,
         kernel_size: int = 3,
         use_se: bool = False,
-        act: ActFactory | None = _relu,
+        act: str | ActFactory | None = _relu,
         deploy: bool = False,
     ):
         super().__init__()
-        if kernel_size % 2 != 1:
+        for arg, value in dict(
+            in_channels=in_channels, out_channels=out_channels, stride=stride, groups=groups
+        ).items():
+            check_int(value, arg, minimum=1)
+        if check_int(kernel_size, "kernel_size", minimum=1) % 2 != 1:
             raise ValueError(f"kernel_size must be odd so the 1x1 branch can be centred, got {kernel_size}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
@@ -105,6 +157,7 @@ class RepBlock(nn.Module):
             self.identity = nn.BatchNorm2d(in_channels) if self.has_identity else None
             self.reparam = None
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
+        act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
 
     @property

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from repblocks import RepBlock
+from repblocks.blocks import ACTIVATIONS, resolve_act
 from repblocks.numerics import max_errors, randomize_bn_
 
 # (in, out, stride, groups): dense, strided, channel change, grouped, depthwise, depthwise strided
@@ -94,10 +95,46 @@ def test_custom_activation_and_kernel_size():
     assert max_errors(expected, block(x))[1] < 1e-5
 
 
-@pytest.mark.parametrize("kwargs,match", [({"kernel_size": 4}, "odd"), ({"groups": 3}, "divisible")])
-def test_bad_arguments_raise_clear_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        RepBlock(8, 8, **kwargs)
+BAD_ARGUMENTS = [
+    ({"kernel_size": 4}, "kernel_size must be odd"),
+    ({"kernel_size": 0}, "kernel_size must be an integer >= 1, got 0"),
+    ({"groups": 3}, "divisible by groups"),
+    ({"groups": 0}, "groups must be an integer >= 1, got 0"),
+    ({"groups": -2}, "groups must be an integer >= 1, got -2"),
+    ({"stride": 0}, "stride must be an integer >= 1, got 0"),
+    ({"stride": 1.5}, "stride must be an integer >= 1, got 1.5"),
+    ({"in_channels": 0}, "in_channels must be an integer >= 1, got 0"),
+    ({"out_channels": -8}, "out_channels must be an integer >= 1, got -8"),
+    ({"act": "swishy"}, r"unknown activation 'swishy'; known activations: relu, .*gelu"),
+    ({"act": nn.ReLU()}, "act must be an activation name .* or a factory such as nn.GELU"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_ARGUMENTS, ids=[str(kwargs) for kwargs, _ in BAD_ARGUMENTS])
+def test_bad_arguments_raise_one_line_errors(kwargs, match):
+    """No assert, no ZeroDivisionError: one line that says what was wrong (and what exists)."""
+    arguments = {"in_channels": 8, "out_channels": 8, **kwargs}
+    with pytest.raises(ValueError, match=match) as err:
+        RepBlock(arguments.pop("in_channels"), arguments.pop("out_channels"), **arguments)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_activations_by_name_apply_after_the_fused_sum(name):
+    """``act="gelu"`` (a config's ``+model.act=gelu``) gives the same block as the factory, in both forms."""
+    block = _trained_like(RepBlock(4, 4, act=name), torch.float64)
+    without = copy.deepcopy(block)
+    without.act = nn.Identity()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    expected = block(x)
+    assert torch.equal(expected, ACTIVATIONS[name]().double()(without(x)))
+    block.switch_to_deploy()
+    assert max_errors(expected, block(x))[1] < 1e-12
+
+
+def test_act_none_means_no_activation():
+    block = _trained_like(RepBlock(4, 4, act=None))
+    assert isinstance(block.act, nn.Identity) and resolve_act(None) is None
 
 
 def test_blocks_train_inside_a_custom_backbone():

@@ -66,23 +66,6 @@ def test_deploy_weights_round_trip_into_a_deploy_model(name, tmp_path):
     assert torch.equal(fresh(x), deployed(x))
 
 
-@pytest.mark.parametrize("name", TINY_THEN_SLOW)
-@torch.no_grad()
-def test_features_only_returns_the_chosen_stages(name):
-    model = repblocks.create_model(name, features_only=True).eval()
-    features = model(torch.randn(1, 3, 64, 64))
-    assert len(features) == 5
-    for feature, info in zip(features, model.feature_info, strict=True):
-        assert feature.shape == (1, info["num_chs"], 64 // info["reduction"], 64 // info["reduction"])
-    subset = repblocks.create_model(name, features_only=True, out_indices=(2, 4)).eval()
-    assert [f.shape[1] for f in subset(torch.randn(1, 3, 64, 64))] == [model.feature_info[i]["num_chs"] for i in (2, 4)]
-
-
-def test_features_only_rejects_levels_that_do_not_exist():
-    with pytest.raises(ValueError, match="out_indices"):
-        repblocks.create_model("repvgg_tiny", features_only=True, out_indices=(1, 5))
-
-
 @torch.no_grad()
 def test_model_surface():
     model = _model("repvgg_tiny")
@@ -94,7 +77,9 @@ def test_model_surface():
     model.reset_classifier(7)
     assert model(x).shape == (2, 7) and model.num_classes == 7
     model.reset_classifier(0)
-    assert model(x).shape == (2, model.num_features)
+    assert model(x).shape == (2, model.num_features) and model.num_classes == 0
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 0, got -3"):
+        model.reset_classifier(-3)
 
 
 def test_in_chans_and_dropout_are_configurable():
@@ -113,6 +98,41 @@ def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
     model = repblocks.create_model("repvgg_b1g4")
     groups = [block.groups for stage in model.stages for block in stage]
     assert groups[:4] == [1, 4, 1, 4] and groups[-1] == 1 and groups.count(4) == 13
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, .*pretrained"),
+        ({"foo": 1, "bar": 2}, "unknown arguments bar, foo"),
+        ({"act": "gelux"}, r"unknown activation 'gelux'; known activations: relu, .*silu"),
+        ({"num_classes": -1}, "num_classes must be an integer >= 0, got -1"),
+        ({"num_classes": "10"}, "num_classes must be an integer >= 0, got '10'"),
+        ({"in_chans": 0}, "in_chans must be an integer >= 1, got 0"),
+        ({"drop_rate": 1.5}, r"drop_rate must be in \[0, 1\), got 1.5"),
+        ({"drop_rate": "0.1"}, r"drop_rate must be in \[0, 1\), got '0.1'"),
+        ({"pretrained": 3}, "pretrained must be True, False or a path"),
+    ],
+)
+def test_bad_model_arguments_raise_one_line_errors(kwargs, match):
+    """What a config's `+model.foo=1` or `model.num_classes=-1` ends in: one line naming what exists."""
+    with pytest.raises(ValueError, match=match) as err:
+        repblocks.create_model("repvgg_tiny", **kwargs)
+    assert "\n" not in str(err.value)
+
+
+@torch.no_grad()
+def test_activation_by_name_builds_the_same_model_as_by_factory():
+    """`+model.act=gelu` arrives as a string: it must build what act=nn.GELU builds."""
+    by_name = _model("repvgg_tiny", act="gelu")
+    by_factory = _model("repvgg_tiny", act=torch.nn.GELU)
+    relu = _model("repvgg_tiny")
+    by_factory.load_state_dict(by_name.state_dict())
+    relu.load_state_dict(by_name.state_dict())
+    x = torch.randn(INPUT)
+    assert torch.equal(by_name(x), by_factory(x))
+    assert not torch.equal(by_name(x), relu(x)), "the activation must change the output"
+    assert max_errors(by_name(x), repblocks.switch_to_deploy(by_name)(x))[1] < 1e-5
 
 
 def test_unknown_model_lists_what_exists():

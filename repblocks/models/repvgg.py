@@ -5,6 +5,8 @@ Ding, Zhang, Ma, Han, Ding, Sun. CVPR 2021. https://arxiv.org/abs/2101.03697
 Five stages of ``RepBlock``s (the first block of each stage strides by 2), global average
 pooling and a linear classifier. Every variant of the paper is one row of ``REPVGG_CONFIGS``;
 the "g2"/"g4" variants use grouped convs on every second layer, as the official code does.
+Each row also says how the variant's published weights expect images (``pretrained_cfg``, timm's
+keys) and which of timm's published weights it takes (``create_model(name, pretrained=True)``).
 """
 
 from __future__ import annotations
@@ -15,21 +17,28 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu
+from repblocks.blocks import ActFactory, RepBlock, _relu, check_int, resolve_act
+from repblocks.features import FeatureInfo, resolve_indices
 from repblocks.registry import register_model
 
 __all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass(frozen=True)
 class RepVGGConfig:
-    """Architecture of one RepVGG variant."""
+    """Architecture of one RepVGG variant, and the images its published weights expect."""
 
     depths: tuple[int, int, int, int]  # blocks in stages 1-4 (stage 0 is the single stem block)
     widths: tuple[float, float, float, float]  # the paper's multipliers: a for stages 1-3, b for stage 4
     groups: int = 1  # groups on every even-numbered layer (paper's g2/g4); 1 keeps all convs dense
     use_se: bool = False  # squeeze-excitation in every block (RepVGG-D2se)
     base_channels: tuple[int, int, int, int] = (64, 128, 256, 512)  # widths before the multipliers
+    image_size: int = 224  # side of the images the weights were evaluated at (D2se: 320)
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, then centre-crop image_size
+    timm_tag: str | None = None  # timm publishes weights as "<name>.<tag>"; None where it has none
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -43,26 +52,51 @@ class RepVGGConfig:
 
 _A = (2, 4, 14, 1)
 _B = (4, 6, 16, 1)
+_TIMM = "rvgg_in1k"  # timm's ImageNet-1k weights, converted from the official release
 
 REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
-    "repvgg_a0": RepVGGConfig(_A, (0.75, 0.75, 0.75, 2.5)),
-    "repvgg_a1": RepVGGConfig(_A, (1.0, 1.0, 1.0, 2.5)),
-    "repvgg_a2": RepVGGConfig(_A, (1.5, 1.5, 1.5, 2.75)),
-    "repvgg_b0": RepVGGConfig(_B, (1.0, 1.0, 1.0, 2.5)),
-    "repvgg_b1": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0)),
+    "repvgg_a0": RepVGGConfig(_A, (0.75, 0.75, 0.75, 2.5), timm_tag=_TIMM),
+    "repvgg_a1": RepVGGConfig(_A, (1.0, 1.0, 1.0, 2.5), timm_tag=_TIMM),
+    "repvgg_a2": RepVGGConfig(_A, (1.5, 1.5, 1.5, 2.75), timm_tag=_TIMM),
+    "repvgg_b0": RepVGGConfig(_B, (1.0, 1.0, 1.0, 2.5), timm_tag=_TIMM),
+    "repvgg_b1": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), timm_tag=_TIMM),
     "repvgg_b1g2": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=2),
-    "repvgg_b1g4": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=4),
-    "repvgg_b2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0)),
+    "repvgg_b1g4": RepVGGConfig(_B, (2.0, 2.0, 2.0, 4.0), groups=4, timm_tag=_TIMM),
+    "repvgg_b2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), timm_tag=_TIMM),
     "repvgg_b2g2": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=2),
-    "repvgg_b2g4": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=4),
-    "repvgg_b3": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0)),
+    "repvgg_b2g4": RepVGGConfig(_B, (2.5, 2.5, 2.5, 5.0), groups=4, timm_tag=_TIMM),
+    "repvgg_b3": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), timm_tag=_TIMM),
     "repvgg_b3g2": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=2),
-    "repvgg_b3g4": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=4),
-    "repvgg_d2se": RepVGGConfig((8, 14, 24, 1), (2.5, 2.5, 2.5, 5.0), use_se=True),
-    # Tiny variants for tests and smoke runs: every code path (identity, stride, groups, SE) in a few ms.
-    "repvgg_tiny": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25)),
-    "repvgg_tiny_g2se": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True),
+    "repvgg_b3g4": RepVGGConfig(_B, (3.0, 3.0, 3.0, 5.0), groups=4, timm_tag=_TIMM),
+    "repvgg_d2se": RepVGGConfig(
+        (8, 14, 24, 1), (2.5, 2.5, 2.5, 5.0), use_se=True, image_size=320, crop_pct=1.0, timm_tag=_TIMM
+    ),
+    # Tiny variants for tests and smoke runs: every code path (identity, stride, groups, SE) in a few ms,
+    # on the 32x32 images of the digits and CIFAR recipes.
+    "repvgg_tiny": RepVGGConfig((2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), image_size=32, crop_pct=1.0),
+    "repvgg_tiny_g2se": RepVGGConfig(
+        (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True, image_size=32, crop_pct=1.0
+    ),
 }
+
+
+def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
+    """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
+    return dict(
+        architecture=name,
+        tag=cfg.timm_tag,
+        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,  # where timm's weights live
+        input_size=(3, cfg.image_size, cfg.image_size),
+        interpolation="bilinear",
+        crop_pct=cfg.crop_pct,
+        crop_mode="center",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=1000,
+        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
+        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv"),  # in the train form; deploy form: stem.reparam
+        classifier="head.fc",
+    )
 
 
 class ClassifierHead(nn.Module):
@@ -86,15 +120,21 @@ class ClassifierHead(nn.Module):
 class RepVGG(nn.Module):
     """RepVGG classifier or backbone.
 
+    Feature levels: 0 = the stem (stride 2), 1-4 = the four stages (stride 4, 8, 16, 32).
+    ``feature_info`` (a :class:`~repblocks.features.FeatureInfo`) describes them as timm does.
+
     Args:
         cfg: The architecture (a row of ``REPVGG_CONFIGS``).
         num_classes: Classifier outputs; 0 keeps pooled features.
         in_chans: Input image channels.
         drop_rate: Dropout before the classifier (R-Drop needs one).
-        act: Activation factory for every block.
+        act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
+            or a factory (``nn.GELU``).
         deploy: Build the plain deploy form directly.
-        features_only: ``forward`` returns the feature maps listed in ``out_indices``.
-        out_indices: Feature levels to return: 0 = stem (stride 2), 1-4 = stages (stride 4-32).
+        features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
+            and ``forward`` returns the feature maps of ``out_indices``.
+        out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
+            the end, as in timm) or n for the last n levels. All five by default.
     """
 
     def __init__(
@@ -104,32 +144,43 @@ class RepVGG(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
-        act: ActFactory | None = _relu,
+        act: str | ActFactory | None = _relu,
         deploy: bool = False,
         features_only: bool = False,
-        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        out_indices: int | Sequence[int] | None = None,
     ):
         super().__init__()
-        if features_only and any(not 0 <= i <= len(cfg.depths) for i in out_indices):
-            raise ValueError(f"out_indices must be in 0..{len(cfg.depths)}, got {tuple(out_indices)}")
+        check_int(num_classes, "num_classes", minimum=0)
+        check_int(in_chans, "in_chans", minimum=1)
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        if out_indices is not None and not features_only:
+            raise ValueError("out_indices chooses the levels a backbone returns: pass features_only=True with it")
+        levels = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem", stage=0, index=0)]
+        for stage_idx, width in enumerate(cfg.stage_channels, start=1):
+            levels.append(dict(num_chs=width, reduction=2 ** (stage_idx + 1), module=f"stages.{stage_idx - 1}"))
+            levels[-1].update(stage=stage_idx, index=stage_idx)
+        self.feature_info = FeatureInfo(levels, out_indices)
         self.cfg = cfg
         self.features_only = features_only
-        self.out_indices = tuple(out_indices)
-        block = partial(RepBlock, use_se=cfg.use_se, act=act, deploy=deploy)
+        self.out_indices = self.feature_info.out_indices
+        block = partial(RepBlock, use_se=cfg.use_se, act=resolve_act(act), deploy=deploy)
 
         self.stem = block(in_chans, cfg.stem_channels, stride=2)
-        self.feature_info = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem")]
+        # A backbone stops at its last returned level: stages past it would hold unused parameters
+        # (which DDP refuses) and cost memory, as in timm.
+        num_stages = max(self.out_indices) if features_only else len(cfg.depths)
         stages, channels, layer = [], cfg.stem_channels, 1
-        for stage_idx, (depth, width) in enumerate(zip(cfg.depths, cfg.stage_channels, strict=True)):
+        for depth, width in zip(cfg.depths[:num_stages], cfg.stage_channels, strict=False):
             blocks = []
             for block_idx in range(depth):
                 groups = cfg.groups if layer % 2 == 0 else 1  # official layout: layers 2, 4, 6, ...
                 blocks.append(block(channels, width, stride=2 if block_idx == 0 else 1, groups=groups))
                 channels, layer = width, layer + 1
             stages.append(nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=width, reduction=2 ** (stage_idx + 2), module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = channels
+        self.drop_rate = drop_rate
         self.head = None if features_only else ClassifierHead(channels, num_classes, drop_rate=drop_rate)
 
     @property
@@ -147,21 +198,71 @@ class RepVGG(nn.Module):
         return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        if not self.features_only:
-            return self.forward_head(self.forward_features(x))
+        """Logits ``(B, num_classes)``; with ``features_only``, the feature maps of ``out_indices``."""
+        if self.features_only:
+            return self.forward_intermediates(x, indices=self.out_indices, stop_early=True, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """The last feature map and the feature maps of the chosen levels, as timm's ``forward_intermediates``.
+
+        Args:
+            x: Image batch ``(B, C, H, W)``.
+            indices: Levels to return (0 = stem, 1-4 = stages): None for all the model has, n for the
+                last n, or a sequence (negative counts from the end).
+            norm: Accepted for timm compatibility; RepVGG has no final norm.
+            stop_early: Stop after the last chosen level; the "last feature map" is then that level's.
+            output_fmt: Only ``"NCHW"``.
+            intermediates_only: Return only the list of intermediates.
+
+        Returns:
+            ``(final, intermediates)``, or ``intermediates`` with ``intermediates_only``.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (RepVGG's features are NCHW), got {output_fmt!r}")
+        take = resolve_indices(1 + len(self.stages), indices)
         x = self.stem(x)
-        features = [x] if 0 in self.out_indices else []
-        for idx, stage in enumerate(self.stages, start=1):
+        intermediates = [x] if 0 in take else []
+        for level, stage in enumerate(self.stages, start=1):
+            if stop_early and level > max(take):
+                break
             x = stage(x)
-            if idx in self.out_indices:
-                features.append(x)
-        return features
+            if level in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last level in ``indices`` (and the classifier), as timm's method.
+
+        Returns:
+            The absolute levels kept for :meth:`forward_intermediates`.
+        """
+        take = resolve_indices(1 + len(self.stages), indices)
+        if self.features_only and max(take) < max(self.out_indices):
+            raise ValueError(f"this backbone returns levels {self.out_indices}: it cannot be pruned to {max(take)}")
+        pruned = max(take) < len(self.stages)
+        self.stages = self.stages[: max(take)]
+        if pruned:
+            self.num_features = self.feature_info.channels(max(take))
+        if self.head is not None and (prune_head or pruned):
+            self.head = ClassifierHead(self.num_features, 0, drop_rate=self.drop_rate)
+        return take
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier with a fresh one of ``num_classes`` outputs (0 removes it)."""
         if self.head is None:
             raise RuntimeError("this model was built with features_only=True and has no head")
-        self.head.reset(num_classes)
+        self.head.reset(check_int(num_classes, "num_classes", minimum=0))
 
     def switch_to_deploy(self) -> RepVGG:
         """Fuse every block in place (idempotent) and return the model."""
@@ -171,9 +272,5 @@ class RepVGG(nn.Module):
         return self
 
 
-def _create_repvgg(name: str, **kwargs) -> RepVGG:
-    return RepVGG(REPVGG_CONFIGS[name], **kwargs)
-
-
-for _name in REPVGG_CONFIGS:
-    register_model(_name, partial(_create_repvgg, _name))
+for _name, _cfg in REPVGG_CONFIGS.items():
+    register_model(_name, partial(RepVGG, _cfg), pretrained_cfg=_pretrained_cfg(_name, _cfg))

@@ -1,0 +1,134 @@
+"""Weights for ``create_model(name, pretrained=...)``: a file in any layout we read, or timm's published weights.
+
+A classifier's weights fit a model with another number of classes, or a backbone without a head:
+everything else loads and the classifier stays fresh (as in timm), and the log says so. timm is
+imported only when its weights are asked for, so the core does not need it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
+from repblocks.layouts import to_repblocks_layout
+from repblocks.registry import get_pretrained_cfg, list_models
+from repblocks.weights import load_weights
+
+__all__ = ["classifier_classes", "load_pretrained", "read_pretrained", "timm_state_dict"]
+
+log = logging.getLogger(__name__)
+
+
+def read_pretrained(name: str, pretrained: bool | str | os.PathLike, *, pretrained_cfg: Mapping) -> StateDict | None:
+    """The state dict ``pretrained`` asks for (None for False): a file's, or timm's (True).
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: The file cannot be read safely, or timm's weights cannot be had (one line: why, and what to do).
+    """
+    if pretrained is False:
+        return None
+    if pretrained is True:
+        return timm_state_dict(name, pretrained_cfg=pretrained_cfg)
+    return read_state_dict(pretrained)
+
+
+def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
+    """timm's published weights for ``name`` (train form, timm's layout), from timm's download cache or the Hub.
+
+    Raises:
+        ValueError: timm has no weights for this variant, timm is not installed, or the download
+            failed (offline, say): the message says where to get the file, to pass as ``pretrained=PATH``.
+    """
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if not hub_id:
+        published = [n for n in list_models() if get_pretrained_cfg(n).get("hf_hub_id")]
+        raise ValueError(
+            f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
+            f"pass pretrained=PATH to load weights from a file"
+        )
+    where = f"https://huggingface.co/{hub_id} (model.safetensors)"
+    try:
+        import timm
+    except ImportError:
+        raise ValueError(
+            f"pretrained=True downloads timm's weights and needs timm (pip install timm); "
+            f"or download {where} and pass pretrained=PATH"
+        ) from None
+    try:
+        model = timm.create_model(f"{name}.{pretrained_cfg['tag']}", pretrained=True)
+    except Exception as err:  # offline, a proxy, a full disk, an older timm: each means "no weights from timm"
+        reason = (str(err).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise ValueError(
+            f"could not get timm's weights for {name} ({type(err).__name__}: {reason}); "
+            f"download {where} and pass pretrained=PATH"
+        ) from None
+    return model.state_dict()
+
+
+def classifier_classes(state_dict: Mapping[str, Tensor], classifier: str | None) -> int | None:
+    """The number of classes of the classifier in ``state_dict`` (any layout we read), or None if it has none."""
+    if classifier is None:
+        return None
+    weight = to_repblocks_layout(state_dict).get(f"{classifier}.weight")
+    return weight.shape[0] if weight is not None and weight.dim() == 2 else None
+
+
+def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str | None = "head.fc") -> nn.Module:
+    """Load weights (a file or a state dict) into ``model`` with :func:`repblocks.load_weights`, fitting the classifier.
+
+    What the model does not have (a backbone's head and the stages past its last level) is left
+    out; a classifier of another size (or none in the file) leaves the model's own, fresh one.
+    Both are logged. Everything else must fit exactly.
+    """
+    expected = model.state_dict()
+    roots = {key.split(".")[0] for key in expected} | {"head"}
+    state_dict = to_repblocks_layout(read_state_dict(source), roots, keep=expected.keys())
+    state_dict = _without_absent_modules(model, state_dict)
+    # BN step counters of branches that fuse away carry nothing, and load_weights would take its fuse
+    # dtype from one (int64) if it came first, as in a safetensors file (issue 8, section 4).
+    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.endswith("num_batches_tracked")}
+    if classifier is not None:
+        state_dict = _fit_classifier(state_dict, expected, classifier)
+    return load_weights(model, state_dict)
+
+
+def _without_absent_modules(model: nn.Module, state_dict: StateDict) -> StateDict:
+    """A ``features_only`` backbone has no head and no stages past its last returned level: drop their weights."""
+    if not getattr(model, "features_only", False):
+        return state_dict
+    kept_stages, all_stages = len(getattr(model, "stages", ())), len(getattr(model, "feature_info", ())) - 1
+    absent = ["head."] + [f"stages.{i}." for i in range(kept_stages, all_stages)]
+    dropped = {key for key in state_dict if key.startswith(tuple(absent))}
+    if dropped:
+        modules = sorted({".".join(key.split(".")[:2]) if key.startswith("stages.") else "head" for key in dropped})
+        log.info("loading a backbone (features_only): left out %s, which it does not have", ", ".join(modules))
+    return {key: value for key, value in state_dict.items() if key not in dropped}
+
+
+def _fit_classifier(state_dict: StateDict, expected: Mapping[str, Tensor], classifier: str) -> StateDict:
+    """Where the file's classifier does not fit the model's, keep the model's fresh one."""
+    prefix = f"{classifier}."
+    theirs = {key: value for key, value in state_dict.items() if key.startswith(prefix)}
+    ours = {key: value for key, value in expected.items() if key.startswith(prefix)}
+    fits = theirs.keys() == ours.keys() and all(theirs[k].shape == ours[k].shape for k in ours)
+    if fits:
+        return state_dict
+
+    def described(weights: Mapping[str, Tensor]) -> str:
+        weight = weights.get(f"{prefix}weight")
+        return f"{weight.shape[0]} classes" if weight is not None else "no classifier"
+
+    log.info(
+        "the weights have %s, the model %s: loaded everything else, the model's %s is left fresh",
+        described(theirs),
+        described(ours),
+        classifier,
+    )
+    state_dict = {key: value for key, value in state_dict.items() if not key.startswith(prefix)}
+    return {**state_dict, **ours}

@@ -1,0 +1,223 @@
+"""pretrained_cfg (checked against timm's own) and create_model(pretrained=PATH | True).
+
+pretrained=True is tested without the network: offline mode and an empty download cache for the
+failure, a download cache filled with weights made here for the success, and every socket blocked
+so that nothing can reach (or hang on) the network whatever huggingface_hub decides to do.
+"""
+
+import logging
+import socket
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+
+import repblocks
+from repblocks.numerics import max_errors, randomize_bn_
+from repblocks.pretrained import load_pretrained
+
+from .official_layout import OfficialRepVGG
+
+X = torch.randn(2, 3, 32, 32)
+TIMM_KEYS = ["input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation", "num_classes", "pool_size"]
+TIMM_KEYS += ["first_conv", "classifier", "hf_hub_id"]
+
+
+def _trained(name="repvgg_tiny", **kwargs):
+    return randomize_bn_(repblocks.create_model(name, **kwargs)).eval()
+
+
+def _one_line(err) -> str:
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+# --- pretrained_cfg ---
+
+
+def test_pretrained_cfg_agrees_with_timms_for_every_variant():
+    timm = pytest.importorskip("timm")
+    published = {name.split(".")[0]: name for name in timm.list_pretrained("repvgg*")}
+    for name in repblocks.list_models():
+        cfg = repblocks.get_pretrained_cfg(name)
+        if cfg["hf_hub_id"] is None:
+            assert name not in published, f"timm has weights for {name}: say so in its table row"
+            continue
+        assert published.get(name) == f"{name}.{cfg['tag']}", name
+        theirs = timm.models.get_pretrained_cfg(published[name]).to_dict()
+        assert {key: cfg[key] for key in TIMM_KEYS} == {key: theirs[key] for key in TIMM_KEYS}, name
+
+
+def test_model_carries_its_pretrained_cfg_and_the_registry_hands_out_copies():
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    assert model.pretrained_cfg == repblocks.get_pretrained_cfg("repvgg_tiny")
+    assert model.pretrained_cfg["input_size"] == (3, 32, 32) and model.pretrained_cfg["num_classes"] == 1000
+    model.pretrained_cfg["mean"] = (0.0, 0.0, 0.0)
+    assert repblocks.get_pretrained_cfg("repvgg_tiny")["mean"] != (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"unknown model 'repvgg_z9'; registered models: repvgg_a0"):
+        repblocks.get_pretrained_cfg("repvgg_z9")
+
+
+def test_num_classes_defaults_to_the_pretrained_cfgs():
+    assert (
+        repblocks.create_model("repvgg_tiny").num_classes == repblocks.get_pretrained_cfg("repvgg_tiny")["num_classes"]
+    )
+
+
+# --- pretrained=PATH ---
+
+
+@torch.no_grad()
+def test_a_file_loads_into_the_train_form_and_sets_num_classes(tmp_path):
+    source = _trained(num_classes=10)
+    path = repblocks.save_weights(source, tmp_path / "tiny.safetensors")
+    model = repblocks.create_model("repvgg_tiny", pretrained=path).eval()
+    assert model.num_classes == 10, "num_classes comes from the file when not given"
+    assert torch.equal(model(X), source(X))
+
+
+@torch.no_grad()
+def test_train_and_deploy_form_files_load_into_a_deploy_model(tmp_path):
+    source = _trained("repvgg_tiny_g2se", num_classes=10)
+    train_file = tmp_path / "train.pth"
+    torch.save(source.state_dict(), train_file)
+    train_safetensors = repblocks.save_weights(source, tmp_path / "train.safetensors")
+    deploy_file = repblocks.save_weights(repblocks.switch_to_deploy(source), tmp_path / "deploy.safetensors")
+    for path in (train_file, train_safetensors, deploy_file):
+        model = repblocks.create_model("repvgg_tiny_g2se", deploy=True, pretrained=path).eval()
+        assert model.stem.deploy and max_errors(source(X), model(X))[1] < 1e-5, path.name
+
+
+@torch.no_grad()
+def test_a_file_of_the_official_layout_loads(tmp_path):
+    official = randomize_bn_(OfficialRepVGG(num_blocks=(2, 2, 2, 1), widths=(0.25,) * 4, num_classes=7)).eval()
+    torch.save(official.state_dict(), tmp_path / "official.pth")
+    model = repblocks.create_model("repvgg_tiny", pretrained=tmp_path / "official.pth").eval()
+    assert model.num_classes == 7 and max_errors(official(X), model(X))[1] < 1e-6
+
+
+@torch.no_grad()
+def test_another_num_classes_loads_everything_but_the_classifier(tmp_path, caplog):
+    source = _trained(num_classes=10)
+    path = repblocks.save_weights(source, tmp_path / "tiny.safetensors")
+    with caplog.at_level(logging.INFO, logger="repblocks"):
+        model = repblocks.create_model("repvgg_tiny", num_classes=3, pretrained=path).eval()
+    assert "10 classes, the model 3 classes" in caplog.text and "head.fc is left fresh" in caplog.text
+    assert model.num_classes == 3
+    assert torch.equal(model.forward_features(X), source.forward_features(X))
+    pooled = repblocks.create_model("repvgg_tiny", num_classes=0, pretrained=path).eval()
+    assert torch.equal(pooled(X), source.forward_head(source.forward_features(X), pre_logits=True))
+
+
+@torch.no_grad()
+def test_a_backbone_loads_a_classifier_without_its_head_and_unused_stages(tmp_path, caplog):
+    official = randomize_bn_(OfficialRepVGG(num_blocks=(2, 2, 2, 1), widths=(0.25,) * 4, num_classes=7)).eval()
+    torch.save(official.state_dict(), tmp_path / "official.pth")
+    reference = repblocks.create_model("repvgg_tiny", pretrained=tmp_path / "official.pth").eval()
+    with caplog.at_level(logging.INFO, logger="repblocks"):
+        backbone = repblocks.create_model(
+            "repvgg_tiny", features_only=True, out_indices=(1, 2), pretrained=tmp_path / "official.pth"
+        ).eval()
+    assert "left out head, stages.2, stages.3" in caplog.text
+    expected = reference.forward_intermediates(X, indices=(1, 2), intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(backbone(X), expected, strict=True))
+
+
+@torch.no_grad()
+def test_load_pretrained_fills_a_backbone_built_beforehand(tmp_path):
+    """What create_model(pretrained=PATH) does, for a model already built: a classifier's file into a backbone."""
+    source = _trained(num_classes=10)
+    path = repblocks.save_weights(source, tmp_path / "tiny.safetensors")
+    backbone = repblocks.create_model("repvgg_tiny", features_only=True, out_indices=(2,))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        repblocks.load_weights(backbone, path)  # the strict loader refuses the head and the stages it lacks
+    load_pretrained(backbone, path).eval()
+    assert torch.equal(backbone(X)[0], source.forward_intermediates(X, indices=(2,), intermediates_only=True)[0])
+
+
+def test_a_file_without_a_classifier_leaves_the_head_fresh(tmp_path, caplog):
+    backbone = _trained(features_only=True)
+    path = repblocks.save_weights(backbone, tmp_path / "backbone.safetensors")
+    with caplog.at_level(logging.INFO, logger="repblocks"):
+        model = repblocks.create_model("repvgg_tiny", num_classes=5, pretrained=path).eval()
+    assert "the weights have no classifier, the model 5 classes" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(X), backbone(X)[-1])
+
+
+def test_weights_that_do_not_fit_fail_in_one_line(tmp_path):
+    path = repblocks.save_weights(_trained("repvgg_tiny_g2se", num_classes=10), tmp_path / "g2se.safetensors")
+    with pytest.raises(ValueError, match="weights do not fit RepVGG") as err:
+        repblocks.create_model("repvgg_tiny", pretrained=path)
+    _one_line(err)
+    with pytest.raises(FileNotFoundError):
+        repblocks.create_model("repvgg_tiny", pretrained=tmp_path / "missing.safetensors")
+
+
+# --- pretrained=True: timm's weights, never from the network here ---
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("the network is blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path, no_network):
+    """huggingface_hub in offline mode (HF_HUB_OFFLINE=1) with an empty download cache; returns the cache."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    pytest.importorskip("timm")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.mark.parametrize("name", ["repvgg_tiny", "repvgg_b1g2"])
+def test_variants_timm_has_no_weights_for_say_to_pass_a_path(name, no_network):
+    with pytest.raises(
+        ValueError, match=rf"timm publishes no weights for {name} \(it has weights for repvgg_a0"
+    ) as err:
+        repblocks.create_model(name, pretrained=True)
+    assert "pass pretrained=PATH" in _one_line(err)
+
+
+def test_without_timm_pretrained_true_says_what_to_install_or_pass(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(ValueError, match=r"needs timm \(pip install timm\)") as err:
+        repblocks.create_model("repvgg_a0", pretrained=True)
+    assert "https://huggingface.co/timm/repvgg_a0.rvgg_in1k" in _one_line(err) and "pretrained=PATH" in str(err.value)
+
+
+def test_offline_pretrained_true_fails_in_one_line_saying_where_to_get_the_file(offline_hub):
+    with pytest.raises(ValueError, match="could not get timm's weights for repvgg_a0") as err:
+        repblocks.create_model("repvgg_a0", pretrained=True)
+    message = _one_line(err)
+    assert "download https://huggingface.co/timm/repvgg_a0.rvgg_in1k (model.safetensors)" in message
+    assert message.endswith("and pass pretrained=PATH")
+
+
+@pytest.mark.slow  # builds RepVGG-A0 four times
+@torch.no_grad()
+def test_pretrained_true_converts_timms_weights(offline_hub):
+    """timm's download cache holds (random) weights for repvgg_a0: both forms of ours compute what timm's model does."""
+    import timm
+
+    published = randomize_bn_(timm.create_model("repvgg_a0")).eval()
+    revision = "0" * 40
+    repo = offline_hub / "models--timm--repvgg_a0.rvgg_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    tensors = {key: value.contiguous() for key, value in published.state_dict().items()}
+    safetensors.torch.save_file(tensors, repo / "snapshots" / revision / "model.safetensors")
+
+    expected = published(X)
+    model = repblocks.create_model("repvgg_a0", pretrained=True).eval()
+    assert model.num_classes == 1000 and torch.equal(model(X), expected)
+    deployed = repblocks.create_model("repvgg_a0", pretrained=True, deploy=True).eval()
+    assert max_errors(expected, deployed(X))[1] < 1e-5
