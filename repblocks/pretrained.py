@@ -90,9 +90,6 @@ def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str 
     roots = {key.split(".")[0] for key in expected} | {"head"}
     state_dict = to_repblocks_layout(read_state_dict(source), roots, keep=expected.keys())
     state_dict = _without_absent_modules(model, state_dict)
-    # BN step counters of branches that fuse away carry nothing, and load_weights would take its fuse
-    # dtype from one (int64) if it came first, as in a safetensors file (issue 8, section 4).
-    state_dict = {k: v for k, v in state_dict.items() if k in expected or not k.endswith("num_batches_tracked")}
     if classifier is not None:
         state_dict = _fit_classifier(state_dict, expected, classifier)
     return load_weights(model, state_dict)
