@@ -225,5 +225,10 @@ def build_run_model(run: RunCheckpoint) -> nn.Module:
     Raises:
         ValueError: The checkpoint names a model that is not registered, or its weights do not fit.
     """
-    model = create_model(run.model_name, num_classes=run.num_classes, in_chans=run.in_chans, **run.model_kwargs)
+    try:
+        model = create_model(run.model_name, num_classes=run.num_classes, in_chans=run.in_chans, **run.model_kwargs)
+    except (TypeError, ValueError) as err:  # a name or model_kwargs this version does not know
+        raise ValueError(
+            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
+        ) from None
     return load_weights(model, run.state_dict).eval()

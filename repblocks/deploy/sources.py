@@ -131,7 +131,7 @@ def _build(name: str, *, deploy: bool = False, **kwargs) -> nn.Module:
         raise UserError(f"{name} is a torchvision model: pass it as source={name}")
     try:
         return create_model(name, deploy=deploy, **kwargs)
-    except TypeError as err:  # model_kwargs read from a file that the constructor does not take
+    except (TypeError, ValueError) as err:  # model_kwargs read from a file that the constructor does not take
         raise UserError(f"cannot build {name} with {kwargs}: {err}") from None
 
 
@@ -222,12 +222,7 @@ def _run_network(run: RunCheckpoint, model: str | None) -> Network:
         raise UserError(f"{run.path} holds a {run.model_name}, but model={model} was given; leave model unset")
     if run.model_name.startswith(TORCHVISION):
         raise UserError(f"{run.path} names {run.model_name}: pass it as source={run.model_name}")
-    try:
-        model = build_run_model(run)
-    except TypeError as err:  # model_kwargs the constructor does not take
-        raise UserError(
-            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
-        ) from None
+    model = build_run_model(run)
     return _registry_network(
         run.model_name,
         model,
