@@ -1,7 +1,8 @@
 """Every registered model, generated from the registry: train form vs deploy form and the model surface.
 
-Equivalence runs for every model in the default run (a few seconds each at 32x32); the other
-checks run for the tiny models by default and for the large ones under the ``slow`` marker.
+Equivalence in float32 runs for every model in the default run (about a second each at 32x32);
+float64 and the other checks run for the tiny models by default and for the large ones under the
+``slow`` marker, which CI runs too.
 """
 
 import pytest
@@ -22,8 +23,16 @@ def _model(name, **kwargs):
     return randomize_bn_(repblocks.create_model(name, num_classes=10, **kwargs)).eval()
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+def _equivalence_params():
+    for name in ALL_MODELS:
+        yield pytest.param(name, torch.float32, 1e-5, id=f"fp32-{name}")
+    for name in TINY_MODELS:
+        yield pytest.param(name, torch.float64, 1e-10, id=f"fp64-{name}")
+    for name in LARGE_MODELS:
+        yield pytest.param(name, torch.float64, 1e-10, id=f"fp64-{name}", marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize("name,dtype,tolerance", list(_equivalence_params()))
 @torch.no_grad()
 def test_deploy_form_equals_train_form(name, dtype, tolerance):
     model = _model(name).to(dtype)
@@ -47,13 +56,32 @@ def test_forward_backward(name):
 
 
 @pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @torch.no_grad()
-def test_conversion_is_idempotent(name):
-    deployed = repblocks.switch_to_deploy(_model(name))
-    again = repblocks.switch_to_deploy(deployed)
-    deployed.switch_to_deploy()
-    for key, value in deployed.state_dict().items():
-        assert torch.equal(value, again.state_dict()[key])
+def test_half_precision_model_converts_no_less_accurately_than_it_runs(name, dtype):
+    """A whole fp16/bf16 model on the CPU: the deploy form, in the same dtype, is as close to the float64
+    truth as the train form is (one fused conv rounds once where three branches round three times)."""
+    model = _model(name)
+    x = torch.randn(INPUT)
+    truth = model.double()(x.double())
+    half = model.to(dtype)
+    deployed = repblocks.switch_to_deploy(half)
+    assert all(p.dtype == dtype for p in deployed.parameters())
+    train_err = max_errors(truth, half(x.to(dtype)))[1]
+    deploy_err = max_errors(truth, deployed(x.to(dtype)))[1]
+    assert deploy_err <= 2 * train_err, f"{name} {dtype}: deploy {deploy_err:.2e} vs train form {train_err:.2e}"
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_converting_a_converted_model_in_place_changes_nothing(name):
+    plain = repblocks.switch_to_deploy(_model(name), inplace=True)
+    tensors = {key: value.data_ptr() for key, value in plain.state_dict().items()}
+    x = torch.randn(INPUT)
+    expected = plain(x)
+    assert repblocks.switch_to_deploy(plain, inplace=True) is plain
+    assert {key: value.data_ptr() for key, value in plain.state_dict().items()} == tensors  # nothing re-made
+    assert torch.equal(plain(x), expected)
 
 
 @pytest.mark.parametrize("name", TINY_THEN_SLOW)
