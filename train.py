@@ -259,12 +259,13 @@ def _summary(metrics: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
+    skipped = metrics.get("deploy_check_skipped")
     lines = [
         f"best val acc {pct(metrics['val_acc'])}, deploy form {pct(metrics.get('val_acc_deploy'))} "
         f"(top-1 agreement {pct(metrics.get('top1_agreement'))}, max |logit diff| {metrics.get('max_abs_err', float('nan')):.2e})",
         f"{metrics['epochs']} epochs, {metrics['global_step']} steps in {metrics['train_time_s']:.0f} s",
         f"best checkpoint: {metrics['best_ckpt']}",
-        f"deploy weights:  {metrics.get('deploy_weights') or 'none, deploy check skipped: ' + str(metrics.get('deploy_check_skipped'))}",
+        f"deploy weights:  {metrics.get('deploy_weights') or f'none (deploy check skipped: {skipped})'}",
     ]
     return "\n".join(lines)
 
