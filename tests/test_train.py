@@ -229,6 +229,13 @@ def test_bad_input_is_one_line(tmp_path, overrides, message):
     assert not (tmp_path / "config.yaml").exists()  # refused before the run started
 
 
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    printed = exit_message(taken, "model=repvgg_tiny", "data=imagefolder", "data.root=/nonexistent")
+    assert printed == f"error: run folder {taken} cannot be a folder: {taken} is a file"  # before the data
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> dict:
     """One epoch of repvgg_tiny on fake data: a run folder and its checkpoints, shared (never modified)."""
