@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from repblocks.train.module import RepClassifier
 from repblocks.train.run_folder import check_run_folder
 
 log = logging.getLogger("train")
+# The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _MODEL_META_KEYS = ("_target_", "_partial_", "name")
 

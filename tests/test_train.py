@@ -120,11 +120,11 @@ def test_every_zoo_model_and_data_module_has_a_config():
     [
         ["loss=rdrop"],
         ["rep_l2=true"],
-        ["ema_decay=0.99", "channels_last=true"],
+        ["ema_decay=null", "channels_last=true"],  # EMA is the default: the raw weights here
         ["+experiment=mixup"],
         ["optimizer=adamw", "scheduler=constant"],
     ],
-    ids=["rdrop", "rep_l2", "ema+channels_last", "mixup", "adamw"],
+    ids=["rdrop", "rep_l2", "no ema+channels_last", "mixup", "adamw"],
 )
 def test_recipe_options_run(tmp_path, overrides):
     """One short epoch each, so the deploy check also runs on what the option checkpoints (EMA weights...)."""
@@ -390,11 +390,15 @@ def _not_from_train_py(path: str, folder: Path) -> Path:
         ),
         (["data.num_classes=3"], None, r"this run builds repvgg_tiny with num_classes=3, in_chans=3"),
         (["data=digits", "data.in_chans=1"], None, r"this run builds repvgg_tiny with num_classes=10, in_chans=1"),
-        (["ema_decay=0.9"], None, r"do not fit this run's model: \d+ missing \(first: ema\.module\..*ema_decay=0.9\)$"),
+        (
+            ["ema_decay=null"],
+            None,
+            r"do not fit this run's model: \d+ unexpected \(first: ema\.module\..*ema_decay=None\)$",
+        ),
         ([], _truncated, r"cannot read .*truncated.ckpt: not a PyTorch checkpoint, or truncated/corrupted"),
         ([], _not_from_train_py, r"plain.ckpt is not a train.py checkpoint"),
     ],
-    ids=["other model", "other num_classes", "other in_chans", "ema on", "truncated", "not train.py's"],
+    ids=["other model", "other num_classes", "other in_chans", "ema off", "truncated", "not train.py's"],
 )
 def test_resuming_from_a_checkpoint_that_does_not_fit_is_one_line(
     tiny_run, tmp_path, overrides, make_checkpoint, message
