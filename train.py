@@ -6,8 +6,10 @@
     python train.py ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
 
 Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config.yaml``
-(resolved), ``checkpoints/`` (best and last), ``logs/``, ``deploy/<model>_deploy.safetensors``
-and ``metrics.json``.
+(resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
+``deploy/<model>_deploy.safetensors`` and ``metrics.json``. A folder that holds a run is not
+reused by another one; resuming from a checkpoint inside it continues that run there.
+Settings, folders and the resumed checkpoint are checked before any data is read.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +26,21 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from repblocks.checkpoint import RunCheckpoint, read_checkpoint, read_run_checkpoint
 from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.files import atomic_path
 from repblocks.train.callbacks import DeployCheck
+from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
+from repblocks.train.run_folder import check_run_folder
 
 log = logging.getLogger("train")
+# The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 _MODEL_META_KEYS = ("_target_", "_partial_", "name")
 
@@ -44,15 +53,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ``max_abs_err``, ``best_ckpt``, ``deploy_weights``, ...).
     """
     output_dir = Path(cfg.paths.output_dir)
-    if cfg.ckpt_path is not None and not Path(cfg.ckpt_path).is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint at {cfg.ckpt_path}")
+    _check_training_length(cfg.trainer)
+    check_run_folder(output_dir, ckpt_path=cfg.ckpt_path, subfolders=_callback_folders(cfg), new_run=_first_process())
+    resume = _read_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = ClassificationDataModule(instantiate(cfg.data))
+    data = instantiate(cfg.data)
+    datamodule = ClassificationDataModule(data)
     model_kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _MODEL_META_KEYS
     }
     network = instantiate(cfg.model)(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+    # Settings the data leaves open (ImageFolder's mean, std, crop) are the model's: its weights expect them.
+    data.use_model_preprocessing(getattr(network, "pretrained_cfg", None) or {})
     loss = instantiate(cfg.loss)
     if type(loss).__name__ == "RDropLoss" and not model_kwargs.get("drop_rate"):
         raise ValueError("loss=rdrop needs dropout to regularize: set model.drop_rate above 0 (e.g. 0.2)")
@@ -62,7 +75,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model_kwargs=model_kwargs,
         in_chans=datamodule.in_chans,
         image_size=datamodule.image_size,
-        data=OmegaConf.to_container(cfg.data, resolve=True),
+        data=_data_config(cfg.data, data.preprocessing),
+        preprocessing=data.preprocessing,
         loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -72,8 +86,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         channels_last=cfg.channels_last,
         compile=cfg.compile,
     )
+    if resume is not None:
+        _check_resume_fits(cfg.ckpt_path, *resume, module)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg.get("logger")), **_sync_batchnorm(cfg))
+    loggers = _loggers(cfg.get("logger"))
+    if resume is not None and _first_process():
+        _keep_earlier_csv_logs(loggers, step=resume[0].get("global_step", 0))
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],  # a kill while saving never leaves half a last.ckpt
+        **_sync_batchnorm(cfg),
+    )
 
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +118,79 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _check_training_length(trainer: DictConfig) -> None:
+    """Refuse settings that train nothing: the run would check and export untrained weights."""
+    if trainer.get("fast_dev_run"):
+        return
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        if trainer.get(key) == 0:
+            raise ValueError(f"trainer.{key}=0 trains nothing: set it above 0 (or leave it at its default)")
+
+
+def _first_process() -> bool:
+    # DDP's other processes (started by Lightning or torchrun, which set their rank in the environment)
+    # join the run of the first one: its folder already holds the run's files when they start.
+    return L.fabric.utilities.rank_zero.rank_zero_only.rank == 0
+
+
+def _callback_folders(cfg: DictConfig) -> list[Path]:
+    """The folders the callbacks write into (checkpoints, deploy weights), to check before any work."""
+    nodes = (cfg.get("callbacks") or {}).values()
+    return [Path(node[key]) for node in nodes if node for key in ("dirpath", "output_dir") if node.get(key)]
+
+
+def _read_resume_checkpoint(ckpt_path: str | None) -> tuple[dict, RunCheckpoint] | None:
+    """The checkpoint to resume from, read safely now: a truncated or foreign file fails before any work."""
+    if ckpt_path is None:
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    try:
+        checkpoint = read_checkpoint(ckpt_path)
+        run = read_run_checkpoint(ckpt_path, checkpoint)
+    except ValueError as err:  # truncated, not a checkpoint, a pickle that needs code: one line that names the setting
+        raise ValueError(f"ckpt_path: {err}") from None
+    if run is None:
+        raise ValueError(f"ckpt_path: {ckpt_path} is not a train.py checkpoint (it has no model_name hyper-parameter)")
+    return checkpoint, run
+
+
+def _check_resume_fits(ckpt_path: str, checkpoint: dict, saved: RunCheckpoint, module: RepClassifier) -> None:
+    """Refuse, in one line, a checkpoint whose model is not the one this run builds."""
+    ours = module.hparams
+    theirs = (saved.model_name, saved.num_classes, saved.in_chans)
+    if theirs != (ours["model_name"], ours["num_classes"], ours["in_chans"]):
+        raise ValueError(
+            f"ckpt_path: {ckpt_path} is a checkpoint of {saved.model_name} with num_classes={saved.num_classes}, "
+            f"in_chans={saved.in_chans}; this run builds {ours['model_name']} with num_classes={ours['num_classes']}, "
+            f"in_chans={ours['in_chans']} (from model= and the data)"
+        )
+    expected = {key: tuple(value.shape) for key, value in module.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in checkpoint["state_dict"].items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key] != found[key])
+    if missing or unexpected or reshaped:
+        parts = [
+            f"{len(keys)} {what} (first: {keys[0]})"
+            for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+            if keys
+        ]
+        raise ValueError(
+            f"ckpt_path: the weights of {ckpt_path} do not fit this run's model: {', '.join(parts)} "
+            f"(saved with model_kwargs={saved.model_kwargs}, ema_decay={saved.hyper_parameters.get('ema_decay')}; "
+            f"this run: model_kwargs={ours['model_kwargs']}, ema_decay={ours['ema_decay']})"
+        )
+
+
+def _data_config(config: DictConfig, preprocessing: dict) -> dict:
+    """The data config to save, its open preprocessing settings (None) filled with what the data used."""
+    resolved = OmegaConf.to_container(config, resolve=True)
+    return {
+        key: preprocessing.get(key) if value is None and key in preprocessing else value
+        for key, value in resolved.items()
+    }
+
+
 def _loggers(config: DictConfig | None) -> list:
     loggers = []
     for name, node in (config or {}).items():
@@ -101,6 +199,15 @@ def _loggers(config: DictConfig | None) -> list:
             continue
         loggers.append(instantiate(node))
     return loggers or False
+
+
+def _keep_earlier_csv_logs(loggers: list | bool, *, step: int) -> None:
+    # A run resumed in its own folder finds its earlier metrics.csv, which Lightning's CSVLogger would delete.
+    for logger in loggers or []:
+        if isinstance(logger, CSVLogger):
+            earlier = Path(logger.log_dir) / "metrics.csv"
+            if earlier.is_file():
+                earlier.rename(earlier.with_name(f"metrics.before-step-{step}.csv"))
 
 
 def _tensorboard_installed() -> bool:
@@ -131,7 +238,10 @@ def _metrics(trainer: L.Trainer, callbacks: list, *, train_time_s: float) -> dic
         "best_ckpt": getattr(checkpoint, "best_model_path", None) or None,
         "last_ckpt": getattr(checkpoint, "last_model_path", None) or None,
     }
-    deploy = next((c.result for c in callbacks if isinstance(c, DeployCheck) and c.result), None)
+    deploy_check = next((c for c in callbacks if isinstance(c, DeployCheck)), None)
+    deploy = deploy_check.result if deploy_check is not None else None
+    if deploy_check is not None and deploy_check.skipped:
+        metrics["deploy_check_skipped"] = deploy_check.skipped
     if deploy is not None:
         metrics.update(
             val_acc_deploy=deploy.val_acc_deploy,
@@ -152,26 +262,31 @@ def _summary(metrics: dict[str, Any]) -> str:
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
+    skipped = metrics.get("deploy_check_skipped")
     lines = [
         f"best val acc {pct(metrics['val_acc'])}, deploy form {pct(metrics.get('val_acc_deploy'))} "
         f"(top-1 agreement {pct(metrics.get('top1_agreement'))}, max |logit diff| {metrics.get('max_abs_err', float('nan')):.2e})",
         f"{metrics['epochs']} epochs, {metrics['global_step']} steps in {metrics['train_time_s']:.0f} s",
         f"best checkpoint: {metrics['best_ckpt']}",
-        f"deploy weights:  {metrics.get('deploy_weights')}",
+        f"deploy weights:  {metrics.get('deploy_weights') or f'none (deploy check skipped: {skipped})'}",
     ]
     return "\n".join(lines)
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the monitored metric (best ``val_acc``), which Hydra's sweepers optimize."""
     with exit_on_user_error():
         metrics = train(cfg)
-    if metrics.get("val_acc") is not None and L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+    if _first_process():
         print(_summary(metrics))
+    return metrics.get("val_acc")
 
 
 if __name__ == "__main__":
     sys.argv[1:] = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
     with exit_on_user_error():
-        check_overrides(sys.argv[1:], CONFIG_DIR, "train")
+        composed = check_overrides(sys.argv[1:], CONFIG_DIR, "train")
+        if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder
+            check_run_folder(composed.hydra.run.dir, ckpt_path=composed.ckpt_path, new_run=_first_process())
     main()

@@ -17,6 +17,10 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 __all__ = [
     "PATH_KEYS",
@@ -41,6 +45,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 _USER_ERROR_NAMES = {"MisconfigurationException", "ConfigCompositionException", "MissingConfigException"}
 
 
+# How a traceback's last line starts: the exception's (dotted) type name and a colon.
+_EXCEPTION_TYPE = re.compile(r"(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*: ")
+
+
 def _root_cause(error: BaseException) -> BaseException:
     # hydra.utils.instantiate wraps what the constructor raised in an InstantiationException.
     while type(error).__name__ == "InstantiationException" and error.__cause__ is not None:
@@ -52,13 +60,14 @@ def one_line(error: BaseException, *, first_only: bool = False) -> str:
     """The error's message on one line: its non-empty lines joined (or the first alone), stripped.
 
     An error re-raised from a DataLoader worker carries the worker's traceback in its message;
-    its last line is the original message, and that is what is kept.
+    its last line is the original ``<ExceptionType>: <message>``, and the message is what is kept.
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
     if any(line.startswith("Original Traceback") for line in lines):
-        return lines[-1]
+        exception_type = _EXCEPTION_TYPE.match(lines[-1])
+        return lines[-1][exception_type.end() :] if exception_type else lines[-1]
     return lines[0] if first_only else " ".join(lines)
 
 
@@ -107,26 +116,32 @@ def check_config_choices(overrides: Sequence[str], config_dir: str | Path) -> No
             raise ValueError(f"unknown {key} {value!r}; available: {', '.join(options)}")
 
 
-def check_overrides(overrides: Sequence[str], config_dir: str | Path, config_name: str) -> None:
+def check_overrides(overrides: Sequence[str], config_dir: str | Path, config_name: str) -> DictConfig | None:
     """Compose the config once with the command line's overrides, turning Hydra's errors into one line.
 
     For the entry scripts, before ``@hydra.main`` runs: Hydra reports a bad override (a key that
     does not exist, a typo in the syntax) in several lines. Hydra is imported here, lazily, so that
     ``repblocks`` itself never needs it. Flags (``--multirun``, ``--cfg job``...) are left to Hydra.
 
+    Returns:
+        The composed config (an omegaconf ``DictConfig``) with its ``hydra`` node, so the caller can
+        check what Hydra will use before Hydra writes anything (``hydra.run.dir``); None when the
+        command line holds flags. The job is named ``config_name``, as ``@hydra.main`` names it
+        after the script.
+
     Raises:
         ValueError: The overrides do not compose; the message is one line.
     """
     if any(arg.startswith("-") for arg in overrides):
-        return
+        return None
     check_config_choices(overrides, config_dir)
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
-            compose(config_name, overrides=list(overrides))
+        with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3", job_name=config_name):
+            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
         cause = f" ({one_line(error.__cause__, first_only=True)})" if error.__cause__ is not None else ""
         raise ValueError(f"{one_line(error)}{cause}") from None

@@ -3,7 +3,8 @@
 Plain torch (no Lightning): training wraps these in a LightningDataModule
 (``repblocks.train.data``), deployment reads the same validation images to verify a converted
 model. Every data set knows its ``num_classes`` and ``image_size`` at construction, before any
-data is read, so the model can be built from them. Those that read from disk check ``root`` at
+data is read, so the model can be built from them, and says how it prepares its images
+(``preprocessing``: timm's ``pretrained_cfg`` keys), so deployment can prepare them the same way. Those that read from disk check ``root`` at
 construction too, and raise ``FileNotFoundError`` with one line that says what was expected
 where: a user finds out in the first second, not after the model has been built.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -38,8 +39,27 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_CROP_PCT = 0.875  # evaluation: resize to size / 0.875, then centre-crop size
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's
+
+
+def preprocessing_dict(
+    *, in_chans: int, image_size: int, mean, std, crop_pct: float, interpolation: str
+) -> dict[str, object]:
+    """The keys of timm's ``pretrained_cfg`` that say how images are prepared, as plain lists and numbers.
+
+    ``input_size`` is ``[C, H, W]``; ``mean`` and ``std`` are per channel, on images scaled to [0, 1];
+    evaluation resizes to ``image_size / crop_pct`` with ``interpolation`` and centre-crops ``image_size``.
+    """
+    return {
+        "input_size": [in_chans, image_size, image_size],
+        "mean": [float(x) for x in mean],
+        "std": [float(x) for x in std],
+        "crop_pct": float(crop_pct),
+        "interpolation": interpolation,
+    }
 
 
 class ClassificationData:
@@ -59,6 +79,17 @@ class ClassificationData:
         self.pin_memory = pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        """How this data set prepares its images (:func:`preprocessing_dict`): what a model trained on it expects."""
+        raise NotImplementedError
+
+    def use_model_preprocessing(self, pretrained_cfg: Mapping) -> None:
+        """Take the settings left open (None) from a model's ``pretrained_cfg``; before ``setup``.
+
+        Data sets whose images are prepared one fixed way ignore it.
+        """
 
     def train_dataloader(self) -> DataLoader:
         # drop_last: Mixup needs an even batch, and a last batch of one breaks BatchNorm.
@@ -186,6 +217,24 @@ class DigitsData(ClassificationData):
         self.val_set = InMemoryBatches(images[val_idx], labels[val_idx])
         log.info("digits: %d train / %d val images at %dx%d", len(train_idx), len(val_idx), *images.shape[-2:])
 
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        # 0..16 scaled to 0..1, normalized to [-1, 1]; the 8x8 originals are enlarged, never cropped.
+        return preprocessing_dict(
+            in_chans=self.in_chans,
+            image_size=self.image_size,
+            mean=[0.5] * self.in_chans,
+            std=[0.5] * self.in_chans,
+            crop_pct=1.0,
+            interpolation="bilinear",
+        )
+
+
+def _check_num_classes(num_classes: int, where: str) -> int:
+    if num_classes < 2:
+        raise ValueError(f"{where}: a classifier needs at least 2 classes, got {num_classes}")
+    return num_classes
+
 
 def _require_dir(path: Path, what: str, hint: str) -> Path:
     if not path.is_dir():
@@ -199,6 +248,10 @@ class Cifar10Data(ClassificationData):
     """CIFAR-10 from ``root`` (torchvision's ``cifar-10-batches-py`` folder inside it).
 
     Training uses the usual random crop with 4-pixel padding and horizontal flips.
+
+    The files are pickles. torchvision unpickles them only after each file's MD5 matched that of
+    the published CIFAR-10 file; a file made to run code on unpickling fails that check (it would
+    need an MD5 second preimage), and the failure is reported here as one line.
     """
 
     num_classes = 10
@@ -234,15 +287,42 @@ class Cifar10Data(ClassificationData):
         resize = [v2.Resize(self.image_size, antialias=True)] if self.image_size != 32 else []
         train = v2.Compose([*resize, v2.RandomCrop(self.image_size, padding=4), v2.RandomHorizontalFlip(), *normalize])
         val = v2.Compose([*resize, *normalize])
-        self.train_set = datasets.CIFAR10(self.root, train=True, transform=train, download=self.download)
-        self.val_set = datasets.CIFAR10(self.root, train=False, transform=val, download=self.download)
+        try:
+            self.train_set = datasets.CIFAR10(self.root, train=True, transform=train, download=self.download)
+            self.val_set = datasets.CIFAR10(self.root, train=False, transform=val, download=self.download)
+        except RuntimeError as err:
+            if "corrupted" not in str(err):  # torchvision's "... not found or corrupted": a file failed its MD5 check
+                raise
+            raise ValueError(
+                f"data.root: CIFAR-10 in {self.root / 'cifar-10-batches-py'} is incomplete or corrupted: a file is "
+                "missing or differs from the published one (MD5 check); nothing was unpickled. "
+                "Delete the folder and pass data.download=true to fetch it again"
+            ) from None
+
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        return preprocessing_dict(
+            in_chans=3,
+            image_size=self.image_size,
+            mean=CIFAR10_MEAN,
+            std=CIFAR10_STD,
+            crop_pct=1.0,
+            interpolation="bilinear",
+        )
 
 
 class ImageFolderData(ClassificationData):
     """Any ``root/train/<class>/*.jpg`` + ``root/val/<class>/*.jpg`` tree (ImageNet's layout).
 
-    Training: random resized crop and flip; validation: resize to ``image_size / crop_fraction``
-    and center crop, ImageNet's normalization.
+    Training: random resized crop and flip; validation: resize to ``image_size / crop_pct`` and
+    centre-crop ``image_size``, as the model's pretrained weights were evaluated. The preprocessing
+    settings left at None are taken from the model (:meth:`use_model_preprocessing`, which train.py
+    calls with the model's ``pretrained_cfg``), else ImageNet's.
+
+    Args:
+        mean, std: Per-channel normalization of images scaled to [0, 1].
+        crop_pct: Fraction of the resized image that the validation centre crop keeps, in (0, 1].
+        interpolation: Resizing filter, one of :data:`INTERPOLATIONS`.
     """
 
     def __init__(
@@ -250,12 +330,18 @@ class ImageFolderData(ClassificationData):
         *,
         root: str | os.PathLike | None,
         image_size: int = 224,
-        crop_fraction: float = 0.875,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        crop_pct: float | None = None,
+        interpolation: str | None = None,
         batch_size: int = 64,
         num_workers: int = 4,
         pin_memory: bool = False,
     ):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        self.settings = _check_preprocessing(
+            {"mean": mean, "std": std, "crop_pct": crop_pct, "interpolation": interpolation}, "data"
+        )
         if root is None:
             raise FileNotFoundError("data.root is not set: pass data.root=DIR, a folder with train/ and val/ inside")
         self.root = Path(root).expanduser()
@@ -265,25 +351,90 @@ class ImageFolderData(ClassificationData):
         self.classes = sorted(entry.name for entry in os.scandir(train_dir) if entry.is_dir())
         if not self.classes:
             raise FileNotFoundError(f"data.root: {train_dir} has no class folders ({hint})")
-        self.num_classes = len(self.classes)
-        self.crop_fraction = crop_fraction
+        self.num_classes = _check_num_classes(len(self.classes), f"data.root: {train_dir} holds {self.classes}")
+
+    def use_model_preprocessing(self, pretrained_cfg: Mapping) -> None:
+        model_settings = {key: pretrained_cfg.get(key) for key in self.settings}
+        model_settings = _check_preprocessing(model_settings, "the model's pretrained_cfg")
+        self.settings = {key: model_settings[key] if value is None else value for key, value in self.settings.items()}
+
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        imagenet = {
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "crop_pct": IMAGENET_CROP_PCT,
+            "interpolation": "bilinear",
+        }
+        settings = {key: imagenet[key] if value is None else value for key, value in self.settings.items()}
+        return preprocessing_dict(in_chans=self.in_chans, image_size=self.image_size, **settings)
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
         from torchvision import datasets
-        from torchvision.transforms import v2
+        from torchvision.transforms import InterpolationMode, v2
 
-        normalize = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        settings = self.preprocessing
+        interpolation = InterpolationMode(settings["interpolation"])
+        normalize = [
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(settings["mean"], settings["std"]),
+        ]
         train = v2.Compose(
-            [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip(), *normalize]
+            [
+                v2.RandomResizedCrop(self.image_size, interpolation=interpolation, antialias=True),
+                v2.RandomHorizontalFlip(),
+                *normalize,
+            ]
         )
-        resize = round(self.image_size / self.crop_fraction)
-        val = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size), *normalize])
-        self.train_set = datasets.ImageFolder(self.root / "train", transform=train)
-        self.val_set = datasets.ImageFolder(self.root / "val", transform=val)
+        resize = round(self.image_size / settings["crop_pct"])
+        val = v2.Compose(
+            [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(self.image_size), *normalize]
+        )
+        self.train_set = datasets.ImageFolder(self.root / "train", transform=train, loader=load_rgb_image)
+        self.val_set = datasets.ImageFolder(self.root / "val", transform=val, loader=load_rgb_image)
         if self.val_set.classes != self.train_set.classes:
             raise FileNotFoundError(f"data.root: val/ and train/ under {self.root} hold different class folders")
+
+
+def load_rgb_image(path: str | os.PathLike):
+    """Read an image file as an RGB ``PIL.Image``, for ``ImageFolder``.
+
+    Raises:
+        ValueError: The file is not an image PIL can read, or is cut short; one line naming the file.
+            (PIL's own errors do not say which file, and reach the user from a DataLoader worker.)
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
+        raise ValueError(f"data.root: cannot read image {path}: {err}") from None
+
+
+def _check_preprocessing(settings: Mapping[str, object], where: str) -> dict[str, object]:
+    """``settings`` (mean, std, crop_pct, interpolation; None = not set) checked, sequences as lists."""
+    checked = dict(settings)
+    for key in ("mean", "std"):
+        value = settings.get(key)
+        if value is None:
+            continue
+        numbers = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+        if not numbers or len(numbers) != 3 or not all(isinstance(x, int | float) for x in numbers):
+            raise ValueError(f"{where}.{key} must be 3 numbers (one per RGB channel), got {value!r}")
+        if key == "std" and min(numbers) <= 0:
+            raise ValueError(f"{where}.std must be positive, got {value!r}")
+        checked[key] = [float(x) for x in numbers]
+    crop_pct = settings.get("crop_pct")
+    if crop_pct is not None and not (isinstance(crop_pct, int | float) and 0 < crop_pct <= 1):
+        raise ValueError(f"{where}.crop_pct must be a fraction in (0, 1], got {crop_pct!r}")
+    interpolation = settings.get("interpolation")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"{where}.interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interpolation!r}")
+    return checked
 
 
 class FakeData(ClassificationData):
@@ -301,8 +452,20 @@ class FakeData(ClassificationData):
         pin_memory: bool = False,
     ):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-        self.num_classes = num_classes
+        self.num_classes = _check_num_classes(num_classes, "data.num_classes")
         self.train_size, self.val_size = train_size, val_size
+
+    @property
+    def preprocessing(self) -> dict[str, object]:
+        # Random pixels scaled to [0, 1] and not normalized; nothing is resized.
+        return preprocessing_dict(
+            in_chans=3,
+            image_size=self.image_size,
+            mean=[0.0] * 3,
+            std=[1.0] * 3,
+            crop_pct=1.0,
+            interpolation="bilinear",
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
@@ -329,6 +492,10 @@ DATASETS: dict[str, type[ClassificationData]] = {
 }
 
 
+# Settings renamed since checkpoints were first written: old name -> new name.
+_RENAMED = {"crop_fraction": "crop_pct"}
+
+
 def build_data(config: Mapping, *, allow_download: bool = False) -> ClassificationData:
     """Rebuild a data set from a saved data config (``{"_target_": ..., **kwargs}``).
 
@@ -341,7 +508,7 @@ def build_data(config: Mapping, *, allow_download: bool = False) -> Classificati
         ValueError: If ``_target_`` is not one of :data:`DATASETS`, or an argument is not one it takes.
         FileNotFoundError: If the data set is not where the config says.
     """
-    kwargs = {key: value for key, value in config.items() if not str(key).startswith("_")}
+    kwargs = {_RENAMED.get(key, key): value for key, value in config.items() if not str(key).startswith("_")}
     target = config.get("_target_")
     if target not in DATASETS:
         raise ValueError(f"unknown data set {target!r}; known: {', '.join(DATASETS)}")

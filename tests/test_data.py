@@ -1,10 +1,17 @@
 """Data sets: the embedded digits split, batch augmentation, rebuilding from a saved config, and clear errors for missing data."""
 
+import pickle
+from pathlib import Path
+
 import pytest
 import torch
+from PIL import Image
 
+from repblocks.cli import one_line
 from repblocks.datasets import (
     DATASETS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     Cifar10Data,
     DigitsData,
     FakeData,
@@ -79,3 +86,121 @@ def test_missing_data_roots_say_what_was_expected(tmp_path):
 def test_bad_values_are_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         DigitsData(**bad)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 2, color=(200, 100, 50)) -> Path:
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (40, 36), color=color).save(folder / f"{i}.png")
+    return root
+
+
+def test_each_data_set_says_how_it_prepares_images(tmp_path):
+    digits = DigitsData(image_size=16, in_chans=1).preprocessing
+    assert digits == {
+        "input_size": [1, 16, 16],
+        "mean": [0.5],
+        "std": [0.5],
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }
+    assert FakeData(image_size=24).preprocessing["input_size"] == [3, 24, 24]
+    folder = ImageFolderData(root=write_image_folder(tmp_path), image_size=32).preprocessing
+    assert folder == {
+        "input_size": [3, 32, 32],
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "crop_pct": 0.875,
+        "interpolation": "bilinear",
+    }  # nothing set, no model: ImageNet's
+
+
+def test_image_folder_takes_open_settings_from_the_model(tmp_path):
+    root = write_image_folder(tmp_path)
+    model_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "interpolation": "bicubic"}
+    data = ImageFolderData(root=root, image_size=32, std=[0.25, 0.25, 0.25], batch_size=4, num_workers=0)
+    data.use_model_preprocessing(model_cfg)
+    assert data.preprocessing == {
+        "input_size": [3, 32, 32],
+        "mean": [0.1, 0.2, 0.3],  # the model's
+        "std": [0.25, 0.25, 0.25],  # set for the data: kept
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+    }
+    data.setup()
+    images, _ = next(iter(data.val_dataloader()))
+    # A plain (200, 100, 50) image, normalized with the model's mean and the data's std.
+    expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor([0.1, 0.2, 0.3])) / 0.25
+    torch.testing.assert_close(images[0, :, 16, 16], expected, atol=1e-5, rtol=0)
+    # Checkpoints written before crop_pct was named so still rebuild.
+    old = build_data({"_target_": "repblocks.datasets.ImageFolderData", "root": str(root), "crop_fraction": 0.5})
+    assert old.preprocessing["crop_pct"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"mean": [0.5, 0.5]}, r"data.mean must be 3 numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, r"data.std must be positive"),
+        ({"crop_pct": 1.5}, r"data.crop_pct must be a fraction in \(0, 1\]"),
+        ({"interpolation": "cubic"}, r"data.interpolation must be one of nearest, .*bicubic.*; got 'cubic'"),
+    ],
+)
+def test_bad_preprocessing_settings_are_refused(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        ImageFolderData(root=write_image_folder(tmp_path), **settings)
+
+
+def test_a_classifier_needs_two_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"holds \['cat'\]: a classifier needs at least 2 classes, got 1"):
+        ImageFolderData(root=write_image_folder(tmp_path, classes=("cat",)))
+    with pytest.raises(ValueError, match="data.num_classes: a classifier needs at least 2 classes, got 1"):
+        FakeData(num_classes=1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, num_workers):
+    root = write_image_folder(tmp_path)
+    broken = root / "val" / "dog" / "1.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not the rest of a png")
+    data = ImageFolderData(root=root, image_size=32, batch_size=4, num_workers=num_workers)
+    data.setup()
+    with pytest.raises(ValueError) as raised:
+        list(data.val_dataloader())
+    assert one_line(raised.value).startswith(f"data.root: cannot read image {broken}: cannot identify image file")
+
+
+class PicklePayload:
+    """Unpickling this runs open(marker, "w"): a stand-in for any code a crafted pickle could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def write_crafted_cifar(root: Path, marker: Path) -> Path:
+    """A ``cifar-10-batches-py`` folder under ``root`` whose every file is a pickle that creates ``marker``."""
+    payload = pickle.dumps({b"data": PicklePayload(marker), b"labels": [0]})
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]:
+        (folder / name).write_bytes(payload)
+    return root
+
+
+def test_crafted_cifar_pickles_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+    root = write_crafted_cifar(tmp_path / "data", marker)
+    pickle.loads((root / "cifar-10-batches-py" / "test_batch").read_bytes())[b"data"].close()
+    assert marker.exists()  # the payload does run when unpickled ...
+    marker.unlink()
+    with pytest.raises(
+        ValueError, match=r"CIFAR-10 in .* is incomplete or corrupted: .*\(MD5 check\); nothing was unp"
+    ):
+        Cifar10Data(root=root, num_workers=0).setup()
+    assert not marker.exists()  # ... and torchvision's MD5 check kept it from being unpickled

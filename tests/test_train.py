@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,15 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.cli import check_overrides, exit_on_user_error
-from repblocks.datasets import DATASETS
+from repblocks.checkpoint import read_run_checkpoint
+from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
+from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
-from train import CONFIG_DIR, train
+from repblocks.train import callbacks
+from repblocks.train.checkpoint_io import AtomicCheckpointIO
+from tests.helpers import open_to_everyone, read_only_dir, unprivileged
+from tests.test_data import write_crafted_cifar
+from train import CONFIG_DIR, main, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,15 +34,28 @@ def compose_train(output_dir: Path, *overrides: str):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose(
             "train",
-            overrides=[
-                f"paths.output_dir={output_dir}",
-                "logger=csv",
-                "callbacks.progress_bar=null",
-                "trainer.accelerator=cpu",
-                "+trainer.enable_model_summary=false",
-                *overrides,
-            ],
+            overrides=quote_path_values(
+                [
+                    f"paths.output_dir={output_dir}",
+                    "logger=csv",
+                    "callbacks.progress_bar=null",
+                    "trainer.accelerator=cpu",
+                    "+trainer.enable_model_summary=false",
+                    *overrides,
+                ]
+            ),
         )
+
+
+def exit_message(output_dir: Path, *overrides: str) -> str:
+    """What train.py's __main__ prints for a user mistake, in process: the one line Python prints before exit 1."""
+    argv = quote_path_values(overrides)
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        check_overrides(argv, CONFIG_DIR, "train")
+        train(compose_train(output_dir, *argv))
+    printed = exit_info.value.code
+    assert isinstance(printed, str) and "\n" not in printed, printed
+    return printed
 
 
 def run_train_py(*overrides: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -101,11 +120,11 @@ def test_every_zoo_model_and_data_module_has_a_config():
     [
         ["loss=rdrop"],
         ["rep_l2=true"],
-        ["ema_decay=0.99", "channels_last=true"],
+        ["ema_decay=null", "channels_last=true"],  # EMA is the default: the raw weights here
         ["+experiment=mixup"],
         ["optimizer=adamw", "scheduler=constant"],
     ],
-    ids=["rdrop", "rep_l2", "ema+channels_last", "mixup", "adamw"],
+    ids=["rdrop", "rep_l2", "no ema+channels_last", "mixup", "adamw"],
 )
 def test_recipe_options_run(tmp_path, overrides):
     """One short epoch each, so the deploy check also runs on what the option checkpoints (EMA weights...)."""
@@ -142,6 +161,7 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(images), trained(images), atol=1e-4, rtol=1e-4)
     assert hparams["data"]["_target_"] == "repblocks.datasets.DigitsData"
+    assert hparams["preprocessing"] == DigitsData().preprocessing  # what deployment prepares images with
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
 
 
@@ -195,38 +215,307 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
         ),
         (["seed"], "error: Error parsing override 'seed'"),
         (["+experiment=nope"], "error: unknown experiment 'nope'; available: imagenet_repvgg, mixup"),
+        (["trainer.max_epochs=0"], "error: trainer.max_epochs=0 trains nothing: set it above 0"),
+        (["trainer.max_steps=0", "trainer.max_epochs=null"], "error: trainer.max_steps=0 trains nothing"),
+        (["trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains nothing"),
+        (["data=fake", "data.num_classes=1"], "error: data.num_classes: a classifier needs at least 2 classes, got 1"),
+        (["callbacks.deploy_check.atol=-1"], "error: deploy_check atol and rtol must be non-negative, got atol=-1"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, overrides, message):
     """What train.py's __main__ does, in process: check the overrides, then train, under exit_on_user_error."""
-    argv = ["model=repvgg_tiny", *overrides]
-    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
-        check_overrides(argv, CONFIG_DIR, "train")
-        train(compose_train(tmp_path, *argv))
-    printed = exit_info.value.code  # what Python prints to stderr before exiting with status 1
-    assert isinstance(printed, str) and printed.startswith(message) and "\n" not in printed, printed
+    printed = exit_message(tmp_path, "model=repvgg_tiny", *overrides)
+    assert printed.startswith(message), printed
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run started
+
+
+def test_a_run_folder_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    printed = exit_message(taken, "model=repvgg_tiny", "data=imagefolder", "data.root=/nonexistent")
+    assert printed == f"error: run folder {taken} cannot be a folder: {taken} is a file"  # before the data
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """One epoch of repvgg_tiny on fake data: a run folder and its checkpoints, shared (never modified)."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    return train(compose_train(folder, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1"))
+
+
+def _train_py_runs(folder: Path, tiny_run: dict) -> dict[str, tuple[list[str], bool, str]]:
+    """name -> (train.py arguments, run unprivileged, start of the last stderr line; "" for success)."""
+    read_only_checkpoints = read_only_dir(folder / "ro_checkpoints" / "checkpoints")  # its run folder is writable
+    read_only_run = read_only_dir(folder / "ro_parent" / "run")
+    tiny_folder = Path(tiny_run["last_ckpt"]).parents[1]
+    tiny = ["model=repvgg_tiny", "data=fake"]
+    return {
+        "unknown model": (["model=resnet9000"], False, "error: unknown model 'resnet9000'; available: repvgg_a0, "),
+        "cifar10 without root": (["data=cifar10"], False, "error: data.root is not set"),
+        # data.root does not exist: the folder check must come first, before any data is looked at.
+        "read-only checkpoints/": (
+            ["data=imagefolder", "data.root=/nonexistent", f"hydra.run.dir={read_only_checkpoints.parent}"],
+            True,
+            f"error: run folder {read_only_checkpoints} is not writable: Permission denied",
+        ),
+        "read-only run folder": (
+            [*tiny, f"hydra.run.dir={read_only_run}"],
+            True,
+            f"error: run folder {read_only_run} is not writable: Permission denied",
+        ),
+        "another run's folder": (
+            [*tiny, f"hydra.run.dir={tiny_folder}"],
+            False,
+            f"error: run folder {tiny_folder} already holds a run (config.yaml, checkpoints/, metrics.json): "
+            "choose another folder (hydra.run.dir=...), or continue that run with ckpt_path=",
+        ),
+        # A checkpoint name of train.py's own, with its '=' signs, passed back as it is.
+        "resume from epoch=000-val_acc=....ckpt": (
+            [*tiny, "trainer.max_epochs=2", f"ckpt_path={tiny_run['best_ckpt']}"],
+            False,
+            "",
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def train_py_runs(tmp_path_factory, tiny_run):
+    """Every train.py command line of the tests below, run at once as separate processes."""
+    folder = open_to_everyone(tmp_path_factory.mktemp("train_py"))
+    home = folder / "home"  # the unprivileged user's caches (matplotlib's) go there
+    home.mkdir(mode=0o777)
+    home.chmod(0o777)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    processes = {}
+    for name, (overrides, as_nobody, expected) in _train_py_runs(folder, tiny_run).items():
+        run_dir = (
+            [] if any(arg.startswith("hydra.run.dir=") for arg in overrides) else [f"hydra.run.dir={folder / name}"]
+        )
+        command = [sys.executable, str(ROOT / "train.py"), *overrides, *run_dir]
+        run_env = dict(env, HOME=str(home)) if as_nobody else env
+        process = subprocess.Popen(
+            unprivileged(command) if as_nobody else command,
+            cwd=ROOT,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes[name] = (process, expected, folder / name)
+    results = {}
+    for name, (process, expected, run_folder) in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        results[name] = (process.returncode, stdout, stderr, expected, run_folder)
+    return folder, results
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    "name",
     [
-        (["model=resnet9000"], "error: unknown model 'resnet9000'; available: repvgg_a0, "),
-        (["data=cifar10"], "error: data.root is not set"),
+        "unknown model",
+        "cifar10 without root",
+        "read-only checkpoints/",
+        "read-only run folder",
+        "another run's folder",
     ],
 )
-def test_train_py_bad_input_exits_with_one_line(tmp_path, overrides, message):
-    result = run_train_py(*overrides, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
-    assert "Traceback" not in result.stderr and "error:" not in result.stdout
+def test_train_py_bad_input_exits_with_one_line(train_py_runs, name):
+    folder, results = train_py_runs
+    returncode, stdout, stderr, expected, _ = results[name]
+    assert returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1].startswith(expected), stderr
+    assert "Traceback" not in stderr and "error:" not in stdout
 
 
-def test_train_py_prints_summary(tmp_path):
-    result = run_train_py("model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 0, result.stderr
-    assert "best val acc" in result.stdout and "deploy weights:" in result.stdout
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+def test_train_py_refuses_folders_before_writing_anything(train_py_runs, tiny_run):
+    folder, results = train_py_runs
+    for name in ("read-only checkpoints/", "another run's folder"):
+        assert len(results[name][2].strip().splitlines()) == 1, results[name][2]  # nothing else was printed
+    assert not (folder / "ro_checkpoints" / "config.yaml").exists()
+    # Refused before Hydra started: the earlier run's folder got no Hydra logs or .hydra/.
+    assert not (Path(tiny_run["last_ckpt"]).parents[1] / ".hydra").exists()
+
+
+def test_train_py_resumes_from_its_own_checkpoint_names_and_prints_summary(train_py_runs, tiny_run):
+    _, results = train_py_runs
+    returncode, stdout, stderr, _, run_folder = results["resume from epoch=000-val_acc=....ckpt"]
+    assert "=" in Path(tiny_run["best_ckpt"]).name
+    assert returncode == 0, stderr
+    assert "best val acc" in stdout and "deploy weights:" in stdout
+    metrics = json.loads((run_folder / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * tiny_run["global_step"]
     assert Path(metrics["deploy_weights"]).is_file()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_data_files_are_one_line(tmp_path, num_workers):
+    images = write_image_folder(tmp_path / "images")
+    broken = images / "val" / "dog" / "1.png"
+    broken.write_bytes(b"not an image")
+    data = [f"data.root={images}", "data.image_size=32", "data.batch_size=4", f"data.num_workers={num_workers}"]
+    printed = exit_message(tmp_path / "folder", "model=repvgg_tiny", "data=imagefolder", *data)
+    # From a DataLoader worker too: one line, the file named.
+    assert printed.startswith(f"error: data.root: cannot read image {broken}: cannot identify image file"), printed
+
+    cifar = write_crafted_cifar(tmp_path / "cifar", tmp_path / "pwned")
+    data = [f"data.root={cifar}", f"data.num_workers={num_workers}"]
+    printed = exit_message(tmp_path / "cifar_run", "model=repvgg_tiny", "data=cifar10", *data)
+    assert printed.startswith(
+        f"error: data.root: CIFAR-10 in {cifar / 'cifar-10-batches-py'} is incomplete or corrupted"
+    )
+    assert not (tmp_path / "pwned").exists()  # the crafted pickle never ran
+
+
+def _truncated(path: str, folder: Path) -> Path:
+    data = Path(path).read_bytes()
+    truncated = folder / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    return truncated
+
+
+def _not_from_train_py(path: str, folder: Path) -> Path:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    other = folder / "plain.ckpt"
+    torch.save({"state_dict": state}, other)
+    return other
+
+
+@pytest.mark.parametrize(
+    ("overrides", "make_checkpoint", "message"),
+    [
+        (
+            ["model=repvgg_tiny_g2se"],
+            None,
+            r"is a checkpoint of repvgg_tiny with num_classes=10, in_chans=3; this run builds repvgg_tiny_g2se with",
+        ),
+        (["data.num_classes=3"], None, r"this run builds repvgg_tiny with num_classes=3, in_chans=3"),
+        (["data=digits", "data.in_chans=1"], None, r"this run builds repvgg_tiny with num_classes=10, in_chans=1"),
+        (
+            ["ema_decay=null"],
+            None,
+            r"do not fit this run's model: \d+ unexpected \(first: ema\.module\..*ema_decay=None\)$",
+        ),
+        ([], _truncated, r"cannot read .*truncated.ckpt: not a PyTorch checkpoint, or truncated/corrupted"),
+        ([], _not_from_train_py, r"plain.ckpt is not a train.py checkpoint"),
+    ],
+    ids=["other model", "other num_classes", "other in_chans", "ema off", "truncated", "not train.py's"],
+)
+def test_resuming_from_a_checkpoint_that_does_not_fit_is_one_line(
+    tiny_run, tmp_path, overrides, make_checkpoint, message
+):
+    checkpoint = make_checkpoint(tiny_run["last_ckpt"], tmp_path) if make_checkpoint else tiny_run["last_ckpt"]
+    printed = exit_message(tmp_path / "run", "model=repvgg_tiny", "data=fake", *overrides, f"ckpt_path={checkpoint}")
+    assert printed.startswith("error: ckpt_path: ") and re.search(message, printed), printed
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_in_its_own_folder_continues_the_run_and_main_returns_val_acc(tmp_path, monkeypatch):
+    saved = []
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def recording(self, checkpoint, path, storage_options=None):
+        saved.append(Path(path).name)
+        save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", recording)
+    tiny = ["model=repvgg_tiny", "data=fake"]
+    first = train(compose_train(tmp_path, *tiny, "trainer.max_epochs=1"))
+    assert "last.ckpt" in saved and Path(first["best_ckpt"]).name in saved  # every checkpoint written atomically
+    printed = exit_message(tmp_path, *tiny)  # a second run into the folder, not resuming
+    assert printed.startswith(f"error: run folder {tmp_path} already holds a run"), printed
+
+    returned = main(compose_train(tmp_path, *tiny, "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["global_step"] == 2 * first["global_step"]
+    assert isinstance(returned, float) and returned == metrics["val_acc"]  # what Hydra's sweepers optimize
+    logs = tmp_path / "logs"  # the first part's per-step log is kept beside the new one
+    assert (logs / "metrics.csv").is_file() and (logs / f"metrics.before-step-{first['global_step']}.csv").is_file()
+
+
+def with_pretrained_cfg(**kwargs) -> torch.nn.Module:
+    """create_model, with a pretrained_cfg unlike ImageNet's defaults."""
+    model = repblocks.create_model(**kwargs)
+    model.pretrained_cfg = {
+        "input_size": (3, 224, 224),
+        "mean": (0.1, 0.2, 0.3),
+        "std": (0.4, 0.5, 0.6),
+        "crop_pct": 0.95,
+        "interpolation": "bicubic",
+    }
+    return model
+
+
+def test_image_folder_runs_use_and_save_the_models_preprocessing(tmp_path):
+    root = write_image_folder(tmp_path / "images")
+    data = ["data=imagefolder", f"data.root={root}", "data.image_size=32", "data.batch_size=4", "data.num_workers=0"]
+    model = ["model=repvgg_tiny", "model._target_=tests.test_train.with_pretrained_cfg"]
+    overrides = [*model, *data, "data.std=[0.25,0.25,0.25]", "trainer.max_epochs=1"]
+    metrics = train(compose_train(tmp_path / "run", *overrides))
+    expected = {
+        "input_size": [3, 32, 32],  # the data's image size
+        "mean": [0.1, 0.2, 0.3],  # the model's
+        "std": [0.25, 0.25, 0.25],  # set for the data: kept
+        "crop_pct": 0.95,
+        "interpolation": "bicubic",
+    }
+    hparams = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)["hyper_parameters"]
+    assert hparams["preprocessing"] == expected
+    assert {key: hparams["data"][key] for key in ("mean", "std", "crop_pct", "interpolation")} == {
+        key: expected[key] for key in ("mean", "std", "crop_pct", "interpolation")
+    }  # the data config rebuilds the same images
+    assert read_run_checkpoint(metrics["best_ckpt"]).preprocessing == expected
+
+
+def test_deploy_check_compares_in_full_fp32(tmp_path, monkeypatch):
+    backends = [torch.backends.cudnn.conv, torch.backends.cuda.matmul]
+    seen = []
+    compare_forms = callbacks.compare_forms
+
+    def recording(*args, **kwargs):
+        seen.append([backend.fp32_precision for backend in backends])
+        return compare_forms(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "compare_forms", recording)
+    previous = [backend.fp32_precision for backend in backends]
+    try:
+        for backend in backends:  # what Ampere GPUs do by default for convs: TF32, ~1e-3 relative error
+            backend.fp32_precision = "tf32"
+        metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1"))
+        after = [backend.fp32_precision for backend in backends]
+    finally:
+        for backend, precision in zip(backends, previous, strict=True):
+            backend.fp32_precision = precision
+    assert seen == [["ieee", "ieee"]] and metrics["top1_agreement"] == 1.0
+    assert after == ["tf32", "tf32"]  # restored afterwards
+
+
+def test_deploy_check_over_tolerance_fails_the_run(tmp_path, monkeypatch):
+    switch_to_deploy = callbacks.switch_to_deploy
+
+    def off_by_a_little(model):
+        deploy = switch_to_deploy(model)
+        with torch.no_grad():
+            deploy.head.fc.bias += 0.1
+        return deploy
+
+    monkeypatch.setattr(callbacks, "switch_to_deploy", off_by_a_little)
+    tolerance = ["callbacks.deploy_check.atol=0.01", "callbacks.deploy_check.rtol=0"]
+    printed = exit_message(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", *tolerance)
+    pattern = (
+        r"error: deploy check failed: the deploy form of .*\.ckpt differs from its train form by \S+ abs, .* over 32"
+    )
+    assert re.match(pattern, printed), printed
+    assert "callbacks.deploy_check.atol=0.01 or rtol=0" in printed
+    assert not (tmp_path / "deploy").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_deploy_check_without_validation_batches_says_why_it_skipped(tmp_path):
+    metrics = train(
+        compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", "trainer.limit_val_batches=0")
+    )
+    assert metrics["deploy_check_skipped"] == "no validation batches to compare on (trainer.limit_val_batches=0)"
+    assert "deploy_weights" not in metrics and not (tmp_path / "deploy").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
 
 
 @pytest.mark.slow

@@ -3,22 +3,27 @@
 :class:`DeployCheck` closes every training run with the question a user asks next: does the
 plain network give the same answers? It reloads the best checkpoint the way deploy.py does
 (``weights_only=True``, from the saved hyperparameters), converts it with ``switch_to_deploy``,
-runs the whole validation set through both forms, and saves the deploy weights.
+runs the validation set through both forms in full float32, fails the run when they differ
+beyond a tolerance, and saves the deploy weights.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
+from torch.utils.data import DataLoader
 
 from repblocks.checkpoint import read_run_checkpoint
 from repblocks.convert import switch_to_deploy
-from repblocks.numerics import compare_forms
+from repblocks.errors import UserError
+from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
 from repblocks.weights import build_run_model, save_weights
 
 __all__ = ["DeployCheck", "DeployResult"]
@@ -40,20 +45,43 @@ class DeployResult:
 
 
 class DeployCheck(L.Callback):
-    """At the end of fit: convert the best checkpoint, check it on all validation images, save it.
+    """At the end of fit: convert the best checkpoint, check it on the validation images, save it.
+
+    Both forms run in full float32 (:func:`repblocks.numerics.ieee_fp32`), also on GPUs that would
+    round float32 convs to TF32: the error measured is the conversion's, not TF32's. The check
+    takes the validation batches the trainer validated on (``trainer.limit_val_batches``).
 
     Args:
         output_dir: Where ``<model_name>_deploy.safetensors`` is written.
+        atol, rtol: Largest |logit difference| between the forms, absolute or relative to the
+            largest logit; over both, the run fails (:class:`repblocks.errors.UserError`) and no
+            deploy weights are written. float32 rounding alone gives about 1e-6.
 
-    After ``trainer.fit`` the result is in :attr:`result` (on the rank-zero process).
+    After ``trainer.fit`` the result is in :attr:`result` (on the rank-zero process), or, when
+    there was nothing to check, the reason in :attr:`skipped`.
     """
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, *, atol: float = 1e-4, rtol: float = 1e-4):
+        if not (atol >= 0 and rtol >= 0):
+            raise ValueError(f"deploy_check atol and rtol must be non-negative, got atol={atol}, rtol={rtol}")
         self.output_dir = Path(output_dir)
+        self.atol, self.rtol = atol, rtol
         self.result: DeployResult | None = None
+        self.skipped: str | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.interrupted or trainer.fast_dev_run:
+            return
+        datamodule = trainer.datamodule
+        datamodule.setup("validate")
+        batches = _validated_batches(datamodule.val_dataloader(), trainer.limit_val_batches)
+        if batches is None:
+            self.skipped = (
+                f"no validation batches to compare on (trainer.limit_val_batches={trainer.limit_val_batches})"
+            )
+            log.warning(
+                "deploy check skipped: %s; no deploy weights written (deploy.py converts and checks)", self.skipped
+            )
             return
         best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
         # The best checkpoint is read back as deploy.py reads it (weights_only, rebuilt from its
@@ -62,10 +90,20 @@ class DeployCheck(L.Callback):
         hparams = pl_module.hparams
         model = model.float().eval()
         deploy = switch_to_deploy(model)
-        datamodule = trainer.datamodule
-        datamodule.setup("validate")
         device = pl_module.device
-        compared = compare_forms(model.to(device), deploy.to(device), datamodule.val_dataloader(), device)
+        with ieee_fp32():
+            compared = compare_forms(model.to(device), deploy.to(device), batches, device)
+        if not compared:
+            self.skipped = "the validation batches held no images"
+            log.warning("deploy check skipped: %s; no deploy weights written", self.skipped)
+            return
+        if not within_tolerance(compared["max_abs_err"], compared["max_rel_err"], atol=self.atol, rtol=self.rtol):
+            raise UserError(
+                f"deploy check failed: the deploy form of {best or 'the trained model'} differs from its train form by "
+                f"{compared['max_abs_err']:.2e} abs, {compared['max_rel_err']:.2e} rel over {compared['images']} "
+                f"validation images (tolerance callbacks.deploy_check.atol={self.atol:g} or rtol={self.rtol:g}); "
+                "no deploy weights written"
+            )
         path = save_weights(
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
@@ -88,3 +126,11 @@ class DeployCheck(L.Callback):
             deploy_weights=str(path),
         )
         log.info("deploy check: %s", asdict(self.result))
+
+
+def _validated_batches(loader: DataLoader, limit: int | float) -> Iterable | None:
+    """The batches of ``loader`` that Lightning validates under ``trainer.limit_val_batches`` (None: none)."""
+    if isinstance(limit, float) and limit == 1.0:
+        return loader
+    count = min(limit, len(loader)) if isinstance(limit, int) else int(limit * len(loader))
+    return itertools.islice(loader, count) if count > 0 else None

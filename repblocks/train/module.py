@@ -46,6 +46,8 @@ class RepClassifier(L.LightningModule):
         image_size: Training image size, saved for deploy.py's verification and export.
         data: The data module's config (``{"_target_": ..., **kwargs}``), saved so deploy.py can
             verify on the same validation images.
+        preprocessing: How the data prepares images (``input_size``, ``mean``, ``std``, ``crop_pct``,
+            ``interpolation``: a data set's ``preprocessing``), saved so deployment prepares them the same way.
         loss: ``nn.CrossEntropyLoss`` (any ``(logits, target)`` loss) or :class:`RDropLoss`, which
             gets two forward passes of every batch.
         optimizer: Factory taking the parameter groups (default: SGD, lr 0.05, momentum 0.9). Its ``weight_decay`` keyword is applied
@@ -70,6 +72,7 @@ class RepClassifier(L.LightningModule):
         in_chans: int = 3,
         image_size: int = 224,
         data: Mapping[str, Any] | None = None,
+        preprocessing: Mapping[str, Any] | None = None,
         loss: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -108,6 +111,7 @@ class RepClassifier(L.LightningModule):
                 "model_kwargs": dict(model_kwargs or {}),
                 "image_size": int(image_size),
                 "data": dict(data or {}),
+                "preprocessing": dict(preprocessing) if preprocessing is not None else None,
                 "weights_prefix": "ema.module." if self.ema is not None else "model.",
                 "ema_decay": ema_decay,
                 "rep_l2": rep_l2,

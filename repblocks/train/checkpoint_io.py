@@ -1,0 +1,40 @@
+"""Checkpoints written so that a kill never leaves half a file under their name.
+
+Lightning's :class:`~lightning.fabric.plugins.io.TorchCheckpointIO` writes through an fsspec
+transaction: a temporary file in ``$TMPDIR``, moved into place at the end. When ``$TMPDIR`` and the
+checkpoint folder are on different file systems, that move is a copy, and a SIGKILL during the copy
+leaves a truncated (or empty) ``last.ckpt`` where the previous good one was. :class:`AtomicCheckpointIO`
+writes beside the final name instead and renames (:func:`repblocks.files.atomic_path`): the name
+holds the previous checkpoint or the whole new one, never a part.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
+
+from repblocks.files import atomic_path
+
+__all__ = ["AtomicCheckpointIO"]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, writing local checkpoints atomically in their own folder.
+
+    Pass it to the trainer as a plugin: ``L.Trainer(plugins=[AtomicCheckpointIO()])``. Remote paths
+    (``s3://...``) keep Lightning's own writer, whose object stores have no partial files to fear.
+    Loading and removing are Lightning's.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        # Through an open file: the bytes go the way of any file write, and atomic_path flushes them to disk.
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle)

@@ -1,0 +1,84 @@
+"""The run folder of train.py: checked before any work, and never shared by two runs.
+
+A run writes ``config.yaml``, ``checkpoints/``, ``logs/``, ``deploy/`` and ``metrics.json`` into its
+folder. A second run into a folder that holds a run would mix its checkpoints and metrics with the
+first one's (and overwrite its best checkpoint's record), so it is refused; the one exception is
+resuming that same run, from a checkpoint inside the folder: the run then continues where it stopped
+(as a job requeued with the same command line does), and train.py keeps the earlier CSV log beside
+the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from yaml import YAMLError  # omegaconf reads YAML with PyYAML
+
+from repblocks.files import check_writable_dir
+
+__all__ = ["check_run_folder", "run_files"]
+
+
+def run_files(folder: Path) -> list[str]:
+    """The files in ``folder`` that a train.py run wrote there (empty for a new folder)."""
+    found = []
+    config = folder / "config.yaml"
+    if config.is_file() and _is_train_config(config):
+        found.append("config.yaml")
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("*.ckpt")):
+        found.append("checkpoints/")
+    if (folder / "metrics.json").is_file():
+        found.append("metrics.json")
+    return found
+
+
+def check_run_folder(
+    folder: str | os.PathLike,
+    *,
+    ckpt_path: str | None,
+    subfolders: Iterable[str | os.PathLike] = (),
+    new_run: bool = True,
+) -> None:
+    """Check, before any work, that a run may write into ``folder`` and its ``subfolders``.
+
+    Args:
+        folder: The run folder (``paths.output_dir``, Hydra's ``hydra.run.dir``).
+        ckpt_path: The checkpoint the run resumes from, if any. Resuming from a checkpoint of
+            ``folder`` itself continues that run, in its folder.
+        subfolders: Further folders the run writes into (checkpoints, deploy weights).
+        new_run: False in processes that join a run another one started (DDP's other ranks):
+            only whether they can write is checked.
+
+    Raises:
+        ValueError: A folder is not writable, or ``folder`` holds another run; one line that says
+            what to do instead.
+    """
+    folder = Path(folder).expanduser()
+    found = run_files(folder) if new_run and folder.is_dir() else []
+    if found and not (ckpt_path and _is_inside(Path(ckpt_path), folder)):
+        resume = folder / "checkpoints" / "last.ckpt"
+        raise ValueError(
+            f"run folder {folder} already holds a run ({', '.join(found)}): choose another folder "
+            f"(hydra.run.dir=...), or continue that run with ckpt_path={resume}"
+        )
+    check_writable_dir(folder, "run folder")
+    for subfolder in subfolders:
+        check_writable_dir(subfolder, "run folder")
+
+
+def _is_train_config(path: Path) -> bool:
+    # Ours is the resolved train config; any other config.yaml is not a run's.
+    try:
+        config = OmegaConf.load(path)
+    except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException):
+        return False
+    return isinstance(config, DictConfig) and all(key in config for key in ("model", "data", "trainer"))
+
+
+def _is_inside(path: Path, folder: Path) -> bool:
+    return path.expanduser().resolve().is_relative_to(folder.resolve())
