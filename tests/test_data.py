@@ -161,7 +161,7 @@ def test_a_classifier_needs_two_classes(tmp_path):
         FakeData(num_classes=1)
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: 5 s to start and stop
 def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, num_workers):
     root = write_image_folder(tmp_path)
     broken = root / "val" / "dog" / "1.png"

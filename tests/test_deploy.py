@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import repblocks
+from repblocks.cli import exit_on_user_error
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.speed import applicable
 from repblocks.errors import UserError
@@ -275,6 +276,10 @@ BAD_INPUTS = [
     "vit at another image size",
 ]
 UNPRIVILEGED = {"read-only out_dir"}  # run as user nobody, for whom the folder's mode applies
+# Run as deploy.py processes: one of each kind of failure deploy.py itself handles (a library error,
+# Hydra's parsing of a value, out_dir checks before Hydra makes its run folder, the security case).
+# The others go through the same one-line path in this process (exit_on_user_error around run_deploy).
+AS_PROCESS = {"missing file", "code in the pickle", "image size not a number", "out_dir is a file", "read-only out_dir"}
 
 
 def _bad_inputs(folder: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
@@ -335,8 +340,11 @@ def _run_bad_inputs(folder: Path) -> tuple[Path, dict]:
         (folder / shared).chmod(0o777)
     # ROOT first, and whatever PYTHONPATH already holds after it (a machine may keep packages there).
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    cases = _bad_inputs(folder)
+    assert list(cases) == BAD_INPUTS
     runs = {}
-    for name, (overrides, expected) in _bad_inputs(folder).items():
+    for name in AS_PROCESS:
+        overrides, expected = cases[name]
         out_dir, run_dir = folder / name.replace(" ", "_"), folder / "hydra" / name.replace(" ", "_")
         command = [
             sys.executable,
@@ -352,12 +360,36 @@ def _run_bad_inputs(folder: Path) -> tuple[Path, dict]:
         before = _snapshot(out_dir)
         process = subprocess.Popen(command, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         runs[name] = (process, expected, out_dir, before, run_dir)
-    assert list(runs) == BAD_INPUTS
     results = {}
+    for name in BAD_INPUTS:
+        if name in AS_PROCESS:
+            continue
+        overrides, expected = cases[name]
+        out_dir = folder / name.replace(" ", "_")
+        before = _snapshot(out_dir)
+        settings = dict(arg.split("=", 1) for arg in overrides)
+        results[name] = (*_deploy_in_process(settings, out_dir), expected, out_dir, before, None)
     for name, (process, expected, out_dir, before, run_dir) in runs.items():
         _, stderr = process.communicate(timeout=300)
         results[name] = (process.returncode, stderr, expected, out_dir, before, run_dir)
     return folder, results
+
+
+def _deploy_in_process(settings: dict[str, str], out_dir: Path) -> tuple[int, str]:
+    """deploy.py's path for a run's own errors, in this process: the exit status and what stderr would say."""
+    nested: dict = {"out_dir": str(out_dir)}
+    for key, value in settings.items():
+        group, _, name = key.rpartition(".")
+        value = (
+            [value[1:-1]] if value.startswith("[") else int(value) if value.isdigit() else value
+        )  # as Hydra reads it
+        (nested.setdefault(group, {}) if group else nested)[name] = value
+    try:
+        with exit_on_user_error():
+            run_deploy(DeployConfig.from_dict(nested))
+    except SystemExit as exit:
+        return (1 if isinstance(exit.code, str) else exit.code), f"{exit.code}\n"
+    return 0, ""
 
 
 @pytest.mark.parametrize("name", BAD_INPUTS)
@@ -370,6 +402,6 @@ def test_deploy_py_bad_input_is_one_line_and_exit_1(bad_runs, name):
     assert len(stderr.splitlines()) == 1 and stderr.startswith("error: "), stderr
     assert all(part in stderr for part in expected), stderr
     assert _snapshot(out_dir) == before  # nothing written, nothing removed
-    assert not run_dir.exists()  # the run folder Hydra made for the run is gone again
+    assert run_dir is None or not run_dir.exists()  # the run folder Hydra made for the run is gone again
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert not (folder / "pwned").exists()  # the pickle's payload never ran

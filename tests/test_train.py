@@ -89,7 +89,7 @@ def test_fast_dev_run_models(tmp_path, model):
 
 
 def test_fast_dev_run_digits_and_imagefolder(tmp_path):
-    train(compose_train(tmp_path / "digits", "model=repvgg_tiny", "data=digits", *FAST))
+    digits = train(compose_train(tmp_path / "digits", "model=repvgg_tiny", "data=digits", *FAST))
     root = write_image_folder(tmp_path / "images")
     overrides = [
         "model=repvgg_tiny",
@@ -98,13 +98,15 @@ def test_fast_dev_run_digits_and_imagefolder(tmp_path):
         "data.image_size=32",
         "data.num_workers=0",
     ]
-    train(compose_train(tmp_path / "folder", *overrides, "data.batch_size=4", *FAST))
+    folder = train(compose_train(tmp_path / "folder", *overrides, "data.batch_size=4", *FAST))
+    assert digits["global_step"] == folder["global_step"] == 1  # one batch of real images each, trained on
 
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_ROOT"), reason="set CIFAR10_ROOT to a folder with cifar-10-batches-py")
 def test_fast_dev_run_cifar10(tmp_path):
     overrides = ["data=cifar10", f"data.root={os.environ['CIFAR10_ROOT']}", "data.num_workers=0"]
-    train(compose_train(tmp_path, "model=repvgg_tiny", *overrides, *FAST))
+    metrics = train(compose_train(tmp_path, "model=repvgg_tiny", *overrides, *FAST))
+    assert metrics["global_step"] == 1
 
 
 def test_every_zoo_model_and_data_module_has_a_config():
