@@ -95,6 +95,8 @@ class RepClassifier(L.LightningModule):
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
+            # Averaged, never trained by gradients: unfrozen, DDP would stop on parameters without a gradient.
+            self.ema.requires_grad_(False)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
