@@ -18,9 +18,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[all,dev]"
 	touch $(STAMP)
 
-demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, export and time it (outputs/demo/)
-	$(PY) train.py model=repvgg_a0 hydra.run.dir=outputs/demo/train
-	$(PY) deploy.py ckpt=outputs/demo/train bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=outputs/demo/deploy
+# Each demo gets a folder of its own: train.py refuses a folder that already holds a run.
+DEMO = outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, export and time it (outputs/demo/DATE/)
+	$(eval RUN := $(DEMO))
+	$(PY) train.py model=repvgg_a0 hydra.run.dir=$(RUN)/train
+	$(PY) deploy.py ckpt=$(RUN)/train bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=$(RUN)/deploy
 
 test: $(STAMP)  ## the fast test suite (what a change must pass)
 	$(PY) -m pytest -m "not slow"
