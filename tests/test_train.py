@@ -222,6 +222,9 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
         (["trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains nothing"),
         (["data=fake", "data.num_classes=1"], "error: data.num_classes: a classifier needs at least 2 classes, got 1"),
         (["callbacks.deploy_check.atol=-1"], "error: deploy_check atol and rtol must be non-negative, got atol=-1"),
+        (["+model.foo=1"], "error: repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, "),
+        (["+model.act=swish_it"], "error: unknown activation 'swish_it'; known activations: relu, "),
+        (["model.drop_rate=1.5"], "error: drop_rate must be in [0, 1), got 1.5"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, overrides, message):
