@@ -14,9 +14,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from yaml import YAMLError  # omegaconf reads YAML with PyYAML
+import yaml
 
 from repblocks.files import check_writable_dir
 
@@ -74,10 +72,10 @@ def check_run_folder(
 def _is_train_config(path: Path) -> bool:
     # Ours is the resolved train config; any other config.yaml is not a run's.
     try:
-        config = OmegaConf.load(path)
-    except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException):
+        config = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
-    return isinstance(config, DictConfig) and all(key in config for key in ("model", "data", "trainer"))
+    return isinstance(config, dict) and all(key in config for key in ("model", "data", "trainer"))
 
 
 def _is_inside(path: Path, folder: Path) -> bool:
