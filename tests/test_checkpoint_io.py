@@ -76,9 +76,12 @@ def test_kill_while_saving_keeps_the_previous_checkpoint_or_none(tmp_path):
             assert checkpoint["step"] == 1 and torch.equal(checkpoint["weights"], torch.zeros(10))
         else:
             assert visible == []
-        # What the kill left: one hidden temporary file, cut at the limit, never under the final name.
+        # What the kill left: one hidden temporary file, cut at the limit, never under the final name ...
         (leftover,) = folder.glob(".last.ckpt.*.tmp")
         assert leftover.stat().st_size == 50000
+        # ... and the next save of that name removes it.
+        AtomicCheckpointIO().save_checkpoint({"step": 3}, folder / "last.ckpt")
+        assert sorted(path.name for path in folder.iterdir()) == ["last.ckpt"]
 
 
 def test_checkpoint_round_trip_leaves_no_temporary_file(tmp_path):

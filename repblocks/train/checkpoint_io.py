@@ -5,18 +5,20 @@ transaction: a temporary file in ``$TMPDIR``, moved into place at the end. When 
 checkpoint folder are on different file systems, that move is a copy, and a SIGKILL during the copy
 leaves a truncated (or empty) ``last.ckpt`` where the previous good one was. :class:`AtomicCheckpointIO`
 writes beside the final name instead and renames (:func:`repblocks.files.atomic_path`): the name
-holds the previous checkpoint or the whole new one, never a part.
+holds the previous checkpoint or the whole new one, never a part. What a killed write leaves is a
+hidden temporary file; the next save under the same name removes it.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 
-from repblocks.files import atomic_path
+from repblocks.files import TEMP_SUFFIX, atomic_path
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -35,6 +37,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        _remove_killed_writes(Path(path))
         # Through an open file: the bytes go the way of any file write, and atomic_path flushes them to disk.
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             torch.save(checkpoint, handle)
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """Remove what an earlier, killed write of ``path`` left: its hidden temporary files.
+
+    A run folder has one writer of checkpoints (train.py refuses a second run in it, and only the
+    first DDP process saves), so a temporary file of this name that exists now is no one's.
+    """
+    for leftover in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
