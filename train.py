@@ -36,7 +36,7 @@ from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
-from repblocks.train.run_folder import check_run_folder
+from repblocks.train.run_folder import check_run_folder, run_files
 
 log = logging.getLogger("train")
 # The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
@@ -111,11 +111,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Lightning ends Ctrl-C and SIGTERM this way, after ModelCheckpoint(save_on_exception) saved.
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or "no checkpoint was saved"
         raise SystemExit(f"interrupted at step {trainer.global_step}: resume with ckpt_path={last}") from None
+    except Exception:
+        if trainer.is_global_zero and resume is None:
+            _release_folder_if_nothing_saved(output_dir)
+        raise
     metrics = _metrics(trainer, callbacks, train_time_s=time.perf_counter() - started)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         with atomic_path(output_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _release_folder_if_nothing_saved(output_dir: Path) -> None:
+    """A run that failed before its first checkpoint leaves nothing to resume: its config.yaml no longer claims the folder.
+
+    Without this, running the corrected command again in the same folder would be refused as a second run.
+    """
+    if run_files(output_dir) != ["config.yaml"]:
+        return
+    (output_dir / "config.yaml").unlink()
+    log.info("the run failed before saving a checkpoint: %s is free for another run", output_dir)
 
 
 def _check_training_length(trainer: DictConfig) -> None:

@@ -11,6 +11,7 @@ for those count too. This module sees Hydra's exceptions by name and imports Hyd
 from __future__ import annotations
 
 import contextlib
+import json
 import pickle
 import re
 import signal
@@ -141,10 +142,54 @@ def check_overrides(overrides: Sequence[str], config_dir: str | Path, config_nam
 
     try:
         with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3", job_name=config_name):
-            return compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            composed = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+            choices = [arg for arg in overrides if _is_group_choice(arg, config_dir)]
+            defaults = compose(config_name, overrides=choices) if len(choices) < len(overrides) else composed
     except (HydraException, OmegaConfBaseException) as error:
         cause = f" ({one_line(error.__cause__, first_only=True)})" if error.__cause__ is not None else ""
         raise ValueError(f"{one_line(error)}{cause}") from None
+    check_value_types(overrides, defaults)
+    return composed
+
+
+def _is_group_choice(override: str, config_dir: str | Path) -> bool:
+    key = override.lstrip("+~").partition("=")[0]
+    return "/" not in key and (Path(config_dir) / key).is_dir()
+
+
+# A setting whose default is one of these takes only values of the same kind (or null).
+_KINDS = {bool: (bool,), int: (int,), float: (int, float)}
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def check_value_types(overrides: Sequence[str], defaults) -> None:
+    """Check that each ``key=value`` override has the kind of value of the key's default.
+
+    Hydra's configs are untyped YAML: ``trainer.max_epochs=abc`` composes, and fails deep inside
+    the run with a traceback. A setting whose default is a boolean, an integer or a number takes
+    only that (or null); settings whose default is null or a string are left to their users.
+
+    Raises:
+        ValueError: A value of another kind; one line naming the setting, its default and the value.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    for override in OverridesParser.create().parse_overrides([arg for arg in overrides if "=" in arg]):
+        if override.is_add() or override.is_delete() or override.is_sweep_override():
+            continue
+        try:
+            default = OmegaConf.select(defaults, override.key_or_group, throw_on_missing=False)
+        except Exception:  # an interpolation that only resolves inside the running app (${hydra:...})
+            continue
+        kind = type(default)
+        value = override.value()
+        if kind not in _KINDS or value is None:
+            continue
+        if not isinstance(value, _KINDS[kind]) or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(
+                f"{override.key_or_group} must be {_KIND_NAMES[kind]} (default {json.dumps(default)}), got {value!r}"
+            )
 
 
 @contextlib.contextmanager

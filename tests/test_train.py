@@ -22,6 +22,7 @@ from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
+from repblocks.train.run_folder import run_files
 from tests.helpers import open_to_everyone, read_only_dir, unprivileged
 from tests.test_data import write_crafted_cifar
 from train import CONFIG_DIR, main, train
@@ -189,11 +190,14 @@ class NanLoss(torch.nn.Module):
         return logits.sum() * float("nan")
 
 
-def test_nan_loss_stops_with_the_step(tmp_path):
+def test_nan_loss_stops_with_the_step_and_leaves_the_folder_free(tmp_path):
     with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0 \(epoch 0\)"):
         train(
             compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "loss._target_=tests.test_train.NanLoss", *FAST)
         )
+    # Nothing was saved, so the corrected command may run in the same folder: it is not a second run.
+    assert run_files(tmp_path) == []
+    assert train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", *FAST))["global_step"] == 1
 
 
 def test_rdrop_without_dropout_is_refused(tmp_path):
@@ -222,6 +226,8 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
         (["trainer.limit_train_batches=0"], "error: trainer.limit_train_batches=0 trains nothing"),
         (["data=fake", "data.num_classes=1"], "error: data.num_classes: a classifier needs at least 2 classes, got 1"),
         (["callbacks.deploy_check.atol=-1"], "error: deploy_check atol and rtol must be non-negative, got atol=-1"),
+        (["trainer.max_epochs=abc"], "error: trainer.max_epochs must be an integer (default 30), got 'abc'"),
+        (["rep_l2=yes"], "error: rep_l2 must be true or false (default false), got 'yes'"),
         (["+model.foo=1"], "error: repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, "),
         (["+model.act=swish_it"], "error: unknown activation 'swish_it'; known activations: relu, "),
         (["model.drop_rate=1.5"], "error: drop_rate must be in [0, 1), got 1.5"),
