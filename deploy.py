@@ -57,18 +57,19 @@ def main(cfg: DictConfig) -> None:
         console.print(f"{name}: {path}")
 
 
-def pin_run_dir(overrides: list[str]) -> tuple[list[str], Path]:
+def pin_run_dir(overrides: list[str], composed: DictConfig) -> tuple[list[str], Path]:
     """Resolve the run folder once (``${now:...}`` included), check it can be made, and hand Hydra that one.
 
     Hydra makes the run folder before ``main`` runs, and fails with a traceback where it cannot.
 
+    Args:
+        overrides: The command line's overrides.
+        composed: The config they compose to, with its ``hydra`` node (what ``check_overrides`` returns).
+
     Raises:
         ValueError: The run folder cannot be made or written.
     """
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        run_dir = Path(compose("deploy", overrides=overrides, return_hydra_config=True).hydra.run.dir)
+    run_dir = Path(composed.hydra.run.dir)
     check_writable_dir(run_dir, f"the run folder ({RUN_DIR})")
     kept = [arg for arg in overrides if arg.partition("=")[0].lstrip("+~") != RUN_DIR]
     return [*kept, f"{RUN_DIR}={run_dir}"], run_dir
@@ -78,9 +79,9 @@ if __name__ == "__main__":
     # SIGTERM (a scheduler, `kill`, `timeout`) is handled as Ctrl-C: temporary files are removed on the way out.
     with sigterm_as_interrupt(), exit_on_user_error():
         overrides = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
-        check_overrides(overrides, CONFIG_DIR, "deploy")
-        if not any(arg.startswith("-") for arg in overrides):  # flags (--cfg job, --multirun) are Hydra's own
-            overrides, run_dir = pin_run_dir(overrides)
+        composed = check_overrides(overrides, CONFIG_DIR, "deploy")
+        if composed is not None:  # None for flags (--cfg job, --multirun): those are Hydra's own
+            overrides, run_dir = pin_run_dir(overrides, composed)
             made_for_the_run = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]
         sys.argv[1:] = quote_path_values(overrides)
         main()

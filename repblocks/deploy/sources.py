@@ -15,14 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors
-from torch import Tensor, nn
+from torch import nn
 
 from repblocks.checkpoint import (
     RunCheckpoint,
     StateDict,
     read_checkpoint,
     read_run_checkpoint,
+    read_safetensors_metadata,
     read_state_dict,
     resolve_run_checkpoint,
 )
@@ -31,6 +31,7 @@ from repblocks.deploy import preprocessing
 from repblocks.errors import UserError, user_errors
 from repblocks.layouts import to_repblocks_layout
 from repblocks.numerics import randomize_bn_
+from repblocks.pretrained import classifier_classes
 from repblocks.registry import create_model, list_models
 from repblocks.weights import build_run_model, load_weights
 
@@ -119,9 +120,8 @@ def read_deploy_metadata(path: str | Path) -> dict[str, str] | None:
     if path.suffix != ".safetensors":
         return None
     try:
-        with safetensors.safe_open(path, "pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception:  # not a valid safetensors file: read_checkpoint says so in its own words
+        metadata = read_safetensors_metadata(path)
+    except (FileNotFoundError, ValueError):  # missing or not safetensors: read_checkpoint says so in its own words
         return None
     return metadata if metadata.get("form") == DEPLOY_FORM and "model" in metadata else None
 
@@ -181,7 +181,7 @@ def _checkpoint_network(ckpt: Path, model: str | None, num_classes: int | None) 
     if not isinstance(checkpoint, Mapping):
         raise UserError(f"{ckpt} holds a {type(checkpoint).__name__}, not a state dict")
     state = read_state_dict(checkpoint)
-    num_classes = num_classes or _classes_in(state) or 1000
+    num_classes = num_classes or classifier_classes(state, "head.fc") or 1000
     deploy = _in_deploy_form(state)
     network = load_weights(_build(model, num_classes=num_classes, deploy=deploy), state).eval()
     if deploy:
@@ -235,12 +235,6 @@ def _run_network(run: RunCheckpoint, model: str | None) -> Network:
         in_chans=run.in_chans,
         data=run.data,
     )
-
-
-def _classes_in(state_dict: StateDict) -> int | None:
-    """The classifier's output count in weights of any layout, or None when there is none."""
-    head = to_repblocks_layout(state_dict).get("head.fc.weight")
-    return int(head.shape[0]) if isinstance(head, Tensor) and head.dim() == 2 else None
 
 
 def _in_deploy_form(state_dict: StateDict) -> bool:
