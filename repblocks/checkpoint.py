@@ -27,9 +27,12 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DEPLOY_FORM",
+    "PREPROCESSING_KEYS",
     "RunCheckpoint",
     "StateDict",
     "WeightsSource",
+    "deploy_metadata",
     "read_checkpoint",
     "read_run_checkpoint",
     "read_safetensors_metadata",
@@ -39,6 +42,10 @@ __all__ = [
 
 StateDict = dict[str, Tensor]
 WeightsSource = str | os.PathLike | Mapping[str, Tensor]
+
+DEPLOY_FORM = "deploy"  # the ``form`` in the metadata of deploy-form weights we write
+# How a model's images are prepared: the keys of timm's pretrained_cfg that say so.
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
 
 # Keys under which checkpoints of various trainers keep the state dict.
 _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -114,6 +121,28 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
+
+
+def deploy_metadata(
+    *, model: str, num_classes: int, in_chans: int, model_kwargs: Mapping, preprocessing: Mapping | None = None
+) -> dict[str, str]:
+    """The header metadata of deploy-form weights we write: what rebuilds the model, and how its images are prepared.
+
+    Training's end-of-run deploy weights and deploy.py's ``model.safetensors`` both carry it, so either
+    file deploys again with nothing else (:func:`read_safetensors_metadata` reads it back). Values are
+    strings, as safetensors requires: numbers as text, everything else as JSON.
+    """
+    metadata = {
+        "model": model,
+        "num_classes": str(num_classes),
+        "in_chans": str(in_chans),
+        "model_kwargs": json.dumps(dict(model_kwargs)),
+        "form": DEPLOY_FORM,
+    }
+    for key in PREPROCESSING_KEYS:
+        if preprocessing and key in preprocessing:
+            metadata[key] = json.dumps(preprocessing[key])
+    return metadata
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

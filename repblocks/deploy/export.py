@@ -18,7 +18,6 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,8 +28,8 @@ import onnxruntime
 import torch
 from torch import Tensor, nn
 
-from repblocks.deploy.preprocessing import to_metadata
-from repblocks.deploy.sources import DEPLOY_FORM, Network
+from repblocks import checkpoint
+from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 from repblocks.files import atomic_path
 from repblocks.numerics import max_errors, within_tolerance
@@ -106,14 +105,13 @@ def export_all(
 
 def deploy_metadata(network: Network) -> dict[str, str]:
     """What rebuilds the deploy form and prepares its images, as strings: model, classes, kwargs, preprocessing."""
-    return {
-        "model": network.name,
-        "num_classes": str(network.num_classes),
-        "in_chans": str(network.in_chans),
-        "model_kwargs": json.dumps(network.model_kwargs),
-        "form": DEPLOY_FORM,
-        **to_metadata(network.preprocessing),
-    }
+    return checkpoint.deploy_metadata(
+        model=network.name,
+        num_classes=network.num_classes,
+        in_chans=network.in_chans,
+        model_kwargs=network.model_kwargs,
+        preprocessing=network.preprocessing,
+    )
 
 
 def export_safetensors(

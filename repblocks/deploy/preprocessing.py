@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from repblocks.checkpoint import PREPROCESSING_KEYS
 from repblocks.datasets import IMAGENET_MEAN, IMAGENET_STD
 from repblocks.errors import UserError
 
@@ -30,13 +31,12 @@ __all__ = [
     "from_metadata",
     "model_config",
     "resolve",
-    "to_metadata",
     "torchvision_preprocessing",
 ]
 
 log = logging.getLogger(__name__)
 
-KEYS = ("input_size", "mean", "std", "crop_pct", "interpolation")
+KEYS = PREPROCESSING_KEYS  # one definition, in the core: the deploy-form metadata contract
 DEFAULT_IMAGE_SIZE = 224
 DEFAULTS = {
     "input_size": DEFAULT_IMAGE_SIZE,
@@ -117,13 +117,8 @@ def torchvision_preprocessing(name: str) -> tuple[str, dict | None]:
     return f"the transforms of torchvision's {weights}", values
 
 
-def to_metadata(preprocessing: Mapping) -> dict[str, str]:
-    """The keys of :data:`KEYS` as strings (JSON values), for safetensors metadata and ONNX ``metadata_props``."""
-    return {key: json.dumps(preprocessing[key]) for key in KEYS}
-
-
 def from_metadata(metadata: Mapping[str, str]) -> dict | None:
-    """What :func:`to_metadata` wrote, read back (None when there is none).
+    """What :func:`repblocks.checkpoint.deploy_metadata` wrote, read back (None when there is none).
 
     Raises:
         UserError: A value is not JSON.

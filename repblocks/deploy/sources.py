@@ -18,6 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from repblocks.checkpoint import (
+    DEPLOY_FORM,
     RunCheckpoint,
     StateDict,
     read_checkpoint,
@@ -38,7 +39,6 @@ from repblocks.weights import build_run_model, load_weights
 __all__ = ["DEPLOY_FORM", "TORCHVISION", "Network", "check_model_names", "load_network", "read_deploy_metadata"]
 
 TORCHVISION = "torchvision:"
-DEPLOY_FORM = "deploy"  # the ``form`` metadata of deploy.py's model.safetensors
 
 
 @dataclass

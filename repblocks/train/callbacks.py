@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from repblocks.checkpoint import read_run_checkpoint
+from repblocks.checkpoint import deploy_metadata, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
@@ -108,13 +107,13 @@ class DeployCheck(L.Callback):
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
             # The same metadata as deploy.py's export, so either file says how to rebuild its model.
-            metadata={
-                "model": hparams["model_name"],
-                "num_classes": str(hparams["num_classes"]),
-                "in_chans": str(hparams["in_chans"]),
-                "model_kwargs": json.dumps(hparams["model_kwargs"]),
-                "form": "deploy",
-            },
+            metadata=deploy_metadata(
+                model=hparams["model_name"],
+                num_classes=hparams["num_classes"],
+                in_chans=hparams["in_chans"],
+                model_kwargs=hparams["model_kwargs"],
+                preprocessing=hparams.get("preprocessing"),
+            ),
         )
         self.result = DeployResult(
             val_acc_train_form=compared["train_accuracy"],
