@@ -1,10 +1,18 @@
 """Building blocks: the re-parameterizable ``RepBlock`` and the small modules it is made of.
 
-``RepBlock`` is the RepVGG block (Ding et al., "RepVGG: Making VGG-style ConvNets Great Again",
-CVPR 2021, https://arxiv.org/abs/2101.03697): during training it sums a kxk Conv+BN, a 1x1
-Conv+BN and, when shapes allow, an identity BN; for deployment the three collapse, exactly, into
-one kxk convolution with a bias. It takes any ``in/out_channels``, ``stride`` and ``groups``
-(grouped and depthwise included), so it drops into any backbone.
+``RepBlock`` is one general re-parameterizable block. During training it sums parallel branches
+over the same input; for deployment they collapse, exactly, into one kxk convolution with a bias.
+Which branches exist is data (keyword arguments), so one class covers the families of the zoo:
+
+* RepVGG (Ding et al., CVPR 2021, https://arxiv.org/abs/2101.03697): kxk Conv+BN, 1x1 Conv+BN and,
+  when shapes allow, an identity BN (the defaults);
+* MobileOne (Vasu et al., CVPR 2023, https://arxiv.org/abs/2206.04040): ``num_conv_branches`` kxk
+  Conv+BN branches, a 1x1 Conv+BN ("scale") branch and an identity BN;
+* QARepVGG (Chu et al., 2022, https://arxiv.org/abs/2212.01593): kxk Conv+BN, a 1x1 conv without
+  BN, a plain identity and a BatchNorm after the sum; v2 adds a kxk average-pool branch.
+
+It takes any ``in/out_channels``, ``stride`` and ``groups`` (grouped and depthwise included), so it
+drops into any backbone.
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from repblocks.fusion import equivalent_kernel_bias, fused_kernel_bias
+from repblocks.fusion import equivalent_kernel_bias, fold_bn, fused_kernel_bias
 
-__all__ = ["ACTIVATIONS", "ConvBN", "RepBlock", "SqueezeExcite", "resolve_act"]
+__all__ = ["ACTIVATIONS", "BRANCH_KINDS", "ConvBN", "RepBlock", "SqueezeExcite", "resolve_act"]
 
 ActFactory = Callable[[], nn.Module]
 
@@ -103,17 +111,37 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(scale)
 
 
+# The kinds each optional branch may be (None: the branch is absent).
+BRANCH_KINDS = {
+    "scale_branch": ("bn", "conv"),  # the 1x1 branch: Conv+BN (RepVGG, MobileOne) or a plain conv (QARepVGG)
+    "identity_branch": ("bn", "plain"),  # the identity: a BatchNorm (RepVGG, MobileOne) or the input as is (QARepVGG)
+}
+
+
 class RepBlock(nn.Module):
-    """RepVGG block: kxk Conv+BN + 1x1 Conv+BN (+ identity BN), then optional SE and activation.
+    """A re-parameterizable block: parallel conv branches summed, then an optional BN, SE and activation.
+
+    The defaults are the RepVGG block: kxk Conv+BN + 1x1 Conv+BN (+ identity BN). Every combination of
+    branches fuses into one kxk conv with a bias (:meth:`switch_to_deploy`), in float64 rounded once.
 
     Args:
         in_channels: Input channels.
         out_channels: Output channels.
-        stride: Convolution stride; the identity branch exists only at stride 1 with
-            ``in_channels == out_channels``.
+        stride: Convolution stride; the identity and average-pool branches exist only at stride 1
+            with ``in_channels == out_channels``.
         groups: Convolution groups (``groups == in_channels`` is depthwise).
-        kernel_size: Odd size of the main kernel (3 in RepVGG).
-        use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se).
+        kernel_size: Odd size of the main kernel (3 in RepVGG; MobileOne's pointwise blocks: 1).
+        num_conv_branches: None for one kxk Conv+BN branch held as ``conv_kxk`` itself (RepVGG's
+            keys); n for a list of n (``conv_kxk.0`` ... : MobileOne's over-parameterization, its keys).
+        scale_branch: The 1x1 branch ``conv_1x1``: ``"bn"`` for Conv+BN, ``"conv"`` for a plain conv
+            without BN (QARepVGG), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
+        identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
+            of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
+        avg_pool_branch: Add a kxk stride-1 average pool of the input (QARepVGG v2), where shapes allow.
+        post_bn: A BatchNorm ``post_bn`` after the branch sum (QARepVGG).
+        keep_post_bn: Keep ``post_bn`` as its own module in the deploy form instead of folding it into
+            the fused conv: the form quantization-aware training fine-tunes (YOLOv6 keeps it so).
+        use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se, MobileOne-S4).
         act: Activation: a name from :data:`ACTIVATIONS` (``"gelu"``), a factory (``nn.GELU``), or None for none.
         deploy: Build only the fused convolution (for loading deploy-form weights).
     """
@@ -126,6 +154,12 @@ class RepBlock(nn.Module):
         stride: int = 1,
         groups: int = 1,
         kernel_size: int = 3,
+        num_conv_branches: int | None = None,
+        scale_branch: str | None = "bn",
+        identity_branch: str | None = "bn",
+        avg_pool_branch: bool = False,
+        post_bn: bool = False,
+        keep_post_bn: bool = False,
         use_se: bool = False,
         act: str | ActFactory | None = _relu,
         deploy: bool = False,
@@ -141,21 +175,46 @@ class RepBlock(nn.Module):
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
+        if num_conv_branches is not None:
+            check_int(num_conv_branches, "num_conv_branches", minimum=1)
+        for arg, value in dict(scale_branch=scale_branch, identity_branch=identity_branch).items():
+            if value is not None and value not in BRANCH_KINDS[arg]:
+                raise ValueError(f"{arg} must be one of {', '.join(BRANCH_KINDS[arg])} or None, got {value!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
         self.groups = groups
         self.kernel_size = kernel_size
-        self.has_identity = in_channels == out_channels and stride == 1
+        # What the branches are: enough to rebuild this block's train form (loading fuses through such a twin).
+        self.branch_config = dict(
+            num_conv_branches=num_conv_branches,
+            scale_branch=scale_branch,
+            identity_branch=identity_branch,
+            avg_pool_branch=avg_pool_branch,
+            post_bn=post_bn,
+        )
+        self.keep_post_bn = keep_post_bn
+        shapes_allow = in_channels == out_channels and stride == 1
+        self.has_identity = shapes_allow and identity_branch is not None
 
+        self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = self.reparam = None
         if deploy:
-            self.conv_kxk = self.conv_1x1 = self.identity = None
             self.reparam = self._fused_conv()
         else:
-            self.conv_kxk = ConvBN(in_channels, out_channels, kernel_size, stride=stride, groups=groups)
-            self.conv_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
-            self.identity = nn.BatchNorm2d(in_channels) if self.has_identity else None
-            self.reparam = None
+            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, stride=stride, groups=groups)
+            if num_conv_branches is None:
+                self.conv_kxk = conv_bn()
+            else:
+                self.conv_kxk = nn.ModuleList(conv_bn() for _ in range(num_conv_branches))
+            if scale_branch == "bn":
+                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
+            elif scale_branch == "conv":
+                self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, groups=groups, bias=False)
+            if self.has_identity:
+                self.identity = nn.BatchNorm2d(in_channels) if identity_branch == "bn" else nn.Identity()
+            if avg_pool_branch and shapes_allow:
+                self.avg_pool = nn.AvgPool2d(kernel_size, stride=1, padding=kernel_size // 2)
+        self.post_bn = nn.BatchNorm2d(out_channels) if post_bn and (keep_post_bn or not deploy) else None
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
         act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
@@ -165,35 +224,87 @@ class RepBlock(nn.Module):
         """True once the branches have been fused into ``reparam``."""
         return self.reparam is not None
 
+    def branches(self) -> list[nn.Module]:
+        """The train-form branches summed over the input, in order (empty in deploy form)."""
+        if self.reparam is not None:
+            return []
+        convs = list(self.conv_kxk) if isinstance(self.conv_kxk, nn.ModuleList) else [self.conv_kxk]
+        return [branch for branch in (*convs, self.conv_1x1, self.identity, self.avg_pool) if branch is not None]
+
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam is not None:
             out = self.reparam(x)
         else:
-            out = self.conv_kxk(x) + self.conv_1x1(x)
-            if self.identity is not None:
-                out += self.identity(x)
+            first, *rest = self.branches()
+            out = first(x)
+            for index, branch in enumerate(rest):
+                # The first sum makes a fresh tensor nobody else holds; the rest can add into it in place.
+                out = out + branch(x) if index == 0 else out.add_(branch(x))
+        if self.post_bn is not None:
+            out = self.post_bn(out)
         return self.act(self.se(out))
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
-        """Kernel and bias of the single conv equal to the branch sum in eval mode.
+        """Kernel and bias of the single conv equal to the block before SE and activation, in eval mode.
 
-        Differentiable (the RepVGG L2 penalty is taken on it) and includes the identity branch.
-        In deploy form it returns the fused convolution's own parameters.
+        Differentiable (the RepVGG L2 penalty is taken on it) and covers every branch: identity,
+        average pool and the BatchNorm after the sum included. In deploy form it returns the fused
+        convolution's own parameters (with a kept ``post_bn`` folded in).
         """
         if self.reparam is not None:
-            return self.reparam.weight, self.reparam.bias
-        return equivalent_kernel_bias(self._branches(), self.identity, kernel_size=self.kernel_size)
+            if self.post_bn is None:
+                return self.reparam.weight, self.reparam.bias
+            kernel, bias = fold_bn(self.reparam.weight, self.post_bn, self.reparam.bias)
+            return kernel.to(self.reparam.weight.dtype), bias.to(self.reparam.weight.dtype)
+        conv_branches, identity, options = self._fusion_args(fold_post_bn=True)
+        return equivalent_kernel_bias(conv_branches, identity, **options)
 
-    def _branches(self) -> list[tuple[Tensor, nn.Module]]:
-        return [(self.conv_kxk.conv.weight, self.conv_kxk.bn), (self.conv_1x1.conv.weight, self.conv_1x1.bn)]
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """The parameters that enter :meth:`get_equivalent_kernel_bias`'s kernel (conv kernels and BN weights).
+
+        The RepVGG L2 penalty decays exactly these, so they are taken out of plain weight decay.
+        """
+        modules = [self.reparam] if self.reparam is not None else self.branches()
+        modules = [*modules, self.post_bn]
+        return [
+            param
+            for module in modules
+            if module is not None
+            for name, param in module.named_parameters()
+            if name.endswith("weight")  # conv kernels and BN scales; BN and conv biases shift, they do not scale
+        ]
+
+    def _fusion_args(self, *, fold_post_bn: bool) -> tuple:
+        conv_branches = []
+        for branch in self.branches():
+            if isinstance(branch, ConvBN):
+                conv_branches.append((branch.conv.weight, branch.bn))
+            elif isinstance(branch, nn.Conv2d):
+                conv_branches.append((branch.weight, None))
+        post_bn = self.post_bn if fold_post_bn else None
+        avg_pool = self.kernel_size if self.avg_pool is not None else None
+        return conv_branches, self.identity, {"kernel_size": self.kernel_size, "avg_pool": avg_pool, "post_bn": post_bn}
 
     @torch.no_grad()
-    def switch_to_deploy(self) -> RepBlock:
-        """Replace the branches by one fused conv, in place. Calling it again does nothing."""
+    def switch_to_deploy(self, keep_post_bn: bool | None = None) -> RepBlock:
+        """Replace the branches by one fused conv, in place. Calling it again does nothing.
+
+        Args:
+            keep_post_bn: Keep the BatchNorm after the sum as its own module (for quantization-aware
+                training) instead of folding it; by default the block's own ``keep_post_bn``. A block
+                whose ``post_bn`` was kept folds it when called with False.
+        """
+        keep = self.keep_post_bn if keep_post_bn is None else keep_post_bn
         if self.reparam is not None:
+            if self.post_bn is not None and not keep:
+                kernel, bias = self.get_equivalent_kernel_bias()
+                self.reparam.weight.copy_(kernel)
+                self.reparam.bias.copy_(bias)
+                self.post_bn = None
             return self
-        kernel, bias = fused_kernel_bias(self._branches(), self.identity, kernel_size=self.kernel_size)
-        weight = self.conv_kxk.conv.weight
+        conv_branches, identity, options = self._fusion_args(fold_post_bn=not keep)
+        kernel, bias = fused_kernel_bias(conv_branches, identity, **options)
+        weight = conv_branches[0][0]
         if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
             kernel = kernel.contiguous(memory_format=torch.channels_last)  # a channels_last model stays so
         requires_grad = weight.requires_grad
@@ -201,7 +312,9 @@ class RepBlock(nn.Module):
         fused.weight = nn.Parameter(kernel, requires_grad=requires_grad)
         fused.bias = nn.Parameter(bias, requires_grad=requires_grad)
         self.reparam = fused
-        self.conv_kxk = self.conv_1x1 = self.identity = None
+        self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = None
+        if not keep:
+            self.post_bn = None
         return self
 
     def _fused_conv(self, device: str | None = None) -> nn.Conv2d:
@@ -217,7 +330,8 @@ class RepBlock(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        branches = ", ".join(f"{key}={value}" for key, value in self.branch_config.items() if value)
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"groups={self.groups}, deploy={self.deploy}"
+            f"groups={self.groups}, {branches}, deploy={self.deploy}"
         )

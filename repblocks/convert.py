@@ -17,7 +17,7 @@ import inspect
 import logging
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -33,10 +33,10 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def switch_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def switch_to_deploy(model: nn.Module, inplace: bool = False, *, keep_post_bn: bool = False) -> nn.Module:
     """Return the deploy form of ``model``, in eval mode, with outputs equal to ``model.eval()``'s.
 
-    Every ``RepBlock`` is fused into one conv, every other module exposing ``switch_to_deploy()``
+    Every ``RepBlock`` (any branch set) is fused into one conv, every other module exposing ``switch_to_deploy()``
     or ``reparameterize()`` without arguments (the official code's, mmpretrain's and timm's
     RepVGG/MobileOne blocks) is asked to fuse itself, and every remaining Conv->BatchNorm pair is
     folded into the conv.
@@ -44,12 +44,15 @@ def switch_to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     Args:
         model: Any module.
         inplace: Convert ``model`` itself; by default a deep copy is converted and ``model`` is untouched.
+        keep_post_bn: Keep the BatchNorm after the branch sum of blocks that have one (QARepVGG) as its
+            own module, unfolded: the form quantization-aware training fine-tunes. Other Conv+BN pairs fold.
     """
     if not inplace:
         model = _copy_sharing_branches(model)
-    blocks = _reparameterize_blocks(model)
+    blocks = _reparameterize_blocks(model, keep_post_bn=keep_post_bn)
     model.eval()  # after fusing: until then the copy shares branch modules with the caller's model
-    pairs = fold_conv_bn(model)
+    kept = {id(m.post_bn) for m in model.modules() if isinstance(m, RepBlock) and m.post_bn is not None}
+    pairs = fold_conv_bn(model, keep=kept)
     log.info("deploy conversion: %d re-parameterizable blocks fused, %d Conv+BN pairs folded", blocks, pairs)
     return model
 
@@ -64,20 +67,19 @@ def _copy_sharing_branches(model: nn.Module) -> nn.Module:
     memo = {}
     for module in model.modules():
         if isinstance(module, RepBlock) and not module.deploy:
-            for branch in (module.conv_kxk, module.conv_1x1, module.identity):
-                if branch is not None:
-                    memo[id(branch)] = branch
+            for branch in module.branches():
+                memo[id(branch)] = branch
     return copy.deepcopy(model, memo)
 
 
-def _reparameterize_blocks(model: nn.Module) -> int:
+def _reparameterize_blocks(model: nn.Module, *, keep_post_bn: bool) -> int:
     fused = 0
     for module in list(model.modules()):
         if module is model:
             continue  # the root's own switch_to_deploy may be this very function's caller
         if isinstance(module, RepBlock):
             fused += not module.deploy
-            module.switch_to_deploy()
+            module.switch_to_deploy(keep_post_bn=keep_post_bn)
         elif (fuse := _own_fusion(module)) is not None:
             fuse()
             fused += 1
@@ -107,8 +109,10 @@ def _takes_no_arguments(method: Callable) -> bool:
 
 
 @torch.no_grad()
-def fold_conv_bn(model: nn.Module) -> int:
+def fold_conv_bn(model: nn.Module, *, keep: Collection[int] = ()) -> int:
     """Fold every eval-mode BatchNorm that directly follows a conv into that conv, in place.
+
+    ``keep`` holds the ids of BatchNorms to leave alone (``switch_to_deploy(keep_post_bn=True)``'s).
 
     The conv keeps its class and gains a bias; the BatchNorm is replaced by ``nn.Identity``.
     BatchNorms in training mode are left alone: they normalize with batch statistics, which no
@@ -121,6 +125,7 @@ def fold_conv_bn(model: nn.Module) -> int:
     if pairs is None:
         pairs = _sequential_pairs(model)
     modules = dict(model.named_modules())
+    pairs = [(conv_name, bn_name) for conv_name, bn_name in pairs if id(modules[bn_name]) not in keep]
     for conv_name, bn_name in pairs:
         conv, bn = modules[conv_name], modules[bn_name]
         kernel, bias = fuse_conv_bn(conv, bn)

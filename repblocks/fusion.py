@@ -5,6 +5,8 @@ Everything here is exact algebra on linear maps:
 * a convolution followed by an eval-mode BatchNorm is one convolution with a bias;
 * a 1x1 kernel is a kxk kernel that is zero outside its centre;
 * the identity map is a kxk kernel with a single 1 per output channel (for any ``groups``);
+* a stride-1 average pool is a kxk kernel with ``1 / k**2`` at every tap of a channel's own input;
+* a BatchNorm after a sum of convolutions folds into the summed kernel like any Conv+BN pair;
 * convolutions over the same input with the same stride add up kernel-wise.
 
 The arithmetic runs in float64 and is cast back once at the end, so a model that is already
@@ -14,6 +16,8 @@ out here: training differentiates through ``equivalent_kernel_bias`` for the Rep
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +49,8 @@ def bn_scale_shift(bn: nn.Module, conv_bias: Tensor | None = None) -> tuple[Tens
             torchvision's ``FrozenBatchNorm2d``).
         conv_bias: Bias added before the BatchNorm, if any.
     """
+    if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
+        raise ValueError(f"cannot fold {type(bn).__name__}: it has no running statistics (track_running_stats=False?)")
     wide = wide_dtype(bn.running_mean.device)
     mean = bn.running_mean.to(wide)
     std = (bn.running_var.to(wide) + bn.eps).sqrt()
@@ -116,40 +122,50 @@ def identity_kernel(
 
 
 def equivalent_kernel_bias(
-    conv_bn_branches: list[tuple[Tensor, nn.Module]],
-    identity_bn: nn.Module | None,
+    conv_branches: list[tuple[Tensor, nn.Module | None]],
+    identity: nn.Module | None,
     *,
     kernel_size: int,
+    avg_pool: int | None = None,
+    post_bn: nn.Module | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Sum parallel Conv+BN branches (and an optional identity BN) into one kernel and bias.
+    """Sum parallel convolution branches (and identity, average pool, a BN after the sum) into one kernel and bias.
 
     The result equals padding every kernel to ``kernel_size`` (:func:`pad_kernel`), folding each
-    BN (:func:`fold_bn`), folding the identity BN into :func:`identity_kernel`, and adding it all
-    up; smaller kernels and the identity are added into the centre instead of being materialized.
+    branch's BN (:func:`fold_bn`), adding the identity (:func:`identity_kernel`, through its BN if
+    it has one) and the average pool (``1 / size**2`` at every tap of each channel's own input),
+    summing it all and folding ``post_bn`` into the sum. Smaller kernels, the identity and the pool
+    are added into the centre instead of being materialized.
 
     Differentiable with respect to the kernels and the BN affine parameters (the RepVGG L2
     penalty needs that). The sum is formed in float64 and cast back to the first kernel's dtype.
 
     Args:
-        conv_bn_branches: ``(kernel, bn)`` pairs of square, odd kernels up to ``kernel_size``.
-        identity_bn: BatchNorm applied to the input itself, or None when there is no identity.
+        conv_branches: ``(kernel, bn)`` pairs of square, odd kernels up to ``kernel_size``; ``bn``
+            is None for a plain bias-free convolution (QARepVGG's 1x1 branch).
+        identity: The identity branch: a BatchNorm applied to the input (RepVGG, MobileOne), any
+            other module for the plain identity (``nn.Identity``: QARepVGG), or None for none.
         kernel_size: Size of the fused square kernel. The groups need no argument: the kernels'
             second dimension (input channels per group) says where the identity's 1s go.
+        avg_pool: Side of a stride-1 average pool over each channel (padding ``size // 2``, padded
+            zeros counted, as ``nn.AvgPool2d``'s default): QARepVGG v2's branch. None for none.
+        post_bn: A BatchNorm applied to the branch sum (QARepVGG), or None.
     """
-    dtype = conv_bn_branches[0][0].dtype
-    branches = [(kernel, *bn_scale_shift(bn)) for kernel, bn in conv_bn_branches]
-    identity = bn_scale_shift(identity_bn) if identity_bn is not None else None
-    out_channels = branches[0][0].shape[0]
-    kernel, bias = _sum_branches(branches, identity, range(out_channels), kernel_size)
+    dtype = conv_branches[0][0].dtype
+    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn)
+    out_channels = conv_branches[0][0].shape[0]
+    kernel, bias = parts.sum(range(out_channels), kernel_size)
     return kernel.to(dtype), bias.to(dtype)
 
 
 @torch.no_grad()
 def fused_kernel_bias(
-    conv_bn_branches: list[tuple[Tensor, nn.Module]],
-    identity_bn: nn.Module | None,
+    conv_branches: list[tuple[Tensor, nn.Module | None]],
+    identity: nn.Module | None,
     *,
     kernel_size: int,
+    avg_pool: int | None = None,
+    post_bn: nn.Module | None = None,
     rows_per_chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """The same values as :func:`equivalent_kernel_bias`, without autograd, for conversion.
@@ -158,46 +174,80 @@ def fused_kernel_bias(
     and reuse memory: converting a large model is dominated by fresh page allocations otherwise
     (RepVGG-B3: several seconds unchunked, a fraction of a second chunked).
     """
-    first_kernel = conv_bn_branches[0][0]
+    first_kernel = conv_branches[0][0]
     out_channels = first_kernel.shape[0]
-    branches = [(kernel, *bn_scale_shift(bn)) for kernel, bn in conv_bn_branches]
-    identity = bn_scale_shift(identity_bn) if identity_bn is not None else None
+    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn)
     kernel = first_kernel.new_empty(out_channels, first_kernel.shape[1], kernel_size, kernel_size)
     bias = first_kernel.new_empty(out_channels)
     for start in range(0, out_channels, rows_per_chunk):
         rows = range(start, min(start + rows_per_chunk, out_channels))
-        kernel[start : rows.stop], bias[start : rows.stop] = _sum_branches(branches, identity, rows, kernel_size)
+        kernel[start : rows.stop], bias[start : rows.stop] = parts.sum(rows, kernel_size)
     return kernel, bias
 
 
-def _sum_branches(
-    branches: list[tuple[Tensor, Tensor, Tensor]],
-    identity: tuple[Tensor, Tensor] | None,
-    rows: range,
-    kernel_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Float64 kernel and bias of output channels ``rows`` from ``(kernel, scale, shift)`` branches."""
-    centre = kernel_size // 2
-    out_slice = slice(rows.start, rows.stop)
-    kernel = bias = None
-    for branch_kernel, scale, shift in sorted(branches, key=lambda branch: -branch[0].shape[-1]):
-        size = branch_kernel.shape[-1]
-        if size % 2 != 1 or size > kernel_size:
-            raise ValueError(f"cannot centre a {size}x{size} kernel in {kernel_size}x{kernel_size}")
-        scale = scale[out_slice].reshape(-1, 1, 1, 1)
-        folded = branch_kernel[out_slice].to(scale.dtype) * scale
-        if kernel is None:  # the largest branch; a fresh tensor, so adding into it in place is safe
-            kernel, bias = pad_kernel(folded, kernel_size), shift[out_slice]
-        else:
-            lo, hi = centre - size // 2, centre + size // 2 + 1
-            kernel[..., lo:hi, lo:hi] += folded
-            bias = bias + shift[out_slice]
-    if identity is not None:
-        scale, shift = identity
+Affine = tuple[Tensor, Tensor] | None  # per-channel (scale, shift) in float64; None for the plain map
+
+
+@dataclass
+class _Parts:
+    """A block's branches reduced to what fusion needs: kernels with their per-channel affine maps."""
+
+    convs: list[tuple[Tensor, Affine]]
+    identity: Affine | bool  # False: no identity branch; None: the plain identity
+    avg_pool: int | None
+    post: Affine
+
+    @classmethod
+    def of(cls, conv_branches, identity, avg_pool, post_bn) -> _Parts:
+        def affine(module: nn.Module | None) -> Affine:
+            return None if module is None or isinstance(module, nn.Identity) else bn_scale_shift(module)
+
+        if not conv_branches:
+            raise ValueError("a re-parameterizable block needs at least one convolution branch")
+        return cls(
+            convs=[(kernel, affine(bn)) for kernel, bn in conv_branches],
+            identity=False if identity is None else affine(identity),
+            avg_pool=avg_pool,
+            post=affine(post_bn),
+        )
+
+    def sum(self, rows: range, kernel_size: int) -> tuple[Tensor, Tensor]:
+        """Float64 kernel and bias of output channels ``rows``."""
+        centre = kernel_size // 2
+        out_slice = slice(rows.start, rows.stop)
+        kernel = bias = None
+        for branch_kernel, affine in sorted(self.convs, key=lambda branch: -branch[0].shape[-1]):
+            size = branch_kernel.shape[-1]
+            if size % 2 != 1 or size > kernel_size:
+                raise ValueError(f"cannot centre a {size}x{size} kernel in {kernel_size}x{kernel_size}")
+            wide = wide_dtype(branch_kernel.device)
+            if affine is None:
+                folded, shift = branch_kernel[out_slice].to(wide, copy=True), None  # never a view of the weight
+            else:
+                scale, shift = affine[0][out_slice], affine[1][out_slice]
+                folded = branch_kernel[out_slice].to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+            if kernel is None:  # the largest branch; a fresh tensor, so adding into it in place is safe
+                kernel = pad_kernel(folded, kernel_size)
+                bias = shift if shift is not None else kernel.new_zeros(len(rows))
+            else:
+                lo, hi = centre - size // 2, centre + size // 2 + 1
+                kernel[..., lo:hi, lo:hi] += folded
+                bias = bias + shift if shift is not None else bias
+        # Identity and average pool read each output channel's own input channel: c % (inputs per group).
         out_idx = torch.arange(rows.start, rows.stop, device=kernel.device)
-        local_idx = out_idx - rows.start
-        in_idx = out_idx % kernel.shape[1]  # dim 1 holds the input channels of one group
-        centre_idx = torch.full_like(out_idx, centre)
-        kernel.index_put_((local_idx, in_idx, centre_idx, centre_idx), scale[out_slice], accumulate=True)
-        bias = bias + shift[out_slice]
-    return kernel, bias
+        local_idx, in_idx = out_idx - rows.start, out_idx % kernel.shape[1]
+        if self.identity is not False:
+            centre_idx = torch.full_like(out_idx, centre)
+            scale = self.identity[0][out_slice] if self.identity is not None else kernel.new_ones(len(rows))
+            kernel.index_put_((local_idx, in_idx, centre_idx, centre_idx), scale, accumulate=True)
+            bias = bias + self.identity[1][out_slice] if self.identity is not None else bias
+        if self.avg_pool is not None:
+            size = self.avg_pool
+            if size % 2 != 1 or size > kernel_size:
+                raise ValueError(f"cannot centre a {size}x{size} average pool in {kernel_size}x{kernel_size}")
+            lo, hi = centre - size // 2, centre + size // 2 + 1
+            kernel[local_idx, in_idx, lo:hi, lo:hi] += 1.0 / size**2  # (rows, size, size): one window per channel
+        if self.post is not None:
+            scale, shift = self.post[0][out_slice], self.post[1][out_slice]
+            kernel, bias = kernel * scale.reshape(-1, 1, 1, 1), bias * scale + shift
+        return kernel, bias

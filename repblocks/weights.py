@@ -29,7 +29,7 @@ __all__ = ["build_run_model", "load_weights", "save_weights"]
 log = logging.getLogger(__name__)
 
 # Keys of a RepBlock's train-form branches and of its fused conv, below the block's own name.
-_BRANCH = re.compile(r"(^|\.)(conv_kxk|conv_1x1|identity)\.")
+_BRANCH = re.compile(r"(^|\.)(conv_kxk|conv_1x1|identity)\.")  # post_bn is no branch: it may stay
 _FUSED = re.compile(r"(^|\.)reparam\.weight$")
 
 
@@ -142,27 +142,35 @@ class _Fused:
 
 
 def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expected: Mapping[str, Tensor]) -> _Fused:
-    """Where the model has a fused block and the weights have its branches, fuse them now.
+    """Where the model has a fused block and the weights have another form of it, fuse them now.
 
-    The branches are checked against the block's train form like any other keys: a missing or an
-    extra branch is reported, never filled with defaults. Fusion runs in float64 from the values
-    given (fp16 weights included) and rounds once, to the dtype of the model's own fused conv.
+    The other form is the train form (branches), or a deploy form that kept the BatchNorm after the
+    sum (YOLOv6's QARepVGG, or ours with ``keep_post_bn``) for a model that folds it. The weights are
+    checked against that form like any other keys: a missing or an extra branch is reported, never
+    filled with defaults. Fusion runs in float64 from the values given (fp16 weights included) and
+    rounds once, to the dtype of the model's own fused conv.
     """
     fused = _Fused(dict(state_dict))
     for name, block in model.named_modules():
         if not isinstance(block, RepBlock) or not block.deploy:
             continue
         prefix = f"{name}." if name else ""
-        branch_keys = [k for k in fused.state_dict if k.startswith(prefix) and _BRANCH.match(k[len(prefix) :])]
-        if not branch_keys or f"{prefix}reparam.weight" in fused.state_dict:
-            continue
-        given = {k[len(prefix) :]: fused.state_dict.pop(k) for k in branch_keys}
-        fused.replaced |= {f"{prefix}reparam.weight", f"{prefix}reparam.bias"}
-        train_block = _train_form_of(block)
-        wanted = train_block.state_dict()
+        given_keys = [k for k in fused.state_dict if k.startswith(prefix) and _fusable(k[len(prefix) :])]
+        given = {k[len(prefix) :]: fused.state_dict[k] for k in given_keys}
+        own = [k for k in block.state_dict() if _fusable(k)]
+        branches = any(_BRANCH.match(k) for k in given)
+        kept_post_bn = block.post_bn is None and any(k.startswith("post_bn.") for k in given)
+        if not (branches or kept_post_bn):
+            continue  # the block's own form (or keys simply missing): loaded and reported as usual
+        for key in given_keys:
+            del fused.state_dict[key]
+        fused.replaced |= {prefix + k for k in own}
+        twin = _twin_of(block, deploy=not branches)
+        wanted = twin.state_dict()
         missing = [k for k in wanted if k not in given and not k.endswith("num_batches_tracked")]
         reshaped = [
-            f"{prefix}{k}: {tuple(v.shape)} in the weights, {tuple(wanted[k].shape)} in the model's train form"
+            f"{prefix}{k}: {tuple(v.shape)} in the weights, {tuple(wanted[k].shape)} in the model's "
+            f"{'train' if branches else 'deploy'} form"
             for k, v in given.items()
             if k in wanted and v.shape != wanted[k].shape
         ]
@@ -171,18 +179,22 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
         fused.reshaped += reshaped
         if missing or reshaped:
             continue  # nothing to fuse faithfully; the block keeps its own weights and the keys are reported
-        train_block.load_state_dict({k: v for k, v in given.items() if k in wanted}, strict=False)
-        train_block.switch_to_deploy()
-        for param in ("weight", "bias"):
-            own = expected[f"{prefix}reparam.{param}"]
-            fused.state_dict[f"{prefix}reparam.{param}"] = (
-                getattr(train_block.reparam, param).detach().to(own.device, own.dtype)
-            )
+        twin.load_state_dict({k: v for k, v in given.items() if k in wanted}, strict=False)
+        twin.switch_to_deploy(keep_post_bn=block.post_bn is not None)
+        for key, value in twin.state_dict().items():
+            if key in own:
+                target = expected[prefix + key]
+                fused.state_dict[prefix + key] = value.detach().to(target.device, target.dtype)
     return fused
 
 
-def _train_form_of(block: RepBlock) -> RepBlock:
-    """An empty float64 train-form twin of a fused block, on the CPU, to load branches into and fuse."""
+def _fusable(key: str) -> bool:
+    """Whether a key below a RepBlock's name belongs to what fusion turns into ``reparam`` (not SE, not act)."""
+    return key.split(".")[0] in ("conv_kxk", "conv_1x1", "identity", "reparam", "post_bn")
+
+
+def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:
+    """An empty float64 twin of a fused block on the CPU, in train form or in deploy form with its post-sum BN kept."""
     with torch.device("meta"):  # no random init of weights about to be overwritten
         twin = RepBlock(
             block.in_channels,
@@ -190,7 +202,10 @@ def _train_form_of(block: RepBlock) -> RepBlock:
             stride=block.stride,
             groups=block.groups,
             kernel_size=block.kernel_size,
+            **block.branch_config,
+            keep_post_bn=True,
             act=None,
+            deploy=deploy,
         )
     # Module.to(dtype) leaves BN's integer step counters alone; float64 holds fp16/bf16/fp32 values exactly.
     return twin.to_empty(device="cpu").to(torch.float64)

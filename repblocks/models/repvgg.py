@@ -1,10 +1,14 @@
-"""RepVGG: Making VGG-style ConvNets Great Again.
+"""RepVGG: Making VGG-style ConvNets Great Again; and QARepVGG, its quantization-friendly block.
 
 Ding, Zhang, Ma, Han, Ding, Sun. CVPR 2021. https://arxiv.org/abs/2101.03697
+Chu, Li, Zhang. "Make RepVGG Greater Again: A Quantization-aware Approach". AAAI 2024.
+https://arxiv.org/abs/2212.01593
 
 Five stages of ``RepBlock``s (the first block of each stage strides by 2), global average
 pooling and a linear classifier. Every variant of the paper is one row of ``REPVGG_CONFIGS``;
 the "g2"/"g4" variants use grouped convs on every second layer, as the official code does.
+QARepVGG has the same shapes with another branch set (``BRANCH_SETS``): its rows are RepVGG's
+with ``block="qarepvgg"`` (or ``"qarepvgg_v2"``, which adds an average-pool branch).
 Each row also says how the variant's published weights expect images (``pretrained_cfg``, timm's
 keys) and which of timm's published weights it takes (``create_model(name, pretrained=True)``).
 """
@@ -12,19 +16,28 @@ keys) and which of timm's published weights it takes (``create_model(name, pretr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
-from torch import Tensor, nn
+from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, check_int, resolve_act
-from repblocks.features import FeatureInfo, resolve_indices
+from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act
+from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
 from repblocks.registry import register_model
 
-__all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
+__all__ = ["BRANCH_SETS", "REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# The branches of each family's block (RepBlock's keyword arguments): the families differ in nothing else.
+BRANCH_SETS: dict[str, dict] = {
+    # RepVGG: kxk Conv+BN, 1x1 Conv+BN, identity BN (RepBlock's defaults).
+    "repvgg": {},
+    # QARepVGG (Chu et al. 2022, Table 5, as YOLOv6's QARepVGGBlock): BN only on the kxk branch, a plain
+    # 1x1 conv and identity, one BN after the sum. Per-channel quantization then sees no branch whose
+    # scale a BN blows up, which is what made RepVGG lose accuracy in int8.
+    "qarepvgg": dict(scale_branch="conv", identity_branch="plain", post_bn=True),
+    # QARepVGG v2 (YOLOv6's QARepVGGBlockV2): the same plus a kxk average pool where the identity is.
+    "qarepvgg_v2": dict(scale_branch="conv", identity_branch="plain", avg_pool_branch=True, post_bn=True),
+}
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,7 @@ class RepVGGConfig:
     image_size: int = 224  # side of the images the weights were evaluated at (D2se: 320)
     crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, then centre-crop image_size
     timm_tag: str | None = None  # timm publishes weights as "<name>.<tag>"; None where it has none
+    block: str = "repvgg"  # the branch set of every block: a key of BRANCH_SETS
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -78,6 +92,12 @@ REPVGG_CONFIGS: dict[str, RepVGGConfig] = {
         (2, 2, 2, 1), (0.25, 0.25, 0.25, 0.25), groups=2, use_se=True, image_size=32, crop_pct=1.0
     ),
 }
+# QARepVGG-A0..B3 (the paper's Table 6 variants) and v2; no published ImageNet weights to point at.
+for _family in ("qarepvgg", "qarepvgg_v2"):
+    for _variant in ("a0", "a1", "a2", "b0", "b1", "b2", "b3", "tiny"):
+        REPVGG_CONFIGS[f"{_family}_{_variant}"] = replace(
+            REPVGG_CONFIGS[f"repvgg_{_variant}"], block=_family, timm_tag=None
+        )
 
 
 def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
@@ -94,31 +114,14 @@ def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
         std=IMAGENET_STD,
         num_classes=1000,
         pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv"),  # in the train form; deploy form: stem.reparam
+        # In the train form (deploy form: stem.reparam); QARepVGG's 1x1 branch is a plain conv.
+        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv" if cfg.block == "repvgg" else "stem.conv_1x1"),
         classifier="head.fc",
     )
 
 
-class ClassifierHead(nn.Module):
-    """Global average pool, dropout, linear. ``num_classes=0`` leaves the pooled features."""
-
-    def __init__(self, in_features: int, num_classes: int, *, drop_rate: float = 0.0):
-        super().__init__()
-        self.in_features = in_features
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def reset(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.in_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.drop(self.pool(x).flatten(1))  # (B, C)
-        return x if pre_logits else self.fc(x)
-
-
-class RepVGG(nn.Module):
-    """RepVGG classifier or backbone.
+class RepVGG(RepNet):
+    """RepVGG (or QARepVGG) classifier or backbone.
 
     Feature levels: 0 = the stem (stride 2), 1-4 = the four stages (stride 4, 8, 16, 32).
     ``feature_info`` (a :class:`~repblocks.features.FeatureInfo`) describes them as timm does.
@@ -131,6 +134,8 @@ class RepVGG(nn.Module):
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
         deploy: Build the plain deploy form directly.
+        keep_post_bn: QARepVGG: keep each block's BatchNorm after the sum in the deploy form, unfolded
+            (for quantization-aware training); RepVGG's blocks have none.
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
@@ -146,130 +151,37 @@ class RepVGG(nn.Module):
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
         deploy: bool = False,
+        keep_post_bn: bool = False,
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
     ):
-        super().__init__()
-        check_int(num_classes, "num_classes", minimum=0)
-        check_int(in_chans, "in_chans", minimum=1)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0 <= drop_rate < 1:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
-        if out_indices is not None and not features_only:
-            raise ValueError("out_indices chooses the levels a backbone returns: pass features_only=True with it")
-        levels = [dict(num_chs=cfg.stem_channels, reduction=2, module="stem", stage=0, index=0)]
-        for stage_idx, width in enumerate(cfg.stage_channels, start=1):
-            levels.append(dict(num_chs=width, reduction=2 ** (stage_idx + 1), module=f"stages.{stage_idx - 1}"))
-            levels[-1].update(stage=stage_idx, index=stage_idx)
-        self.feature_info = FeatureInfo(levels, out_indices)
+        super().__init__(
+            (cfg.stem_channels, *cfg.stage_channels),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            features_only=features_only,
+            out_indices=out_indices,
+        )
         self.cfg = cfg
-        self.features_only = features_only
-        self.out_indices = self.feature_info.out_indices
-        block = partial(RepBlock, use_se=cfg.use_se, act=resolve_act(act), deploy=deploy)
-
-        self.stem = block(in_chans, cfg.stem_channels, stride=2)
-        # A backbone stops at its last returned level: stages past it would hold unused parameters
-        # (which DDP refuses) and cost memory, as in timm.
-        num_stages = max(self.out_indices) if features_only else len(cfg.depths)
+        block = partial(
+            RepBlock,
+            **BRANCH_SETS[cfg.block],
+            use_se=cfg.use_se,
+            act=resolve_act(act),
+            deploy=deploy,
+            keep_post_bn=keep_post_bn,
+        )
+        stem = block(in_chans, cfg.stem_channels, stride=2)
         stages, channels, layer = [], cfg.stem_channels, 1
-        for depth, width in zip(cfg.depths[:num_stages], cfg.stage_channels, strict=False):
+        for depth, width in zip(cfg.depths[: self.num_stages_to_build], cfg.stage_channels, strict=False):
             blocks = []
             for block_idx in range(depth):
                 groups = cfg.groups if layer % 2 == 0 else 1  # official layout: layers 2, 4, 6, ...
                 blocks.append(block(channels, width, stride=2 if block_idx == 0 else 1, groups=groups))
                 channels, layer = width, layer + 1
             stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.num_features = channels
-        self.drop_rate = drop_rate
-        self.head = None if features_only else ClassifierHead(channels, num_classes, drop_rate=drop_rate)
-
-    @property
-    def num_classes(self) -> int:
-        return self.head.fc.out_features if self.head is not None and isinstance(self.head.fc, nn.Linear) else 0
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Image batch ``(B, C, H, W)`` to the last feature map ``(B, num_features, H/32, W/32)``."""
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Last feature map to logits (or pooled features with ``pre_logits``)."""
-        if self.head is None:
-            raise RuntimeError("this model was built with features_only=True and has no head")
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        """Logits ``(B, num_classes)``; with ``features_only``, the feature maps of ``out_indices``."""
-        if self.features_only:
-            return self.forward_intermediates(x, indices=self.out_indices, stop_early=True, intermediates_only=True)
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
-        """The last feature map and the feature maps of the chosen levels, as timm's ``forward_intermediates``.
-
-        Args:
-            x: Image batch ``(B, C, H, W)``.
-            indices: Levels to return (0 = stem, 1-4 = stages): None for all the model has, n for the
-                last n, or a sequence (negative counts from the end).
-            norm: Accepted for timm compatibility; RepVGG has no final norm.
-            stop_early: Stop after the last chosen level; the "last feature map" is then that level's.
-            output_fmt: Only ``"NCHW"``.
-            intermediates_only: Return only the list of intermediates.
-
-        Returns:
-            ``(final, intermediates)``, or ``intermediates`` with ``intermediates_only``.
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW' (RepVGG's features are NCHW), got {output_fmt!r}")
-        take = resolve_indices(1 + len(self.stages), indices)
-        x = self.stem(x)
-        intermediates = [x] if 0 in take else []
-        for level, stage in enumerate(self.stages, start=1):
-            if stop_early and level > max(take):
-                break
-            x = stage(x)
-            if level in take:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)
-
-    def prune_intermediate_layers(
-        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        """Drop the stages after the last level in ``indices`` (and the classifier), as timm's method.
-
-        Returns:
-            The absolute levels kept for :meth:`forward_intermediates`.
-        """
-        take = resolve_indices(1 + len(self.stages), indices)
-        if self.features_only and max(take) < max(self.out_indices):
-            raise ValueError(f"this backbone returns levels {self.out_indices}: it cannot be pruned to {max(take)}")
-        pruned = max(take) < len(self.stages)
-        self.stages = self.stages[: max(take)]
-        if pruned:
-            self.num_features = self.feature_info.channels(max(take))
-        if self.head is not None and (prune_head or pruned):
-            self.head = ClassifierHead(self.num_features, 0, drop_rate=self.drop_rate)
-        return take
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one of ``num_classes`` outputs (0 removes it)."""
-        if self.head is None:
-            raise RuntimeError("this model was built with features_only=True and has no head")
-        self.head.reset(check_int(num_classes, "num_classes", minimum=0))
-
-    def switch_to_deploy(self) -> RepVGG:
-        """Fuse every block in place (idempotent) and return the model."""
-        for module in self.modules():
-            if isinstance(module, RepBlock):
-                module.switch_to_deploy()
-        return self
+        self._assemble(stem, stages)
 
 
 for _name, _cfg in REPVGG_CONFIGS.items():

@@ -148,23 +148,13 @@ def rep_l2(model: nn.Module) -> Tensor:
 def rep_l2_parameters(model: nn.Module) -> set[int]:
     """The ids of the parameters :func:`rep_l2` decays: pass them to ``param_groups(..., skip=...)``.
 
-    For a block in training form: its branch conv kernels and the weights (gammas) of its branch
-    and identity BatchNorms; for a block in deploy form: its fused kernel. The BN weights are 1-D
+    For a block in training form: its branch conv kernels and the weights (gammas) of its branch,
+    identity and post-sum BatchNorms; for a block in deploy form: its fused kernel (and a kept post-sum BN's
+    weight): :meth:`RepBlock.kernel_parameters`. The BN weights are 1-D
     and so never decayed by :func:`repblocks.train.optim.param_groups` anyway; they are listed because
     the penalty reaches them. BN biases and the fused bias do not enter the kernel and are not listed.
     """
-    ids = set()
-    for block in _rep_blocks(model):
-        if block.reparam is not None:
-            ids.add(id(block.reparam.weight))
-            continue
-        for conv_bn in (block.conv_kxk, block.conv_1x1):
-            ids.add(id(conv_bn.conv.weight))
-            if conv_bn.bn.weight is not None:
-                ids.add(id(conv_bn.bn.weight))
-        if block.identity is not None and block.identity.weight is not None:
-            ids.add(id(block.identity.weight))
-    return ids
+    return {id(param) for block in _rep_blocks(model) for param in block.kernel_parameters()}
 
 
 def _rep_blocks(model: nn.Module) -> list[RepBlock]:
