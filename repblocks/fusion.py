@@ -143,8 +143,8 @@ def equivalent_kernel_bias(
     Args:
         conv_branches: ``(kernel, bn)`` pairs of square, odd kernels up to ``kernel_size``; ``bn``
             is None for a plain bias-free convolution (QARepVGG's 1x1 branch).
-        identity: The identity branch: a BatchNorm applied to the input (RepVGG, MobileOne), any
-            other module for the plain identity (``nn.Identity``: QARepVGG), or None for none.
+        identity: The identity branch: a BatchNorm applied to the input (RepVGG, MobileOne),
+            ``nn.Identity`` for the plain identity (QARepVGG), or None for none.
         kernel_size: Size of the fused square kernel. The groups need no argument: the kernels'
             second dimension (input channels per group) says where the identity's 1s go.
         avg_pool: Side of a stride-1 average pool over each channel (padding ``size // 2``, padded

@@ -160,6 +160,27 @@ def test_compare_timm_quick_runs_and_writes_json(tmp_path):
 
 
 @pytest.mark.slow  # a separate Python process of several seconds; CI runs it
+def test_zoo_speed_quick_times_every_family_beside_resnet18(tmp_path):
+    out, table = tmp_path / "zoo.json", tmp_path / "zoo.md"
+    result = _run(
+        "-m", "benchmarks.zoo_speed", "--quick", "--threads", "1", "--json", str(out), "--markdown", str(table)
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())
+    timing = results["timings"]["2"]
+    assert set(timing["models"]) == {"repvgg_tiny", "qarepvgg_tiny", "mobileone_tiny", "resnet18"}
+    assert timing["ratios"]["resnet18"]["ratio"] == 1.0
+    assert all(cost["rel_err"] <= 1e-4 and cost["deploy_params"] > 0 for cost in results["costs"].values())
+    assert table.read_text().count("\n") == 2 + len(timing["models"])
+
+
+@pytest.mark.slow  # a separate Python process importing torch and torchvision; CI runs it
+def test_zoo_speed_names_what_exists_for_a_pattern_that_matches_nothing():
+    result = _run("-m", "benchmarks.zoo_speed", "--models", "resnet9*")
+    assert result.returncode == 2 and "no registered model matches 'resnet9*'; registered: " in result.stderr
+
+
+@pytest.mark.slow  # a separate Python process of several seconds; CI runs it
 def test_custom_backbone_example_runs():
     result = _run("examples/custom_backbone.py")
     assert result.returncode == 0, result.stderr

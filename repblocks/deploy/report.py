@@ -340,7 +340,7 @@ def _speed_markdown(report: dict) -> str:
     lines = [
         f"# {_speed_title(report)}",
         "",
-        "RepVGG models in deploy form; torchvision models as built and with Conv+BN folded (`folded`).",
+        "Zoo models (RepVGG, QARepVGG, MobileOne) in deploy form; torchvision models as built and with Conv+BN folded (`folded`).",
         "The paper (GTX 1080Ti, batch 128, fp32) has RepVGG-A0 at 1.33x ResNet-18.",
         "",
         "| model | batch | img/s | ms/batch | vs resnet18 |",
