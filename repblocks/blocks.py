@@ -138,7 +138,8 @@ class RepBlock(nn.Module):
         identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
             of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
         avg_pool_branch: Add a kxk stride-1 average pool of the input (QARepVGG v2), where shapes allow.
-        post_bn: A BatchNorm ``post_bn`` after the branch sum (QARepVGG).
+        post_bn: A BatchNorm ``post_bn`` after the branch sum (QARepVGG), before SE, so it always folds.
+            (YOLOv6 applies its BN after SE, but refuses SE in these blocks: no weights differ.)
         keep_post_bn: Keep ``post_bn`` as its own module in the deploy form instead of folding it into
             the fused conv: the form quantization-aware training fine-tunes (YOLOv6 keeps it so).
         use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se, MobileOne-S4).
