@@ -181,3 +181,15 @@ def test_bad_branch_arguments_are_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         RepBlock(8, 8, **kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_qarepvgg_b0_has_the_authors_parameter_count_and_repvggs_deploy_form():
+    """15,808,616 train-form parameters: the QARepVGG authors' B0 training log (cxxgtxy/QARepVGG, B0_log.txt)."""
+    from repblocks.profile import count_params
+
+    qa, plain = repblocks.create_model("qarepvgg_b0"), repblocks.create_model("repvgg_b0")
+    assert count_params(qa) == 15_808_616
+    deployed = [repblocks.switch_to_deploy(model) for model in (qa, plain)]
+    assert {k: v.shape for k, v in deployed[0].state_dict().items()} == {
+        k: v.shape for k, v in deployed[1].state_dict().items()
+    }
