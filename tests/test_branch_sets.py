@@ -183,6 +183,7 @@ def test_bad_branch_arguments_are_one_line(kwargs, match):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # builds and converts two B0s: seconds on 2 cores
 def test_qarepvgg_b0_has_the_authors_parameter_count_and_repvggs_deploy_form():
     """15,808,616 train-form parameters: the QARepVGG authors' B0 training log (cxxgtxy/QARepVGG, B0_log.txt)."""
     from repblocks.profile import count_params
