@@ -1,0 +1,242 @@
+"""Upstream layouts, exactly: timm's MobileOne, apple's MobileOne and YOLOv6's blocks, both ways, both forms.
+
+Their weights (BN statistics randomized) load into ours, train form into train and deploy form and
+deploy form into deploy form, and give their outputs in float64; ours load back into their code
+with a plain strict ``load_state_dict``. timm is the installed package; apple's and YOLOv6's code
+are re-created from their published definitions (tests/apple_mobileone_layout.py,
+tests/yolov6_layout.py). ``load_weights`` must say which layout it recognised.
+
+Each comparison logs its relative error (logger ``tests.test_layouts_upstream``); the table of
+them: ``pytest tests/test_layouts_upstream.py -m "" -o log_cli=true --log-cli-level=INFO``.
+"""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import repblocks
+from repblocks.blocks import RepBlock
+from repblocks.layouts import LAYOUTS, convert_layout, detect_layout, to_repblocks_layout
+from repblocks.numerics import max_errors, randomize_bn_
+
+from . import apple_mobileone_layout as apple
+from . import yolov6_layout as yolov6
+from .official_layout import OfficialRepVGG
+
+log = logging.getLogger(__name__)
+
+X = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+FLOAT64 = 1e-10  # relative: float64 sums the same terms in another order (about 1e-15 here)
+
+
+def _close(family: str, layout: str, direction: str, expected, actual) -> None:
+    rel_err = max_errors(expected, actual)[1]
+    log.info("interop %s | %s | %s | max rel err %.1e", family, layout, direction, rel_err)
+    assert rel_err < FLOAT64, f"{family} {layout} {direction}: relative error {rel_err:.1e}"
+
+
+def _load(model, weights, caplog, recognised: str):
+    """``load_weights`` in float64 eval mode, checking the layout and form it reports."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        repblocks.load_weights(model.double(), weights)
+    assert f": {recognised}" in caplog.text, caplog.text
+    return model.eval()
+
+
+# --- timm's MobileOne -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["mobileone_s0"] + [pytest.param(f"mobileone_s{i}", marks=pytest.mark.slow) for i in range(1, 5)]
+)
+@torch.no_grad()
+def test_timm_mobileone_both_ways_in_both_forms(name, caplog):
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import reparameterize_model
+
+    theirs = randomize_bn_(timm.create_model(name, num_classes=10)).double().eval()
+    theirs_deploy = reparameterize_model(theirs)
+    ours = _load(repblocks.create_model(name, num_classes=10), theirs.state_dict(), caplog, "timm layout, train form")
+    _close(name, "timm", "timm train -> ours train", theirs(X), ours(X))
+    fused = _load(repblocks.create_model(name, num_classes=10, deploy=True), theirs.state_dict(), caplog, "timm layout")
+    _close(name, "timm", "timm train -> ours deploy", theirs(X), fused(X))
+    ours_deploy = _load(
+        repblocks.create_model(name, num_classes=10, deploy=True),
+        theirs_deploy.state_dict(),
+        caplog,
+        "timm layout, deploy form",
+    )
+    _close(name, "timm", "timm deploy -> ours deploy", theirs_deploy(X), ours_deploy(X))
+
+    back = timm.create_model(name, num_classes=10).double().eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "timm"))
+    _close(name, "timm", "ours train -> timm train", ours(X), back(X))
+    back_deploy = reparameterize_model(timm.create_model(name, num_classes=10)).double().eval()
+    back_deploy.load_state_dict(convert_layout(ours_deploy.state_dict(), "timm"))
+    _close(name, "timm", "ours deploy -> timm deploy", ours_deploy(X), back_deploy(X))
+
+
+# --- apple's MobileOne ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["s0", pytest.param("s4", marks=pytest.mark.slow)])  # s4: SE, k=1
+@torch.no_grad()
+def test_apple_mobileone_both_ways_in_both_forms(variant, caplog):
+    name = f"mobileone_{variant}"
+    theirs = randomize_bn_(apple.mobileone(variant=variant, num_classes=10)).double().eval()
+    theirs_deploy = apple.reparameterize_model(theirs)
+    ours = _load(repblocks.create_model(name, num_classes=10), theirs.state_dict(), caplog, "apple layout, train form")
+    _close(name, "apple", "apple train -> ours train", theirs(X), ours(X))
+    fused = _load(repblocks.create_model(name, num_classes=10, deploy=True), theirs.state_dict(), caplog, "apple")
+    _close(name, "apple", "apple train -> ours deploy", theirs(X), fused(X))
+    ours_deploy = _load(
+        repblocks.create_model(name, num_classes=10, deploy=True),
+        theirs_deploy.state_dict(),
+        caplog,
+        "apple layout, deploy form",
+    )
+    _close(name, "apple", "apple inference -> ours deploy", theirs_deploy(X), ours_deploy(X))
+
+    back = apple.mobileone(variant=variant, num_classes=10).double().eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "apple"))
+    _close(name, "apple", "ours train -> apple train", ours(X), back(X))
+    back_deploy = apple.mobileone(variant=variant, num_classes=10, inference_mode=True).double().eval()
+    back_deploy.load_state_dict(convert_layout(ours_deploy.state_dict(), "apple"))
+    _close(name, "apple", "ours deploy -> apple inference", ours_deploy(X), back_deploy(X))
+
+
+# --- YOLOv6's blocks --------------------------------------------------------------------------------
+
+QAREPVGG = dict(scale_branch="conv", identity_branch="plain", post_bn=True)
+# YOLOv6's block, ours with the same branches, in and out channels, stride: the shapes that give
+# each block its identity (and v2 its average pool) and the strided ones that drop them.
+YOLOV6_BLOCKS = [
+    (yolov6.RepVGGBlock, {}, 8, 8, 1),
+    (yolov6.QARepVGGBlock, QAREPVGG, 8, 8, 1),
+    (yolov6.QARepVGGBlockV2, dict(QAREPVGG, avg_pool_branch=True), 8, 8, 1),
+    (yolov6.QARepVGGBlock, QAREPVGG, 8, 16, 2),
+    (yolov6.QARepVGGBlockV2, dict(QAREPVGG, avg_pool_branch=True), 16, 16, 2),
+    (yolov6.RepVGGBlock, {}, 16, 16, 2),
+]
+Y = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+
+
+def _yolov6_stack():
+    return nn.Sequential(*(block(cin, cout, stride=stride) for block, _, cin, cout, stride in YOLOV6_BLOCKS))
+
+
+def _our_stack(**kwargs):
+    return nn.Sequential(
+        *(RepBlock(cin, cout, stride=s, **branches, **kwargs) for _, branches, cin, cout, s in YOLOV6_BLOCKS)
+    )
+
+
+@torch.no_grad()
+def test_yolov6_blocks_both_ways_in_both_forms(caplog):
+    theirs = randomize_bn_(_yolov6_stack()).double().eval()
+    expected = theirs(Y)
+    ours = _load(_our_stack(), theirs.state_dict(), caplog, "yolov6 layout, train form")
+    _close("qarepvgg", "yolov6", "yolov6 train -> ours train", expected, ours(Y))
+    fused = _load(_our_stack(deploy=True), theirs.state_dict(), caplog, "yolov6 layout, train form")
+    _close("qarepvgg", "yolov6", "yolov6 train -> ours deploy", expected, fused(Y))
+    theirs_deploy = yolov6.deploy(theirs)  # rbr_reparam, and the QA blocks keep bn beside it
+    assert any(key.endswith(".bn.weight") for key in theirs_deploy.state_dict())
+    deploy_weights = theirs_deploy.state_dict()
+    ours_deploy = _load(_our_stack(deploy=True), deploy_weights, caplog, "yolov6 layout, deploy form")
+    _close("qarepvgg", "yolov6", "yolov6 deploy -> ours deploy (bn folded)", theirs_deploy(Y), ours_deploy(Y))
+    kept = _load(_our_stack(deploy=True, keep_post_bn=True), deploy_weights, caplog, "yolov6 layout, deploy form")
+    _close("qarepvgg", "yolov6", "yolov6 deploy -> ours deploy (bn kept)", theirs_deploy(Y), kept(Y))
+
+    back = _yolov6_stack().double().eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "yolov6"))
+    _close("qarepvgg", "yolov6", "ours train -> yolov6 train", ours(Y), back(Y))
+    # YOLOv6's deploy form keeps bn: ours with keep_post_bn is that form.
+    ours_kept = _our_stack().double().eval()
+    ours_kept.load_state_dict(ours.state_dict())
+    for block in ours_kept:
+        block.switch_to_deploy(keep_post_bn=True)
+    back_deploy = yolov6.deploy(_yolov6_stack()).double().eval()
+    back_deploy.load_state_dict(convert_layout(ours_kept.state_dict(), "yolov6"))
+    _close("qarepvgg", "yolov6", "ours deploy (bn kept) -> yolov6 deploy", ours(Y), back_deploy(Y))
+
+
+def test_yolov6_block_bn_is_post_bn_and_no_other_bn_is():
+    """Only a block's own ``bn`` (beside ``rbr_dense``/``rbr_reparam``) is the BN after the sum; a ConvModule's stays."""
+    keys = [
+        "backbone.stem.rbr_dense.conv.weight",
+        "backbone.stem.rbr_dense.bn.weight",
+        "backbone.stem.rbr_1x1.weight",
+        "backbone.stem.bn.weight",
+        "backbone.ERBlock_2.1.rbr_reparam.weight",
+        "backbone.ERBlock_2.1.bn.weight",
+        "backbone.ERBlock_5.2.cv1.bn.weight",
+    ]
+    renamed = list(to_repblocks_layout(dict.fromkeys(keys, torch.zeros(1)), roots={"backbone"}))
+    assert renamed == [
+        "backbone.stem.conv_kxk.conv.weight",
+        "backbone.stem.conv_kxk.bn.weight",
+        "backbone.stem.conv_1x1.weight",
+        "backbone.stem.post_bn.weight",
+        "backbone.ERBlock_2.1.reparam.weight",
+        "backbone.ERBlock_2.1.post_bn.weight",
+        "backbone.ERBlock_5.2.cv1.bn.weight",
+    ]
+    assert list(convert_layout(dict.fromkeys(renamed, torch.zeros(1)), "yolov6")) == keys
+
+
+def test_timm_conv_scale_is_a_mobileone_blocks_only():
+    """Our conv_1x1 is timm's conv_scale in a MobileOne block (a list of kxk branches), conv_1x1 in a RepVGG block."""
+    mobileone = repblocks.create_model("mobileone_tiny").state_dict()
+    repvgg = repblocks.create_model("repvgg_tiny").state_dict()
+    mixed = {**{f"a.{k}": v for k, v in mobileone.items()}, **{f"b.{k}": v for k, v in repvgg.items()}}
+    timm_keys = list(convert_layout(mixed, "timm"))
+    assert "a.stem.conv_scale.conv.weight" in timm_keys and "b.stem.conv_1x1.conv.weight" in timm_keys
+    assert not any(key.startswith("a.") and ".conv_1x1." in key for key in timm_keys)
+    assert not any(key.startswith("b.") and ".conv_scale." in key for key in timm_keys)
+
+
+# --- telling layouts apart --------------------------------------------------------------------------
+
+
+def _layout_samples():
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import reparameterize_model
+
+    small_apple = dict(num_blocks_per_stage=(1, 1, 2, 1), width_multipliers=(0.25, 0.25, 0.5, 0.5), use_se=True)
+    tiny = dict(num_blocks=(2, 2, 2, 1), widths=(0.25, 0.25, 0.25, 0.25))
+    timm_mobileone = timm.create_model("mobileone_s0", num_classes=10)
+    ours = repblocks.create_model("mobileone_tiny", num_classes=10)
+    return {
+        # apple's stage0..4 are the official RepVGG code's keys too: both must still be told apart.
+        "apple": [apple.AppleMobileOne(**small_apple), apple.AppleMobileOne(**small_apple, inference_mode=True)],
+        "official": [OfficialRepVGG(**tiny), OfficialRepVGG(**tiny, deploy=True)],
+        "timm": [timm_mobileone, reparameterize_model(timm_mobileone)],
+        "yolov6": [_yolov6_stack(), yolov6.deploy(_yolov6_stack())],
+        "repblocks": [ours, repblocks.switch_to_deploy(ours), _our_stack(), _our_stack(deploy=True, keep_post_bn=True)],
+    }
+
+
+def test_layouts_are_told_apart_in_both_forms_and_behind_wrappers():
+    for layout, models in _layout_samples().items():
+        for model in models:
+            keys = list(model.state_dict())
+            assert detect_layout(keys) == layout, f"{type(model).__name__}: {keys[:4]}"
+            assert detect_layout(f"module.{key}" for key in keys) == layout
+
+
+def test_a_yolov6_repvgg_block_alone_reads_as_the_official_block_it_is():
+    """YOLOv6's RepVGGBlock has the official block keys: with no QA block beside it, it is read as official."""
+    theirs = randomize_bn_(nn.Sequential(yolov6.RepVGGBlock(8, 8))).double().eval()
+    assert detect_layout(theirs.state_dict()) == "official"
+    ours = repblocks.load_weights(nn.Sequential(RepBlock(8, 8)).double(), theirs.state_dict()).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(Y), theirs(Y))
+
+
+def test_every_layout_converts_and_unknown_ones_are_named():
+    assert {"apple", "yolov6", "timm", "official", "mmpretrain", "repblocks"} <= set(LAYOUTS)
+    with pytest.raises(ValueError, match=r"unknown layout 'caffe'; known layouts: .*apple, yolov6"):
+        convert_layout({}, "caffe")
