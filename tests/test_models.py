@@ -68,9 +68,8 @@ def test_half_precision_model_converts_no_less_accurately_than_it_runs(name, dty
     deployed = repblocks.switch_to_deploy(half)
     assert all(p.dtype == dtype for p in deployed.parameters())
     train_out = half(x.to(dtype))
-    if not torch.isfinite(
-        train_out
-    ).all():  # MobileOne-S0: 4 branches a block and random BN stats reach 1e5 > fp16's max
+    # MobileOne-S0: four branches a block with random BN statistics reach 1.4e5 in stage 3, past fp16's 65504.
+    if not torch.isfinite(train_out).all():
         pytest.skip(f"{name} overflows {dtype} in its train form at random init: nothing to compare")
     train_err = max_errors(truth, train_out)[1]
     deploy_err = max_errors(truth, deployed(x.to(dtype)))[1]
