@@ -95,7 +95,8 @@ _APPLE_RENAMES: list[_Rename] = [
     (r"^linear\.", "head.fc."),
 ]
 # Blocks only: YOLOv6's networks (EfficientRep, ...) are not ours, the blocks inside them are.
-_YOLOV6_RENAMES: list[_Rename] = [BlockRename("bn", "post_bn", marker=r"rbr_(dense|reparam)\."), *_OFFICIAL_BLOCK]
+_YOLOV6_POST_BN = BlockRename("bn", "post_bn", marker=r"rbr_(dense|reparam)\.")
+_YOLOV6_RENAMES: list[_Rename] = [_YOLOV6_POST_BN, *_OFFICIAL_BLOCK]
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
@@ -162,8 +163,7 @@ def _yolov6_marks(keys: list[str]) -> bool:
     """A QARepVGG block of YOLOv6: a plain-conv ``rbr_1x1`` or a ``bn`` beside ``rbr_dense``/``rbr_reparam``."""
     if any(re.search(r"(^|\.)rbr_1x1\.weight$", key) for key in keys):
         return True
-    block_bn = _YOLOV6_RENAMES[0]
-    return any(new != old for old, new in _block_renamed(keys, block_bn).items())
+    return any(new != old for old, new in _block_renamed(keys, _YOLOV6_POST_BN).items())
 
 
 # What gives each layout away, checked in this order: key components no layout checked later has

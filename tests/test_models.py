@@ -67,7 +67,11 @@ def test_half_precision_model_converts_no_less_accurately_than_it_runs(name, dty
     half = model.to(dtype)
     deployed = repblocks.switch_to_deploy(half)
     assert all(p.dtype == dtype for p in deployed.parameters())
-    train_err = max_errors(truth, half(x.to(dtype)))[1]
+    train_out = half(x.to(dtype))
+    # MobileOne-S0: four branches a block with random BN statistics reach 1.4e5 in stage 3, past fp16's 65504.
+    if not torch.isfinite(train_out).all():
+        pytest.skip(f"{name} overflows {dtype} in its train form at random init: nothing to compare")
+    train_err = max_errors(truth, train_out)[1]
     deploy_err = max_errors(truth, deployed(x.to(dtype)))[1]
     assert deploy_err <= 2 * train_err, f"{name} {dtype}: deploy {deploy_err:.2e} vs train form {train_err:.2e}"
 

@@ -208,7 +208,7 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=resnet9000"], "error: unknown model 'resnet9000'; available: qarepvgg_a0, "),
+        (["model=resnet9000"], "error: unknown model 'resnet9000'; available: mobileone_s0, "),
         (["data=mnist"], "error: unknown data 'mnist'; available: cifar10, digits, fake, imagefolder"),
         (["data=cifar10"], "error: data.root is not set"),
         (["data=cifar10", "data.root=/nonexistent"], "error: data.root: CIFAR-10 (cifar-10-batches-py) not found"),
@@ -261,7 +261,7 @@ def _train_py_runs(folder: Path, tiny_run: dict) -> dict[str, tuple[list[str], b
     tiny_folder = Path(tiny_run["last_ckpt"]).parents[1]
     tiny = ["model=repvgg_tiny", "data=fake"]
     return {
-        "unknown model": (["model=resnet9000"], False, "error: unknown model 'resnet9000'; available: qarepvgg_a0, "),
+        "unknown model": (["model=resnet9000"], False, "error: unknown model 'resnet9000'; available: mobileone_s0, "),
         "cifar10 without root": (["data=cifar10"], False, "error: data.root is not set"),
         # data.root does not exist: the folder check must come first, before any data is looked at.
         "read-only checkpoints/": (
