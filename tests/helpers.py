@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
+
+import pytest
 
 NOBODY = 65534
 
@@ -25,10 +28,27 @@ def unprivileged(command: list[str]) -> list[str]:
     """
     if os.geteuid() != 0:
         return command
+    reason = closed_to_unprivileged()
+    if reason is not None:
+        pytest.skip(reason)
     setpriv = shutil.which("setpriv")
     if setpriv is None:  # util-linux is on every Debian; without it the caller's test cannot mean anything
         raise RuntimeError("running as root without setpriv: cannot drop privileges to test a read-only folder")
     return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *command]
+
+
+def closed_to_unprivileged() -> str | None:
+    """Why an unprivileged user cannot run this checkout's Python (a clone inside ``mktemp -d``'s 0700 folder), or None."""
+    if os.geteuid() != 0:
+        return None
+    for needed in (Path(__file__).resolve().parents[1], Path(sys.executable)):
+        blocked = _closed_to_others(needed)
+        if blocked is not None:
+            return (
+                f"{blocked} is closed to other users (mode {blocked.stat().st_mode & 0o777:o}): clone the project "
+                "under a folder others can enter to run the read-only-folder checks as an unprivileged user"
+            )
+    return None
 
 
 def open_to_everyone(path: Path) -> Path:
@@ -38,3 +58,11 @@ def open_to_everyone(path: Path) -> Path:
             break
         folder.chmod(folder.stat().st_mode | 0o777 if folder == path else folder.stat().st_mode | 0o755)
     return path
+
+
+def _closed_to_others(path: Path) -> Path | None:
+    """The first folder on the way to ``path`` that other users cannot enter, or None."""
+    for folder in reversed(path.parents):
+        if not folder.stat().st_mode & 0o001:
+            return folder
+    return None
