@@ -59,12 +59,13 @@ _OFFICIAL_BLOCK: list[_Rename] = [
     (r"\brbr_identity\.", "identity."),
     (r"\brbr_reparam\.", "reparam."),
 ]
-_OFFICIAL_RENAMES: list[_Rename] = [
+# The official RepVGG network's stage and classifier names, which apple's MobileOne code took over.
+_OFFICIAL_NETWORK: list[_Rename] = [
     (r"^stage0\.", "stem."),
     (r"^stage([1-9])\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}."),
-    *_OFFICIAL_BLOCK,
     (r"^linear\.", "head.fc."),
 ]
+_OFFICIAL_RENAMES: list[_Rename] = [*_OFFICIAL_NETWORK, *_OFFICIAL_BLOCK]
 _TIMM_RENAMES: list[_Rename] = [
     (r"\bconv_scale\.", "conv_1x1."),
     (r"\breparam_conv\.", "reparam."),
@@ -84,15 +85,13 @@ _MMPRETRAIN_RENAMES: list[_Rename] = [
     (r"\bse_layer\.conv2\.conv\.", "se.up."),
 ]
 _APPLE_RENAMES: list[_Rename] = [
-    (r"^stage0\.", "stem."),
-    (r"^stage([1-9])\.(\d+)\.", lambda m: f"stages.{int(m[1]) - 1}.{m[2]}."),
+    *_OFFICIAL_NETWORK,
     (r"\brbr_conv\.", "conv_kxk."),
     (r"\brbr_scale\.", "conv_1x1."),
     (r"\brbr_skip\.", "identity."),
     (r"\breparam_conv\.", "reparam."),
     (r"\bse\.reduce\.", "se.down."),
     (r"\bse\.expand\.", "se.up."),
-    (r"^linear\.", "head.fc."),
 ]
 # Blocks only: YOLOv6's networks (EfficientRep, ...) are not ours, the blocks inside them are.
 _YOLOV6_POST_BN = BlockRename("bn", "post_bn", marker=r"rbr_(dense|reparam)\.")
@@ -112,12 +111,12 @@ _TO_OFFICIAL_BLOCK: list[_Rename] = [
     (r"\bidentity\.", "rbr_identity."),
     (r"\breparam\.", "rbr_reparam."),
 ]
-_TO_OFFICIAL: list[_Rename] = [
+_TO_OFFICIAL_NETWORK: list[_Rename] = [
     (r"^stem\.", "stage0."),
     (r"^stages\.(\d+)\.", lambda m: f"stage{int(m[1]) + 1}."),
-    *_TO_OFFICIAL_BLOCK,
     (r"^head\.fc\.", "linear."),
 ]
+_TO_OFFICIAL: list[_Rename] = [*_TO_OFFICIAL_NETWORK, *_TO_OFFICIAL_BLOCK]
 _TO_TIMM: list[_Rename] = [
     BlockRename("conv_1x1", "conv_scale", marker=r"conv_kxk\.\d+\."),  # MobileOne blocks; RepVGG's keep conv_1x1
     (r"\breparam\.", "reparam_conv."),
@@ -137,15 +136,13 @@ _TO_MMPRETRAIN: list[_Rename] = [
     (r"\bse\.up\.", "se_layer.conv2.conv."),
 ]
 _TO_APPLE: list[_Rename] = [
-    (r"^stem\.", "stage0."),
-    (r"^stages\.(\d+)\.", lambda m: f"stage{int(m[1]) + 1}."),
+    *_TO_OFFICIAL_NETWORK,
     (r"\bconv_kxk\.", "rbr_conv."),
     (r"\bconv_1x1\.", "rbr_scale."),
     (r"\bidentity\.", "rbr_skip."),
     (r"\breparam\.", "reparam_conv."),
     (r"\bse\.down\.", "se.reduce."),
     (r"\bse\.up\.", "se.expand."),
-    (r"^head\.fc\.", "linear."),
 ]
 _TO_YOLOV6: list[_Rename] = [(r"\bpost_bn\.", "bn."), *_TO_OFFICIAL_BLOCK]
 _TO_LAYOUT = {
