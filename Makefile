@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml
 # Each demo gets a folder of its own: train.py refuses a folder that already holds a run.
 DEMO = outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, export and time it (outputs/demo/DATE/)
+demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, quantize to int8 (gated on accuracy), export and time it (outputs/demo/DATE/)
 	$(eval RUN := $(DEMO))
 	$(PY) train.py model=repvgg_a0 hydra.run.dir=$(RUN)/train
-	$(PY) deploy.py ckpt=$(RUN)/train bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=$(RUN)/deploy
+	$(PY) deploy.py ckpt=$(RUN)/train quantize=int8 bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=$(RUN)/deploy
 
 test: $(STAMP)  ## the fast test suite (what a change must pass)
 	$(PY) -m pytest -m "not slow"

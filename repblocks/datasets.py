@@ -33,6 +33,7 @@ __all__ = [
     "FakeData",
     "ImageFolderData",
     "build_data",
+    "sample_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,11 @@ def preprocessing_dict(
 
 
 class ClassificationData:
-    """Shared loader settings; subclasses set ``train_set``/``val_set`` in ``setup``."""
+    """Shared loader settings; subclasses set ``train_set``/``val_set``/``calibration_set`` in ``setup``.
+
+    ``calibration_set`` holds the training images prepared as for evaluation (no augmentation):
+    what int8 calibration reads, so that the ranges it measures are those the model will see.
+    """
 
     num_classes: int
     in_chans: int = 3
@@ -79,6 +84,7 @@ class ClassificationData:
         self.pin_memory = pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.calibration_set: Dataset | None = None
 
     @property
     def preprocessing(self) -> dict[str, object]:
@@ -113,6 +119,20 @@ class ClassificationData:
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+
+def sample_images(dataset: Dataset, count: int, *, seed: int = 0) -> Tensor:
+    """``count`` images of ``dataset`` drawn at random without replacement (all of them when it holds fewer).
+
+    Drawn, not the first ``count``: an ImageFolder lists its images class by class.
+
+    Returns:
+        ``(N, C, H, W)`` float32, ``N = min(count, len(dataset))``.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    if isinstance(dataset, InMemoryBatches):
+        return dataset[order][0]
+    return torch.stack([dataset[index][0] for index in order])
 
 
 class RandomAffineBatch:
@@ -215,6 +235,7 @@ class DigitsData(ClassificationData):
         augment = RandomAffineBatch(fill=-1.0) if self.augment else None
         self.train_set = InMemoryBatches(images[train_idx], labels[train_idx], augment)
         self.val_set = InMemoryBatches(images[val_idx], labels[val_idx])
+        self.calibration_set = InMemoryBatches(images[train_idx], labels[train_idx])
         log.info("digits: %d train / %d val images at %dx%d", len(train_idx), len(val_idx), *images.shape[-2:])
 
     @property
@@ -290,6 +311,7 @@ class Cifar10Data(ClassificationData):
         try:
             self.train_set = datasets.CIFAR10(self.root, train=True, transform=train, download=self.download)
             self.val_set = datasets.CIFAR10(self.root, train=False, transform=val, download=self.download)
+            self.calibration_set = datasets.CIFAR10(self.root, train=True, transform=val)
         except RuntimeError as err:
             if "corrupted" not in str(err):  # torchvision's "... not found or corrupted": a file failed its MD5 check
                 raise
@@ -395,6 +417,7 @@ class ImageFolderData(ClassificationData):
         )
         self.train_set = datasets.ImageFolder(self.root / "train", transform=train, loader=load_rgb_image)
         self.val_set = datasets.ImageFolder(self.root / "val", transform=val, loader=load_rgb_image)
+        self.calibration_set = datasets.ImageFolder(self.root / "train", transform=val, loader=load_rgb_image)
         if self.val_set.classes != self.train_set.classes:
             raise FileNotFoundError(f"data.root: val/ and train/ under {self.root} hold different class folders")
 
@@ -478,6 +501,7 @@ class FakeData(ClassificationData):
         fake = dict(image_size=shape, num_classes=self.num_classes, transform=to_tensor)
         self.train_set = datasets.FakeData(size=self.train_size, random_offset=0, **fake)
         self.val_set = datasets.FakeData(size=self.val_size, random_offset=1_000_000, **fake)
+        self.calibration_set = self.train_set  # nothing is augmented
 
 
 # The data sets a saved config may name. A checkpoint is data, not code: its data set is rebuilt

@@ -19,6 +19,8 @@ CORE_DEPENDENCIES = {"torch", "safetensors"}
 # Imported inside functions only, where the feature that needs them is used.
 CORE_LAZY = {"torchvision", "sklearn", "timm", "hydra", "omegaconf", "PIL"}
 OPTIONAL = ["lightning", "torchmetrics", "hydra", "omegaconf", "onnx", "onnxruntime", "onnxscript", "timm"]
+# Engines of their own extras ([openvino], [tensorrt]): [train] and [deploy] alone must import without them.
+ENGINE_EXTRAS = {"openvino", "nncf", "tensorrt"}
 # numpy stays: safetensors writes through it (and torch uses it when present) without declaring it.
 OPTIONAL += ["torchvision", "sklearn", "matplotlib", "rich", "PIL"]
 
@@ -57,6 +59,8 @@ def test_imports_point_one_way(path):
             else:
                 other = "deploy" if part == "train" else "train"
                 assert crossed != other, f"repblocks.{part} imports {module}"
+        elif root in ENGINE_EXTRAS:
+            assert part != "core" and not top_level, f"{path.name} imports {module} at the top level"
         elif part == "core" and root not in stdlib:
             allowed = CORE_DEPENDENCIES if top_level else CORE_DEPENDENCIES | CORE_LAZY
             assert root in allowed, f"the core imports {module}{'' if top_level else ' (lazily)'}"

@@ -18,15 +18,25 @@ from typing import ClassVar
 
 import onnx.defs
 
-from repblocks.deploy.engines import BACKENDS, DTYPES
-from repblocks.deploy.export import EXPORT_FORMATS, MIN_ONNX_OPSET
+from repblocks.deploy.engines import BACKENDS, DEFAULT_BACKENDS, DTYPES
+from repblocks.deploy.export import DEFAULT_EXPORTS, EXPORT_FORMATS, MIN_ONNX_OPSET
 from repblocks.errors import UserError
 
-__all__ = ["MAX_IMAGE_SIZE", "BenchConfig", "DeployConfig", "ExportConfig", "VerifyConfig"]
+__all__ = [
+    "MAX_IMAGE_SIZE",
+    "QUANT_ENGINES",
+    "BenchConfig",
+    "DeployConfig",
+    "ExportConfig",
+    "QuantizeConfig",
+    "VerifyConfig",
+]
 
 # No classifier input is larger; at 20000x20000 one float32 image alone would take 4.5 GiB.
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 4096
+PRECISIONS = ("int8",)
+QUANT_ENGINES = ("openvino", "onnxruntime")  # NNCF into OpenVINO; onnxruntime's static QDQ quantizer
 
 
 def _range(low: float, high: float | None = None, *, why_high=None) -> dict:
@@ -71,12 +81,15 @@ class ExportConfig(_Checked):
     """Which files to write."""
 
     prefix: ClassVar[str] = "export."
-    # Any of repblocks.deploy.export.EXPORT_FORMATS; () exports nothing.
-    formats: tuple[str, ...] = field(
-        default=EXPORT_FORMATS, metadata={"known": EXPORT_FORMATS, "what": "export format"}
-    )
+    # Any of repblocks.deploy.export.EXPORT_FORMATS; () exports nothing; None: every one whose engine is installed.
+    formats: tuple[str, ...] | None = field(default=None, metadata={"known": EXPORT_FORMATS, "what": "export format"})
     # None: the exporter's default. Below 18 the torch.export-based exporter would silently write 18.
     onnx_opset: int | None = field(default=None, metadata=_range(MIN_ONNX_OPSET, onnx.defs.onnx_opset_version()))
+
+    def __post_init__(self) -> None:
+        if self.formats is None:
+            object.__setattr__(self, "formats", DEFAULT_EXPORTS)  # frozen: filled in once, here
+        super().__post_init__()
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ class BenchConfig(_Checked):
     # The timed input's side; None: the model's own input size. Exports always take the model's own.
     image_size: int | None = field(default=None, metadata=_range(1, MAX_IMAGE_SIZE, why_high=_image_size_limit))
     dtypes: tuple[str, ...] | None = field(default=None, metadata={"known": tuple(DTYPES), "what": "dtype"})
-    # eager, channels_last, onnxruntime by default; compile is opt-in (minutes to build on a small CPU).
+    # Every backend but compile (opt-in: minutes to build on a small CPU); those that cannot run here are listed as skipped.
     backends: tuple[str, ...] | None = field(default=None, metadata={"known": BACKENDS, "what": "backend"})
     rounds: int = field(default=20, metadata=_range(1))  # timed calls per runner, interleaved
     warmup: int = field(default=2, metadata=_range(0))  # untimed calls per runner first
@@ -104,9 +117,29 @@ class BenchConfig(_Checked):
         defaults = {
             "batch_sizes": batch_sizes or ((1, 32, 128) if cuda else (1, 16)),
             "dtypes": ("fp32", "fp16", "bf16") if cuda else ("fp32",),
-            "backends": ("eager", "channels_last", "onnxruntime"),
+            "backends": DEFAULT_BACKENDS,
         }
         return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+@dataclass(frozen=True)
+class QuantizeConfig(_Checked):
+    """int8 post-training quantization, gated on validation accuracy (:mod:`repblocks.deploy.quantize`)."""
+
+    prefix: ClassVar[str] = "quantize."
+    precision: str | None = field(default=None, metadata={"known": PRECISIONS, "what": "quantize.precision"})
+    # Each engine quantizes on its own; an engine's int8 model is exported only if it passes the gate.
+    engines: tuple[str, ...] = field(
+        default=QUANT_ENGINES, metadata={"known": QUANT_ENGINES, "what": "quantize engine"}
+    )
+    max_drop: float = field(default=1.0, metadata=_range(0, 100))  # top-1 points int8 may lose against fp32
+    # None: the run's own training images (as prepared for evaluation); else a folder of images, searched recursively.
+    calibration: str | None = None
+    calibration_images: int = field(default=300, metadata=_range(1, 100_000))  # drawn at random, seeded
+    eval_images: int | None = field(default=None, metadata=_range(1))  # validation images for the gate; None: all
+    # NNCF's accuracy-control mode, when plain int8 fails the gate: it keeps the layers that cost most in fp32.
+    accuracy_control: bool = True
+    worst_layers: int = field(default=5, metadata=_range(0))  # layers listed by quantization error in the report
 
 
 @dataclass(frozen=True)
@@ -125,6 +158,7 @@ class DeployConfig(_Checked):
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
 
     @classmethod
     def from_dict(cls, config: Mapping) -> DeployConfig:
@@ -133,9 +167,11 @@ class DeployConfig(_Checked):
         Raises:
             UserError: An unknown setting, or a value of the wrong type, out of range or unknown.
         """
-        nested = {"verify": VerifyConfig, "export": ExportConfig, "bench": BenchConfig}
+        nested = {"verify": VerifyConfig, "export": ExportConfig, "bench": BenchConfig, "quantize": QuantizeConfig}
         values = {}
         for key, value in config.items():
+            if key == "quantize" and isinstance(value, str):  # quantize="int8", as on deploy.py's command line
+                value = {"precision": value}
             if key in nested:
                 if not isinstance(value, Mapping | None):
                     raise UserError(f"{key} must be a group of settings ({key}.NAME=VALUE), got {value!r}")

@@ -1,9 +1,14 @@
 """The engines a deploy form runs on: a *runner* is one model through one backend in one dtype on one device.
 
-Backends: ``eager`` and ``channels_last`` (PyTorch), ``compile`` (``torch.compile``) and
-``onnxruntime`` (the model exported to ONNX, run by onnxruntime's CPU or CUDA provider). Each
+Backends: ``eager`` and ``channels_last`` (PyTorch), ``compile`` (``torch.compile``),
+``onnxruntime`` (the model exported to ONNX, run by onnxruntime's CPU or CUDA provider),
+``openvino`` and ``openvino_throughput`` (extra ``[openvino]``: the CPU in latency or throughput
+mode, :mod:`repblocks.deploy.openvino`), and on NVIDIA GPUs ``tensorrt`` (extra ``[tensorrt]``,
+:mod:`repblocks.deploy.tensorrt`) and ``onnxruntime_trt`` (onnxruntime's TensorRT provider).
+A backend that cannot run here is listed as skipped with the reason (:func:`applicable`). Each
 runner turns a float32 CPU batch into a zero-argument callable, which
-:mod:`repblocks.deploy.speed` times side by side with the others.
+:mod:`repblocks.deploy.speed` times side by side with the others. int8 runners come from
+``quantize=int8`` (:mod:`repblocks.deploy.quantize`), already quantized.
 """
 
 from __future__ import annotations
@@ -17,12 +22,34 @@ import onnxruntime
 import torch
 from torch import Tensor, nn
 
+from repblocks.deploy import openvino, tensorrt
 from repblocks.deploy.export import export_onnx, onnx_session
 
-__all__ = ["BACKENDS", "DTYPES", "Candidate", "RunnerSpec", "applicable", "build_runner", "one_line"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKENDS",
+    "DTYPES",
+    "Candidate",
+    "RunnerSpec",
+    "applicable",
+    "build_runner",
+    "one_line",
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = ("eager", "channels_last", "compile", "onnxruntime")
+BACKENDS = (
+    "eager",
+    "channels_last",
+    "compile",
+    "onnxruntime",
+    "openvino",
+    "openvino_throughput",
+    "tensorrt",
+    "onnxruntime_trt",
+)
+# compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
+OPENVINO_MODES = {"openvino": "latency", "openvino_throughput": "throughput"}
 Candidate = Callable[[], object]
 
 
@@ -41,6 +68,20 @@ class RunnerSpec:
 
 def applicable(backend: str, dtype: str, device: torch.device) -> str | None:
     """Why ``backend`` in ``dtype`` is not benchmarked on ``device``, or None when it is."""
+    if backend in OPENVINO_MODES:
+        if device.type != "cpu":
+            return "OpenVINO is timed on the CPU; this run times the GPU"
+        return openvino.missing() or (None if dtype == "fp32" else "OpenVINO is compiled with its fp32 precision hint")
+    if backend == "tensorrt":
+        return tensorrt.missing(device) or (
+            None if dtype in ("fp32", "fp16") else "TensorRT builds fp32 and fp16 engines"
+        )
+    if backend == "onnxruntime_trt":
+        if device.type != "cuda":
+            return "onnxruntime's TensorRT provider runs on NVIDIA GPUs only; this run is on the CPU"
+        if "TensorrtExecutionProvider" not in _ort_providers():
+            return f"this onnxruntime has no TensorrtExecutionProvider (it has {', '.join(_ort_providers())})"
+        return None if dtype in ("fp32", "fp16") else "onnxruntime's TensorRT provider builds fp32 and fp16 engines"
     if dtype == "fp16" and device.type == "cpu":
         return "fp16 convolutions on the CPU are slow emulations, not a deployment setting (bf16 is timed on the CPU)"
     if backend == "onnxruntime" and dtype != "fp32":
@@ -55,23 +96,26 @@ def _ort_providers() -> list[str]:
 
 
 def build_runner(
-    model: nn.Module, spec: RunnerSpec, device: torch.device, workdir: Path | None, image_shape: tuple[int, int, int]
+    model: nn.Module,
+    spec: RunnerSpec,
+    device: torch.device,
+    workdir: Path | None,
+    image_shape: tuple[int, int, int],
+    *,
+    max_batch: int = 128,
 ) -> Callable[[Tensor], Candidate]:
     """Prepare ``model`` for ``spec``; the result turns a float32 CPU batch into a zero-argument candidate."""
-    dtype = DTYPES[spec.dtype]
-    if spec.backend == "onnxruntime":
+    example = torch.randn(2, *image_shape)  # (2, C, H, W): the exports' example batch
+    if spec.backend in OPENVINO_MODES:
+        return openvino.runner(openvino.to_openvino(model, example), mode=OPENVINO_MODES[spec.backend])
+    if spec.backend in ("onnxruntime", "tensorrt", "onnxruntime_trt"):
         path = workdir / f"{spec.form}.onnx"
-        example = torch.randn(2, *image_shape)  # (2, C, H, W): the export's example batch
-        export_onnx(model, path, example, atol=1e-3, rtol=1e-3)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
-        session = onnx_session(path, providers=providers)
-        name = session.get_inputs()[0].name
-
-        def ort_candidate(images: Tensor) -> Candidate:
-            feed = {name: images.numpy()}  # on CUDA, each call copies it to the GPU and the logits back
-            return lambda: session.run(None, feed)
-
-        return ort_candidate
+        if not path.exists():  # one export per form, shared by the backends that read ONNX
+            export_onnx(model, path, example, atol=1e-3, rtol=1e-3)
+        if spec.backend == "tensorrt":
+            return tensorrt.runner(path, dtype=spec.dtype, image_shape=image_shape, max_batch=max_batch, device=device)
+        return ort_runner(onnx_session(path, providers=_providers(spec, device)))
+    dtype = DTYPES[spec.dtype]
     memory_format = torch.channels_last if spec.backend == "channels_last" else torch.contiguous_format
     runnable = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
     if spec.backend == "compile":
@@ -84,6 +128,23 @@ def build_runner(
         return lambda: runnable(batch)
 
     return candidate
+
+
+def ort_runner(session) -> Callable[[Tensor], Candidate]:
+    """An onnxruntime session as a runner."""
+    name = session.get_inputs()[0].name
+
+    def ort_candidate(images: Tensor) -> Candidate:
+        feed = {name: images.numpy()}  # on CUDA, each call copies it to the GPU and the logits back
+        return lambda: session.run(None, feed)
+
+    return ort_candidate
+
+
+def _providers(spec: RunnerSpec, device: torch.device) -> list | None:
+    if spec.backend == "onnxruntime_trt":
+        return [("TensorrtExecutionProvider", {"trt_fp16_enable": spec.dtype == "fp16"}), "CUDAExecutionProvider"]
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else None
 
 
 def one_line(err: BaseException) -> str:

@@ -13,7 +13,13 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
   The same metadata is in the model's ``metadata_props``;
 * ``torch_export``: a ``torch.export`` program saved as ``.pt2`` (``torch.export.load``). TorchScript
   (``torch.jit``) is deprecated in torch 2.x; ``torch.export`` is its successor and what
-  AOTInductor, ExecuTorch and the ONNX exporter above consume.
+  AOTInductor, ExecuTorch and the ONNX exporter above consume;
+* ``openvino`` (extra ``[openvino]``, a default when installed): ``model.xml`` + ``model.bin``,
+  float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`).
+
+With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
+(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO) and ``model_int8.onnx``
+(onnxruntime QDQ), each read back and checked against the int8 model that was gated.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks import checkpoint
+from repblocks.deploy import openvino
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 from repblocks.files import atomic_path
@@ -37,13 +44,18 @@ from repblocks.weights import load_weights, save_weights
 
 if TYPE_CHECKING:  # config.py imports this module for EXPORT_FORMATS
     from repblocks.deploy.config import ExportConfig, VerifyConfig
+    from repblocks.deploy.quantize import Quantization
 
 __all__ = [
     "EXPORT_FORMATS",
     "FILE_NAMES",
     "MIN_ONNX_OPSET",
     "deploy_metadata",
+    "dynamic_axes",
+    "DEFAULT_EXPORTS",
     "export_all",
+    "export_int8",
+    "export_openvino",
     "export_onnx",
     "export_safetensors",
     "export_torch_export",
@@ -52,8 +64,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("safetensors", "onnx", "torch_export")
-FILE_NAMES = {"safetensors": "model.safetensors", "onnx": "model.onnx", "torch_export": "model.pt2"}
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino")
+DEFAULT_EXPORTS = tuple(f for f in EXPORT_FORMATS if f != "openvino" or openvino.installed())
+FILE_NAMES = {
+    "safetensors": "model.safetensors",
+    "onnx": "model.onnx",
+    "torch_export": "model.pt2",
+    "openvino": "model.xml",
+}
+INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}
 CHECK_BATCH_SIZES = (1, 3)  # neither is the export's example batch (2): the batch axis must really be dynamic
 _ONNX_SIZE_LIMIT = 2**31  # protobuf's limit for one file; we write no external-data side files
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
@@ -97,10 +116,114 @@ def export_all(
                     opset=export.onnx_opset,
                     metadata=metadata,
                 )
+            elif fmt == "openvino":
+                exports[fmt] = export_openvino(
+                    plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata
+                )
             else:
                 exports[fmt] = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
         exports[fmt].update(path=str(Path(out_dir) / FILE_NAMES[fmt]), input_shape=list(network.input_shape))
     return exports
+
+
+def export_int8(
+    network: Network, quantization: Quantization, *, into: Path, out_dir: Path, verify: VerifyConfig, seed: int = 0
+) -> dict:
+    """Write the int8 model of each engine that passed the accuracy gate; each is read back and checked.
+
+    The check compares the file, loaded by its engine, with the int8 model that was gated (same
+    engine, same graph: within ``verify``'s tolerance), so what was measured is what is shipped.
+    """
+    example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
+    metadata = {**deploy_metadata(network), "precision": "int8"}
+    exports = {}
+    for engine, int8 in quantization.passed.items():
+        name = INT8_FILE_NAMES[engine]
+        path = Path(into) / name
+        log.info("exporting int8 (%s)", engine)
+        with user_errors():
+            if engine == "openvino":
+                openvino.set_metadata(int8.model, metadata)
+                openvino.save(int8.model, path)
+                reloaded = openvino.infer(openvino.compile_model(openvino.load(path)))
+                errors = _check_outputs(
+                    int8.run, reloaded, example, verify.atol, verify.rtol, f"OpenVINO reading {name}"
+                )
+                runtime = f"openvino {_version('openvino')}"
+            else:
+                errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
+                runtime = f"onnxruntime {onnxruntime.__version__}"
+        exports[f"{engine}_int8"] = {
+            "path": str(Path(out_dir) / name),
+            "format": f"{engine} int8",
+            "runtime": runtime,
+            "input_shape": list(network.input_shape),
+            "check": "read back and run: outputs equal to the gated int8 model's",
+            **errors,
+        }
+    return exports
+
+
+def export_openvino(
+    model: nn.Module,
+    path: str | Path,
+    example: Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    metadata: Mapping[str, str] | None = None,
+) -> dict:
+    """Convert ``model`` to OpenVINO (dynamic batch, float32 weights), save ``.xml``/``.bin``, read back, check.
+
+    Raises:
+        ValueError: OpenVINO's outputs from the saved files differ from the model's (both files are removed).
+    """
+    path = Path(path)
+    ov_model = openvino.to_openvino(model, example)
+    openvino.set_metadata(ov_model, metadata or {})
+    written = openvino.save(ov_model, path)
+    try:
+        reloaded = openvino.infer(openvino.compile_model(openvino.load(path)))
+        errors = _check_outputs(model, reloaded, example, atol, rtol, "OpenVINO (fp32 precision hint)")
+    except BaseException:
+        for file in written:
+            file.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "format": "openvino", "runtime": f"openvino {_version('openvino')}", **errors}
+
+
+def _write_onnx_bytes(
+    model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
+) -> dict:
+    import onnx
+
+    proto = onnx.load_from_string(model_bytes)
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+        session = onnx_session(tmp)
+        return _check_outputs(
+            reference,
+            lambda x: _run_onnx(session, x),
+            example,
+            verify.atol,
+            verify.rtol,
+            f"onnxruntime reading {path.name}",
+        )
+
+
+def dynamic_axes(size: bool = False) -> dict:
+    """``torch.export``'s dynamic shapes of an image batch: the batch axis, and height and width when ``size``."""
+    axes = {0: torch.export.Dim("batch")}
+    return {**axes, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if size else axes
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def deploy_metadata(network: Network) -> dict[str, str]:
@@ -151,6 +274,7 @@ def export_onnx(
     rtol: float,
     opset: int | None = None,
     metadata: Mapping[str, str] | None = None,
+    dynamic_size: bool = False,
 ) -> dict:
     """Export ``model`` to ONNX with a dynamic batch axis; onnxruntime must reproduce its outputs.
 
@@ -161,6 +285,7 @@ def export_onnx(
         atol, rtol: Tolerance of onnxruntime's outputs (see ``repblocks.numerics.within_tolerance``).
         opset: ONNX opset, at least :data:`MIN_ONNX_OPSET`; the exporter's default when None.
         metadata: Strings for the model's ``metadata_props`` (name, preprocessing, ...).
+        dynamic_size: Height and width dynamic too (a fully convolutional network timed at another size).
 
     Raises:
         ValueError: The model is too large for one ONNX file, the exporter wrote another opset,
@@ -177,7 +302,7 @@ def export_onnx(
             dynamo=True,
             input_names=["images"],
             output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamic_shapes=(dynamic_axes(dynamic_size),),
             opset_version=opset,
             verbose=False,  # its progress lines would go to stdout, which belongs to the caller
         )
@@ -202,7 +327,7 @@ def export_torch_export(model: nn.Module, path: str | Path, example: Tensor, *, 
     """
     path = Path(path)
     with atomic_path(path) as tmp:
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(model, (example,), dynamic_shapes=(dynamic_axes(),))
         # Through file objects: given a path, torch.export wants it to end in .pt2, and the temporary name does not.
         with open(tmp, "wb") as handle:
             torch.export.save(program, handle)
@@ -212,14 +337,16 @@ def export_torch_export(model: nn.Module, path: str | Path, example: Tensor, *, 
     return {"path": str(path), "format": "torch_export", "runtime": f"torch {torch.__version__}", **errors}
 
 
-def onnx_session(path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
+def onnx_session(path: str | Path | bytes, *, threads: int | None = None, providers: Sequence[str] | None = None):
     """An onnxruntime session for ``path``; ``threads`` intra-op threads (default: torch's count, for fair timing)."""
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     # By default its idle threads spin for work; in a process that also runs torch they would steal torch's cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(
-        str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
+        path if isinstance(path, bytes) else str(path),
+        sess_options=options,
+        providers=list(providers or ["CPUExecutionProvider"]),
     )
 
 

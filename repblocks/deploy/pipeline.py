@@ -13,11 +13,15 @@ Then each stage is one function of its own module:
    deploy form are passed through;
 3. verify the deploy form against the train form (:mod:`~repblocks.deploy.verify`); over
    tolerance, stop with :class:`repblocks.errors.UserError` before anything is written;
-4. export the deploy form at the model's own input size (:mod:`~repblocks.deploy.export`);
-5. time train vs deploy form per backend and dtype at ``bench.image_size`` (:mod:`~repblocks.deploy.speed`);
-6. report: ``report.json``, ``report.md``, a plot and the resolved ``config.json`` (:mod:`~repblocks.deploy.report`).
+4. with ``quantize=int8``, quantize the deploy form to int8 and gate it on validation accuracy
+   (:mod:`~repblocks.deploy.quantize`); no engine within ``quantize.max_drop``: stop, nothing written;
+5. export the deploy form at the model's own input size, and the int8 models that passed
+   (:mod:`~repblocks.deploy.export`);
+6. time train vs deploy form per backend and dtype at ``bench.image_size``, int8 beside them
+   (:mod:`~repblocks.deploy.speed`);
+7. report: ``report.json``, ``report.md``, a plot and the resolved ``config.json`` (:mod:`~repblocks.deploy.report`).
 
-Stages 4 to 6 write into a staging folder that replaces ``out_dir`` only when all of them have
+Stages 5 to 7 write into a staging folder that replaces ``out_dir`` only when all of them have
 succeeded: a failure or an interrupt leaves ``out_dir`` as it was.
 
 With ``models=[...]``, :func:`run_speed_table` instead times many models' deploy forms (and
@@ -28,23 +32,34 @@ The library never imports Hydra; ``deploy.py`` turns its config into the plain d
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, VerifyConfig
+from repblocks.deploy import openvino
+from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
-from repblocks.deploy.export import export_all
+from repblocks.deploy.export import export_all, export_int8
 from repblocks.deploy.outputs import check_out_dir, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
+from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
 from repblocks.deploy.runtime import check_memory, resolve_device, threads
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
-from repblocks.deploy.speed import time_forms, time_models
+from repblocks.deploy.speed import int8_runners, time_forms, time_models
 from repblocks.deploy.verify import check_inputs, not_compared, verify
 from repblocks.errors import UserError
 
-__all__ = ["BenchConfig", "DeployConfig", "ExportConfig", "VerifyConfig", "run_deploy", "run_speed_table"]
+__all__ = [
+    "BenchConfig",
+    "DeployConfig",
+    "ExportConfig",
+    "QuantizeConfig",
+    "VerifyConfig",
+    "run_deploy",
+    "run_speed_table",
+]
 
 
 def run_deploy(config: DeployConfig) -> dict:
@@ -59,6 +74,7 @@ def run_deploy(config: DeployConfig) -> dict:
     device = resolve_device(config.bench.device)
     out_dir = check_out_dir(config.out_dir)
     bench = config.bench.for_device(device.type)
+    _check_extras(config)
     with threads(bench.threads):
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
@@ -71,6 +87,7 @@ def run_deploy(config: DeployConfig) -> dict:
 
         conversion = convert(network)
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
+        quantization = _quantize(network, conversion, config)
 
         with staged_output(out_dir) as staging:
             exports = export_all(
@@ -82,7 +99,15 @@ def run_deploy(config: DeployConfig) -> dict:
                 verify=config.verify,
                 seed=config.seed,
             )
-            timing = time_forms(_forms(network, conversion), device=device, bench=bench, image_shape=timed_shape)
+            prepared = None
+            if quantization is not None:
+                exports |= export_int8(
+                    network, quantization, into=staging, out_dir=out_dir, verify=config.verify, seed=config.seed
+                )
+                prepared = int8_runners(quantization, device=device, backends=bench.backends)
+            timing = time_forms(
+                _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
+            )
             report = deploy_report(
                 network=network,
                 conversion=conversion,
@@ -92,6 +117,7 @@ def run_deploy(config: DeployConfig) -> dict:
                 device=device,
                 bench=bench,
                 timed_shape=timed_shape,
+                quantization=quantization,
             )
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_reports(report, staging, out_dir=out_dir, config=resolved)
@@ -120,6 +146,27 @@ def run_speed_table(config: DeployConfig) -> dict:
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_speed_table(report, staging, out_dir=out_dir, config=resolved)
     return report
+
+
+def _check_extras(config: DeployConfig) -> None:
+    """Settings that cannot be met stop here, before anything is loaded: OpenVINO not installed, no calibration folder."""
+    calibration = config.quantize.calibration
+    if config.quantize.precision and calibration is not None and not Path(calibration).expanduser().is_dir():
+        raise UserError(f"quantize.calibration: {calibration} is not a folder of images")
+    reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
+    if reason is None:
+        return
+    if "openvino" in config.export.formats:
+        raise UserError(f"export.formats=[openvino] needs OpenVINO, but {reason}")
+    if config.quantize.precision and tuple(config.quantize.engines) == ("openvino",):
+        raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+
+
+def _quantize(network: Network, conversion: Conversion, config: DeployConfig) -> Quantization | None:
+    """int8 models gated on accuracy, when ``quantize.precision=int8``; None otherwise."""
+    if config.quantize.precision is None:
+        return None
+    return quantize(network, conversion.plain, config.quantize, seed=config.seed)
 
 
 def _timed_shape(network: Network, bench: BenchConfig) -> tuple[int, int, int]:

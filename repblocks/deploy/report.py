@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -22,6 +23,9 @@ from repblocks.deploy.preprocessing import describe_sources
 from repblocks.deploy.runtime import describe_device, environment
 from repblocks.deploy.sources import Network
 from repblocks.deploy.speed import fastest_deploy, timer_note
+
+if TYPE_CHECKING:
+    from repblocks.deploy.quantize import Quantization
 from repblocks.files import atomic_path
 
 __all__ = [
@@ -53,9 +57,11 @@ def deploy_report(
     device: torch.device,
     bench: BenchConfig,
     timed_shape: tuple[int, int, int],
+    quantization: Quantization | None = None,
 ) -> dict:
     """The report of one deploy run, as plain data (what ``report.json`` holds)."""
     rows, skipped = timing
+    int8 = None if quantization is None else {**quantization.summary(), "speed": int8_speed(rows)}
     return {
         "model": network.name,
         "origin": network.origin,
@@ -75,9 +81,38 @@ def deploy_report(
         "benchmark": rows,
         "fastest_deploy": fastest_deploy(rows),
         "skipped": skipped,
+        "int8": int8,
         "timer": timer_note(bench),
         "environment": environment(device, tf32=bench.tf32),
     }
+
+
+def int8_speed(rows: list[dict]) -> list[dict]:
+    """Each int8 row beside fp32 from the same interleaved timing: the same backend's, and the fastest fp32 engine's."""
+    fp32 = {
+        (row["backend"], row["batch_size"]): row for row in rows if row["form"] == "deploy" and row["dtype"] == "fp32"
+    }
+    speed = []
+    for row in rows:
+        if row["dtype"] != "int8":
+            continue
+        same = fp32.get((row["backend"], row["batch_size"]))
+        best = max(
+            (r for (_, b), r in fp32.items() if b == row["batch_size"]), key=lambda r: r["throughput"], default=None
+        )
+        speed.append(
+            {
+                "backend": row["backend"],
+                "batch_size": row["batch_size"],
+                "throughput": row["throughput"],
+                "fp32_throughput": same["throughput"] if same else None,
+                "ratio_to_fp32": row["throughput"] / same["throughput"] if same else None,
+                "best_fp32": f"{best['backend']}" if best else None,
+                "ratio_to_best_fp32": row["throughput"] / best["throughput"] if best else None,
+                "ratio_to_train_eager": row["ratio_to_train_eager"],
+            }
+        )
+    return speed
 
 
 def speed_report(*, rows: list[dict], device: torch.device, bench: BenchConfig, image_shape: tuple[int, ...]) -> dict:
@@ -153,6 +188,8 @@ def console_tables(report: dict) -> list[Table]:
             f"{Path(info['path']).name}: {info.get('check') or info.get('runtime')}",
         )
     tables = [checks]
+    if report.get("int8"):
+        tables.append(_int8_table(report["int8"]))
     if report["benchmark"]:
         title = "Train vs deploy form (ratios: throughput over the train form's)"
         if report["already_deployed"]:
@@ -164,6 +201,75 @@ def console_tables(report: dict) -> list[Table]:
             bench.add_row(*_bench_cells(row))
         tables.append(bench)
     return tables
+
+
+def _int8_table(int8: dict) -> Table:
+    evaluation = int8["evaluation"]
+    table = Table(
+        title=f"int8 on {evaluation['images']} validation images: fp32 top-1 {evaluation['fp32_top1']:.2f}%, "
+        f"gate: at most {evaluation['max_drop']:g} points lost",
+        caption=f"calibrated on {int8['calibration']['images']} images: {int8['calibration']['source']}",
+    )
+    for column in ("engine", "top-1", "drop", "agreement", "gate", "method"):
+        table.add_column(column, justify="left" if column in ("engine", "gate", "method") else "right")
+    for engine, result in int8["engines"].items():
+        table.add_row(*_int8_cells(engine, result))
+    for item in int8["skipped"]:
+        table.add_row(item["what"], "", "", "", "skipped", item["reason"])
+    return table
+
+
+def _int8_cells(engine: str, result: dict) -> list[str]:
+    return [
+        engine,
+        f"{result['top1']:.2f}%",
+        f"{result['drop']:+.2f}",
+        f"{result['top1_agreement']:.1%}",
+        "passed" if result["passed"] else "failed",
+        result["method"],
+    ]
+
+
+def _int8_markdown(int8: dict) -> list[str]:
+    evaluation = int8["evaluation"]
+    lines = [
+        "",
+        "## int8",
+        "",
+        f"Calibrated on {int8['calibration']['images']} images ({int8['calibration']['source']}); gated on "
+        f"{evaluation['images']} validation images: fp32 top-1 {evaluation['fp32_top1']:.2f}%, an engine's int8 "
+        f"model is exported only if it loses at most {evaluation['max_drop']:g} points.",
+        "",
+        "| engine | top-1 | drop (points) | top-1 agreement with fp32 | gate | method |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    lines += ["| " + " | ".join(_int8_cells(engine, r)) + " |" for engine, r in int8["engines"].items()]
+    lines += [f"| {item['what']} | | | | skipped | {item['reason']} |" for item in int8["skipped"]]
+    for engine, result in int8["engines"].items():
+        if result["fp32_layers"]:
+            lines += ["", f"{engine}: kept in fp32 by accuracy control: {', '.join(result['fp32_layers'])}."]
+        if result["worst_layers"]:
+            worst = ", ".join(f"`{w['layer']}` {w['sqnr_db']:.1f} dB" for w in result["worst_layers"])
+            lines += [
+                "",
+                f"{engine}: worst layers by quantization error (SQNR of the int8 model's output against fp32, "
+                f"lower is worse): {worst}.",
+            ]
+    if int8["speed"]:
+        lines += [
+            "",
+            "| backend | batch | int8 img/s | fp32 img/s, same backend | int8 vs fp32 | int8 vs fastest fp32 engine | vs train eager fp32 |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in int8["speed"]:
+            fp32 = "" if row["fp32_throughput"] is None else f"{row['fp32_throughput']:.1f}"
+            same = "" if row["ratio_to_fp32"] is None else f"{row['ratio_to_fp32']:.2f}x"
+            best = "" if row["ratio_to_best_fp32"] is None else f"{row['ratio_to_best_fp32']:.2f}x ({row['best_fp32']})"
+            train = "" if row["ratio_to_train_eager"] is None else f"{row['ratio_to_train_eager']:.2f}x"
+            lines.append(
+                f"| {row['backend']} | {row['batch_size']} | {row['throughput']:.1f} | {fp32} | {same} | {best} | {train} |"
+            )
+    return lines
 
 
 def _err(value: float | None) -> str:
@@ -261,6 +367,8 @@ def markdown_report(report: dict) -> str:
                 f"{info['max_abs_err']:.1e} abs, {info['max_rel_err']:.1e} rel"
             )
             lines.append(f"| {fmt} | `{Path(info['path']).name}` | {check} |")
+    if report.get("int8"):
+        lines += _int8_markdown(report["int8"])
     if report["benchmark"]:
         lines += ["", "## Benchmark", "", "| " + " | ".join(_BENCH_COLUMNS) + " |", "|---|---|---|" + "---:|" * 6]
         lines += ["| " + " | ".join(_bench_cells(row)) + " |" for row in report["benchmark"]]

@@ -15,17 +15,40 @@ import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from repblocks.bench import median, p90, synchronizer, throughput, time_interleaved
+from repblocks.deploy import openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
-from repblocks.deploy.engines import Candidate, RunnerSpec, applicable, build_runner, one_line
+from repblocks.deploy.engines import (
+    OPENVINO_MODES,
+    Candidate,
+    RunnerSpec,
+    applicable,
+    build_runner,
+    one_line,
+    ort_runner,
+)
+from repblocks.deploy.export import onnx_session
 from repblocks.deploy.runtime import cudnn_benchmark
 from repblocks.numerics import ieee_fp32
 
-__all__ = ["benchmark_forms", "fastest_deploy", "speed_table", "time_forms", "time_models", "timer_note"]
+if TYPE_CHECKING:
+    from repblocks.deploy.quantize import Quantization
+
+__all__ = [
+    "benchmark_forms",
+    "fastest_deploy",
+    "int8_runners",
+    "speed_table",
+    "time_forms",
+    "time_models",
+    "timer_note",
+]
+Prepared = Callable[[Path], Callable[[Tensor], Candidate]]  # builds a runner, given a work folder
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +56,12 @@ PAPER_BASELINE = "torchvision:resnet18"  # the paper states every speed relative
 
 
 def time_forms(
-    forms: Mapping[str, nn.Module], *, device: torch.device, bench: BenchConfig, image_shape: tuple[int, int, int]
+    forms: Mapping[str, nn.Module],
+    *,
+    device: torch.device,
+    bench: BenchConfig,
+    image_shape: tuple[int, int, int],
+    prepared: Mapping[RunnerSpec, Prepared] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """The time stage of a deploy run: :func:`benchmark_forms` under ``bench``'s cuDNN and TF32 settings."""
     with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
@@ -46,6 +74,7 @@ def time_forms(
             dtypes=bench.dtypes,
             rounds=bench.rounds,
             warmup=bench.warmup,
+            prepared=prepared,
         )
 
 
@@ -87,6 +116,7 @@ def benchmark_forms(
     dtypes: Sequence[str],
     rounds: int,
     warmup: int,
+    prepared: Mapping[RunnerSpec, Prepared] | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Time every form (``{"train": model, "deploy": plain}``) through every applicable backend and dtype.
 
@@ -97,6 +127,8 @@ def benchmark_forms(
         image_shape: ``(C, H, W)`` of the random input.
         backends, dtypes: Names from :data:`BACKENDS` and :data:`DTYPES`.
         rounds, warmup: See :func:`repblocks.bench.time_interleaved`.
+        prepared: More runners, each built by a function of the work folder: the int8 models of
+            ``quantize=int8`` (:func:`int8_runners`), timed in the same rounds as the others.
 
     Returns:
         ``rows``: one per runner and batch size, with ``form, backend, dtype, batch_size,
@@ -121,6 +153,11 @@ def benchmark_forms(
                 runners[spec] = build_runner(forms[spec.form], spec, device, Path(workdir), image_shape)
             except Exception as err:  # an export or session that fails is reported, not fatal
                 skipped.append({"what": spec.key, "reason": one_line(err)})
+        for spec, build in (prepared or {}).items():
+            try:
+                runners[spec] = build(Path(workdir))
+            except Exception as err:
+                skipped.append({"what": spec.key, "reason": one_line(err)})
         rows = []
         for batch_size in batch_sizes:
             images = torch.randn(batch_size, *image_shape, generator=torch.Generator().manual_seed(batch_size))
@@ -129,6 +166,41 @@ def benchmark_forms(
             rows.extend(_row(spec, batch_size, times) for spec, times in samples.items())
     _add_ratios(rows)
     return rows, skipped
+
+
+def int8_runners(quantization: Quantization, *, device: torch.device, backends: Sequence[str]) -> dict:
+    """``{RunnerSpec: build(workdir) -> runner}`` for the int8 models that passed the gate, in the backends asked for.
+
+    The CPU engines run on the CPU only; on a GPU the QDQ model becomes a TensorRT int8 engine.
+    """
+    passed, prepared = quantization.passed, {}
+    if device.type == "cpu" and "openvino" in passed:
+        for backend in ("openvino", "openvino_throughput"):
+            if backend in backends:
+                model, mode = passed["openvino"].model, OPENVINO_MODES[backend]
+                prepared[RunnerSpec("deploy", backend, "int8")] = lambda _, m=model, mode=mode: openvino.runner(
+                    m, mode=mode
+                )
+    if "onnxruntime" in passed:
+        qdq = passed["onnxruntime"].model  # the QDQ ONNX file's bytes
+        if device.type == "cpu" and "onnxruntime" in backends:
+            prepared[RunnerSpec("deploy", "onnxruntime", "int8")] = lambda _: ort_runner(onnx_session(qdq))
+        if device.type == "cuda" and "tensorrt" in backends and tensorrt.missing(device) is None:
+            prepared[RunnerSpec("deploy", "tensorrt", "int8")] = lambda workdir: _tensorrt_int8(qdq, workdir, device)
+    return prepared
+
+
+def _tensorrt_int8(qdq: bytes, workdir: Path, device: torch.device) -> Callable:
+    path = workdir / "int8.onnx"
+    path.write_bytes(qdq)
+    return tensorrt.runner(path, dtype="int8", image_shape=_input_shape(qdq), max_batch=128, device=device)
+
+
+def _input_shape(onnx_bytes: bytes) -> tuple[int, int, int]:
+    import onnx
+
+    dims = onnx.load_from_string(onnx_bytes).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims[1:])
 
 
 def fastest_deploy(rows: list[dict]) -> list[dict]:

@@ -1,0 +1,420 @@
+"""int8 post-training quantization of the deploy form, gated on validation accuracy (``quantize=int8``).
+
+The stage reads top to bottom:
+
+1. images: calibration images (the run's own training images, prepared as for evaluation and
+   drawn at random, or ``quantize.calibration=DIR``) and the run's validation images with labels;
+2. each engine of ``quantize.engines`` quantizes the deploy form on its own: NNCF into OpenVINO
+   (:func:`_nncf`) and onnxruntime's static QDQ quantizer with per-channel weights (:func:`_ort`);
+3. the gate: top-1 of fp32 and int8 on the validation images. An engine whose int8 model loses
+   more than ``quantize.max_drop`` points fails; for OpenVINO, NNCF's accuracy-control mode then
+   tries again, keeping the layers that cost most in fp32. When no engine passes, the run stops
+   with one line naming the drops, before anything is written;
+4. per-layer quantization error of the worst layers (onnxruntime's QDQ debugger: the SQNR of each
+   layer's output in the int8 model against the fp32 model on the same images).
+
+Quantizing the deploy form, not the train form, is the point of re-parameterization: one conv
+per block has one weight range per channel to fit, where the train form's branches would be
+quantized apart and summed (``benchmarks/int8_accuracy.py`` measures both).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from repblocks.datasets import build_data, sample_images
+from repblocks.deploy import openvino
+from repblocks.deploy.config import QuantizeConfig
+from repblocks.deploy.export import export_onnx, onnx_session
+from repblocks.deploy.sources import Network
+from repblocks.errors import UserError
+
+__all__ = ["IMAGE_SUFFIXES", "Int8Model", "Quantization", "nncf_int8", "onnxruntime_int8", "quantize"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+_BATCH = 32  # images per inference call when evaluating
+
+
+@dataclass
+class Int8Model:
+    """One engine's int8 model and how it did at the gate."""
+
+    engine: str  # "openvino" or "onnxruntime"
+    method: str  # how it was quantized, for the report
+    model: object  # an openvino.Model, or the QDQ ONNX file's bytes
+    run: Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
+    top1: float  # percent
+    drop: float  # fp32 top-1 minus int8 top-1, in points
+    agreement: float  # fraction of validation images where int8 and fp32 predict the same class
+    passed: bool
+    fp32_layers: list[str] = field(default_factory=list)  # kept in fp32 by accuracy control
+    worst_layers: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Quantization:
+    """What ``quantize=int8`` found: the images it used, fp32 top-1, and each engine's int8 model."""
+
+    calibration: dict  # source and number of images
+    evaluation: dict  # number of validation images, fp32 top-1
+    models: dict[str, Int8Model]
+    skipped: list[dict]  # engines not run, and why
+
+    @property
+    def passed(self) -> dict[str, Int8Model]:
+        return {name: model for name, model in self.models.items() if model.passed}
+
+    def summary(self) -> dict:
+        """Plain data for the report (no models)."""
+        engines = {
+            name: {
+                "method": m.method,
+                "top1": m.top1,
+                "drop": m.drop,
+                "top1_agreement": m.agreement,
+                "passed": m.passed,
+                "fp32_layers": m.fp32_layers,
+                "worst_layers": m.worst_layers,
+            }
+            for name, m in self.models.items()
+        }
+        return {
+            "calibration": self.calibration,
+            "evaluation": self.evaluation,
+            "engines": engines,
+            "skipped": self.skipped,
+        }
+
+
+def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, seed: int = 0) -> Quantization:
+    """Quantize ``plain`` (the deploy form) with every engine of ``settings`` and gate each on accuracy.
+
+    Raises:
+        UserError: A setting that cannot be met (no calibration or validation images, an engine
+            not installed), or no engine's int8 model is within ``settings.max_drop`` of fp32.
+    """
+    engines, skipped = _engines(settings)
+    data = _data(network)
+    calibration, calibration_info = _calibration_images(data, network, settings, seed)
+    images, labels = _validation_images(data, settings, seed)
+    gate = _Gate(images, labels, _predict(_eager(plain), images), settings.max_drop)
+    fp32_top1 = gate.fp32_top1
+    log.info(
+        "int8: calibrating on %d images, gating on %d validation images (fp32 top-1 %.2f%%)",
+        len(calibration),
+        len(labels),
+        fp32_top1,
+    )
+    quantizers = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+    models = {engine: quantizers[engine](plain, calibration, gate, settings) for engine in engines}
+    quantization = Quantization(
+        calibration=calibration_info,
+        evaluation={"images": len(labels), "fp32_top1": fp32_top1, "max_drop": settings.max_drop},
+        models=models,
+        skipped=skipped,
+    )
+    if not quantization.passed:
+        drops = ", ".join(f"{m.engine} {m.top1:.2f}% ({m.drop:+.2f} points)" for m in models.values())
+        raise UserError(
+            f"int8 loses more top-1 than quantize.max_drop={settings.max_drop:g} allows: fp32 {fp32_top1:.2f}%, "
+            f"int8 {drops} on {len(labels)} validation images; nothing was written"
+        )
+    return quantization
+
+
+def _engines(settings: QuantizeConfig) -> tuple[list[str], list[dict]]:
+    """The engines to run; OpenVINO is skipped with the reason when not installed and another engine is listed."""
+    reason = openvino.missing()
+    engines = list(dict.fromkeys(settings.engines))
+    if not engines:
+        raise UserError("quantize.engines is empty; known: openvino, onnxruntime")
+    if "openvino" in engines and reason:
+        if engines == ["openvino"]:
+            raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+        engines.remove("openvino")
+        return engines, [{"what": "openvino int8", "reason": reason}]
+    return engines, []
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+
+def _calibration_images(data, network: Network, settings: QuantizeConfig, seed: int) -> tuple[Tensor, dict]:
+    if settings.calibration is not None:
+        images = _folder_images(Path(settings.calibration).expanduser(), network, settings.calibration_images, seed)
+        return images, {"source": str(settings.calibration), "images": len(images)}
+    images = sample_images(data.calibration_set, settings.calibration_images, seed=seed)
+    return images, {"source": "the run's training images (no augmentation)", "images": len(images)}
+
+
+def _validation_images(data, settings: QuantizeConfig, seed: int) -> tuple[Tensor, Tensor]:
+    loader = data.val_dataloader()
+    images, labels = zip(*loader, strict=True) if len(data.val_set) else ((), ())
+    if not images:
+        raise UserError("quantize=int8 checks int8 top-1 on validation images, but the run's validation set is empty")
+    images, labels = torch.cat(images), torch.cat(labels)
+    if settings.eval_images is not None and settings.eval_images < len(labels):
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings.eval_images]
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
+def _data(network: Network):
+    """The run's data set, set up: its validation images gate int8, its training images calibrate it."""
+    why = "checks int8 top-1 on the run's validation images"
+    if network.data is None:
+        raise UserError(
+            f"quantize=int8 {why}, but {network.origin or network.name} names no data set: "
+            "deploy a train.py checkpoint or run folder (they record their data)"
+        )
+    try:
+        data = build_data(network.data)
+        data.setup("validate")
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise UserError(f"quantize=int8 {why}, but they cannot be read: {err}") from None
+    return data
+
+
+def _folder_images(folder: Path, network: Network, count: int, seed: int) -> Tensor:
+    """Up to ``count`` images found under ``folder``, prepared as ``network.preprocessing`` says."""
+    if not folder.is_dir():
+        raise UserError(f"quantize.calibration: {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"quantize.calibration: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    from torchvision.transforms import InterpolationMode, v2
+
+    from repblocks.datasets import load_rgb_image
+
+    prep = network.preprocessing
+    channels, size = prep["input_size"][0], prep["input_size"][1]
+    interpolation = InterpolationMode(prep["interpolation"])
+    transform = v2.Compose(
+        [
+            v2.Resize(round(size / prep["crop_pct"]), interpolation=interpolation, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(prep["mean"], prep["std"]),
+        ]
+    )
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    try:
+        images = torch.stack([transform(load_rgb_image(files[i])) for i in order])  # (N, 3, H, W)
+    except ValueError as err:
+        raise UserError(f"quantize.calibration: {err}") from None
+    return images[:, :channels] if channels < 3 else images
+
+
+# -- engines -----------------------------------------------------------------------------------------------
+
+
+def nncf_int8(model: nn.Module, calibration: Tensor):
+    """``model`` quantized by NNCF (post-training, its defaults: per-channel weights) into an ``openvino.Model``.
+
+    Height and width stay dynamic, so the model can be timed at another size than it was calibrated at.
+    """
+    import nncf
+
+    ov_model = openvino.to_openvino(model, calibration[:2], dynamic_size=True)
+    return nncf.quantize(ov_model, _nncf_dataset(calibration), subset_size=len(calibration))
+
+
+def onnxruntime_int8(model: nn.Module, calibration: Tensor, workdir: Path) -> tuple[Path, Path]:
+    """``model`` quantized by onnxruntime's static quantizer: QDQ, per-channel int8 weights, uint8 activations.
+
+    Returns:
+        The float32 model as quantized (after onnxruntime's pre-processing) and the QDQ model, both in ``workdir``.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, prepared, int8_path = workdir / "fp32.onnx", workdir / "prepared.onnx", workdir / "int8.onnx"
+    export_onnx(model, fp32_path, calibration[:2], atol=1e-3, rtol=1e-3, dynamic_size=True)
+    quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+    quantize_static(
+        str(prepared),
+        str(int8_path),
+        _reader(calibration),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return prepared, int8_path
+
+
+@dataclass
+class _Gate:
+    """The validation images, fp32's predictions on them and the most top-1 int8 may lose."""
+
+    images: Tensor  # (N, C, H, W)
+    labels: Tensor  # (N,)
+    fp32: Tensor  # (N, classes)
+    max_drop: float
+
+    @property
+    def fp32_top1(self) -> float:
+        return _top1(self.fp32, self.labels)
+
+    def judge(self, engine: str, method: str, model: object, run: Callable[[Tensor], Tensor]) -> Int8Model:
+        logits = _predict(run, self.images)
+        top1 = _top1(logits, self.labels)
+        drop = self.fp32_top1 - top1
+        agreement = (logits.argmax(1) == self.fp32.argmax(1)).float().mean().item()
+        passed = drop <= self.max_drop
+        log.info(
+            "int8 %s: top-1 %.2f%% (fp32 %.2f%%, drop %.2f points): %s",
+            engine,
+            top1,
+            self.fp32_top1,
+            drop,
+            "passed" if passed else "failed",
+        )
+        return Int8Model(engine, method, model, run, top1=top1, drop=drop, agreement=agreement, passed=passed)
+
+
+def _openvino(plain: nn.Module, calibration: Tensor, gate: _Gate, settings: QuantizeConfig) -> Int8Model:
+    """NNCF's post-training quantization into OpenVINO; its accuracy control when that fails the gate."""
+    quantized = nncf_int8(plain, calibration)
+    result = gate.judge("openvino", "NNCF post-training, OpenVINO", quantized, _ov_run(quantized))
+    if result.passed or not settings.accuracy_control:
+        return result
+    log.info("int8: openvino loses %.2f points; trying NNCF's accuracy control", result.drop)
+    import nncf
+
+    def validate(compiled, items) -> float:
+        logits = torch.cat([torch.from_numpy(np.array(compiled(batch)[0])) for batch, _ in items])
+        return _top1(logits, torch.cat([label for _, label in items])) / 100
+
+    batches = [
+        (images.numpy(), labels)
+        for images, labels in zip(gate.images.split(_BATCH), gate.labels.split(_BATCH), strict=True)
+    ]
+    controlled = nncf.quantize_with_accuracy_control(
+        openvino.to_openvino(plain, calibration[:2], dynamic_size=True),
+        _nncf_dataset(calibration),
+        nncf.Dataset(batches),
+        validate,
+        max_drop=settings.max_drop / 100,
+        subset_size=len(calibration),
+    )
+    kept = [
+        op.get_friendly_name()
+        for op in controlled.get_ops()
+        if op.get_type_name() == "Convolution" and not _quantized(op)
+    ]
+    method = f"NNCF accuracy control, OpenVINO ({len(kept)} convolutions kept in fp32)"
+    result = gate.judge("openvino", method, controlled, _ov_run(controlled))
+    result.fp32_layers = kept
+    return result
+
+
+def _onnxruntime(plain: nn.Module, calibration: Tensor, gate: _Gate, settings: QuantizeConfig) -> Int8Model:
+    with tempfile.TemporaryDirectory(prefix="repblocks-int8-") as tmp:
+        prepared, int8_path = onnxruntime_int8(plain, calibration, Path(tmp))
+        model_bytes = int8_path.read_bytes()
+        run = _ort_run(onnx_session(model_bytes))
+        result = gate.judge("onnxruntime", "onnxruntime static QDQ, per-channel weights", model_bytes, run)
+        if settings.worst_layers:
+            result.worst_layers = _worst_layers(prepared, int8_path, calibration[: 2 * _BATCH], settings.worst_layers)
+    return result
+
+
+def _nncf_dataset(calibration: Tensor):
+    import nncf
+
+    return nncf.Dataset([image[None].numpy() for image in calibration])  # one image per item: subset_size counts images
+
+
+def _reader(images: Tensor):
+    """onnxruntime's calibration data reader over ``images``, a batch at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(images.split(_BATCH))
+
+        def get_next(self) -> dict | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch.numpy()}
+
+    return Reader()
+
+
+def _quantized(op) -> bool:
+    """Whether a convolution's weights come through a FakeQuantize or an int8 constant: NNCF quantized it."""
+    weights = op.input(1).get_source_output().get_node()
+    while weights.get_type_name() in ("Convert", "Multiply", "Subtract", "Reshape"):
+        weights = weights.input(0).get_source_output().get_node()
+    precision = weights.get_output_element_type(0).get_type_name()
+    return weights.get_type_name() in ("FakeQuantize", "FakeConvert") or precision in ("i8", "u8")
+
+
+def _ov_run(ov_model) -> Callable[[Tensor], Tensor]:
+    return openvino.infer(openvino.compile_model(ov_model))
+
+
+def _ort_run(session) -> Callable[[Tensor], Tensor]:
+    name = session.get_inputs()[0].name
+    return lambda batch: torch.from_numpy(np.asarray(session.run(None, {name: batch.numpy()})[0]))
+
+
+def _worst_layers(fp32_path: Path, int8_path: Path, images: Tensor, count: int) -> list[dict]:
+    """The ``count`` layer outputs with the lowest SQNR (dB) in the int8 model against the fp32 one."""
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    activations = {}
+    for name, path in (("fp32", fp32_path), ("int8", int8_path)):
+        augmented = path.with_name(f"{name}-debug.onnx")
+        debug.modify_model_output_intermediate_tensors(str(path), str(augmented))
+        activations[name] = debug.collect_activations(str(augmented), _reader(images))
+    errors = debug.compute_activation_error(debug.create_activation_matching(activations["int8"], activations["fp32"]))
+    modules = _producing_modules(fp32_path)
+    layers = [
+        {"layer": modules[name], "tensor": name, "sqnr_db": float(err["xmodel_err"])}
+        for name, err in errors.items()
+        if name in modules and "xmodel_err" in err
+    ]
+    return sorted(layers, key=lambda layer: layer["sqnr_db"])[:count]
+
+
+def _producing_modules(path: Path) -> dict[str, str]:
+    """``{tensor: module name}`` for the outputs of the layers (Relu, Conv, Gemm), from the exporter's name scopes."""
+    import ast
+
+    import onnx
+
+    names = {}
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type not in ("Relu", "Conv", "Gemm"):
+            continue
+        scopes = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.name_scopes")
+        scopes = ast.literal_eval(scopes) if scopes else [node.name]
+        names[node.output[0]] = scopes[-2] if len(scopes) > 1 else scopes[-1]  # the module, not the op
+    return names
+
+
+# -- the gate ----------------------------------------------------------------------------------------------
+
+
+def _eager(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    return torch.inference_mode()(model)
+
+
+def _predict(run: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    return torch.cat([run(batch.contiguous()).float() for batch in images.split(_BATCH)])
+
+
+def _top1(logits: Tensor, labels: Tensor) -> float:
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
