@@ -1,6 +1,7 @@
 """Load a trained network, convert it to its plain deploy form, verify, export and benchmark it.
 
     python deploy.py ckpt=outputs/.../last.ckpt          # a train.py checkpoint
+    python deploy.py ckpt=outputs/train/RUN quantize=int8 # + int8 (OpenVINO/NNCF, onnxruntime), exported only if top-1 holds
     python deploy.py ckpt=outputs/deploy/.../model.safetensors  # deploy.py's own export: already in deploy form
     python deploy.py ckpt=a0.pth model=repvgg_a0          # a weights file in any layout, train or deploy form
     python deploy.py model=repvgg_a0 bench.image_size=224 # random weights: time an architecture

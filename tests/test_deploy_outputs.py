@@ -51,7 +51,7 @@ def never_load(monkeypatch):
         (dict(verify=dict(real_batches=-1)), r"^verify.real_batches must be at least 0"),
         (dict(export=dict(onnx_opset=7)), r"^export.onnx_opset must be at least 18, got 7$"),
         (dict(export=dict(onnx_opset=99)), r"^export.onnx_opset must be at most \d+, got 99$"),
-        (dict(export=dict(formats="onnx")), r"^export.formats must be a list of names, got 'onnx'$"),
+        (dict(export=dict(formats="onnx")), r"^export.formats must be a list of names or null, got 'onnx'$"),
         (dict(num_classes=0), r"^num_classes must be at least 1, got 0$"),
         (dict(models="repvgg_a0"), r"^models must be a list of names or null, got 'repvgg_a0'$"),
     ],
