@@ -197,7 +197,10 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
         (dict(model="resnet18"), r"unknown model 'resnet18'; registered models: .*\brepvgg_a0, "),
         (dict(source="torchvision:resnet_x"), r"unknown torchvision classification model .*; known: alexnet, "),
         (dict(source="timm:resnet18"), r"unknown source 'timm:resnet18'; known: torchvision:NAME"),
-        (dict(model="repvgg_tiny", export={"formats": ["tflite"]}), r"known: safetensors, onnx, torch_export, openvino$"),
+        (
+            dict(model="repvgg_tiny", export={"formats": ["tflite"]}),
+            r"known: safetensors, onnx, torch_export, openvino$",
+        ),
         (dict(model="repvgg_tiny", export={"formats": ["torchscript"]}), r"TorchScript is deprecated.*torch_export"),
         (dict(model="repvgg_tiny", bench=dict(backends=["tensorrt8"])), r"known: eager, channels_last, compile, onnx"),
         (dict(model="repvgg_tiny", bench=dict(dtypes=["fp8"])), r"unknown dtype 'fp8'; known: fp32, fp16, bf16"),
@@ -405,3 +408,19 @@ def test_deploy_py_bad_input_is_one_line_and_exit_1(bad_runs, name):
     assert run_dir is None or not run_dir.exists()  # the run folder Hydra made for the run is gone again
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert not (folder / "pwned").exists()  # the pickle's payload never ran
+
+
+def test_a_gpu_engine_whose_outputs_differ_is_refused_before_it_is_timed():
+    from repblocks.deploy.engines import RunnerSpec, _check_engine
+
+    model = _trained_model()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        logits = model(images)
+
+    def runner(scale):
+        return lambda batch: lambda: [(logits * scale).numpy()]  # as onnxruntime returns it: a list of arrays
+
+    _check_engine(model, runner(1.0), images, RunnerSpec("deploy", "tensorrt", "fp16"))
+    with pytest.raises(ValueError, match="deploy tensorrt fp16 does not reproduce the model"):
+        _check_engine(model, runner(1.1), images, RunnerSpec("deploy", "tensorrt", "fp16"))

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from repblocks.deploy import openvino, tensorrt
 from repblocks.deploy.export import export_onnx, onnx_session
+from repblocks.numerics import max_errors
 
 __all__ = [
     "BACKENDS",
@@ -113,8 +114,12 @@ def build_runner(
         if not path.exists():  # one export per form, shared by the backends that read ONNX
             export_onnx(model, path, example, atol=1e-3, rtol=1e-3)
         if spec.backend == "tensorrt":
-            return tensorrt.runner(path, dtype=spec.dtype, image_shape=image_shape, max_batch=max_batch, device=device)
-        return ort_runner(onnx_session(path, providers=_providers(spec, device)))
+            built = tensorrt.runner(path, dtype=spec.dtype, image_shape=image_shape, max_batch=max_batch, device=device)
+        else:
+            built = ort_runner(onnx_session(path, providers=_providers(spec, device)))
+        if spec.backend != "onnxruntime":  # engines that build kernels of their own: checked like every export
+            _check_engine(model, built, example, spec)
+        return built
     dtype = DTYPES[spec.dtype]
     memory_format = torch.channels_last if spec.backend == "channels_last" else torch.contiguous_format
     runnable = copy.deepcopy(model).to(device=device, dtype=dtype, memory_format=memory_format)
@@ -128,6 +133,22 @@ def build_runner(
         return lambda: runnable(batch)
 
     return candidate
+
+
+# An engine's logits against the float32 model's, relative to the largest logit: TensorRT picks its own
+# kernels (TF32 in fp32 on Ampere and later, half precision in fp16), so the bound is its precision's.
+ENGINE_RTOL = {"fp32": 1e-2, "fp16": 3e-2}
+
+
+@torch.inference_mode()
+def _check_engine(model: nn.Module, runner: Callable[[Tensor], Candidate], example: Tensor, spec: RunnerSpec) -> None:
+    """Raise when the engine's outputs differ from the model's (the runner is then reported as skipped, with why)."""
+    reference = model(example)
+    output = runner(example)()
+    output = torch.as_tensor(output[0] if isinstance(output, list | tuple) else output).float().cpu()
+    rel_err = max_errors(reference, output)[1]
+    if not rel_err <= ENGINE_RTOL[spec.dtype]:
+        raise ValueError(f"{spec.key} does not reproduce the model: {rel_err:.2e} relative error")
 
 
 def ort_runner(session) -> Callable[[Tensor], Candidate]:

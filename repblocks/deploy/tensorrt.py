@@ -5,6 +5,8 @@ precision kernels); ``int8`` ones from the QDQ ONNX file that ``quantize=int8`` 
 int8 scales are those calibrated on the run's own images (TensorRT's explicit quantization; its
 implicit int8 calibrators are deprecated). The batch axis is dynamic up to the largest timed
 batch. Input and output buffers are torch CUDA tensors: no copy between host and device is timed.
+Each call returns the logits tensor, so the engine can be checked against the model
+(:func:`repblocks.deploy.engines.build_runner`) before it is timed.
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def runner(
         context.set_tensor_address(name, batch.data_ptr())
         context.set_tensor_address(output, logits.data_ptr())
         stream = torch.cuda.current_stream(device).cuda_stream
-        return lambda: context.execute_async_v3(stream)
+
+        def run() -> torch.Tensor:
+            context.execute_async_v3(stream)
+            return logits
+
+        return run
 
     return candidate
