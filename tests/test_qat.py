@@ -82,6 +82,15 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict([*model.named_parameters(), *model.named_buffers()])
 
 
+@pytest.mark.slow
+def test_fast_dev_run_quantizes_and_fine_tunes_but_writes_nothing(tmp_path, untrained_run):
+    overrides = (f"qat.init={untrained_run}", "qat.calibration_images=8", "trainer.fast_dev_run=true")
+    metrics = train(compose_train(tmp_path / "out", f"model={TINY}", "+experiment=qat", *overrides))
+    assert set(metrics["top1"]) == {"fp32", "ptq_int8", "qat_start", "qat_fake_quant"}
+    assert "nothing exported or written" in qat.summary(metrics)
+    assert _written(tmp_path / "out") == []
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """Two digits epochs of qarepvgg_tiny: far enough from chance that top-1 agreement means something."""

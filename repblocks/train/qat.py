@@ -150,8 +150,8 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     quantized = quantized.cpu().float().eval()
     fake_quant_logits = _predict(quantized, images)
     top1["qat_fake_quant"] = _top1(fake_quant_logits, labels)
-    if trainer.fast_dev_run:
-        return {"top1": top1}  # a smoke test: nothing is written
+    if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
+        return {"fast_dev_run": True, "top1": top1, "val_images": len(labels)}
 
     with _staged_folder(output_dir / INT8_DIR) as staging:
         ir_logits = _export_ir(quantized, images, folder=staging)
@@ -179,7 +179,11 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
 
 def summary(metrics: dict[str, Any]) -> str:
     """What train.py prints at the end of a QAT run."""
-    top1, check = metrics["top1"], metrics["ir_check"]
+    top1 = metrics["top1"]
+    if metrics.get("fast_dev_run"):
+        shown = ", ".join(f"{name} {100 * value:.2f}%" for name, value in top1.items())
+        return f"fast_dev_run: top-1 on {metrics['val_images']} validation images {shown}; nothing exported or written"
+    check = metrics["ir_check"]
     return "\n".join(
         [
             f"top-1 on {metrics['val_images']} validation images: fp32 {100 * top1['fp32']:.2f}%, "
