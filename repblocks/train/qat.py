@@ -64,7 +64,7 @@ __all__ = ["INT8_DIR", "QATSettings", "fake_quantize", "quantization_aware_train
 log = logging.getLogger(__name__)
 
 INT8_DIR = "int8"  # the IR's folder in the run folder: model.xml and model.bin
-_BATCH = 64  # images per forward pass when evaluating
+Predictor = Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
 _INSTALL = "pip install repblocks[openvino]"
 
 
@@ -133,28 +133,25 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     data = build_data(run.data)
     data.setup("fit")
     calibration = _calibration_images(data, settings.calibration_images, seed=cfg.seed)
-    images, labels = _validation_images(data)
     trained = build_run_model(run)
     log.info("qat: %s from %s, %d calibration images", run.model_name, run.path, len(calibration))
     plain = switch_to_deploy(trained)  # everything folded: the fp32 reference, and what PTQ quantizes
-    top1 = {
-        "fp32": _top1(_predict(plain, images), labels),
-        "ptq_int8": _top1(_ptq_predict(plain, calibration, images), labels),
-    }
+    fp32_logits, labels = _logits(_torch_predictor(plain), data)
+    top1 = {"fp32": _top1(fp32_logits, labels), "ptq_int8": _top1(_logits(_ptq(plain, calibration), data)[0], labels)}
     quantized = fake_quantize(switch_to_deploy(trained, keep_post_bn=True), calibration)
-    top1["qat_start"] = _top1(_predict(quantized, images), labels)
+    top1["qat_start"] = _top1(_logits(_torch_predictor(quantized), data)[0], labels)
 
     started = time.perf_counter()
     trainer = _fine_tune(quantized, run=run, data=data, cfg=cfg, loggers=loggers())
     train_time_s = time.perf_counter() - started
     quantized = quantized.cpu().float().eval()
-    fake_quant_logits = _predict(quantized, images)
+    fake_quant_logits = _logits(_torch_predictor(quantized), data)[0]
     top1["qat_fake_quant"] = _top1(fake_quant_logits, labels)
     if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
         return {"fast_dev_run": True, "top1": top1, "val_images": len(labels)}
 
     with _staged_folder(output_dir / INT8_DIR) as staging:
-        ir_logits = _export_ir(quantized, images, folder=staging)
+        ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration[:2], folder=staging)), data)[0]
         ir_check = _check_ir(fake_quant_logits, ir_logits, min_agreement=settings.min_agreement)
     top1["qat_int8"] = _top1(ir_logits, labels)
     metrics = {
@@ -249,12 +246,15 @@ def _calibration_images(data: ClassificationData, count: int, *, seed: int) -> T
     return torch.stack([prepared[index][0] for index in order])  # (N, C, H, W)
 
 
-def _validation_images(data: ClassificationData) -> tuple[Tensor, Tensor]:
-    batches = list(data.val_dataloader())
-    if not batches:
+def _logits(predict: Predictor, data: ClassificationData) -> tuple[Tensor, Tensor]:
+    """Logits and labels of every validation image, a batch at a time (the images are never all in memory)."""
+    logits, labels = [], []
+    for images, target in data.val_dataloader():
+        logits.append(predict(images))
+        labels.append(target)
+    if not labels:
         raise ValueError("qat: the run's validation set is empty: nothing to compare top-1 on")
-    images, labels = zip(*batches, strict=True)
-    return torch.cat(images), torch.cat(labels)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def _fine_tune(
@@ -286,19 +286,22 @@ def _fine_tune(
     return trainer
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, images: Tensor) -> Tensor:
+def _torch_predictor(model: nn.Module) -> Predictor:
     model = model.cpu().float().eval()
-    return torch.cat([model(batch) for batch in images.split(_BATCH)])
+
+    def predict(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(images)
+
+    return predict
 
 
-def _ptq_predict(plain: nn.Module, calibration: Tensor, images: Tensor) -> Tensor:
-    """Logits of NNCF's post-training int8 of ``plain``'s OpenVINO model, calibrated on the same images."""
+def _ptq(plain: nn.Module, calibration: Tensor) -> Predictor:
+    """NNCF's post-training int8 of ``plain``'s OpenVINO model, calibrated on the same images as QAT."""
     import nncf
 
     dataset = nncf.Dataset([image[None].numpy() for image in calibration])
-    quantized = nncf.quantize(_to_openvino(plain, images[:2]), dataset, subset_size=len(calibration))
-    return _ov_predict(quantized, images)
+    return _ov_predictor(nncf.quantize(_to_openvino(plain, calibration[:2]), dataset, subset_size=len(calibration)))
 
 
 def _to_openvino(model: nn.Module, example: Tensor):
@@ -313,21 +316,25 @@ def _to_openvino(model: nn.Module, example: Tensor):
         return ov.convert_model(model.cpu().eval(), example_input=example, input=[(-1, channels, height, width)])
 
 
-def _ov_predict(ov_model, images: Tensor) -> Tensor:
+def _ov_predictor(ov_model) -> Predictor:
     import openvino as ov
 
     # float32 for what is not quantized: CPUs with AVX-512 would otherwise run it in bf16.
     compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
-    return torch.cat([torch.tensor(request.infer({0: batch.numpy()})[0]) for batch in images.split(_BATCH)])
+
+    def predict(images: Tensor) -> Tensor:
+        return torch.tensor(request.infer({0: images.numpy()})[0])  # a copy: the request reuses its output buffer
+
+    return predict
 
 
-def _export_ir(quantized: nn.Module, images: Tensor, *, folder: Path) -> Tensor:
-    """Save ``quantized`` as ``folder/model.xml`` (+ ``.bin``); return the saved IR's logits on ``images``, read back."""
+def _export_ir(quantized: nn.Module, example: Tensor, *, folder: Path):
+    """Save ``quantized`` as ``folder/model.xml`` (+ ``.bin``) and read it back: the IR checked is the IR written."""
     import openvino as ov
 
-    ov.save_model(_to_openvino(quantized, images[:2]), folder / "model.xml", compress_to_fp16=False)
-    return _ov_predict(ov.Core().read_model(folder / "model.xml"), images)
+    ov.save_model(_to_openvino(quantized, example), folder / "model.xml", compress_to_fp16=False)
+    return ov.Core().read_model(folder / "model.xml")
 
 
 def _check_ir(reference: Tensor, ir: Tensor, *, min_agreement: float) -> dict[str, float]:
