@@ -1,5 +1,6 @@
 """+experiment=qat: a finished tiny run fine-tuned with fake quantization and deployed as an int8 OpenVINO IR."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -15,6 +16,11 @@ from tests.test_train import ROOT, compose_train, exit_message
 from train import train
 
 TINY = "qarepvgg_tiny"
+# The runs that quantize need the [openvino] extra; the refusals below run without it.
+needs_openvino = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("openvino", "nncf")),
+    reason="needs pip install repblocks[openvino]",
+)
 
 
 def _written(folder: Path) -> list[str]:
@@ -83,6 +89,7 @@ def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
+@needs_openvino
 def test_fast_dev_run_quantizes_and_fine_tunes_but_writes_nothing(tmp_path, untrained_run):
     overrides = (f"qat.init={untrained_run}", "qat.calibration_images=8", "trainer.fast_dev_run=true")
     metrics = train(compose_train(tmp_path / "out", f"model={TINY}", "+experiment=qat", *overrides))
@@ -122,6 +129,7 @@ def qat_run(tmp_path_factory, base_run):
 
 
 @pytest.mark.slow
+@needs_openvino
 def test_qat_writes_the_int8_ir_and_the_comparison(qat_run, base_run):
     folder, metrics, _ = qat_run
     assert _written(folder) == ["config.yaml", "int8", "logs", "metrics.json"]  # no staging folder left
@@ -140,6 +148,7 @@ def test_qat_writes_the_int8_ir_and_the_comparison(qat_run, base_run):
 
 
 @pytest.mark.slow
+@needs_openvino
 def test_the_ir_is_int8_and_agrees_with_the_fake_quantized_model(qat_run):
     import openvino as ov
 
@@ -161,6 +170,7 @@ def test_the_ir_is_int8_and_agrees_with_the_fake_quantized_model(qat_run):
 
 
 @pytest.mark.slow
+@needs_openvino
 def test_fine_tuning_moves_the_weights_the_quantizer_ranges_and_the_kept_post_bn(qat_run):
     _, _, captured = qat_run
     before, after = captured["before"], _tensors(captured["model"])
