@@ -18,8 +18,6 @@ SMOKE = Path(__file__).resolve().parent / "core_smoke.py"
 CORE_DEPENDENCIES = {"torch", "safetensors"}
 # Imported inside functions only, where the feature that needs them is used.
 CORE_LAZY = {"torchvision", "sklearn", "timm", "hydra", "omegaconf", "PIL"}
-# The [openvino] extra: training imports it inside functions only (+experiment=qat), so it imports without it.
-TRAIN_LAZY = {"openvino", "nncf"}
 OPTIONAL = ["lightning", "torchmetrics", "hydra", "omegaconf", "onnx", "onnxruntime", "onnxscript", "timm"]
 # numpy stays: safetensors writes through it (and torch uses it when present) without declaring it.
 OPTIONAL += ["torchvision", "sklearn", "matplotlib", "rich", "PIL"]
@@ -62,8 +60,6 @@ def test_imports_point_one_way(path):
         elif part == "core" and root not in stdlib:
             allowed = CORE_DEPENDENCIES if top_level else CORE_DEPENDENCIES | CORE_LAZY
             assert root in allowed, f"the core imports {module}{'' if top_level else ' (lazily)'}"
-        elif part == "train":
-            assert not (top_level and root in TRAIN_LAZY), f"repblocks.train imports {module} at import time"
 
 
 def test_core_works_with_only_torch_and_safetensors():
