@@ -4,6 +4,7 @@
     python train.py model=repvgg_a0 loss=rdrop trainer=cpu trainer.max_epochs=50
     python train.py data=cifar10 data.root=~/data trainer.precision=bf16-mixed
     python train.py ckpt_path=outputs/train/.../checkpoints/last.ckpt   # resume
+    python train.py model=qarepvgg_a0 +experiment=qat qat.init=outputs/train/.../RUN   # int8 QAT of a run
 
 Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config.yaml``
 (resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
@@ -14,6 +15,7 @@ Settings, folders and the resumed checkpoint are checked before any data is read
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -30,12 +32,14 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from repblocks.checkpoint import RunCheckpoint, read_checkpoint, read_run_checkpoint
-from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
+from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.files import atomic_path
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
+from repblocks.train.qat import quantization_aware_training
+from repblocks.train.qat import summary as qat_summary
 from repblocks.train.run_folder import check_run_folder, run_files
 
 log = logging.getLogger("train")
@@ -52,6 +56,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The metrics written to ``metrics.json`` (best ``val_acc``, ``val_acc_deploy``,
         ``max_abs_err``, ``best_ckpt``, ``deploy_weights``, ...).
     """
+    if cfg.get("qat") is not None:  # +experiment=qat: fine-tune a finished run with fake quantization, export int8
+        return quantization_aware_training(cfg, loggers=functools.partial(_loggers, cfg.get("logger")))
     output_dir = Path(cfg.paths.output_dir)
     _check_training_length(cfg.trainer)
     check_run_folder(output_dir, ckpt_path=cfg.ckpt_path, subfolders=_callback_folders(cfg), new_run=_first_process())
@@ -294,12 +300,13 @@ def main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
         metrics = train(cfg)
     if _first_process():
-        print(_summary(metrics))
+        print(qat_summary(metrics) if cfg.get("qat") is not None else _summary(metrics))
     return metrics.get("val_acc")
 
 
 if __name__ == "__main__":
-    sys.argv[1:] = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
+    # Checkpoint names hold '=': quote them for Hydra.
+    sys.argv[1:] = quote_path_values(sys.argv[1:], (*PATH_KEYS, "qat.init"))
     with exit_on_user_error():
         composed = check_overrides(sys.argv[1:], CONFIG_DIR, "train")
         if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder

@@ -1,0 +1,201 @@
+"""+experiment=qat: a finished tiny run fine-tuned with fake quantization and deployed as an int8 OpenVINO IR."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import repblocks
+from repblocks.datasets import DigitsData
+from repblocks.train import qat
+from tests.test_train import ROOT, compose_train, exit_message
+from train import train
+
+TINY = "qarepvgg_tiny"
+# The runs that quantize need the [openvino] extra; the refusals below run without it.
+needs_openvino = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("openvino", "nncf")),
+    reason="needs pip install repblocks[openvino]",
+)
+
+
+def _written(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def untrained_run(tmp_path_factory) -> Path:
+    """A checkpoint shaped as train.py writes them (hyper-parameters, weights under ``model.``), without training."""
+    model = repblocks.create_model(TINY, num_classes=10)
+    path = tmp_path_factory.mktemp("untrained") / "last.ckpt"
+    hyper_parameters = {
+        "model_name": TINY,
+        "num_classes": 10,
+        "in_chans": 3,
+        "model_kwargs": {},
+        "image_size": 32,
+        "data": {"_target_": "repblocks.datasets.DigitsData", "image_size": 32},
+        "weights_prefix": "model.",
+    }
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "error: qat.init is not set: pass qat.init=RUN"),
+        (["qat.init=/nonexistent"], "error: qat.init: weights file not found: /nonexistent"),
+        (["qat.init={empty}"], "error: qat.init: {empty} is a folder but not a train.py run"),
+        (
+            ["qat.init={run}", "model=repvgg_tiny"],
+            "error: qat.init: {run} is a run of qarepvgg_tiny, but model=repvgg_tiny",
+        ),
+        (
+            ["qat.init={run}", "trainer=ddp"],
+            "error: +experiment=qat fine-tunes in one process: set trainer.devices=1, not 2",
+        ),
+        (["qat.init={run}", "qat.epochs=0"], "error: qat.epochs must be at least 1, got 0"),
+        (["qat.init={run}", "qat.min_agreement=2"], "error: qat.min_agreement must be between 0 and 1, got 2"),
+        (["qat.init={run}", "+qat.bits=4"], "error: unknown qat setting 'bits'; known: init, epochs, "),
+    ],
+)
+def test_bad_qat_settings_are_one_line_and_write_nothing(tmp_path, untrained_run, overrides, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out"
+    filled = [arg.format(run=untrained_run, empty=empty) for arg in overrides]
+    printed = exit_message(out, f"model={TINY}", "+experiment=qat", *filled)
+    assert printed.startswith(message.format(run=untrained_run, empty=empty)), printed
+    assert _written(out) == []
+
+
+@pytest.mark.parametrize("missing", ["openvino", "nncf"])
+def test_without_the_openvino_extra_says_what_to_install(tmp_path, untrained_run, monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)  # import raises ImportError, as when not installed
+    printed = exit_message(tmp_path / "out", f"model={TINY}", "+experiment=qat", f"qat.init={untrained_run}")
+    assert printed.startswith("error: +experiment=qat needs OpenVINO and NNCF: pip install repblocks[openvino]")
+    assert _written(tmp_path / "out") == []
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    # Parameters by their own names: NNCF's state dict shows a quantizer's trainable scale under another name.
+    return dict([*model.named_parameters(), *model.named_buffers()])
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_fast_dev_run_quantizes_and_fine_tunes_but_writes_nothing(tmp_path, untrained_run):
+    overrides = (f"qat.init={untrained_run}", "qat.calibration_images=8", "trainer.fast_dev_run=true")
+    metrics = train(compose_train(tmp_path / "out", f"model={TINY}", "+experiment=qat", *overrides))
+    assert set(metrics["top1"]) == {"fp32", "ptq_int8", "qat_start", "qat_fake_quant"}
+    assert "nothing exported or written" in qat.summary(metrics)
+    assert _written(tmp_path / "out") == []
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """Two digits epochs of qarepvgg_tiny: far enough from chance that top-1 agreement means something."""
+    folder = tmp_path_factory.mktemp("base")
+    metrics = train(compose_train(folder, f"model={TINY}", "trainer.max_epochs=2"))
+    assert metrics["val_acc_deploy"] > 0.3, metrics  # the tests below need a network that tells digits apart
+    return folder
+
+
+@pytest.fixture(scope="module")
+def qat_run(tmp_path_factory, base_run):
+    """The QAT run of ``base_run``, with the fake-quantized network captured as NNCF made it and after training."""
+    captured, fake_quantize = {}, qat.fake_quantize
+
+    def capturing(model, calibration):
+        quantized = fake_quantize(model, calibration)
+        captured["before"] = {key: value.detach().clone() for key, value in _tensors(quantized).items()}
+        captured["model"] = quantized
+        return quantized
+
+    folder = tmp_path_factory.mktemp("qat")
+    # 64 calibration images: NNCF's torch backend collects statistics one image at a time, slowly.
+    overrides = ("+experiment=qat", f"qat.init={base_run}", "qat.epochs=1", "trainer.limit_train_batches=6")
+    overrides += ("qat.calibration_images=64",)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qat, "fake_quantize", capturing)
+        metrics = train(compose_train(folder, f"model={TINY}", *overrides))
+    return folder, metrics, captured
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_qat_writes_the_int8_ir_and_the_comparison(qat_run, base_run):
+    folder, metrics, _ = qat_run
+    assert _written(folder) == ["config.yaml", "int8", "logs", "metrics.json"]  # no staging folder left
+    assert _written(folder / "int8") == ["model.bin", "model.xml"]
+    assert json.loads((folder / "metrics.json").read_text()) == metrics
+    base = json.loads((base_run / "metrics.json").read_text())
+    assert metrics["init"] == base["best_ckpt"]
+    # The fused fp32 network is the base run's deploy form, on the same validation images.
+    assert metrics["top1"]["fp32"] == pytest.approx(base["val_acc_deploy"])
+    assert metrics["val_images"] == 360 and metrics["calibration_images"] == 64
+    assert set(metrics["top1"]) == {"fp32", "ptq_int8", "qat_start", "qat_fake_quant", "qat_int8"}
+    # int8 of a network that tells digits apart still does (a broken export or calibration would not).
+    assert all(value > 0.3 for value in metrics["top1"].values()), metrics["top1"]
+    assert metrics["epochs"] == 1 and metrics["global_step"] == 6
+    assert "top-1 on 360 validation images: fp32" in qat.summary(metrics)
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_the_ir_is_int8_and_agrees_with_the_fake_quantized_model(qat_run):
+    import openvino as ov
+
+    folder, metrics, captured = qat_run
+    ir = ov.Core().read_model(folder / "int8" / "model.xml")
+    assert "FakeQuantize" in {op.get_type_name() for op in ir.get_ops()}
+    data = DigitsData(image_size=32)
+    data.setup("validate")
+    images = data.val_set.images  # (360, 3, 32, 32)
+    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    with torch.no_grad():
+        expected = captured["model"].eval()(images)
+    got = torch.from_numpy(compiled(images.numpy())[0])
+    agreement = (expected.argmax(1) == got.argmax(1)).float().mean().item()
+    assert agreement >= 0.99, agreement
+    # One activation step apart at most here and there: a small error, far below the logits' range.
+    assert (expected - got).abs().max() < 0.05 * expected.abs().max()
+    assert metrics["ir_check"]["top1_agreement"] == pytest.approx(agreement)
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_fine_tuning_moves_the_weights_the_quantizer_ranges_and_the_kept_post_bn(qat_run):
+    _, _, captured = qat_run
+    before, after = captured["before"], _tensors(captured["model"])
+    moved = {key for key in before if not torch.equal(before[key], after[key])}
+
+    def moved_among(part: str) -> list[str]:
+        return [key for key in before if part in key and key in moved]
+
+    assert moved_among("reparam.weight"), "no conv weight changed"
+    assert moved_among("_scale_param_storage"), "no quantizer range changed"
+    # QARepVGG's post-sum BatchNorm was kept out of the fused conv, and trained on (its statistics too).
+    assert moved_among("post_bn.weight") and moved_among("post_bn.running_var")
+
+
+@pytest.mark.slow
+def test_train_py_qat_bad_init_is_one_line(tmp_path):
+    init = "/nonexistent/epoch=003-val_acc=0.9000.ckpt"  # train.py's own names hold '=', which Hydra must not parse
+    overrides = [f"model={TINY}", "+experiment=qat", f"qat.init={init}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: qat.init: weights file not found: {init}"]
+    assert not (tmp_path / "run" / "metrics.json").exists() and not (tmp_path / "run" / "int8").exists()
