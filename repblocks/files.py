@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["TEMP_SUFFIX", "atomic_path", "check_writable_dir"]
+__all__ = ["TEMP_SUFFIX", "atomic_path", "check_writable_dir", "fsync"]
 
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<final name>.<random>.tmp" beside the final name
 
@@ -37,10 +37,10 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
         yield Path(tmp)
         os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only; the result should read like any new file
         if durable:
-            _fsync(tmp)
+            fsync(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            fsync(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -79,7 +79,8 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def _fsync(path: str | os.PathLike) -> None:
+def fsync(path: str | os.PathLike) -> None:
+    """Flush ``path`` (a file, or a folder after a rename in it) to disk; a file system that cannot is let be."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

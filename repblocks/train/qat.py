@@ -52,7 +52,7 @@ from repblocks.checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, InMemoryBatches, build_data
 from repblocks.errors import UserError
-from repblocks.files import TEMP_SUFFIX, atomic_path
+from repblocks.files import TEMP_SUFFIX, atomic_path, fsync
 from repblocks.numerics import max_errors
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
@@ -357,23 +357,13 @@ def _staged_folder(folder: Path) -> Iterator[Path]:
     try:
         yield staging
         for path in staging.iterdir():  # on disk before the rename makes them visible
-            _fsync(path)
+            fsync(path)
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the IR should read like any new folder
         os.rename(staging, folder)
-        _fsync(folder.parent)
+        fsync(folder.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot flush a folder; the rename itself is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
