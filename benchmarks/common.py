@@ -7,14 +7,16 @@ too); this module holds what only the programs in ``benchmarks/`` need.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from repblocks.bench import median, p90, throughput
+from repblocks.files import atomic_path
 
-__all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples"]
+__all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples", "write_results"]
 
 
 class OtherLoad:
@@ -131,3 +133,11 @@ def parse_benchmark_args(
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be positive, got {args.threads}")
     return args
+
+
+def write_results(results: object, markdown: str, *, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Write ``results`` as JSON to ``json_path`` and ``markdown`` to ``markdown_path``, each when given, atomically."""
+    for path, text in ((json_path, json.dumps(results, indent=2)), (markdown_path, markdown + "\n")):
+        if path:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)

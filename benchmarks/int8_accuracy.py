@@ -15,19 +15,18 @@ images without augmentation, and its validation images).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import write_results
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.convert import convert
 from repblocks.deploy.quantize import Gate, gate_images, int8_runner, predict
 from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
-from repblocks.files import atomic_path
 
 QUANTIZERS = {  # name: (engine, options)
     "NNCF/OpenVINO, per-channel": ("openvino", {}),
@@ -99,12 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except UserError as err:
         sys.exit(f"error: {err}")
     print(markdown(rows))
-    if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(rows, indent=2))
-    if args.markdown:
-        with atomic_path(args.markdown) as tmp:
-            tmp.write_text(markdown(rows) + "\n")
+    write_results(rows, markdown(rows), json_path=args.json, markdown_path=args.markdown)
     return rows
 
 

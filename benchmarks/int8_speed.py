@@ -19,7 +19,6 @@ Needs the ``[openvino]`` extra.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -29,13 +28,12 @@ import torch
 from torch import nn
 
 import repblocks
-from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, write_results
 from repblocks.bench import median, time_interleaved
 from repblocks.deploy import openvino
 from repblocks.deploy.engines import RunnerSpec, build_runner, ort_runner
 from repblocks.deploy.export import onnx_session
 from repblocks.deploy.quantize import nncf_int8, onnxruntime_int8
-from repblocks.files import atomic_path
 from repblocks.numerics import randomize_bn_
 from repblocks.profile import count_macs
 
@@ -122,12 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(markdown(results))
     if load.warning():
         print(load.warning(), file=sys.stderr)
-    if args.json:
-        with atomic_path(args.json) as tmp:
-            tmp.write_text(json.dumps(results, indent=2))
-    if args.markdown:
-        with atomic_path(args.markdown) as tmp:
-            tmp.write_text(markdown(results) + "\n")
+    write_results(results, markdown(results), json_path=args.json, markdown_path=args.markdown)
     return results
 
 
