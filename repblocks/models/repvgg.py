@@ -102,10 +102,25 @@ def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
         std=IMAGENET_STD,
         num_classes=1000,
         pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        # In the train form (deploy form: stem.reparam); QARepVGG's 1x1 branch is a plain conv.
-        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv" if cfg.block == "repvgg" else "stem.conv_1x1"),
+        first_conv=_first_convs(cfg.block),
         classifier="head.fc",
     )
+
+
+def _first_convs(block: str) -> tuple[str, ...]:
+    """The stem's convs that read the image, in the train form (deploy form: ``stem.reparam``)."""
+    branches = resolve_branch_set(block)
+    scale_branch = branches.get("scale_branch", "bn")
+    convs = ["stem.conv_kxk.conv"]
+    if scale_branch is not None:
+        convs.append("stem.conv_1x1.conv" if scale_branch == "bn" else "stem.conv_1x1")  # QARepVGG's: a plain conv
+    if branches.get("asym_branches"):
+        convs += ["stem.conv_1xk.conv", "stem.conv_kx1.conv"]
+    if branches.get("seq_conv_branch"):
+        convs.append("stem.conv_1x1_kxk.conv1")
+    if branches.get("seq_avg_branch"):
+        convs.append("stem.conv_1x1_avg.conv")
+    return tuple(convs)
 
 
 class RepVGG(RepNet):
