@@ -59,19 +59,28 @@ class ConvSequence(nn.Module):
     As DBB: the middle width is ``in_channels``, with an identity-based 1x1 (:class:`IdentityConv1x1`),
     unless the block is depthwise (``groups >= out_channels``), where it is ``2 * in_channels`` with a
     plain 1x1 (DBB: "for mobilenet, it is better to have 2X internal channels"). Both convs take the
-    block's groups; the kxk one its stride.
+    block's groups; the kxk one its stride. ``bn_eps`` is every BN's epsilon.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, groups: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        bn_eps: float = 1e-5,
+    ):
         super().__init__()
         middle = in_channels if groups < out_channels else 2 * in_channels
         if middle == in_channels:
             self.conv1 = IdentityConv1x1(in_channels, groups=groups)
         else:
             self.conv1 = nn.Conv2d(in_channels, middle, 1, groups=groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(middle)
+        self.bn1 = nn.BatchNorm2d(middle, eps=bn_eps)
         self.conv2 = nn.Conv2d(middle, out_channels, kernel_size, stride=stride, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = nn.BatchNorm2d(out_channels, eps=bn_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         middle = pad_with_bn_shift(self.bn1(self.conv1(x)), self.bn1, self.conv2.kernel_size[0] // 2)
@@ -90,18 +99,27 @@ class AvgSequence(nn.Module):
 
     The pool takes the block's stride. As DBB, a depthwise block (``groups >= out_channels``, with
     ``in_channels == out_channels``) has no 1x1 Conv+BN, whose per-channel affine map ``avgbn``
-    already gives: its pool reads the input, zero-padded.
+    already gives: its pool reads the input, zero-padded. ``bn_eps`` is every BN's epsilon.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, groups: int = 1):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        bn_eps: float = 1e-5,
+    ):
         super().__init__()
         self.pad = kernel_size // 2
         self.conv = self.bn = None
         if groups < out_channels or in_channels != out_channels:
             self.conv = nn.Conv2d(in_channels, out_channels, 1, groups=groups, bias=False)
-            self.bn = nn.BatchNorm2d(out_channels)
+            self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps)
         self.avg = nn.AvgPool2d(kernel_size, stride=stride, padding=0 if self.conv is not None else self.pad)
-        self.avgbn = nn.BatchNorm2d(out_channels)
+        self.avgbn = nn.BatchNorm2d(out_channels, eps=bn_eps)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.conv is not None:

@@ -15,8 +15,9 @@ from torch import nn
 import repblocks
 from repblocks import RepBlock, load_weights
 from repblocks.blocks import BRANCH_SETS
+from repblocks.fusion import equivalent_kernel_bias
 from repblocks.numerics import max_errors, randomize_bn_
-from repblocks.sequences import IdentityConv1x1
+from repblocks.sequences import AvgSequence, ConvSequence, IdentityConv1x1
 
 QAREPVGG = dict(scale_branch="conv", identity_branch="plain", post_bn=True)
 QAREPVGG_V2 = dict(QAREPVGG, avg_pool_branch=True)
@@ -346,3 +347,14 @@ def test_bad_branch_sets_are_one_line(branches, match):
     with pytest.raises(ValueError, match=match) as err:
         repblocks.blocks.resolve_branch_set(branches)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("sequence_cls", [ConvSequence, AvgSequence])
+def test_a_sequence_alone_is_one_conv_whatever_its_bn_epsilon(sequence_cls):
+    """The fusion API takes a sequence beside any conv branch (here a zero one); every BN's eps is ``bn_eps``."""
+    seq = _trained_like(sequence_cls(6, 12, 5, stride=2, groups=3, bn_eps=0.1))
+    assert {module.eps for module in seq.modules() if isinstance(module, nn.BatchNorm2d)} == {0.1}
+    zero = torch.zeros(12, 2, 5, 5, dtype=torch.float64)
+    kernel, bias = equivalent_kernel_bias([(zero, None)], None, kernel_size=5, sequences=[seq.fusion_part()])
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    assert max_errors(seq(x), F.conv2d(x, kernel, bias, stride=2, padding=2, groups=3))[1] < 1e-12
