@@ -15,7 +15,7 @@ from torch import nn
 import repblocks
 from repblocks import RepBlock, load_weights
 from repblocks.blocks import BRANCH_SETS
-from repblocks.fusion import equivalent_kernel_bias
+from repblocks.fusion import equivalent_kernel_bias, fused_kernel_bias
 from repblocks.numerics import max_errors, randomize_bn_
 from repblocks.sequences import AvgSequence, ConvSequence, IdentityConv1x1
 
@@ -358,3 +358,13 @@ def test_a_sequence_alone_is_one_conv_whatever_its_bn_epsilon(sequence_cls):
     kernel, bias = equivalent_kernel_bias([(zero, None)], None, kernel_size=5, sequences=[seq.fusion_part()])
     x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
     assert max_errors(seq(x), F.conv2d(x, kernel, bias, stride=2, padding=2, groups=3))[1] < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 3, 12], ids=["dense", "grouped", "depthwise"])
+def test_conversion_chunks_rows_of_sequences_as_the_differentiable_kernel_does(groups):
+    """fused_kernel_bias works through output channels a chunk at a time: chunks that split groups included."""
+    block = _trained_like(RepBlock(12, 12, groups=groups, **EVERY_KIND, post_bn=True))
+    conv_branches, identity, options = block._fusion_args(fold_post_bn=True)
+    kernel, bias = equivalent_kernel_bias(conv_branches, identity, **options)
+    chunked = fused_kernel_bias(conv_branches, identity, **options, rows_per_chunk=5)
+    assert max_errors(kernel, chunked[0])[1] < 1e-15 and max_errors(bias, chunked[1])[1] < 1e-15
