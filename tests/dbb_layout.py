@@ -1,7 +1,7 @@
-"""DBB's Diverse Branch Block, re-created from DingXiaoH/DiverseBranchBlock (commit 8d2b16b, Apache-2.0 licence).
+"""DBB's Diverse Branch Block, re-created from DingXiaoH/DiverseBranchBlock (Apache-2.0 licence).
 
-``diversebranchblock.py`` and ``dbb_transforms.py`` as published: ``dbb_origin`` (kxk Conv+BN), ``dbb_1x1``
-(1x1 Conv+BN, absent in a depthwise block: ``groups >= out_channels``), ``dbb_avg`` (1x1 conv, a BN that
+Commit 8d2b16b6aee45a33236b2d11685be6857f9ba929 (2023-02-10): ``diversebranchblock.py`` and
+``dbb_transforms.py`` as published: ``dbb_origin`` (kxk Conv+BN), ``dbb_1x1`` (1x1 Conv+BN, absent in a depthwise block: ``groups >= out_channels``), ``dbb_avg`` (1x1 conv, a BN that
 pads its output with its own shift (``BNAndPadLayer``), a kxk average pool at the block's stride, ``avgbn``;
 depthwise: the pool of the zero-padded input and ``avgbn`` only) and ``dbb_1x1_kxk`` (an identity-based
 1x1 ``idconv1``, or a plain ``conv1`` to twice the input channels when depthwise, ``bn1`` padding with its
