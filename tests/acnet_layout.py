@@ -1,11 +1,12 @@
 """ACNet's asymmetric convolution block, re-created from DingXiaoH/ACNet (acnet/acb.py, MIT licence).
 
-Commit 748fb0c734b41c48eacaacf7fc5e851e33a63ce8 (2023-02-10). ``ACBlock`` as published: a kxk
-``square_conv`` + ``square_bn``, a kx1 ``ver_conv`` + ``ver_bn`` and a 1xk ``hor_conv`` + ``hor_bn``, padded so that their windows align with the kxk's centre (Fig. 2 of the
-paper), summed, with no activation; ``switch_to_deploy`` adds the BN-folded 1xk and kx1 kernels into the
-centre row and column of the kxk one (``fused_conv``). Kept as upstream wrote it (the cropping path for a
-padding below ``kernel_size // 2`` included) except: ``init_gamma``/``single_init`` print nothing, and the
-``__main__`` demo is left out. Its arithmetic takes the dtype of the module, so it is exact in float64.
+Commit 748fb0c734b41c48eacaacf7fc5e851e33a63ce8 (2023-02-10). ``ACBlock`` as published: a kxk ``square_conv``
++ ``square_bn``, a kx1 ``ver_conv`` + ``ver_bn`` and a 1xk ``hor_conv`` + ``hor_bn``, padded so that their
+windows align with the kxk's centre (Fig. 2 of the paper), summed, with no activation; ``switch_to_deploy``
+adds the BN-folded 1xk and kx1 kernels into the centre row and column of the kxk one (``fused_conv``). Kept as
+upstream wrote it (the cropping path for a padding below ``kernel_size // 2`` included) except:
+``init_gamma``/``single_init`` print nothing, and the ``__main__`` demo is left out. Its arithmetic takes the
+dtype of the module, so it is exact in float64.
 """
 
 import torch

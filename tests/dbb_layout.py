@@ -1,16 +1,17 @@
 """DBB's Diverse Branch Block, re-created from DingXiaoH/DiverseBranchBlock (Apache-2.0 licence).
 
 Commit 8d2b16b6aee45a33236b2d11685be6857f9ba929 (2023-02-10): ``diversebranchblock.py`` and
-``dbb_transforms.py`` as published: ``dbb_origin`` (kxk Conv+BN), ``dbb_1x1`` (1x1 Conv+BN, absent in a depthwise block: ``groups >= out_channels``), ``dbb_avg`` (1x1 conv, a BN that
-pads its output with its own shift (``BNAndPadLayer``), a kxk average pool at the block's stride, ``avgbn``;
-depthwise: the pool of the zero-padded input and ``avgbn`` only) and ``dbb_1x1_kxk`` (an identity-based
-1x1 ``idconv1``, or a plain ``conv1`` to twice the input channels when depthwise, ``bn1`` padding with its
-shift, the kxk ``conv2`` at the block's stride, ``bn2``); the branches summed, no activation by default.
-``switch_to_deploy`` fuses them with the transforms I-VI of the paper into ``dbb_reparam``.
+``dbb_transforms.py`` as published: ``dbb_origin`` (kxk Conv+BN), ``dbb_1x1`` (1x1 Conv+BN, absent in a
+depthwise block: ``groups >= out_channels``), ``dbb_avg`` (1x1 conv, a BN that pads its output with its own
+shift (``BNAndPadLayer``), a kxk average pool at the block's stride, ``avgbn``; depthwise: the pool of the
+zero-padded input and ``avgbn`` only) and ``dbb_1x1_kxk`` (an identity-based 1x1 ``idconv1``, or a plain
+``conv1`` to twice the input channels when depthwise, ``bn1`` padding with its shift, the kxk ``conv2`` at the
+block's stride, ``bn2``); the branches summed, no activation by default. ``switch_to_deploy`` fuses them with
+the transforms I-VI of the paper into ``dbb_reparam``.
 
-Kept as upstream wrote it, except: ``transV_avg`` builds the average kernel in the dtype of the BN it
-feeds (upstream: float32 whatever the model's dtype, which would be off by ~3e-8 in a float64 model),
-numpy's ``np.tile`` indexing is written with torch, and ``from dbb_transforms import *`` is inlined.
+Kept as upstream wrote it, except: ``transV_avg`` builds the average kernel in the dtype of the BN it feeds
+(upstream: float32 whatever the model's dtype, which would be off by ~3e-8 in a float64 model), numpy's
+``np.tile`` indexing is written with torch, and ``from dbb_transforms import *`` is inlined.
 """
 
 import numpy as np
