@@ -291,6 +291,12 @@ class _Parts:
                 raise ValueError(f"a sequence starts with a 1x1 conv, got a {tuple(seq.first_kernel.shape)} kernel")
             if seq.first_kernel is None and not isinstance(seq.second, int):
                 raise ValueError("a sequence without a first 1x1 conv must end in an average pool")
+            out_channels = conv_branches[0][0].shape[0]
+            if isinstance(seq.second, int) and seq.first_kernel is not None and len(seq.first_kernel) != out_channels:
+                raise ValueError(
+                    f"an average pool keeps channels: its 1x1 conv must give the block's {out_channels}, "
+                    f"got {len(seq.first_kernel)}"
+                )
         return cls(
             convs=[(kernel, _affine(bn)) for kernel, bn in conv_branches],
             identity=False if identity is None else _affine(identity),
