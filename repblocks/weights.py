@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from repblocks.blocks import RepBlock
+from repblocks.blocks import BRANCH_MODULES, RepBlock
 from repblocks.checkpoint import RunCheckpoint, StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
 from repblocks.layouts import detect_layout, to_repblocks_layout
@@ -29,7 +29,7 @@ __all__ = ["build_run_model", "load_weights", "save_weights"]
 log = logging.getLogger(__name__)
 
 # Keys of a RepBlock's train-form branches and of its fused conv, below the block's own name.
-_BRANCH = re.compile(r"(^|\.)(conv_kxk|conv_1x1|identity)\.")  # post_bn is no branch: it may stay
+_BRANCH = re.compile(rf"(^|\.)({'|'.join(BRANCH_MODULES)})\.")  # post_bn is no branch: it may stay
 _FUSED = re.compile(r"(^|\.)reparam\.weight$")
 
 
@@ -190,7 +190,7 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
 
 def _fusable(key: str) -> bool:
     """Whether a key below a RepBlock's name belongs to what fusion turns into ``reparam`` (not SE, not act)."""
-    return key.split(".")[0] in ("conv_kxk", "conv_1x1", "identity", "reparam", "post_bn")
+    return key.split(".")[0] in (*BRANCH_MODULES, "reparam", "post_bn")
 
 
 def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:
