@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.layouts import to_repblocks_layout
+from repblocks.provenance import recorded_metadata
 from repblocks.registry import get_pretrained_cfg, list_models
 from repblocks.weights import load_weights
 
@@ -92,7 +93,7 @@ def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str 
     state_dict = _without_absent_modules(model, state_dict)
     if classifier is not None:
         state_dict = _fit_classifier(state_dict, expected, classifier)
-    return load_weights(model, state_dict)
+    return load_weights(model, state_dict, metadata=recorded_metadata(source))
 
 
 def _without_absent_modules(model: nn.Module, state_dict: StateDict) -> StateDict:

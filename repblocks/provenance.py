@@ -147,7 +147,8 @@ def check_recorded(metadata: Mapping[str, str], model: nn.Module, *, assumed: se
     if not train_form or not isinstance(recorded_kinds, list):
         return
     ours = block_kinds(model)
-    if _comparable(recorded_kinds) != _comparable(ours):
+    # A subset: a backbone (features_only) has only some of the blocks of the classifier whose file it loads.
+    if not _comparable(ours) <= _comparable(recorded_kinds):
         raise ValueError(
             f"these train-form weights{saved_from} come from blocks with {_kinds(recorded_kinds)}; "
             f"{type(model).__name__}'s blocks have {_kinds(ours)}: the keys may fit (an average pool has no "
