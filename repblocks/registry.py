@@ -83,7 +83,7 @@ def create_model(
             necks; ``model.feature_info`` describes them. Weights of a classifier load without its head.
         out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages;
             negative from the end; n for the last n).
-        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``).
+        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``, ``bn_eps``).
 
     Raises:
         ValueError: An unknown name or argument (the message lists what exists), an invalid value,

@@ -163,7 +163,7 @@ def _say_qarepvgg_version_is_unknown(model: nn.Module, state_dict: StateDict, la
     )
     log.log(
         logging.INFO if layout == "repblocks" else logging.WARNING,
-        "%s layout weights of QARepVGG blocks: QARepVGG v1 and v2 (YOLOv6's QARepVGGBlockV2, an extra average-pool "
+        "%s layout weights of QARepVGG blocks: QARepVGG v1 and v2 (YOLOv6's QARepVGGBlockV2: an extra average-pool "
         "branch) have the same keys, so nothing in these weights says which they are. They are loaded as the model's "
         "blocks are, %s; weights of the other kind would load as well, with other outputs",
         layout,
@@ -184,9 +184,8 @@ def _describe(missing: list[str], unexpected: list[str], reshaped: list[str], un
         parts.append(f"{len(reshaped)} keys with another shape ({some(reshaped)})")
     if unfused:
         parts.append(
-            f"{len(unfused)} deploy-form block{'s' if len(unfused) > 1 else ''} left unfused for want of "
-            f"{'their' if len(unfused) > 1 else 'its'} branches' weights, keeping the random initial weights of "
-            f"{'their' if len(unfused) > 1 else 'its'} fused conv ({some(unfused)})"
+            f"{len(unfused)} deploy-form block(s) left unfused for want of their branches' weights: their fused conv "
+            f"keeps the weights it had, a new model's random init ({some(unfused)})"
         )
     hint = ""
     if any(k.endswith("reparam.weight") for k in unexpected) and any(".conv_kxk." in k for k in missing):
