@@ -70,6 +70,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _MODEL_META_KEYS
     }
     network = instantiate(cfg.model)(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+    if hasattr(network, "bn_eps"):  # recorded, so the checkpoint rebuilds its model with the eps it trained with
+        model_kwargs.setdefault("bn_eps", network.bn_eps)
     # Settings the data leaves open (ImageFolder's mean, std, crop) are the model's: its weights expect them.
     data.use_model_preprocessing(getattr(network, "pretrained_cfg", None) or {})
     loss = instantiate(cfg.loss)

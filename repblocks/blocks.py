@@ -37,6 +37,7 @@ __all__ = [
     "BRANCH_KINDS",
     "BRANCH_MODULES",
     "BRANCH_SETS",
+    "DEFAULT_BN_EPS",
     "ConvBN",
     "RepBlock",
     "SqueezeExcite",
@@ -99,6 +100,18 @@ def check_int(value: object, name: str, *, minimum: int) -> int:
     return value
 
 
+# BatchNorm's own default. Weights trained with another eps (YOLOv6: 1e-3) need the same here: a state
+# dict does not carry eps, and every BN output (and every fused kernel) depends on it.
+DEFAULT_BN_EPS = 1e-5
+
+
+def check_bn_eps(value: object) -> float:
+    """``value`` as a float if it is a positive finite number; otherwise a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"bn_eps must be a positive number (BatchNorm's default: {DEFAULT_BN_EPS:g}), got {value!r}")
+    return float(value)
+
+
 class ConvBN(nn.Sequential):
     """A bias-free convolution followed by BatchNorm, padded to keep the spatial size at stride 1.
 
@@ -113,11 +126,12 @@ class ConvBN(nn.Sequential):
         *,
         stride: int = 1,
         groups: int = 1,
+        bn_eps: float = DEFAULT_BN_EPS,
     ):
         sides = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         padding = tuple(side // 2 for side in sides)
         conv = nn.Conv2d(in_channels, out_channels, sides, stride=stride, padding=padding, groups=groups, bias=False)
-        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
+        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels, eps=check_bn_eps(bn_eps))))
 
 
 class SqueezeExcite(nn.Module):
@@ -235,6 +249,8 @@ class RepBlock(nn.Module):
             the fused conv: the form quantization-aware training fine-tunes (YOLOv6 keeps it so).
         use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se, MobileOne-S4).
         act: Activation: a name from :data:`ACTIVATIONS` (``"gelu"``), a factory (``nn.GELU``), or None for none.
+        bn_eps: The eps of every BatchNorm of the block (1e-5, BatchNorm's default; YOLOv6's weights: 1e-3).
+            A deploy-form block keeps it, to fuse train-form weights loaded into it as they were trained.
         deploy: Build only the fused convolution (for loading deploy-form weights).
     """
 
@@ -257,6 +273,7 @@ class RepBlock(nn.Module):
         keep_post_bn: bool = False,
         use_se: bool = False,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
     ):
         super().__init__()
@@ -297,6 +314,8 @@ class RepBlock(nn.Module):
             post_bn=post_bn,
         )
         self.keep_post_bn = keep_post_bn
+        self.bn_eps = check_bn_eps(bn_eps)
+        norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
         shapes_allow = in_channels == out_channels and stride == 1
         self.has_identity = shapes_allow and identity_branch is not None
 
@@ -305,28 +324,28 @@ class RepBlock(nn.Module):
         if deploy:
             self.reparam = self._fused_conv()
         else:
-            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, stride=stride, groups=groups)
+            shape = dict(stride=stride, groups=groups, bn_eps=self.bn_eps)
+            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, **shape)
             if num_conv_branches is None:
                 self.conv_kxk = conv_bn()
             else:
                 self.conv_kxk = nn.ModuleList(conv_bn() for _ in range(num_conv_branches))
             if scale_branch == "bn":
-                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
+                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, **shape)
             elif scale_branch == "conv":
                 self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, groups=groups, bias=False)
             if self.has_identity:
-                self.identity = nn.BatchNorm2d(in_channels) if identity_branch == "bn" else nn.Identity()
+                self.identity = norm(in_channels) if identity_branch == "bn" else nn.Identity()
             if avg_pool_branch and shapes_allow:
                 self.avg_pool = nn.AvgPool2d(kernel_size, stride=1, padding=kernel_size // 2)
             if asym_branches:
-                self.conv_1xk = ConvBN(in_channels, out_channels, (1, kernel_size), stride=stride, groups=groups)
-                self.conv_kx1 = ConvBN(in_channels, out_channels, (kernel_size, 1), stride=stride, groups=groups)
-            shape = dict(stride=stride, groups=groups)
+                self.conv_1xk = ConvBN(in_channels, out_channels, (1, kernel_size), **shape)
+                self.conv_kx1 = ConvBN(in_channels, out_channels, (kernel_size, 1), **shape)
             if seq_conv_branch:
                 self.conv_1x1_kxk = ConvSequence(in_channels, out_channels, kernel_size, **shape)
             if seq_avg_branch:
                 self.conv_1x1_avg = AvgSequence(in_channels, out_channels, kernel_size, **shape)
-        self.post_bn = nn.BatchNorm2d(out_channels) if post_bn and (keep_post_bn or not deploy) else None
+        self.post_bn = norm(out_channels) if post_bn and (keep_post_bn or not deploy) else None
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
         act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
@@ -448,7 +467,8 @@ class RepBlock(nn.Module):
 
     def extra_repr(self) -> str:
         branches = ", ".join(f"{key}={value}" for key, value in self.branch_config.items() if value)
+        eps = f", bn_eps={self.bn_eps:g}" if self.bn_eps != DEFAULT_BN_EPS else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"groups={self.groups}, {branches}, deploy={self.deploy}"
+            f"groups={self.groups}, {branches}{eps}, deploy={self.deploy}"
         )

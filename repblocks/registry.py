@@ -83,7 +83,7 @@ def create_model(
             necks; ``model.feature_info`` describes them. Weights of a classifier load without its head.
         out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages;
             negative from the end; n for the last n).
-        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``).
+        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``, ``bn_eps``).
 
     Raises:
         ValueError: An unknown name or argument (the message lists what exists), an invalid value,
@@ -100,7 +100,7 @@ def create_model(
     weights = None
     if pretrained is not False:
         # Imported here: repblocks.weights (which loading needs) imports this module.
-        from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained
+        from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained, recorded_metadata
 
         weights = read_pretrained(name, pretrained, pretrained_cfg=pretrained_cfg)
         if num_classes is None:
@@ -110,7 +110,9 @@ def create_model(
     model = builder(num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only, **kwargs)
     model.pretrained_cfg = pretrained_cfg
     if weights is not None:
-        load_pretrained(model, weights, classifier=pretrained_cfg.get("classifier"))
+        # A file of ours records what its weights need beyond the tensors (bn_eps, block kinds): checked on loading.
+        metadata = recorded_metadata(pretrained) if pretrained is not True else {}
+        load_pretrained(model, weights, classifier=pretrained_cfg.get("classifier"), metadata=metadata)
     return model
 
 

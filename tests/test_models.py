@@ -196,3 +196,15 @@ def test_registry_refuses_duplicates_and_filters():
     with pytest.raises(ValueError, match="already registered"):
         repblocks.register_model("repvgg_a0", lambda **kwargs: None)
     assert repblocks.list_models("repvgg_b3*") == ["repvgg_b3", "repvgg_b3g2", "repvgg_b3g4"]
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_bn_eps_reaches_every_batchnorm_and_the_deploy_form_stays_exact(name):
+    """Weights trained with another BatchNorm eps (YOLOv6's 1e-3) need a model built with it, stem included."""
+    model = _model(name, bn_eps=1e-3).double()
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    x = torch.randn(INPUT, dtype=torch.float64)
+    expected = model(x)
+    _, rel_err = max_errors(expected, repblocks.switch_to_deploy(model)(x))
+    assert rel_err < 1e-10

@@ -23,6 +23,7 @@ from repblocks.deploy.sources import load_network
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.run_folder import run_files
+from repblocks.weights import build_run_model
 from tests.helpers import closed_to_unprivileged, open_to_everyone, read_only_dir, unprivileged
 from tests.test_data import write_crafted_cifar
 from train import CONFIG_DIR, main, train
@@ -169,13 +170,24 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
 
 
 def test_checkpoint_loads_weights_only_and_resumes(tmp_path):
-    first = train(compose_train(tmp_path / "a", "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1"))
+    first = train(
+        compose_train(tmp_path / "a", "model=repvgg_tiny", "+model.bn_eps=0.001", "data=fake", "trainer.max_epochs=1")
+    )
     checkpoint = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["model_name"] == "repvgg_tiny"
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == first["global_step"] > 0
+    # BatchNorm's eps is not in the weights: the checkpoint records it so its model is rebuilt as it trained.
+    assert checkpoint["hyper_parameters"]["model_kwargs"]["bn_eps"] == 1e-3
+    rebuilt = build_run_model(read_run_checkpoint(first["last_ckpt"]))
+    assert {m.eps for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     resumed = train(
         compose_train(
-            tmp_path / "b", "model=repvgg_tiny", "data=fake", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}"
+            tmp_path / "b",
+            "model=repvgg_tiny",
+            "+model.bn_eps=0.001",
+            "data=fake",
+            "trainer.max_epochs=2",
+            f"ckpt_path={first['last_ckpt']}",
         )
     )
     assert resumed["epochs"] == 2

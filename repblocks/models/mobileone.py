@@ -21,7 +21,7 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act
+from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, RepBlock, _relu, resolve_act
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
 from repblocks.registry import register_model
 
@@ -103,6 +103,8 @@ class MobileOne(RepNet):
         drop_rate: Dropout before the classifier.
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
+        bn_eps: The eps of every BatchNorm (stem included): 1e-5, BatchNorm's default; weights trained with
+            another (YOLOv6's: 1e-3) need theirs, which a state dict does not record.
         deploy: Build the plain deploy form directly.
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
@@ -118,6 +120,7 @@ class MobileOne(RepNet):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
@@ -131,7 +134,8 @@ class MobileOne(RepNet):
             out_indices=out_indices,
         )
         self.cfg = cfg
-        block = partial(RepBlock, act=resolve_act(act), deploy=deploy)
+        self.bn_eps = bn_eps  # recorded with the weights we save, so they are rebuilt with it
+        block = partial(RepBlock, act=resolve_act(act), bn_eps=bn_eps, deploy=deploy)
         # apple's stem has one 3x3 branch whatever k is, and no identity (it changes the shape).
         stem = block(in_chans, cfg.stem_channels, stride=2, num_conv_branches=1)
         k = cfg.num_conv_branches

@@ -21,7 +21,7 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act, resolve_branch_set
+from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, RepBlock, _relu, resolve_act, resolve_branch_set
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
 from repblocks.registry import register_model
 
@@ -136,6 +136,8 @@ class RepVGG(RepNet):
         drop_rate: Dropout before the classifier (R-Drop needs one).
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
+        bn_eps: The eps of every BatchNorm (stem included): 1e-5, BatchNorm's default; weights trained with
+            another (YOLOv6's: 1e-3) need theirs, which a state dict does not record.
         deploy: Build the plain deploy form directly.
         keep_post_bn: QARepVGG: keep each block's BatchNorm after the sum in the deploy form, unfolded
             (for quantization-aware training); RepVGG's blocks have none.
@@ -153,6 +155,7 @@ class RepVGG(RepNet):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
         keep_post_bn: bool = False,
         features_only: bool = False,
@@ -167,11 +170,13 @@ class RepVGG(RepNet):
             out_indices=out_indices,
         )
         self.cfg = cfg
+        self.bn_eps = bn_eps  # recorded with the weights we save, so they are rebuilt with it
         block = partial(
             RepBlock,
             **resolve_branch_set(cfg.block),
             use_se=cfg.use_se,
             act=resolve_act(act),
+            bn_eps=bn_eps,
             deploy=deploy,
             keep_post_bn=keep_post_bn,
         )
