@@ -155,7 +155,7 @@ def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, .*pretrained"),
+        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, bn_eps, deploy, drop_rate, .*pretrained"),
         ({"foo": 1, "bar": 2}, "unknown arguments bar, foo"),
         ({"act": "gelux"}, r"unknown activation 'gelux'; known activations: relu, .*silu"),
         ({"num_classes": -1}, "num_classes must be an integer >= 0, got -1"),
