@@ -16,10 +16,10 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.checkpoint import read_run_checkpoint
 from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
+from repblocks.run_checkpoint import read_run_checkpoint
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.run_folder import run_files
