@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +21,13 @@ from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
 from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
-from tests.test_train import compose_train
+from tests.test_train import ROOT, compose_train
 from train import train
 
+needs_openvino = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("openvino", "nncf")),
+    reason="needs pip install repblocks[openvino]",
+)
 TINY_RUN = ("model=repvgg_tiny", "data=fake", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1")
 
 
@@ -231,3 +238,82 @@ def _write_fake_yolov6(site: Path) -> None:
         "        super().__init__()\n"
         "        self.backbone = repblocks.create_model('repvgg_tiny', num_classes=10)\n"
     )
+
+
+# --- Nothing leaves the machine -----------------------------------------------------------------------------------
+
+# Runs a script as `python SCRIPT ARGS...` would, recording every network socket call (AF_UNIX ones, which
+# multiprocessing and DataLoader workers use, are local) through an audit hook: a DNS lookup or a connect is
+# recorded before the sandbox's missing network could make it fail.
+_AUDITED_RUN = """
+import os, runpy, socket, sys
+log = open(os.environ["NETWORK_CALLS"], "a", buffering=1)
+NETWORK_EVENTS = {"socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
+                  "socket.gethostbyaddr", "socket.sendto", "socket.sendmsg"}
+def audit(event, args):
+    if event in NETWORK_EVENTS:
+        if event.startswith("socket.") and isinstance(args[0], socket.socket) and args[0].family == socket.AF_UNIX:
+            return
+        log.write(f"{event} {args[1:] if isinstance(args[0], socket.socket) else args}\\n")
+sys.addaudithook(audit)
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _network_calls(tmp_path: Path, script: str, *args: str) -> list[str]:
+    """What ``python script args...`` asked of the network (empty: nothing), after checking it succeeded."""
+    calls = tmp_path / "network_calls.txt"
+    calls.touch()
+    env = {**os.environ, "NETWORK_CALLS": str(calls)}
+    env.pop("NNCF_CI", None)  # NNCF's own switch: a user's machine does not set it
+    # NNCF compiles a torch extension for fake quantization on first use (minutes on a small CPU, and a lock
+    # shared by every run): here its build fails at once, in a folder of its own, and NNCF uses plain torch ops.
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions"), CXX="false")
+    result = subprocess.run(
+        [sys.executable, "-c", _AUDITED_RUN, str(ROOT / script), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_deploy_py_with_openvino_opens_no_network_socket(tmp_path):
+    ckpt = _run_checkpoint(tmp_path / "last.ckpt")
+    settings = ["bench.device=cpu", "bench.batch_sizes=[1]", "bench.backends=[openvino]", "bench.rounds=2"]
+    settings += ["bench.warmup=1", "export.formats=[openvino]", "verify.real_batches=0"]
+    out = tmp_path / "out"
+    calls = _network_calls(tmp_path, "deploy.py", f"ckpt={ckpt}", f"out_dir={out}", f"hydra.run.dir={out}", *settings)
+    assert (out / "model.xml").is_file()  # OpenVINO did convert (which is when it reports usage)
+    assert calls == []
+
+
+@pytest.mark.slow
+@needs_openvino
+def test_qat_opens_no_network_socket(tmp_path):
+    data = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}
+    state = {f"model.{k}": v for k, v in repblocks.create_model("qarepvgg_tiny", num_classes=10).state_dict().items()}
+    saved = dict(model_name="qarepvgg_tiny", num_classes=10, in_chans=3, image_size=32, model_kwargs={}, data=data)
+    torch.save({"state_dict": state, "hyper_parameters": saved}, tmp_path / "last.ckpt")
+    overrides = ["model=qarepvgg_tiny", "+experiment=qat", f"qat.init={tmp_path / 'last.ckpt'}"]
+    overrides += ["qat.calibration_images=8", "trainer.fast_dev_run=true", "trainer.accelerator=cpu", "logger=csv"]
+    overrides += ["callbacks.progress_bar=null", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert _network_calls(tmp_path, "train.py", *overrides) == []
+
+
+def test_telemetry_is_cut_off_where_repblocks_runs():
+    code = (
+        "import sys, repblocks.deploy, repblocks.train, nncf; from nncf.telemetry import wrapper; "
+        "print(sys.modules['openvino_telemetry'], type(wrapper.telemetry).__name__)"
+    )
+    if not all(importlib.util.find_spec(name) for name in ("openvino", "nncf")):
+        code = "import sys, repblocks.deploy, repblocks.train; print(sys.modules['openvino_telemetry'], 'MagicMock')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["None", "MagicMock"], result.stderr[-2000:]
