@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 SIZE_LIMITS = {"num_classes": (1, 100_000), "in_chans": (1, 1024), "image_size": (1, 4096)}
 
 
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
 def _drop_rate(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 <= value < 1
+    return _number(value) and 0 <= value < 1
 
 
 # The create_model arguments a file may carry: architecture only, each with what it accepts. Nothing
@@ -58,6 +62,8 @@ FILE_MODEL_ARGUMENTS = {
     "drop_rate": (_drop_rate, "a number in [0, 1)"),
     "act": (lambda value: value is None or value in ACTIVATIONS, f"null or one of {', '.join(ACTIVATIONS)}"),
     "keep_post_bn": (lambda value: isinstance(value, bool), "true or false"),
+    # BatchNorm's eps (YOLOv6 trains with 1e-3), for the models that take it.
+    "bn_eps": (lambda value: _number(value) and 0 < value < 1, "a number in (0, 1)"),
 }
 # Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
 _IGNORED_ARGUMENTS = ("pretrained",)

@@ -21,6 +21,7 @@ from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
 from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
+from repblocks.train.callbacks import inside_folder
 from tests.test_train import ROOT, compose_train
 from train import train
 
@@ -58,6 +59,22 @@ def test_a_crafted_checkpoint_removes_nothing_outside_its_checkpoints_folder(tmp
 
     assert (victim / "inside" / "precious.txt").read_text() == "keep me"
     assert last.is_file()
+
+
+def test_only_regular_files_inside_the_folder_count_as_its_own(tmp_path):
+    folder, outside = tmp_path / "run" / "checkpoints", tmp_path / "elsewhere"
+    folder.mkdir(parents=True)
+    outside.mkdir()
+    (folder / "last.ckpt").write_bytes(b"x")
+    (outside / "other.ckpt").write_bytes(b"x")
+    (folder / "sub").mkdir()
+    (folder / "link.ckpt").symlink_to(outside / "other.ckpt")
+    assert inside_folder(folder / "last.ckpt", folder)
+    assert not inside_folder(f"{folder}/../../elsewhere/other.ckpt", folder)  # ".." leaves it
+    assert not inside_folder(f"{folder}/../checkpoints/../../elsewhere", folder)
+    assert not inside_folder(folder / "sub", folder)  # a folder is never a checkpoint
+    assert not inside_folder(folder / "link.ckpt", folder)  # a link out of it
+    assert not inside_folder(folder, folder) and not inside_folder(folder / "missing.ckpt", folder)
 
 
 # --- What a file says to build: architecture arguments only, sizes in range ---------------------------------------
