@@ -35,6 +35,7 @@ __all__ = [
     "ModelSpec",
     "RunCheckpoint",
     "build_run_model",
+    "check_size",
     "model_spec",
     "read_run_checkpoint",
     "resolve_run_checkpoint",

@@ -75,6 +75,9 @@ def test_only_regular_files_inside_the_folder_count_as_its_own(tmp_path):
     assert not inside_folder(folder / "sub", folder)  # a folder is never a checkpoint
     assert not inside_folder(folder / "link.ckpt", folder)  # a link out of it
     assert not inside_folder(folder, folder) and not inside_folder(folder / "missing.ckpt", folder)
+    assert inside_folder("s3://bucket/run/checkpoints/last.ckpt", "s3://bucket/run/checkpoints")
+    assert not inside_folder("s3://bucket/run/checkpoints/../../other", "s3://bucket/run/checkpoints")
+    assert not inside_folder("s3://other/run/checkpoints/last.ckpt", "s3://bucket/run/checkpoints")
 
 
 # --- What a file says to build: architecture arguments only, sizes in range ---------------------------------------

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -36,12 +36,19 @@ log = logging.getLogger(__name__)
 
 
 def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    """Whether ``path`` is a regular file inside ``folder``, both as written (``..`` resolved) and after symlinks."""
+    """Whether ``path`` is a regular file inside ``folder``, both as written (``..`` resolved) and after symlinks.
+
+    For a remote folder (``s3://...``), whose files cannot be checked without a request: whether ``path``
+    is written below it, with no ``..`` on the way.
+    """
+    if "://" in str(folder) or "://" in str(path):
+        below = str(path).startswith(str(folder).rstrip("/") + "/")
+        return below and ".." not in PurePosixPath(str(path).partition("://")[2]).parts
     written = Path(os.path.abspath(path))  # abspath normalizes "..", which Path.absolute() keeps
     folder = Path(os.path.abspath(folder))
     if folder not in written.parents or not written.is_file():  # is_file: a regular file (after symlinks)
         return False
-    return Path(folder).resolve() in written.resolve().parents
+    return folder.resolve() in written.resolve().parents
 
 
 class RunModelCheckpoint(ModelCheckpoint):
@@ -52,13 +59,7 @@ class RunModelCheckpoint(ModelCheckpoint):
     in ``dirpath`` without resolving ``..`` and removes recursively, so a crafted checkpoint could
     name any folder. Here the paths restored from a checkpoint are kept only when they name a file
     inside ``dirpath`` (the rest are logged and forgotten), and a removal is refused otherwise.
-    Local folders only: a remote ``dirpath`` (``s3://...``) is refused.
     """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.dirpath is not None and "://" in str(self.dirpath):
-            raise ValueError(f"callbacks.model_checkpoint.dirpath must be a local folder, got {self.dirpath}")
 
     @property
     def state_key(self) -> str:
