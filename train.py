@@ -31,9 +31,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from repblocks.checkpoint import RunCheckpoint, read_checkpoint, read_run_checkpoint
+from repblocks.checkpoint import read_checkpoint
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.files import atomic_path
+from repblocks.run_checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.data import ClassificationDataModule
@@ -46,7 +47,10 @@ log = logging.getLogger("train")
 # The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_MODEL_META_KEYS = ("_target_", "_partial_", "name")
+# Config keys that are no architecture argument, left out of the checkpoint's model_kwargs: where the
+# weights started (pretrained=...) is no part of the network a checkpoint rebuilds, and reading it back would
+# download or open another file.
+_MODEL_META_KEYS = ("_target_", "_partial_", "name", "pretrained")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

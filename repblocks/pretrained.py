@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.layouts import to_repblocks_layout
 from repblocks.provenance import recorded_metadata
-from repblocks.registry import get_pretrained_cfg, list_models
 from repblocks.weights import load_weights
 
 __all__ = ["classifier_classes", "load_pretrained", "read_pretrained", "timm_state_dict"]
@@ -47,11 +46,7 @@ def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
     """
     hub_id = pretrained_cfg.get("hf_hub_id")
     if not hub_id:
-        published = [n for n in list_models() if get_pretrained_cfg(n).get("hf_hub_id")]
-        raise ValueError(
-            f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
-            f"pass pretrained=PATH to load weights from a file"
-        )
+        raise ValueError(f"timm publishes no weights for {name}; pass pretrained=PATH to load weights from a file")
     where = f"https://huggingface.co/{hub_id} (model.safetensors)"
     try:
         import timm

@@ -16,6 +16,9 @@ from typing import Any
 
 from torch import nn
 
+from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained
+from repblocks.provenance import recorded_metadata
+
 __all__ = ["create_model", "get_pretrained_cfg", "list_models", "register_model"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -98,10 +101,13 @@ def create_model(
         kwargs["out_indices"] = tuple(out_indices) if isinstance(out_indices, Sequence) else out_indices
     pretrained_cfg = get_pretrained_cfg(name)
     weights = None
+    if pretrained is True and not pretrained_cfg.get("hf_hub_id"):
+        published = [other for other in list_models() if _PRETRAINED_CFGS[other].get("hf_hub_id")]
+        raise ValueError(
+            f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
+            f"pass pretrained=PATH to load weights from a file"
+        )
     if pretrained is not False:
-        # Imported here: repblocks.weights (which loading needs) imports this module.
-        from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained, recorded_metadata
-
         weights = read_pretrained(name, pretrained, pretrained_cfg=pretrained_cfg)
         if num_classes is None:
             num_classes = classifier_classes(weights, pretrained_cfg.get("classifier"))

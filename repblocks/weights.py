@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.blocks import BRANCH_MODULES, RepBlock
-from repblocks.checkpoint import RunCheckpoint, StateDict, WeightsSource, read_state_dict
+from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
 from repblocks.layouts import detect_layout, to_repblocks_layout
 from repblocks.provenance import (
@@ -31,9 +31,8 @@ from repblocks.provenance import (
     recorded_metadata,
     weights_metadata,
 )
-from repblocks.registry import create_model
 
-__all__ = ["build_run_model", "load_weights", "save_weights"]
+__all__ = ["load_weights", "save_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -303,18 +302,3 @@ def save_weights(
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
     return Path(path)
-
-
-def build_run_model(run: RunCheckpoint) -> nn.Module:
-    """The network of a train.py checkpoint (:func:`repblocks.checkpoint.read_run_checkpoint`), in eval mode.
-
-    Raises:
-        ValueError: The checkpoint names a model that is not registered, or its weights do not fit.
-    """
-    try:
-        model = create_model(run.model_name, num_classes=run.num_classes, in_chans=run.in_chans, **run.model_kwargs)
-    except (TypeError, ValueError) as err:  # a name or model_kwargs this version does not know
-        raise ValueError(
-            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
-        ) from None
-    return load_weights(model, run.state_dict).eval()

@@ -79,3 +79,52 @@ sys.exit(runpy.run_path({str(SMOKE)!r})["main"]())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("core ok"), result.stderr
+
+
+def _module_name(path: Path) -> str:
+    parts = ["repblocks", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _repblocks_imports(path: Path, modules: set[str]) -> set[str]:
+    """The repblocks modules ``path`` imports, at any level: ``from repblocks import checkpoint`` names a module too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    # A package's __init__ runs before its modules, but it is an entry point, not a dependency of theirs.
+    return {name for name in found if name in modules and name != "repblocks" and name != _module_name(path)}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle in ``graph`` (``[a, b, ..., a]``), or None."""
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = "open", stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return [*stack[stack.index(target) :], target]
+            if target not in state and (found := visit(target)):
+                return found
+        state[node], _ = "done", stack.pop()
+        return None
+
+    return next((found for node in sorted(graph) if node not in state and (found := visit(node))), None)
+
+
+def test_the_cores_imports_have_no_cycle():
+    """Imports point down (STYLE.md): no two core modules import each other, not even through a function-level import."""
+    core = [path for path in FILES if _part(path) == "core"]
+    modules = {_module_name(path) for path in core}
+    graph = {_module_name(path): _repblocks_imports(path, modules) for path in core}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None

@@ -16,14 +16,13 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.checkpoint import read_run_checkpoint
 from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
+from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.run_folder import run_files
-from repblocks.weights import build_run_model
 from tests.helpers import closed_to_unprivileged, open_to_everyone, read_only_dir, unprivileged
 from tests.test_data import write_crafted_cifar
 from train import CONFIG_DIR, main, train

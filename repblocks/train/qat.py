@@ -48,16 +48,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from repblocks.checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, InMemoryBatches, build_data
 from repblocks.errors import UserError
 from repblocks.files import TEMP_SUFFIX, atomic_path, fsync
 from repblocks.numerics import max_errors
+from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.run_folder import check_run_folder
-from repblocks.weights import build_run_model
 
 __all__ = ["INT8_DIR", "QATSettings", "fake_quantize", "quantization_aware_training", "summary"]
 
