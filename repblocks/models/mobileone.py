@@ -21,8 +21,9 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act
+from repblocks.blocks import ActFactory, _relu, resolve_act
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
 __all__ = ["MOBILEONE_CONFIGS", "MobileOne", "MobileOneConfig"]
@@ -104,6 +105,8 @@ class MobileOne(RepNet):
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
         deploy: Build the plain deploy form directly.
+        block_mode: ``"offline"`` (apple's blocks) or ``"online"`` (OREPA's training form: the k kxk,
+            the 1x1 and the identity branches scaled and fused into one conv every step, one BatchNorm).
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
@@ -119,9 +122,11 @@ class MobileOne(RepNet):
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
         deploy: bool = False,
+        block_mode: str = "offline",
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
     ):
+        block_class = resolve_block_mode(block_mode)
         super().__init__(
             (cfg.stem_channels, *cfg.stage_channels),
             num_classes=num_classes,
@@ -131,7 +136,7 @@ class MobileOne(RepNet):
             out_indices=out_indices,
         )
         self.cfg = cfg
-        block = partial(RepBlock, act=resolve_act(act), deploy=deploy)
+        block = partial(block_class, act=resolve_act(act), deploy=deploy)
         # apple's stem has one 3x3 branch whatever k is, and no identity (it changes the shape).
         stem = block(in_chans, cfg.stem_channels, stride=2, num_conv_branches=1)
         k = cfg.num_conv_branches
