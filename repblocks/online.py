@@ -164,7 +164,7 @@ class OnlineRepBlock(RepBlock):
         if self.reparam is not None:
             raise RuntimeError("this block is in deploy form: its kernel is reparam.weight")
         convs = list(self.conv_kxk) if isinstance(self.conv_kxk, nn.ModuleList) else [self.conv_kxk]
-        kernel = convs[0].kernel(dtype)  # a fresh tensor: the other branches can be added into it
+        kernel = convs[0].kernel(dtype)  # (C_out, C_in / groups, k, k); every step below is out of place, for autograd
         for conv in convs[1:]:
             kernel = kernel + conv.kernel(dtype)
         centre = self.kernel_size // 2
