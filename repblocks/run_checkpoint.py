@@ -26,6 +26,7 @@ from torch import nn
 
 from repblocks.blocks import ACTIVATIONS
 from repblocks.checkpoint import StateDict, read_checkpoint
+from repblocks.online import BLOCK_MODES
 from repblocks.registry import create_model
 from repblocks.weights import load_weights
 
@@ -65,6 +66,8 @@ FILE_MODEL_ARGUMENTS = {
     "keep_post_bn": (lambda value: isinstance(value, bool), "true or false"),
     # BatchNorm's eps (YOLOv6 trains with 1e-3), for the models that take it.
     "bn_eps": (lambda value: _number(value) and 0 < value < 1, "a number in (0, 1)"),
+    # How the blocks were trained (OREPA's online form or the branches): the train-form weights' keys depend on it.
+    "block_mode": (lambda value: value in BLOCK_MODES, f"one of {', '.join(BLOCK_MODES)}"),
 }
 # Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
 _IGNORED_ARGUMENTS = ("pretrained",)

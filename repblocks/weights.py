@@ -189,6 +189,8 @@ def _describe(missing: list[str], unexpected: list[str], reshaped: list[str], un
     hint = ""
     if any(k.endswith("reparam.weight") for k in unexpected) and any(".conv_kxk." in k for k in missing):
         hint = "; these are deploy-form weights: build the model with deploy=True"
+    elif any(re.search(r"(^|\.)conv_kxk\.(\d+\.)?scale$", k) for k in unexpected):
+        hint = "; these are online-mode weights (repblocks.online): build the model with block_mode='online'"
     return "; ".join(parts) + hint
 
 
@@ -254,13 +256,17 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
 
 def _fusable(key: str) -> bool:
     """Whether a key below a RepBlock's name belongs to what fusion turns into ``reparam`` (not SE, not act)."""
-    return key.split(".")[0] in (*BRANCH_MODULES, "reparam", "post_bn")
+    # avg_pool: an online block's pool branch has a scale (repblocks.online); RepBlock's has no weights.
+    return key.split(".")[0] in (*BRANCH_MODULES, "avg_pool", "reparam", "post_bn")
 
 
 def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:
-    """An empty float64 twin of a fused block on the CPU, in train form or in deploy form with its post-sum BN kept."""
+    """An empty float64 twin of a fused block on the CPU, in train form or in deploy form with its post-sum BN kept.
+
+    Of the block's own class: an online block's train form (repblocks.online) has other keys than RepBlock's.
+    """
     with torch.device("meta"):  # no random init of weights about to be overwritten
-        twin = RepBlock(
+        twin = type(block)(
             block.in_channels,
             block.out_channels,
             stride=block.stride,

@@ -168,6 +168,21 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
 
 
+def test_online_block_mode_trains_and_deploys_into_the_plain_model(tmp_path):
+    """`model.block_mode=online` (repblocks.online): trained, checked, and rebuilt by deployment from the checkpoint."""
+    overrides = ("model=repvgg_tiny", "model.block_mode=online", "data=fake", "trainer.max_epochs=1", "rep_l2=true")
+    metrics = train(compose_train(tmp_path, *overrides))
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] < 1e-4
+    network = load_network(ckpt=metrics["best_ckpt"])
+    assert any(type(m).__name__ == "OnlineRepBlock" for m in network.model.modules())
+    plain = repblocks.load_weights(
+        repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), metrics["deploy_weights"]
+    )
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), network.model(images), atol=1e-4, rtol=1e-4)
+
+
 def test_checkpoint_loads_weights_only_and_resumes(tmp_path):
     first = train(
         compose_train(tmp_path / "a", "model=repvgg_tiny", "+model.bn_eps=0.001", "data=fake", "trainer.max_epochs=1")

@@ -21,8 +21,9 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, RepBlock, _relu, resolve_act, resolve_branch_set
+from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, resolve_act, resolve_branch_set
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
 __all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
@@ -141,6 +142,9 @@ class RepVGG(RepNet):
         deploy: Build the plain deploy form directly.
         keep_post_bn: QARepVGG: keep each block's BatchNorm after the sum in the deploy form, unfolded
             (for quantization-aware training); RepVGG's blocks have none.
+        block_mode: ``"offline"``: every branch its own Conv+BN, summed (the papers' blocks);
+            ``"online"``: OREPA's training form, the branches scaled and fused into one conv on every
+            step, then one BatchNorm (:class:`~repblocks.online.OnlineRepBlock`). The deploy form is the same.
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
@@ -158,9 +162,11 @@ class RepVGG(RepNet):
         bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
         keep_post_bn: bool = False,
+        block_mode: str = "offline",
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
     ):
+        block_class = resolve_block_mode(block_mode)
         super().__init__(
             (cfg.stem_channels, *cfg.stage_channels),
             num_classes=num_classes,
@@ -172,7 +178,7 @@ class RepVGG(RepNet):
         self.cfg = cfg
         self.bn_eps = bn_eps  # recorded with the weights we save, so they are rebuilt with it
         block = partial(
-            RepBlock,
+            block_class,
             **resolve_branch_set(cfg.block),
             use_se=cfg.use_se,
             act=resolve_act(act),
