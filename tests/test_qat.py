@@ -12,7 +12,7 @@ import torch
 import repblocks
 from repblocks.datasets import DigitsData
 from repblocks.train import qat
-from tests.test_train import ROOT, compose_train, exit_message
+from tests.helpers import ROOT, compose_train, exit_message
 from train import train
 
 TINY = "qarepvgg_tiny"
