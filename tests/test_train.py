@@ -543,8 +543,13 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
         text=True,
     )
     best = tmp_path / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not any(best.glob("epoch=*.ckpt")) and time.monotonic() < deadline:  # past the first epoch
+    deadline = time.monotonic() + 600  # a guard against a hang, not a race: the signal waits for the checkpoint
+    while not any(best.glob("epoch=*.ckpt")):  # past the first epoch, however long it takes
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"train.py wrote no epoch checkpoint (exit {process.poll()}): {process.communicate()[1][-2000:]}"
+            )
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
