@@ -234,10 +234,9 @@ def _calibration_images(data: ClassificationData, count: int, *, seed: int) -> T
 
 def _logits(predict: Predictor, data: ClassificationData) -> tuple[Tensor, Tensor]:
     """Logits and labels of every validation image, a batch at a time (the images are never all in memory)."""
-    try:
-        return predict_batches(predict, data.val_dataloader())
-    except ValueError:
-        raise ValueError("qat: the run's validation set is empty: nothing to compare top-1 on") from None
+    if not len(data.val_set):
+        raise ValueError("qat: the run's validation set is empty: nothing to compare top-1 on")
+    return predict_batches(predict, data.val_dataloader())
 
 
 def _fine_tune(
