@@ -7,7 +7,6 @@ import os
 import runpy
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -74,19 +73,50 @@ def test_time_interleaved_can_leave_inference_mode_off_for_training_steps():
     assert weight.grad.tolist() == [9.0, 9.0]  # three calls, each adding 3
 
 
-@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
-def test_other_load_counts_another_busy_process():
-    busy = "import time\nend = time.perf_counter() + 0.5\nwhile time.perf_counter() < end: pass"
+class _Clock:
+    """A ``time.perf_counter`` that moves only when told: timings without the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_other_load_counts_the_cpu_time_of_other_processes(monkeypatch):
+    import benchmarks.common as common
+
+    clock = _Clock()
+    machine, own = iter([100.0, 103.0]), iter([10.0, 11.0])  # CPU seconds used: 3 by everyone, 1 by this process
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    monkeypatch.setattr(common, "_machine_busy_seconds", lambda: next(machine))
+    monkeypatch.setattr(common, "_own_busy_seconds", lambda: next(own))
     with OtherLoad() as load:
-        subprocess.run([sys.executable, "-c", busy], check=True)  # one core kept busy by another process
-    assert load.cores > 0.3, load.cores
-    load.cores = 1.5
-    assert "1.50" in load.warning() and load.warning(threshold=2.0) is None
+        clock.advance(2.0)
+    assert load.cores == pytest.approx(1.0)  # 2 CPU seconds of others in 2 s: one core
+    assert "1.00" in load.warning() and load.warning(threshold=2.0) is None
 
 
-def test_time_interleaved_measures_time():
-    samples = time_interleaved({"sleep": lambda: time.sleep(0.01)}, rounds=2, warmup=0)
-    assert all(0.009 < t < 1 for t in samples["sleep"])
+def test_other_load_says_nothing_where_it_cannot_measure(monkeypatch):
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "_machine_busy_seconds", lambda: None)  # no /proc/stat
+    with OtherLoad() as load:
+        pass
+    assert load.cores is None and load.warning() is None
+
+
+def test_time_interleaved_times_each_call_between_two_clock_reads(monkeypatch):
+    import repblocks.bench as bench
+
+    clock = _Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    candidates = {"fast": lambda: clock.advance(0.25), "slow": lambda: clock.advance(1.5)}
+    samples = time_interleaved(candidates, rounds=3, warmup=1, sync=lambda: None)
+    assert samples == {"fast": [0.25] * 3, "slow": [1.5] * 3}  # what each call took, warm-up calls not counted
 
 
 @pytest.mark.parametrize("kwargs", [dict(rounds=0), dict(warmup=-1)])

@@ -16,7 +16,9 @@ from repblocks.deploy.config import DeployConfig
 from repblocks.deploy.pipeline import run_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors
-from tests.test_deploy import IMAGES, _checkpoint, _trained_model
+from tests.helpers import IMAGES
+from tests.helpers import trained_model as _trained_model
+from tests.helpers import write_checkpoint as _checkpoint
 
 NO_BENCH = dict(device="cpu", batch_sizes=[])
 DIGITS = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "interpolation": "bilinear"}

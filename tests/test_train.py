@@ -12,51 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
 from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.run_folder import run_files
-from tests.helpers import closed_to_unprivileged, open_to_everyone, read_only_dir, unprivileged
-from tests.test_data import write_crafted_cifar
+from tests.helpers import (
+    ROOT,
+    closed_to_unprivileged,
+    compose_train,
+    exit_message,
+    open_to_everyone,
+    read_only_dir,
+    unprivileged,
+    write_crafted_cifar,
+)
 from train import CONFIG_DIR, main, train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_train(output_dir: Path, *overrides: str):
-    """The train config as `python train.py OVERRIDES` would see it, writing into ``output_dir``."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=quote_path_values(
-                [
-                    f"paths.output_dir={output_dir}",
-                    "logger=csv",
-                    "callbacks.progress_bar=null",
-                    "trainer.accelerator=cpu",
-                    "+trainer.enable_model_summary=false",
-                    *overrides,
-                ]
-            ),
-        )
-
-
-def exit_message(output_dir: Path, *overrides: str) -> str:
-    """What train.py's __main__ prints for a user mistake, in process: the one line Python prints before exit 1."""
-    argv = quote_path_values(overrides)
-    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
-        check_overrides(argv, CONFIG_DIR, "train")
-        train(compose_train(output_dir, *argv))
-    printed = exit_info.value.code
-    assert isinstance(printed, str) and "\n" not in printed, printed
-    return printed
 
 
 def run_train_py(*overrides: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -594,8 +569,13 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
         text=True,
     )
     best = tmp_path / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not any(best.glob("epoch=*.ckpt")) and time.monotonic() < deadline:  # past the first epoch
+    deadline = time.monotonic() + 600  # a guard against a hang, not a race: the signal waits for the checkpoint
+    while not any(best.glob("epoch=*.ckpt")):  # past the first epoch, however long it takes
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"train.py wrote no epoch checkpoint (exit {process.poll()}): {process.communicate()[1][-2000:]}"
+            )
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

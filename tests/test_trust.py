@@ -22,7 +22,7 @@ from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
 from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
 from repblocks.train.callbacks import inside_folder
-from tests.test_train import ROOT, compose_train
+from tests.helpers import ROOT, compose_train
 from train import train
 
 needs_openvino = pytest.mark.skipif(

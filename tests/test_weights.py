@@ -485,23 +485,22 @@ def test_half_precision_weights_fuse_in_float64_and_round_once_to_the_model_dtyp
 # --- wrapped and headless models --------------------------------------------------------------------
 
 
-def test_load_into_a_compiled_model_fills_the_module_it_wraps():
-    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
-    compiled = torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10))
-    assert repblocks.load_weights(compiled, source.state_dict()) is compiled
-    assert torch.equal(compiled._orig_mod.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
-    # The compiled model's own state dict (keys under ``_orig_mod.``) loads back the same way.
-    again = repblocks.load_weights(
-        torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10)), compiled.state_dict()
-    )
-    assert torch.equal(again._orig_mod.head.fc.weight, source.head.fc.weight)
+WRAPPERS = {  # how a wrapper is made, and the attribute that holds the module it wraps
+    "torch.compile": (torch.compile, "_orig_mod"),
+    "DataParallel": (nn.DataParallel, "module"),
+}
 
 
-def test_load_into_a_data_parallel_model_fills_the_module_it_wraps():
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_load_into_a_wrapped_model_fills_the_module_it_wraps(wrapper):
+    wrap, inner = WRAPPERS[wrapper]
     source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
-    wrapped = nn.DataParallel(repblocks.create_model("repvgg_tiny", num_classes=10))
+    wrapped = wrap(repblocks.create_model("repvgg_tiny", num_classes=10))
     assert repblocks.load_weights(wrapped, source.state_dict()) is wrapped
-    assert torch.equal(wrapped.module.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+    assert torch.equal(getattr(wrapped, inner).stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+    # The wrapped model's own state dict (keys under the wrapper's prefix) loads back the same way.
+    again = repblocks.load_weights(wrap(repblocks.create_model("repvgg_tiny", num_classes=10)), wrapped.state_dict())
+    assert torch.equal(getattr(again, inner).head.fc.weight, source.head.fc.weight)
 
 
 @pytest.mark.parametrize("kwargs", [{"features_only": True}, {"num_classes": 0}])

@@ -39,6 +39,7 @@ from repblocks.deploy import openvino
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 from repblocks.files import atomic_path
+from repblocks.int8.openvino import dynamic_axes
 from repblocks.numerics import max_errors, within_tolerance
 from repblocks.weights import load_weights, save_weights
 
@@ -212,12 +213,6 @@ def _write_onnx_bytes(
             verify.rtol,
             f"onnxruntime reading {path.name}",
         )
-
-
-def dynamic_axes(size: bool = False) -> dict:
-    """``torch.export``'s dynamic shapes of an image batch: the batch axis, and height and width when ``size``."""
-    axes = {0: torch.export.Dim("batch")}
-    return {**axes, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if size else axes
 
 
 def _version(package: str) -> str:
