@@ -152,3 +152,104 @@ def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, m
     ):
         run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=bench))
     assert list(tmp_path.iterdir()) == []
+
+
+# Every file name an export can write (export.FILE_NAMES, INT8_FILE_NAMES, OpenVINO's .bin): a previous output
+# holding one is a deploy output. Written by hand so that a name added to the exports must be added here too.
+EXPORT_FILES = ["model.safetensors", "model.onnx", "model.pt2", "model.xml", "model.bin"]
+EXPORT_FILES += ["model_int8.xml", "model_int8.bin", "model_int8.onnx"]
+
+
+def test_every_file_an_export_writes_is_a_deploy_file():
+    from repblocks.deploy.export import FILE_NAMES, INT8_FILE_NAMES
+    from repblocks.deploy.outputs import DEPLOY_FILES
+
+    written = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values()}
+    written |= {Path(name).with_suffix(".bin").name for name in written if name.endswith(".xml")}
+    assert written == set(EXPORT_FILES) and written <= DEPLOY_FILES
+
+
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_an_output_holding_any_export_is_replaced(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    for previous in ("report.json", "report.md", name):
+        (out / previous).write_text("from a previous run")
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert _listing(tmp_path) == ["out", "out/config.json", "out/report.json", "out/report.md"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "torch_export", "openvino"])
+def test_deploying_twice_into_one_out_dir_works_for_every_format(tmp_path, fmt):
+    out = tmp_path / "out"
+    for _ in range(2):
+        report = run_deploy(_config(out, model="repvgg_tiny", export={"formats": [fmt]}))
+    assert Path(report["exports"][fmt]["path"]).parent == out
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # nothing moved aside or staged is left
+
+
+@pytest.mark.parametrize("target", ["empty", "earlier output"])
+def test_out_dir_that_is_a_link_to_a_folder_is_written_through(tmp_path, target):
+    real = tmp_path / "real"
+    real.mkdir()
+    if target == "earlier output":
+        run_deploy(_config(real, model="repvgg_tiny_g2se", export={"formats": []}))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    report = run_deploy(_config(link, model="repvgg_tiny", export={"formats": ["safetensors"]}))
+    assert link.is_symlink() and link.resolve() == real  # the link stays; the folder it names holds the outputs
+    assert report["model"] == "repvgg_tiny" and (real / "model.safetensors").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # no .replaced or staging folder
+
+
+def _staging_of(out: Path, tag: str, owner: str | None) -> Path:
+    staging = out.parent / f".{out.name}.{tag}.deploy-staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_text("half an export")
+    if owner is not None:
+        (staging / ".staging-owner").write_text(owner)
+    return staging
+
+
+def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from repblocks.files import _start_time
+
+    out = tmp_path / "out"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = _staging_of(out, "dead", f"{int(finished.stdout)} 123\n")  # its process has exited
+    reused = _staging_of(out, "reused", f"{os.getpid()} 1\n")  # the pid runs, but started at another time
+    live = _staging_of(out, "live", f"{os.getpid()} {_start_time(os.getpid())}\n")
+    unknown = _staging_of(out, "unknown", None)  # no owner file: nothing proves its writer dead
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert not dead.exists() and not reused.exists()
+    assert live.is_dir() and unknown.is_dir()
+
+
+def test_a_disk_too_small_for_the_exports_is_one_line_before_anything_is_written(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        formats = ["safetensors", "onnx", "torch_export"]  # about 3 x 0.7 MB of repvgg_tiny's weights, on 2 MB
+        with pytest.raises(
+            UserError, match=rf"^out_dir {disk}/out: not enough space, [\d.]+ MB needed and [\d.]+ MB free"
+        ):
+            run_deploy(_config(disk / "out", model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from tests.helpers import small_disk
+
+    monkeypatch.setattr("repblocks.deploy.pipeline.check_out_dir_space", lambda *_: None)  # as if the estimate missed
+    with small_disk(tmp_path / "disk") as disk:
+        formats = ["safetensors", "onnx", "torch_export"]
+        with pytest.raises(
+            UserError,
+            match=rf"^no space left in {disk} while writing out: it needs about [\d.]+ MB, [\d.]+ MB are free",
+        ):
+            run_deploy(_config(disk / "out", model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []

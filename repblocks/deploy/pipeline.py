@@ -41,7 +41,7 @@ from repblocks.deploy import openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
-from repblocks.deploy.outputs import check_out_dir, staged_output
+from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
@@ -86,10 +86,12 @@ def run_deploy(config: DeployConfig) -> dict:
         check_inputs(network, [timed_shape, network.input_shape], setting="bench.image_size")
 
         conversion = convert(network)
+        needed = _output_bytes(conversion.plain, config)
+        check_out_dir_space(out_dir, needed)  # a full disk: one line now, not a C++ stream error after the work
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
         quantization = _quantize(network, conversion, config)
 
-        with staged_output(out_dir) as staging:
+        with staged_output(out_dir, needed=needed) as staging:
             exports = export_all(
                 network,
                 conversion.plain,
@@ -160,6 +162,13 @@ def _check_extras(config: DeployConfig) -> None:
         raise UserError(f"export.formats=[openvino] needs OpenVINO, but {reason}")
     if config.quantize.precision and tuple(config.quantize.engines) == ("openvino",):
         raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+
+
+def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:
+    """About how many bytes the exports take: the deploy form's weights once per format, a quarter per int8 file."""
+    weights = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    int8_files = len(config.quantize.engines) if config.quantize.precision else 0
+    return weights * len(config.export.formats) + weights * int8_files // 4
 
 
 def _quantize(network: Network, conversion: Conversion, config: DeployConfig) -> Quantization | None:

@@ -31,13 +31,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +48,7 @@ from repblocks.checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, InMemoryBatches, build_data
 from repblocks.errors import UserError
-from repblocks.files import TEMP_SUFFIX, atomic_path, fsync
+from repblocks.files import atomic_path, staged_folder
 from repblocks.numerics import max_errors
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
@@ -150,7 +146,7 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
         return {"fast_dev_run": True, "top1": top1, "val_images": len(labels)}
 
-    with _staged_folder(output_dir / INT8_DIR) as staging:
+    with staged_folder(output_dir / INT8_DIR) as staging:
         ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration[:2], folder=staging)), data)[0]
         ir_check = _check_ir(fake_quant_logits, ir_logits, min_agreement=settings.min_agreement)
     top1["qat_int8"] = _top1(ir_logits, labels)
@@ -347,29 +343,6 @@ def _check_ir(reference: Tensor, ir: Tensor, *, min_agreement: float) -> dict[st
             f"(max |logit diff| {abs_err:.2e}); nothing was written"
         )
     return {"top1_agreement": agreement, "max_abs_err": abs_err, "max_rel_err": rel_err}
-
-
-@contextmanager
-def _staged_folder(folder: Path) -> Iterator[Path]:
-    """An empty folder beside ``folder``, renamed to ``folder`` on success (one atomic rename), removed on failure."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMP_SUFFIX))
-    try:
-        yield staging
-        for path in staging.iterdir():  # on disk before the rename makes them visible
-            fsync(path)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the IR should read like any new folder
-        os.rename(staging, folder)
-        fsync(folder.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    return umask
 
 
 def _top1(logits: Tensor, labels: Tensor) -> float:
