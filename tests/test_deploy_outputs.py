@@ -253,3 +253,26 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_p
         ):
             run_deploy(_config(disk / "out", model="repvgg_tiny", export={"formats": formats}))
         assert list(disk.iterdir()) == []
+
+
+def test_deploy_py_writes_out_dir_from_a_read_only_working_directory():
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import open_to_everyone, read_only_dir, unprivileged
+
+    root = Path(__file__).resolve().parents[1]
+    # Not under pytest's temporary folder, which is owner-only: the unprivileged run must reach it.
+    with tempfile.TemporaryDirectory(prefix="repblocks-read-only-cwd-") as tmp:
+        folder = open_to_everyone(Path(tmp))
+        (folder / "home").mkdir(mode=0o777)
+        (folder / "home").chmod(0o777)
+        cwd = read_only_dir(folder / "read-only")
+        command = [sys.executable, str(root / "deploy.py"), "model=repvgg_tiny", f"out_dir={folder / 'out'}"]
+        command += ["bench.device=cpu", "bench.batch_sizes=[]", "export.formats=[safetensors]"]
+        env = dict(os.environ, HOME=str(folder / "home"), PYTHONPATH=str(root))
+        done = subprocess.run(unprivileged(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (folder / "out" / "model.safetensors").is_file() and list(cwd.iterdir()) == []
