@@ -1,5 +1,6 @@
 """Deploy's settings are all checked before any work, and its outputs are written all or nothing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,44 @@ def test_deploy_py_writes_out_dir_from_a_read_only_working_directory():
         command = [sys.executable, str(root / "deploy.py"), "model=repvgg_tiny", f"out_dir={folder / 'out'}"]
         command += ["bench.device=cpu", "bench.batch_sizes=[]", "export.formats=[safetensors]"]
         env = dict(os.environ, HOME=str(folder / "home"), PYTHONPATH=str(root))
+        env.pop("OMP_WAIT_POLICY", None)
         done = subprocess.run(unprivileged(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert (folder / "out" / "model.safetensors").is_file() and list(cwd.iterdir()) == []
+        # OpenMP's idle threads sleep rather than spin on cores other processes use (deploy.py's default).
+        assert json.loads((folder / "out" / "report.json").read_text())["load"]["wait_policy"] == "PASSIVE"
+
+
+@pytest.fixture
+def other_processes_busy(monkeypatch):
+    """Other processes keep 1.5 cores busy, as /proc/stat would say: their CPU seconds grow 1.5x as fast as the clock."""
+    import time
+
+    from repblocks import bench
+
+    monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: bench._own_busy_seconds() + 1.5 * time.perf_counter())
+    monkeypatch.setattr(bench, "available_cores", lambda: 4)
+    monkeypatch.setattr("repblocks.deploy.runtime.available_cores", lambda: 4)
+
+
+TIMED = dict(device="cpu", batch_sizes=[1], backends=["eager"], rounds=2, warmup=0)
+
+
+def test_the_report_measures_other_load_while_timing_and_flags_skewed_figures(tmp_path, other_processes_busy):
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": []}))
+    load = report["load"]
+    assert load["other_load_cores"] == pytest.approx(1.5, abs=0.2) and load["skewed"] is True
+    assert load["threads"] == 2 and load["threads_chosen"].startswith("2 threads: 4 cores, 1.5")  # 4 - 1.5, rounded
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "other processes kept 1.5" in markdown and "skewed" in markdown
+
+
+def test_threads_set_by_hand_are_kept_and_an_idle_machine_is_not_flagged(tmp_path, monkeypatch):
+    from repblocks import bench
+
+    monkeypatch.setattr(bench, "_machine_busy_seconds", bench._own_busy_seconds)  # nothing else runs
+    settings = dict(TIMED, threads=1)
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=settings, export={"formats": []}))
+    assert report["load"]["threads"] == 1 and report["load"]["threads_chosen"] == "1 thread (bench.threads)"
+    assert report["load"]["other_load_cores"] == 0 and report["load"]["skewed"] is False
+    assert "skewed" not in (tmp_path / "out" / "report.md").read_text()

@@ -45,7 +45,7 @@ from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, staged_
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
-from repblocks.deploy.runtime import check_memory, resolve_device, threads
+from repblocks.deploy.runtime import ThreadChoice, check_memory, choose_threads, resolve_device, threads
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
 from repblocks.deploy.speed import int8_runners, time_forms, time_models
 from repblocks.deploy.verify import check_inputs, not_compared, verify
@@ -75,7 +75,8 @@ def run_deploy(config: DeployConfig) -> dict:
     out_dir = check_out_dir(config.out_dir)
     bench = config.bench.for_device(device.type)
     _check_extras(config)
-    with threads(bench.threads):
+    choice = _choose_threads(bench)
+    with threads(choice.threads):
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
         )
@@ -120,6 +121,7 @@ def run_deploy(config: DeployConfig) -> dict:
                 bench=bench,
                 timed_shape=timed_shape,
                 quantization=quantization,
+                threads=choice,
             )
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_reports(report, staging, out_dir=out_dir, config=resolved)
@@ -138,12 +140,13 @@ def run_speed_table(config: DeployConfig) -> dict:
     image_size = bench.image_size or DEFAULT_IMAGE_SIZE
     image_shape = (3, image_size, image_size)
     check_memory(batch_sizes=bench.batch_sizes, image_shape=image_shape, device=device)
-    with threads(bench.threads):
+    choice = _choose_threads(bench)
+    with threads(choice.threads):
         models = {}
         for name in config.models:
             models.update(_speed_table_entries(name, image_shape, config))
-        rows = time_models(models, device=device, bench=bench, image_shape=image_shape)
-        report = speed_report(rows=rows, device=device, bench=bench, image_shape=image_shape)
+        timing = time_models(models, device=device, bench=bench, image_shape=image_shape)
+        report = speed_report(timing=timing, device=device, bench=bench, image_shape=image_shape, threads=choice)
         with staged_output(out_dir) as staging:
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_speed_table(report, staging, out_dir=out_dir, config=resolved)
@@ -162,6 +165,13 @@ def _check_extras(config: DeployConfig) -> None:
         raise UserError(f"export.formats=[openvino] needs OpenVINO, but {reason}")
     if config.quantize.precision and tuple(config.quantize.engines) == ("openvino",):
         raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+
+
+def _choose_threads(bench: BenchConfig) -> ThreadChoice:
+    """``bench.threads``, else (on the CPU, when anything is timed) as many as the cores other processes leave free."""
+    if bench.threads or not bench.batch_sizes or bench.device.startswith("cuda"):
+        return choose_threads(bench.threads or torch.get_num_threads())
+    return choose_threads(None)
 
 
 def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:
