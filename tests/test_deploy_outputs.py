@@ -162,7 +162,7 @@ EXPORT_FILES += ["model_int8.xml", "model_int8.bin", "model_int8.onnx"]
 
 
 def test_every_file_an_export_writes_is_a_deploy_file():
-    from repblocks.deploy.export import FILE_NAMES, INT8_FILE_NAMES
+    from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
     from repblocks.deploy.outputs import DEPLOY_FILES
 
     written = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values()}
@@ -315,3 +315,30 @@ def test_threads_set_by_hand_are_kept_and_an_idle_machine_is_not_flagged(tmp_pat
     assert report["load"]["threads"] == 1 and report["load"]["threads_chosen"] == "1 thread (bench.threads)"
     assert report["load"]["other_load_cores"] == 0 and report["load"]["skewed"] is False
     assert "skewed" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_each_stage_returns_a_typed_result_that_the_report_reads_by_name(tmp_path, monkeypatch):
+    from repblocks.deploy import pipeline
+    from repblocks.deploy.export import Export
+    from repblocks.deploy.speed import Timing
+    from repblocks.deploy.verify import Verification
+
+    results = {}
+
+    def recorded(name):
+        stage = getattr(pipeline, name)
+
+        def record(*args, **kwargs):
+            results[name] = stage(*args, **kwargs)
+            return results[name]
+
+        monkeypatch.setattr(pipeline, name, record)
+
+    for name in ("verify", "export_all", "time_forms"):
+        recorded(name)
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": ["onnx"]}))
+    verification, exports, timing = results["verify"], results["export_all"], results["time_forms"]
+    assert isinstance(verification, Verification) and isinstance(timing, Timing)
+    assert isinstance(exports["onnx"], Export) and exports["onnx"].checked_batch_sizes == [1, 3]
+    assert report["max_abs_err"] == verification.max_abs_err and report["benchmark"] == timing.rows
+    assert report["exports"]["onnx"]["path"] == exports["onnx"].path == str(tmp_path / "out" / "model.onnx")

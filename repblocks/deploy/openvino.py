@@ -17,7 +17,6 @@ Two settings are always explicit, because their defaults change results or speed
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from repblocks.deploy.formats import dynamic_axes, openvino_installed
 from repblocks.errors import UserError
 
 __all__ = [
@@ -49,10 +49,7 @@ MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
 
 def installed() -> bool:
     """Whether OpenVINO and NNCF can be imported, without importing them (what defaults are chosen by)."""
-    try:
-        return all(importlib.util.find_spec(package) is not None for package in ("openvino", "nncf"))
-    except ImportError:  # an import hook that refuses the name
-        return False
+    return openvino_installed()
 
 
 def missing() -> str | None:
@@ -83,8 +80,6 @@ def to_openvino(model: nn.Module, example: Tensor, *, dynamic_size: bool = False
     a fully convolutional network timed at another size than it was exported at.
     """
     ov = require("the openvino backend")
-    from repblocks.deploy.export import dynamic_axes  # export imports this module
-
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=(dynamic_axes(dynamic_size),))
         converted = ov.convert_model(program)

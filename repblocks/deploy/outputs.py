@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
 from repblocks.errors import UserError
 from repblocks.files import check_free_space, check_writable_dir, remove_dead_staging, staged_folder
 
@@ -27,11 +28,12 @@ __all__ = ["CONFIG_FILE", "DEPLOY_FILES", "STAGING_SUFFIX", "check_out_dir", "ch
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"  # the run's settings, as resolved: which run made these files, and how to make them again
-# Every name a deploy run writes (export.FILE_NAMES and INT8_FILE_NAMES, OpenVINO's .bin beside each .xml,
-# the reports), and what Hydra put in the run folder before deploy turned that off.
+_EXPORTS = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values()}
+# Every name a deploy run writes: the exports (OpenVINO's .bin beside each .xml), the reports, and what Hydra
+# put in the run folder before deploy turned that off.
 DEPLOY_FILES = frozenset(
-    {"model.safetensors", "model.onnx", "model.pt2", "model.xml", "model.bin"}
-    | {"model_int8.xml", "model_int8.bin", "model_int8.onnx"}
+    _EXPORTS
+    | {name.removesuffix(".xml") + ".bin" for name in _EXPORTS if name.endswith(".xml")}
     | {"report.json", "report.md", "throughput.png", "speed_table.json", "speed_table.md", CONFIG_FILE}
     | {".hydra", "deploy.log"}
 )

@@ -48,7 +48,7 @@ from repblocks.deploy.report import deploy_report, speed_report, write_reports, 
 from repblocks.deploy.runtime import ThreadChoice, check_memory, choose_threads, resolve_device, threads
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
 from repblocks.deploy.speed import int8_runners, time_forms, time_models
-from repblocks.deploy.verify import check_inputs, not_compared, verify
+from repblocks.deploy.verify import Verification, check_inputs, not_compared, verify
 from repblocks.errors import UserError
 
 __all__ = [
@@ -202,7 +202,7 @@ def _verify(
     device: torch.device,
     bench: BenchConfig,
     shapes: list[tuple[int, int, int]],
-) -> dict:
+) -> Verification:
     if conversion.already_deployed:
         return not_compared("the weights came in deploy form: there is no train form to compare with", config.verify)
     return verify(

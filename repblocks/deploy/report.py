@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +19,13 @@ from rich.table import Table
 
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
+from repblocks.deploy.export import Export
 from repblocks.deploy.outputs import CONFIG_FILE
 from repblocks.deploy.preprocessing import describe_sources
 from repblocks.deploy.runtime import ThreadChoice, describe_device, environment
 from repblocks.deploy.sources import Network
 from repblocks.deploy.speed import Timing, fastest_deploy, timer_note
+from repblocks.deploy.verify import Verification
 
 if TYPE_CHECKING:
     from repblocks.deploy.quantize import Quantization
@@ -53,8 +56,8 @@ def deploy_report(
     *,
     network: Network,
     conversion: Conversion,
-    verification: dict,
-    exports: dict,
+    verification: Verification,
+    exports: Mapping[str, Export],
     timing: Timing,
     device: torch.device,
     bench: BenchConfig,
@@ -75,11 +78,11 @@ def deploy_report(
         "conversion": conversion.note,
         "already_deployed": conversion.already_deployed,
         "conversion_s": conversion.seconds,
-        "max_abs_err": verification["max_abs_err"],
-        "max_rel_err": verification["max_rel_err"],
-        "top1_agreement": verification["top1_agreement"],
-        "verify": verification,
-        "exports": exports,
+        "max_abs_err": verification.max_abs_err,
+        "max_rel_err": verification.max_rel_err,
+        "top1_agreement": verification.top1_agreement,
+        "verify": verification.as_dict(),
+        "exports": {name: export.as_dict() for name, export in exports.items()},
         "benchmark": timing.rows,
         "fastest_deploy": fastest_deploy(timing.rows),
         "skipped": timing.skipped,

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from repblocks.checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, InMemoryBatches, build_data
-from repblocks.errors import UserError
+from repblocks.errors import Interrupted, UserError
 from repblocks.files import atomic_path, staged_folder
 from repblocks.numerics import max_errors
 from repblocks.train.data import ClassificationDataModule
@@ -275,10 +275,10 @@ def _fine_tune(
     quantized.train()  # NNCF hands it over in eval mode, which Lightning keeps: the kept BatchNorms would not train
     try:
         trainer.fit(module, datamodule=ClassificationDataModule(data))
-    except (KeyboardInterrupt, SystemExit):
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's SIGTERMException
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
     if trainer.interrupted:
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
     return trainer
 
 
