@@ -111,7 +111,8 @@ def staged_folder(
     folder = Path(folder).expanduser()
     made = _make_parents(folder.parent)
     try:
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=suffix))
+        base = _staging_base(folder)
+        staging = Path(tempfile.mkdtemp(dir=base, prefix=f".{folder.name}.", suffix=suffix))
     except BaseException:
         _remove_empty(made)
         raise
@@ -129,11 +130,11 @@ def staged_folder(
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(made)
         full = isinstance(err, DiskFullError) or (
-            isinstance(err, Exception) and not isinstance(err, UserError) and _disk_full(err, folder.parent)
+            isinstance(err, Exception) and not isinstance(err, UserError) and _disk_full(err, base)
         )
         if full:  # named after the folder being written, not the hidden staging folder
             raise DiskFullError(
-                _disk_full_message(folder.parent, folder.name, max(written, needed), exact=needed > written)
+                _disk_full_message(base, folder.name, max(written, needed), exact=needed > written)
             ) from None
         raise
 
@@ -152,7 +153,7 @@ def remove_dead_staging(folder: str | os.PathLike, *, suffix: str = TEMP_SUFFIX)
     removed = []
     if not folder.parent.is_dir():
         return removed
-    for staging in folder.parent.glob(f".{folder.name}.*{suffix}"):
+    for staging in _staging_base(folder).glob(f".{folder.name}.*{suffix}"):
         owner = _read_owner(staging / STAGING_OWNER)
         if owner is None or _alive(*owner):
             continue
@@ -252,8 +253,19 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
+def _staging_base(folder: Path) -> Path:
+    """Where ``folder``'s staging folder goes: beside it, or inside it when it is a mount point (a file system of its own).
+
+    A rename cannot cross file systems, and a mount point cannot be renamed at all.
+    """
+    return folder if os.path.ismount(folder) else folder.parent
+
+
 def _publish(staging: Path, folder: Path, replace: Callable[[Path], None] | None) -> None:
     """Rename ``staging`` to ``folder``; an existing non-empty ``folder`` is replaced when ``replace`` allows it."""
+    if staging.parent == folder:  # folder is a mount point: its entries are replaced one by one, each atomically
+        _publish_into(staging, folder, replace)
+        return
     try:
         os.rename(staging, folder)  # atomic, when folder is missing or an empty folder
         return
@@ -270,6 +282,33 @@ def _publish(staging: Path, folder: Path, replace: Callable[[Path], None] | None
         os.rename(previous, folder)  # keep the previous outputs where they were
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def _publish_into(staging: Path, folder: Path, replace: Callable[[Path], None] | None) -> None:
+    previous = [
+        entry for entry in folder.iterdir() if entry != staging and not entry.name.startswith(f".{folder.name}.")
+    ]
+    if previous:
+        if replace is None:
+            raise FileExistsError(errno.EEXIST, "not empty", str(folder))
+        replace(folder)
+    new = {entry.name for entry in staging.iterdir()}
+    for entry in previous:
+        if entry.name not in new:  # the others are replaced by the renames below
+            _remove(entry)
+    for entry in staging.iterdir():
+        target = folder / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    staging.rmdir()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _write_owner(staging: Path) -> None:

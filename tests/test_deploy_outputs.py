@@ -342,3 +342,21 @@ def test_each_stage_returns_a_typed_result_that_the_report_reads_by_name(tmp_pat
     assert isinstance(exports["onnx"], Export) and exports["onnx"].checked_batch_sizes == [1, 3]
     assert report["max_abs_err"] == verification.max_abs_err and report["benchmark"] == timing.rows
     assert report["exports"]["onnx"]["path"] == exports["onnx"].path == str(tmp_path / "out" / "model.onnx")
+
+
+def test_out_dir_that_is_a_small_disk_of_its_own_says_how_much_space_is_needed(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk", size="3m") as disk:  # out_dir is the mount point itself
+        formats = ["safetensors", "onnx", "torch_export"]
+        with pytest.raises(UserError, match=rf"^out_dir {disk}: not enough space, [\d.]+ MB needed and [\d.]+ MB free"):
+            run_deploy(_config(disk, model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []
+        for _ in range(2):  # room enough: written (and replaced) inside the mount point, which cannot be renamed
+            run_deploy(_config(disk, model="repvgg_tiny", export={"formats": ["safetensors"]}))
+        assert sorted(path.name for path in disk.iterdir()) == [
+            "config.json",
+            "model.safetensors",
+            "report.json",
+            "report.md",
+        ]

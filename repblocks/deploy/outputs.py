@@ -40,6 +40,7 @@ DEPLOY_FILES = frozenset(
 _REPORTS = ("report.json", "speed_table.json")  # a deploy output has one of them
 STAGING_SUFFIX = ".deploy-staging"
 _TEMPORARY = re.compile(r"^\..+\.tmp(\.xml|\.bin)?$")  # an atomic write interrupted by an older version
+_STAGING = re.compile(rf"^\..+{re.escape(STAGING_SUFFIX)}$")
 _REPORT_BYTES = 2**19  # reports, plot and config: well under half a megabyte
 
 
@@ -96,7 +97,8 @@ def staged_output(out_dir: str | os.PathLike, *, needed: int = 0) -> Iterator[Pa
 def _check_replaceable(path: Path) -> None:
     if not path.is_dir():
         return
-    names = sorted(entry.name for entry in path.iterdir())
+    # A staging folder inside: out_dir is a mount point, whose outputs are staged in it (repblocks.files).
+    names = sorted(entry.name for entry in path.iterdir() if not _STAGING.match(entry.name))
     if not names:
         return
     foreign = [name for name in names if name not in DEPLOY_FILES and not _TEMPORARY.match(name)]
