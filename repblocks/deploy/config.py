@@ -113,7 +113,8 @@ class BenchConfig(_Checked):
     backends: tuple[str, ...] | None = field(default=None, metadata={"known": BACKENDS, "what": "backend"})
     rounds: int = field(default=20, metadata=_range(1))  # timed calls per runner, interleaved
     warmup: int = field(default=2, metadata=_range(0))  # untimed calls per runner first
-    threads: int | None = field(default=None, metadata=_range(1))  # torch and onnxruntime intra-op threads; None: the free cores
+    # torch and onnxruntime intra-op threads; None: as many as the cores other processes leave free
+    threads: int | None = field(default=None, metadata=_range(1))
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels, as deployments do
     tf32: bool = True  # fp32 convs in TF32 on Ampere+ GPUs (PyTorch's default); false: full fp32, as on a 1080Ti
 
