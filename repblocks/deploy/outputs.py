@@ -23,7 +23,15 @@ from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
 from repblocks.errors import UserError
 from repblocks.files import check_free_space, check_writable_dir, remove_dead_staging, staged_folder
 
-__all__ = ["CONFIG_FILE", "DEPLOY_FILES", "STAGING_SUFFIX", "check_out_dir", "check_out_dir_space", "staged_output"]
+__all__ = [
+    "CONFIG_FILE",
+    "DEPLOY_FILES",
+    "STAGING_SUFFIX",
+    "check_out_dir",
+    "check_out_dir_space",
+    "remove_killed_runs_staging",
+    "staged_output",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,11 @@ def check_out_dir(out_dir: str | os.PathLike) -> Path:
     return path
 
 
+def remove_killed_runs_staging(out_dir: Path) -> None:
+    """Remove the staging folders that killed runs left for ``out_dir`` (their writer provably gone); keep live ones."""
+    remove_dead_staging(out_dir, suffix=STAGING_SUFFIX)
+
+
 def check_out_dir_space(out_dir: Path, needed: int) -> None:
     """Refuse, before anything is written, an ``out_dir`` whose disk has less than ``needed`` bytes (and the reports') free."""
     check_free_space(out_dir, needed + _REPORT_BYTES, "out_dir")
@@ -82,15 +95,12 @@ def check_out_dir_space(out_dir: Path, needed: int) -> None:
 def staged_output(out_dir: str | os.PathLike, *, needed: int = 0) -> Iterator[Path]:
     """Yield an empty staging folder beside ``out_dir``; on success it replaces ``out_dir``, on failure it is removed.
 
-    Staging folders that a killed run left beside ``out_dir`` are removed first. Folders made for
-    it (missing parents of ``out_dir``) are removed again on failure.
+    Folders made for it (missing parents of ``out_dir``) are removed again on failure.
 
     Args:
         needed: Bytes the outputs are expected to take, for the message when the disk fills up.
     """
-    out_dir = Path(out_dir)
-    remove_dead_staging(out_dir, suffix=STAGING_SUFFIX)
-    with staged_folder(out_dir, suffix=STAGING_SUFFIX, replace=_check_replaceable, needed=needed) as staging:
+    with staged_folder(Path(out_dir), suffix=STAGING_SUFFIX, replace=_check_replaceable, needed=needed) as staging:
         yield staging
 
 

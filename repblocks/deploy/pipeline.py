@@ -41,7 +41,7 @@ from repblocks.deploy import openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
-from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, staged_output
+from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_killed_runs_staging, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
@@ -73,6 +73,7 @@ def run_deploy(config: DeployConfig) -> dict:
         return run_speed_table(config)
     device = resolve_device(config.bench.device)
     out_dir = check_out_dir(config.out_dir)
+    remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     bench = config.bench.for_device(device.type)
     _check_extras(config)
     choice = _choose_threads(bench)
@@ -135,6 +136,7 @@ def run_speed_table(config: DeployConfig) -> dict:
     check_model_names(config.models)
     device = resolve_device(config.bench.device)
     out_dir = check_out_dir(config.out_dir)
+    remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     # The paper's batch of 128 on a GPU; on 2 CPU cores that would take an hour.
     bench = config.bench.for_device(device.type, batch_sizes=(128,) if device.type == "cuda" else (8,))
     image_size = bench.image_size or DEFAULT_IMAGE_SIZE
