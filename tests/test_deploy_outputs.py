@@ -256,6 +256,7 @@ def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_p
         assert list(disk.iterdir()) == []
 
 
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
 def test_deploy_py_writes_out_dir_from_a_read_only_working_directory():
     import os
     import subprocess

@@ -589,6 +589,7 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
     assert resumed["global_step"] > checkpoint["global_step"]
 
 
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
 def test_a_run_folder_on_a_full_disk_is_one_line_before_training(tmp_path):
     from tests.helpers import small_disk
 
@@ -602,6 +603,7 @@ def test_a_run_folder_on_a_full_disk_is_one_line_before_training(tmp_path):
         assert not (disk / "run" / "checkpoints").exists() and not (disk / "run" / "config.yaml").exists()
 
 
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
 def test_an_error_in_the_middle_of_a_run_saves_no_checkpoint_and_prints_one_line(tmp_path, caplog):
     images = write_image_folder(tmp_path / "images", per_class=12)  # 6 validation batches of 4
     broken = images / "val" / "dog" / "10.png"  # read in the first epoch's validation, after the sanity check
