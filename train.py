@@ -41,7 +41,7 @@ from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
-from repblocks.train.run_folder import check_run_folder, run_files
+from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
 # The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
@@ -100,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if resume is not None:
         _check_resume_fits(cfg.ckpt_path, *resume, module)
+    if not cfg.trainer.get("fast_dev_run"):  # a full disk: one line now, not after the first epoch
+        check_run_space(output_dir, module)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     loggers = _loggers(cfg.get("logger"))
     if resume is not None and _first_process():

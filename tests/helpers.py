@@ -1,14 +1,17 @@
-"""What the tests share: train.py checkpoints and configs, crafted files, and commands run as an unprivileged user.
+"""What the tests share: train.py checkpoints and configs, crafted files, commands run as an unprivileged user, a small disk.
 
 A test module imports these from here, never from another test module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import shutil
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,18 @@ def _closed_to_others(path: Path) -> Path | None:
         if not folder.stat().st_mode & 0o001:
             return folder
     return None
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
+    """A ``size`` tmpfs mounted at ``path`` for the block; the test is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs to fill a disk needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)

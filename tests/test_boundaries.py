@@ -131,3 +131,79 @@ def test_the_cores_imports_have_no_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The repblocks modules ``path`` imports when it runs, at any level (``if TYPE_CHECKING:`` blocks are for types)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("repblocks.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("repblocks"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # a submodule, when it is one
+    return found
+
+
+def _dotted_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_deploy_modules_import_no_cycle():
+    modules = {_dotted_name(path): path for path in sorted((PACKAGE / "deploy").glob("*.py"))}
+    graph = {name: _runtime_imports(path) & modules.keys() - {name} for name, path in modules.items()}
+    graph["repblocks.deploy"] = set()  # the package's __init__ re-exports; a module importing it is not a cycle
+
+    def cycle_from(start: str, node: str, seen: tuple[str, ...]) -> tuple[str, ...] | None:
+        for imported in graph[node]:
+            if imported == start:
+                return (*seen, imported)
+            if imported not in seen:
+                found = cycle_from(start, imported, (*seen, imported))
+                if found:
+                    return found
+        return None
+
+    for name in graph:
+        cycle = cycle_from(name, name, (name,))
+        assert cycle is None, " -> ".join(cycle)
+
+
+def test_building_a_deploy_config_loads_no_inference_engine():
+    code = (
+        "import sys\n"
+        "from repblocks.deploy.config import DeployConfig\n"
+        "DeployConfig.from_dict({'model': 'repvgg_tiny', 'export': {'formats': ['onnx']}})\n"
+        "print(sorted(m for m in ('onnxruntime', 'openvino', 'nncf', 'tensorrt') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(PACKAGE)) for p in FILES])
+def test_the_library_never_ends_the_process(path):
+    """Only entry scripts decide how a process ends (repblocks/cli.py for them): the library raises its errors."""
+    if path == PACKAGE / "cli.py":
+        return
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            raised = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            assert getattr(raised, "id", None) != "SystemExit", f"{path.name}:{node.lineno} raises SystemExit"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            called = f"{getattr(node.func.value, 'id', '')}.{node.func.attr}"
+            assert called not in ("sys.exit", "os._exit"), f"{path.name}:{node.lineno} calls {called}"
+
+
+def test_an_interrupt_raised_by_the_library_is_its_one_line_and_status_130(capsys):
+    from repblocks.cli import exit_on_user_error
+    from repblocks.errors import Interrupted
+
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        raise Interrupted("interrupted at step 3 of QAT: nothing was written")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted at step 3 of QAT: nothing was written\n"

@@ -593,3 +593,29 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
         )
     )
     assert resumed["global_step"] > checkpoint["global_step"]
+
+
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
+def test_a_run_folder_on_a_full_disk_is_one_line_before_training(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        done = run_train_py("model=repvgg_tiny", "data=digits", "trainer=cpu", f"hydra.run.dir={disk / 'run'}")
+        assert done.returncode == 1
+        assert (
+            done.stderr.strip().splitlines()[-1].startswith(f"error: run folder {disk / 'run'}: not enough space, ")
+        ), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and "Epoch" not in done.stdout  # refused before the first step
+        assert not (disk / "run" / "checkpoints").exists() and not (disk / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
+def test_an_error_in_the_middle_of_a_run_saves_no_checkpoint_and_prints_one_line(tmp_path, caplog):
+    images = write_image_folder(tmp_path / "images", per_class=12)  # 6 validation batches of 4
+    broken = images / "val" / "dog" / "10.png"  # read in the first epoch's validation, after the sanity check
+    broken.write_bytes(b"not an image")
+    data = [f"data.root={images}", "data.image_size=32", "data.batch_size=4", "data.num_workers=2"]
+    printed = exit_message(tmp_path / "run", "model=repvgg_tiny", "data=imagefolder", "trainer.max_epochs=1", *data)
+    assert printed.startswith(f"error: data.root: cannot read image {broken}"), printed
+    assert "Original Traceback" not in caplog.text  # Lightning's save_on_exception message carried the worker's
+    assert run_files(tmp_path / "run") == []  # no epoch=000 checkpoint or last.ckpt claims the folder

@@ -18,7 +18,6 @@ Two settings are always explicit, because their defaults change results or speed
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
@@ -27,6 +26,7 @@ from pathlib import Path
 from torch import Tensor
 
 # One conversion and one compilation for fp32 and int8, deployment and QAT: they live in the int8 package.
+from repblocks.deploy.formats import openvino_installed
 from repblocks.int8.openvino import INSTALL, compile_model, infer, missing, require, to_openvino
 
 __all__ = [
@@ -46,10 +46,7 @@ __all__ = [
 
 def installed() -> bool:
     """Whether OpenVINO and NNCF can be imported, without importing them (what defaults are chosen by)."""
-    try:
-        return all(importlib.util.find_spec(package) is not None for package in ("openvino", "nncf"))
-    except ImportError:  # an import hook that refuses the name
-        return False
+    return openvino_installed()
 
 
 def set_metadata(ov_model, metadata: Mapping[str, str]) -> None:

@@ -30,7 +30,7 @@ from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
 from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
 from repblocks.weights import save_weights
 
-__all__ = ["DeployCheck", "DeployResult", "RunModelCheckpoint", "inside_folder"]
+__all__ = ["DeployCheck", "DeployResult", "NoCheckpointOnError", "RunModelCheckpoint", "inside_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,25 @@ class DeployCheck(L.Callback):
             deploy_weights=str(path),
         )
         log.info("deploy check: %s", asdict(self.result))
+
+
+class NoCheckpointOnError(L.Callback):
+    """``ModelCheckpoint(save_on_exception=True)`` for interrupts only: an error saves no checkpoint.
+
+    Ctrl-C and SIGTERM (Lightning's ``SIGTERMException``) stop a healthy run, whose ``last.ckpt``
+    resumes it. An error (a corrupt image, a NaN loss) stops a run in the middle of an epoch:
+    a checkpoint of it would be named like a result (``epoch=000-val_acc=0.0000.ckpt``), claim the
+    run folder, and Lightning would print the error's whole message, a worker's traceback
+    included, beside the one line train.py prints. Lightning calls checkpoint callbacks last, so
+    this one runs before them.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, Exception):  # KeyboardInterrupt, SystemExit (SIGTERM): saved as configured
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if hasattr(callback, "save_on_exception"):
+                callback.save_on_exception = False  # the run ends here; nothing else reads it
 
 
 def _validated_batches(loader: DataLoader, limit: int | float) -> Iterable | None:

@@ -32,12 +32,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +46,8 @@ from torch import Tensor, nn
 
 from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, build_data, sample_images
-from repblocks.errors import UserError
-from repblocks.files import TEMP_SUFFIX, atomic_path, fsync
+from repblocks.errors import Interrupted, UserError
+from repblocks.files import atomic_path, staged_folder
 from repblocks.int8 import agreement, compile_model, fake_quantize, infer, nncf_int8, predict_batches, to_openvino, top1
 from repblocks.int8.accuracy import Predictor
 from repblocks.numerics import max_errors
@@ -151,7 +147,7 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
         return {"fast_dev_run": True, "top1": accuracy, "val_images": len(labels)}
 
-    with _staged_folder(output_dir / INT8_DIR) as staging:
+    with staged_folder(output_dir / INT8_DIR) as staging:
         ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration, folder=staging)), data)[0]
         ir_check = _check_ir(fake_quant_logits, ir_logits, min_agreement=settings.min_agreement)
     accuracy["qat_int8"] = top1(ir_logits, labels)
@@ -260,10 +256,10 @@ def _fine_tune(
     quantized.train()  # NNCF hands it over in eval mode, which Lightning keeps: the kept BatchNorms would not train
     try:
         trainer.fit(module, datamodule=ClassificationDataModule(data))
-    except (KeyboardInterrupt, SystemExit):
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's SIGTERMException
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
     if trainer.interrupted:
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
     return trainer
 
 
@@ -299,26 +295,3 @@ def _check_ir(reference: Tensor, ir: Tensor, *, min_agreement: float) -> dict[st
             f"(max |logit diff| {abs_err:.2e}); nothing was written"
         )
     return {"top1_agreement": agreed, "max_abs_err": abs_err, "max_rel_err": rel_err}
-
-
-@contextmanager
-def _staged_folder(folder: Path) -> Iterator[Path]:
-    """An empty folder beside ``folder``, renamed to ``folder`` on success (one atomic rename), removed on failure."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMP_SUFFIX))
-    try:
-        yield staging
-        for path in staging.iterdir():  # on disk before the rename makes them visible
-            fsync(path)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the IR should read like any new folder
-        os.rename(staging, folder)
-        fsync(folder.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    return umask
