@@ -1,6 +1,7 @@
 """Deploy's settings are all checked before any work, and its outputs are written all or nothing."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -285,12 +286,15 @@ def test_deploy_py_writes_out_dir_from_a_read_only_working_directory():
 
 @pytest.fixture
 def other_processes_busy(monkeypatch):
-    """Other processes keep 1.5 cores busy, as /proc/stat would say: their CPU seconds grow 1.5x as fast as the clock."""
+    """Other processes keep 1.3 cores busy, as /proc/stat would say: their CPU seconds grow 1.3x as fast as the clock.
+
+    1.3, not 1.5: 4 - 1.5 sits on a rounding edge, and the measured load moves a little with this process's own work.
+    """
     import time
 
     from repblocks import bench
 
-    monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: bench._own_busy_seconds() + 1.5 * time.perf_counter())
+    monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: bench._own_busy_seconds() + 1.3 * time.perf_counter())
     monkeypatch.setattr(bench, "available_cores", lambda: 4)
     monkeypatch.setattr("repblocks.deploy.runtime.available_cores", lambda: 4)
 
@@ -301,10 +305,10 @@ TIMED = dict(device="cpu", batch_sizes=[1], backends=["eager"], rounds=2, warmup
 def test_the_report_measures_other_load_while_timing_and_flags_skewed_figures(tmp_path, other_processes_busy):
     report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": []}))
     load = report["load"]
-    assert load["other_load_cores"] == pytest.approx(1.5, abs=0.2) and load["skewed"] is True
-    assert load["threads"] == 2 and load["threads_chosen"].startswith("2 threads: 4 cores, 1.5")  # 4 - 1.5, rounded
+    assert load["other_load_cores"] == pytest.approx(1.3, abs=0.2) and load["skewed"] is True
+    assert load["threads"] == 3 and load["threads_chosen"].startswith("3 threads: 4 cores, 1.")  # 4 - 1.3, rounded
     markdown = (tmp_path / "out" / "report.md").read_text()
-    assert "other processes kept 1.5" in markdown and "skewed" in markdown
+    assert re.search(r"other processes kept 1\.\d", markdown) and "skewed" in markdown
 
 
 def test_threads_set_by_hand_are_kept_and_an_idle_machine_is_not_flagged(tmp_path, monkeypatch):
