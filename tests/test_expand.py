@@ -236,6 +236,16 @@ def test_registered_torchvision_model_deploys_to_torchvisions_own_class():
     assert isinstance(folded.bn1, nn.Identity) and folded.conv1.bias is not None
 
 
+def test_registered_torchvision_model_starts_from_torchvisions_weights_when_expanded(tmp_path):
+    pretrained = randomize_bn_(torchvision.models.resnet18(num_classes=10)).eval()
+    torch.save(pretrained.state_dict(), tmp_path / "resnet18.pth")
+    model = repblocks.create_model(
+        "tv_resnet18", num_classes=10, expand="repvgg", weights=str(tmp_path / "resnet18.pth")
+    )
+    x = torch.randn(2, 3, 32, 32)
+    assert max_errors(_outputs(pretrained, x)[0], _outputs(model, x)[0])[1] < 1e-6
+
+
 def test_registered_torchvision_model_without_torchvision_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now raises ImportError
     with pytest.raises(ValueError, match=r"^tv_resnet18 needs torchvision: pip install torchvision$"):

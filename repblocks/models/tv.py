@@ -11,6 +11,7 @@ torchvision is imported when such a model is built, never when the registry load
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import partial
 
@@ -19,6 +20,7 @@ from torch import nn
 from repblocks.convert import switch_to_deploy
 from repblocks.expand import expand as expand_model
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD
+from repblocks.pretrained import load_pretrained
 from repblocks.registry import register_model
 
 __all__ = ["TORCHVISION_CLASSIFIERS"]
@@ -43,10 +45,16 @@ def _create_torchvision(
     features_only: bool = False,
     expand: str | Mapping | None = None,
     online: bool = False,
+    weights: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """torchvision's ``tv_name`` with random weights, expanded with the branch set ``expand`` (None: plain).
+    """torchvision's ``tv_name``, expanded with the branch set ``expand`` (None: plain).
 
     Args:
+        weights: A file of weights for torchvision's own class (e.g. from torchvision's download cache),
+            loaded before expanding, so the expanded model starts as the pretrained one; a classifier
+            of another size is left fresh. (``create_model(pretrained=PATH)`` loads after the builder,
+            into the expanded model, whose keys differ.) Not read for ``deploy=True``: those weights
+            are replaced anyway.
         expand: A branch-set name (``"repvgg"``...) or dict for :func:`repblocks.expand`; None for the plain model.
         online: Online re-parameterization blocks instead of RepBlock (with ``expand``).
         deploy: The deploy form: torchvision's class itself when expanded, else Conv+BN folded.
@@ -63,6 +71,8 @@ def _create_torchvision(
         raise ValueError(f"tv_{tv_name} needs torchvision: pip install torchvision") from None
     model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
     model.num_classes = num_classes  # what the trainer and deploy read, as on every model of the zoo
+    if weights is not None and not deploy:
+        load_pretrained(model, weights, classifier=TORCHVISION_CLASSIFIERS[tv_name])
     if deploy:
         # An expanded model collapses back to torchvision's class itself; a plain one has its Conv+BN folded.
         return model if expand is not None else switch_to_deploy(model, inplace=True)
@@ -75,7 +85,7 @@ def _pretrained_cfg(tv_name: str, classifier: str) -> dict:
     return dict(
         architecture=f"tv_{tv_name}",
         tag=None,
-        hf_hub_id=None,  # torchvision publishes its own weights: load them into the plain model, then expand
+        hf_hub_id=None,  # torchvision publishes its own: pass their file as weights=PATH
         input_size=(3, 224, 224),
         interpolation="bilinear",
         crop_pct=0.875,
