@@ -226,7 +226,12 @@ def expand(
 
 
 def _block_for(*, online: bool):
-    """The function that builds one training block from a conv and its BatchNorm: the one place the block class is chosen."""
+    """The function that builds one training block from a conv and its BatchNorm: the one place the block class is chosen.
+
+    A block class fits when its builder has :func:`block_from_conv`'s signature (computing ``bn(conv(x))``
+    at first, new branches at zero) and its ``switch_to_deploy()`` leaves one fused conv in ``reparam``:
+    :func:`collapse_expanded` needs nothing else.
+    """
     if online:
         raise ValueError("online=True needs the online re-parameterization block, which this version does not have yet")
     return block_from_conv
