@@ -204,6 +204,15 @@ def test_collapse_restores_the_modules_expand_replaced(branches, dtype):
     assert max_errors(_outputs(expanded, x)[0], _outputs(fresh, x)[0])[1] < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_collapsed_batch_norm_adds_the_fused_bias_and_nothing_else(dtype):
+    expanded = randomize_bn_(expand(Mixed()).model.to(dtype), seed=1)
+    bn = repblocks.switch_to_deploy(expanded).seq[1]
+    z = torch.randn(2, 8, 5, 5, dtype=dtype) * 100
+    with torch.no_grad():
+        assert torch.equal(bn(z), z + bn.bias.reshape(-1, 1, 1))  # var + eps is exactly 1 in this dtype
+
+
 @pytest.mark.parametrize("name,dtype", list(_case_params()))
 def test_expanded_torchvision_model_collapses_into_its_original_class(name, dtype):
     build = TORCHVISION_CASES[name]
