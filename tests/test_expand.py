@@ -62,10 +62,11 @@ def _trained(model: nn.Module, inputs: torch.Tensor, steps: int = 2) -> nn.Modul
     for _ in range(steps):
         output = model(inputs)
         outputs = output.values() if isinstance(output, dict) else [output]
-        loss = sum(out.square().mean() for out in outputs)
+        loss = sum(out.mean() for out in outputs)  # bounded gradients: a squared loss diverges in two steps
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert all(param.isfinite().all() for param in model.parameters()), "training diverged: the test tests nothing"
     return model
 
 
@@ -216,7 +217,9 @@ def test_collapsed_batch_norm_adds_the_fused_bias_and_nothing_else(dtype):
 @pytest.mark.parametrize("name,dtype", list(_case_params()))
 def test_expanded_torchvision_model_collapses_into_its_original_class(name, dtype):
     build = TORCHVISION_CASES[name]
-    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    # 64x64 keeps the last stage above 1x1: training-mode BN over 2 values per channel makes the weights diverge.
+    size = 32 if (name, dtype) in FAST_CASES else 64
+    x = torch.randn(2, 3, size, size, dtype=dtype)
     original = _randomize_frozen_bn_(build(), seed=0).to(dtype)
     expansion = expand(original)
     assert expansion.taken and all(conv.kernel_size >= 3 for conv in expansion.taken)
