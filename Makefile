@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help demo test test-slow test-all test-core bench bench-train paper-speed lint clean
+.PHONY: help demo test test-slow test-all test-core bench bench-train bench-train-cost bench-branches paper-speed lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ bench: $(STAMP)  ## CPU inference: ours vs timm's RepVGG-A0 (train and deploy fo
 
 bench-train: $(STAMP)  ## CPU training steps/s: ours vs timm's RepVGG-A0, same weights and SGD
 	$(PY) -m benchmarks.train_throughput --threads 2
+
+bench-train-cost: $(STAMP)  ## CPU training steps/s and peak memory: plain, offline, online blocks and timm's A0
+	$(PY) -m benchmarks.train_cost --threads 2
+
+bench-branches: $(STAMP)  ## accuracy of plain/RepVGG/ACNet/DBB/online training on a hard digits subset, 3 seeds
+	$(PY) -m benchmarks.branch_accuracy --threads 2
 
 paper-speed: $(STAMP)  ## the RepVGG paper's speed table: A0-B3 vs ResNet-18..152 (batch 128 on GPU, 8 on CPU)
 	$(PY) deploy.py +experiment=paper_speed

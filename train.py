@@ -31,22 +31,26 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from repblocks.checkpoint import RunCheckpoint, read_checkpoint, read_run_checkpoint
+from repblocks.checkpoint import read_checkpoint
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.files import atomic_path
+from repblocks.run_checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
-from repblocks.train.run_folder import check_run_folder, run_files
+from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
 # The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-_MODEL_META_KEYS = ("_target_", "_partial_", "name")
+# Config keys that are no architecture argument, left out of the checkpoint's model_kwargs: where the
+# weights started (pretrained=...) is no part of the network a checkpoint rebuilds, and reading it back would
+# download or open another file.
+_MODEL_META_KEYS = ("_target_", "_partial_", "name", "pretrained")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -70,6 +74,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _MODEL_META_KEYS
     }
     network = instantiate(cfg.model)(num_classes=datamodule.num_classes, in_chans=datamodule.in_chans)
+    if hasattr(network, "bn_eps"):  # recorded, so the checkpoint rebuilds its model with the eps it trained with
+        model_kwargs.setdefault("bn_eps", network.bn_eps)
     # Settings the data leaves open (ImageFolder's mean, std, crop) are the model's: its weights expect them.
     data.use_model_preprocessing(getattr(network, "pretrained_cfg", None) or {})
     loss = instantiate(cfg.loss)
@@ -94,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     if resume is not None:
         _check_resume_fits(cfg.ckpt_path, *resume, module)
+    if not cfg.trainer.get("fast_dev_run"):  # a full disk: one line now, not after the first epoch
+        check_run_space(output_dir, module)
     callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     loggers = _loggers(cfg.get("logger"))
     if resume is not None and _first_process():

@@ -1,74 +1,21 @@
 """What the benchmark programs share: their command-line options, other processes' load, and statistics.
 
-The timing itself is :func:`repblocks.bench.time_interleaved` (the library's, which deploy.py uses
-too); this module holds what only the programs in ``benchmarks/`` need.
+The timing itself is :func:`repblocks.bench.time_interleaved` and the other processes' load
+:class:`repblocks.bench.OtherLoad` (the library's, which deploy.py uses too); this module holds what
+only the programs in ``benchmarks/`` need.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from repblocks.bench import median, p90, throughput
+from repblocks.bench import OtherLoad, median, p90, throughput
 from repblocks.files import atomic_path
 
 __all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples", "write_results"]
-
-
-class OtherLoad:
-    """How many cores other processes kept busy while a ``with`` block ran, to flag skewed timings.
-
-    Other processes on the cores skew every timing, more than their share: OpenMP threads that
-    outnumber the free cores stall each other. Reads ``/proc/stat`` (Linux); elsewhere ``cores``
-    stays None.
-
-    >>> with OtherLoad() as load:
-    ...     samples = time_interleaved(candidates)
-    >>> load.cores  # e.g. 0.05: other processes used a twentieth of one core on average
-    """
-
-    cores: float | None = None
-
-    def __enter__(self) -> OtherLoad:
-        self.cores = None
-        self._start = (_machine_busy_seconds(), _own_busy_seconds(), time.perf_counter())
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        machine_start, own_start, wall_start = self._start
-        machine_end, wall = _machine_busy_seconds(), time.perf_counter() - wall_start
-        if machine_start is None or machine_end is None or wall <= 0:
-            return
-        others = machine_end - machine_start - (_own_busy_seconds() - own_start)
-        self.cores = max(0.0, others) / wall
-
-    def warning(self, threshold: float = 0.1) -> str | None:
-        """A one-line warning when other processes kept more than ``threshold`` cores busy, else None."""
-        if self.cores is None or self.cores <= threshold:
-            return None
-        return (
-            f"warning: other processes kept {self.cores:.2f} of {os.cpu_count()} cores busy while timing; "
-            "these figures are skewed"
-        )
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
-    try:
-        fields = Path("/proc/stat").read_text().splitlines()[0].split()
-    except OSError:
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_busy_seconds() -> float:
-    times = os.times()
-    return times.user + times.system
 
 
 def summarize_samples(samples: Mapping[str, Sequence[float]], batch_size: int) -> dict[str, dict]:

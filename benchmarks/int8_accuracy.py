@@ -24,7 +24,7 @@ import torch
 from benchmarks.common import write_results
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.convert import convert
-from repblocks.deploy.quantize import Gate, gate_images, int8_runner, predict
+from repblocks.deploy.quantize import Gate, gate_images, int8_runner
 from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
 
@@ -50,8 +50,8 @@ def compare(run: Path, *, calibration_images: int, seed: int) -> list[dict]:
     network = load_network(ckpt=str(run))
     plain = convert(network).plain
     settings = QuantizeConfig(precision="int8", calibration_images=calibration_images)
-    calibration, images, labels, _ = gate_images(network, settings, seed=seed)
-    gate = Gate(images, labels, predict(torch.inference_mode()(plain), images), max_drop=settings.max_drop)
+    calibration, batches, _ = gate_images(network, settings, seed=seed)
+    gate = Gate.of(torch.inference_mode()(plain), batches, max_drop=settings.max_drop)
     rows = []
     with tempfile.TemporaryDirectory(prefix="repblocks-int8-accuracy-") as tmp:
         for form, model in (("deploy", plain), ("train (before fusion)", network.model)):
@@ -70,7 +70,7 @@ def compare(run: Path, *, calibration_images: int, seed: int) -> list[dict]:
                         "int8_top1": result.top1,
                         "drop": result.drop,
                         "agreement": result.agreement,
-                        "images": len(labels),
+                        "images": len(gate.labels),
                     }
                 )
     return rows

@@ -33,7 +33,8 @@ from repblocks.bench import median, time_interleaved
 from repblocks.deploy import openvino
 from repblocks.deploy.engines import RunnerSpec, build_runner, ort_runner
 from repblocks.deploy.export import onnx_session
-from repblocks.deploy.quantize import nncf_int8, onnxruntime_int8
+from repblocks.deploy.quantize import onnxruntime_int8
+from repblocks.int8 import nncf_int8
 from repblocks.numerics import randomize_bn_
 from repblocks.profile import count_macs
 

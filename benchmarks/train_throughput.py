@@ -55,9 +55,19 @@ def build_models(seed: int) -> dict[str, nn.Module]:
     return {"ours": ours.train(), "timm": timm_model.train()}
 
 
-def training_step(model: nn.Module, images: Tensor, labels: Tensor) -> Callable[[], Tensor]:
-    """One SGD step of ``model`` on the batch, as a zero-argument callable returning the loss."""
-    optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+def recipe_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The SGD every benchmarked training step uses: momentum, weight decay by ``param_groups``."""
+    return torch.optim.SGD(param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
+
+
+def training_step(
+    model: nn.Module, images: Tensor, labels: Tensor, optimizer: torch.optim.Optimizer | None = None
+) -> Callable[[], Tensor]:
+    """One SGD step of ``model`` on the batch, as a zero-argument callable returning the loss.
+
+    ``optimizer``: by default :func:`recipe_optimizer`'s; pass one to read its state afterwards.
+    """
+    optimizer = optimizer if optimizer is not None else recipe_optimizer(model)
 
     def step() -> Tensor:
         optimizer.zero_grad(set_to_none=True)

@@ -14,12 +14,14 @@ from repblocks.checkpoint import read_checkpoint, read_state_dict
 from repblocks.convert import fold_conv_bn, switch_to_deploy
 from repblocks.expand import Expansion, expand
 from repblocks.layouts import convert_layout
+from repblocks.online import OnlineRepBlock
 from repblocks.registry import create_model, get_pretrained_cfg, list_models, register_model
 from repblocks.weights import load_weights, save_weights
 
 __all__ = [
     "ConvBN",
     "Expansion",
+    "OnlineRepBlock",
     "RepBlock",
     "SqueezeExcite",
     "convert_layout",

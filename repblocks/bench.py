@@ -10,6 +10,10 @@ session, anything that does one unit of work per call.
 
 >>> samples = time_interleaved({"train": lambda: model(x), "deploy": lambda: plain(x)})
 >>> throughput(x.shape[0], median(samples["deploy"]))  # images per second
+
+Other processes on the cores skew every timing, and more than their share: :class:`OtherLoad`
+measures them while a block runs, and :func:`free_cores` says how many cores they leave, to run
+on no more threads than that.
 """
 
 from __future__ import annotations
@@ -17,18 +21,33 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["median", "p90", "percentile", "round_order", "synchronizer", "throughput", "time_interleaved"]
+__all__ = [
+    "SKEW_THRESHOLD",
+    "OtherLoad",
+    "available_cores",
+    "free_cores",
+    "median",
+    "p90",
+    "percentile",
+    "round_order",
+    "synchronizer",
+    "throughput",
+    "time_interleaved",
+]
 
 log = logging.getLogger(__name__)
 
 Candidate = Callable[[], object]
+SKEW_THRESHOLD = 0.1  # cores other processes may keep busy before timings count as skewed
 
 
 def time_interleaved(
@@ -188,3 +207,78 @@ def throughput(batch_size: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"seconds per batch must be positive, got {seconds}")
     return batch_size / seconds
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a ``with`` block ran, to flag skewed timings.
+
+    Other processes on the cores skew every timing, more than their share: OpenMP threads that
+    outnumber the free cores stall each other. Reads ``/proc/stat`` (Linux); elsewhere ``cores``
+    stays None.
+
+    >>> with OtherLoad() as load:
+    ...     samples = time_interleaved(candidates)
+    >>> load.cores  # e.g. 0.05: other processes used a twentieth of one core on average
+    """
+
+    cores: float | None = None
+
+    def __enter__(self) -> OtherLoad:
+        self.cores = None
+        self._start = (_machine_busy_seconds(), _own_busy_seconds(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        machine_start, own_start, wall_start = self._start
+        machine_end, wall = _machine_busy_seconds(), time.perf_counter() - wall_start
+        if machine_start is None or machine_end is None or wall <= 0:
+            return
+        others = machine_end - machine_start - (_own_busy_seconds() - own_start)
+        self.cores = max(0.0, others) / wall
+
+    def warning(self, threshold: float = SKEW_THRESHOLD) -> str | None:
+        """A one-line warning when other processes kept more than ``threshold`` cores busy, else None."""
+        if self.cores is None or self.cores <= threshold:
+            return None
+        return (
+            f"warning: other processes kept {self.cores:.2f} of {available_cores()} cores busy while timing; "
+            "these figures are skewed"
+        )
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes on the machine have used since boot (Linux), or None elsewhere."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_busy_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or ``taskset`` may narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def free_cores(sample_s: float = 0.3) -> tuple[int, float | None]:
+    """How many cores other processes leave free, measured over ``sample_s`` seconds; and their load in cores.
+
+    OpenMP's threads wait for each other at the end of every parallel region: one thread that
+    shares its core with another busy process holds the others up, so torch on as many threads as
+    cores collapses (25 ms to 490 ms a batch, measured) when one core is taken. Use this many.
+    """
+    with OtherLoad() as load:
+        time.sleep(sample_s)
+    cores = available_cores()
+    if load.cores is None:
+        return cores, None
+    return max(1, min(cores, round(cores - load.cores))), load.cores

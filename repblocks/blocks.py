@@ -9,7 +9,12 @@ Which branches exist is data (keyword arguments), so one class covers the famili
 * MobileOne (Vasu et al., CVPR 2023, https://arxiv.org/abs/2206.04040): ``num_conv_branches`` kxk
   Conv+BN branches, a 1x1 Conv+BN ("scale") branch and an identity BN;
 * QARepVGG (Chu et al., 2022, https://arxiv.org/abs/2212.01593): kxk Conv+BN, a 1x1 conv without
-  BN, a plain identity and a BatchNorm after the sum; v2 adds a kxk average-pool branch.
+  BN, a plain identity and a BatchNorm after the sum; v2 adds a kxk average-pool branch;
+* ACNet (Ding et al., ICCV 2019, https://arxiv.org/abs/1908.03930): 1xk and kx1 Conv+BN beside the kxk;
+* DBB (Ding et al., CVPR 2021, https://arxiv.org/abs/2103.13425): 1x1 Conv+BN -> kxk Conv+BN and
+  1x1 Conv+BN -> kxk average pool -> BN sequences beside the kxk and 1x1 (:mod:`repblocks.sequences`).
+
+``BRANCH_SETS`` names each family's branch set; :func:`resolve_branch_set` checks a name or a dict.
 
 It takes any ``in/out_channels``, ``stride`` and ``groups`` (grouped and depthwise included), so it
 drops into any backbone.
@@ -25,8 +30,20 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.fusion import equivalent_kernel_bias, fold_bn, fused_kernel_bias
+from repblocks.sequences import AvgSequence, ConvSequence
 
-__all__ = ["ACTIVATIONS", "BRANCH_KINDS", "ConvBN", "RepBlock", "SqueezeExcite", "resolve_act"]
+__all__ = [
+    "ACTIVATIONS",
+    "BRANCH_KINDS",
+    "BRANCH_MODULES",
+    "BRANCH_SETS",
+    "DEFAULT_BN_EPS",
+    "ConvBN",
+    "RepBlock",
+    "SqueezeExcite",
+    "resolve_act",
+    "resolve_branch_set",
+]
 
 ActFactory = Callable[[], nn.Module]
 
@@ -83,14 +100,38 @@ def check_int(value: object, name: str, *, minimum: int) -> int:
     return value
 
 
-class ConvBN(nn.Sequential):
-    """A bias-free convolution followed by BatchNorm, padded to keep the spatial size at stride 1."""
+# BatchNorm's own default. Weights trained with another eps (YOLOv6: 1e-3) need the same here: a state
+# dict does not carry eps, and every BN output (and every fused kernel) depends on it.
+DEFAULT_BN_EPS = 1e-5
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1, groups: int = 1):
-        conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups, bias=False
-        )
-        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels)))
+
+def check_bn_eps(value: object) -> float:
+    """``value`` as a float if it is a positive finite number; otherwise a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"bn_eps must be a positive number (BatchNorm's default: {DEFAULT_BN_EPS:g}), got {value!r}")
+    return float(value)
+
+
+class ConvBN(nn.Sequential):
+    """A bias-free convolution followed by BatchNorm, padded to keep the spatial size at stride 1.
+
+    ``kernel_size`` is an int, or ``(height, width)`` for ACNet's 1xk and kx1 (each side padded by half).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        bn_eps: float = DEFAULT_BN_EPS,
+    ):
+        sides = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        padding = tuple(side // 2 for side in sides)
+        conv = nn.Conv2d(in_channels, out_channels, sides, stride=stride, padding=padding, groups=groups, bias=False)
+        super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels, eps=check_bn_eps(bn_eps))))
 
 
 class SqueezeExcite(nn.Module):
@@ -116,6 +157,64 @@ BRANCH_KINDS = {
     "scale_branch": ("bn", "conv"),  # the 1x1 branch: Conv+BN (RepVGG, MobileOne) or a plain conv (QARepVGG)
     "identity_branch": ("bn", "plain"),  # the identity: a BatchNorm (RepVGG, MobileOne) or the input as is (QARepVGG)
 }
+# Branch switches that are on or off.
+_BRANCH_FLAGS = ("avg_pool_branch", "post_bn", "asym_branches", "seq_conv_branch", "seq_avg_branch")
+# The keyword arguments of RepBlock that say which branches it has: what a branch set may hold.
+_BRANCH_ARGS = ("num_conv_branches", *BRANCH_KINDS, *_BRANCH_FLAGS)
+# A RepBlock's modules that fusion turns into ``reparam`` and that hold weights (post_bn may stay).
+BRANCH_MODULES = ("conv_kxk", "conv_1x1", "conv_1xk", "conv_kx1", "conv_1x1_kxk", "conv_1x1_avg", "identity")
+
+# The branches of each family's block (RepBlock's keyword arguments): the families differ in nothing else.
+BRANCH_SETS: dict[str, dict] = {
+    # RepVGG: kxk Conv+BN, 1x1 Conv+BN, identity BN (RepBlock's defaults).
+    "repvgg": {},
+    # QARepVGG (Chu et al. 2022, Table 5, as YOLOv6's QARepVGGBlock): BN only on the kxk branch, a plain
+    # 1x1 conv and identity, one BN after the sum. Per-channel quantization then sees no branch whose
+    # scale a BN blows up, which is what made RepVGG lose accuracy in int8.
+    "qarepvgg": dict(scale_branch="conv", identity_branch="plain", post_bn=True),
+    # QARepVGG v2 (YOLOv6's QARepVGGBlockV2): the same plus a kxk average pool where the identity is.
+    "qarepvgg_v2": dict(scale_branch="conv", identity_branch="plain", avg_pool_branch=True, post_bn=True),
+    # ACNet v1 (Ding et al. 2019, acnet/acb.py's ACBlock): kxk, 1xk and kx1 Conv+BN; no 1x1, no identity.
+    "acnet": dict(scale_branch=None, identity_branch=None, asym_branches=True),
+    # DBB (Ding et al. 2021, DiverseBranchBlock): kxk and 1x1 Conv+BN, 1x1 -> kxk and 1x1 -> average pool.
+    "dbb": dict(identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
+}
+
+
+def resolve_branch_set(branches: str | dict) -> dict:
+    """The RepBlock keyword arguments of a branch set: a name in :data:`BRANCH_SETS`, or a dict of them, checked.
+
+    Returns a new dict (changing it changes no preset).
+
+    Raises:
+        ValueError: An unknown name (the message lists the known ones), a dict with keys that name
+            no branch (listed, with the ones that exist), or a value a branch cannot take.
+    """
+    if isinstance(branches, str):
+        if branches not in BRANCH_SETS:
+            raise ValueError(f"unknown branch set {branches!r}; known branch sets: {', '.join(BRANCH_SETS)}")
+        return dict(BRANCH_SETS[branches])
+    if not isinstance(branches, dict):
+        raise ValueError(f"a branch set is a name ({', '.join(BRANCH_SETS)}) or a dict, got {branches!r}")
+    unknown = [key for key in branches if key not in _BRANCH_ARGS]
+    if unknown:
+        raise ValueError(
+            f"unknown branch set keys {', '.join(map(str, unknown))}; a branch set may hold {', '.join(_BRANCH_ARGS)}"
+        )
+    _check_branch_values(**branches)
+    return dict(branches)
+
+
+def _check_branch_values(**branches: object) -> None:
+    if branches.get("num_conv_branches") is not None:
+        check_int(branches["num_conv_branches"], "num_conv_branches", minimum=1)
+    for arg in BRANCH_KINDS:
+        value = branches.get(arg)
+        if value is not None and value not in BRANCH_KINDS[arg]:
+            raise ValueError(f"{arg} must be one of {', '.join(BRANCH_KINDS[arg])} or None, got {value!r}")
+    for arg in _BRANCH_FLAGS:
+        if not isinstance(branches.get(arg, False), bool):
+            raise ValueError(f"{arg} must be True or False, got {branches[arg]!r}")
 
 
 class RepBlock(nn.Module):
@@ -138,12 +237,20 @@ class RepBlock(nn.Module):
         identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
             of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
         avg_pool_branch: Add a kxk stride-1 average pool of the input (QARepVGG v2), where shapes allow.
+        asym_branches: Add a 1xk Conv+BN ``conv_1xk`` and a kx1 Conv+BN ``conv_kx1``, centred on the
+            kxk's window (ACNet).
+        seq_conv_branch: Add a 1x1 Conv+BN -> kxk Conv+BN sequence ``conv_1x1_kxk`` (DBB's ``dbb_1x1_kxk``,
+            :class:`~repblocks.sequences.ConvSequence`).
+        seq_avg_branch: Add a 1x1 Conv+BN -> kxk average pool -> BN sequence ``conv_1x1_avg`` (DBB's
+            ``dbb_avg``, :class:`~repblocks.sequences.AvgSequence`), at the block's stride.
         post_bn: A BatchNorm ``post_bn`` after the branch sum (QARepVGG), before SE, so it always folds.
             (YOLOv6 applies its BN after SE, but refuses SE in these blocks: no weights differ.)
         keep_post_bn: Keep ``post_bn`` as its own module in the deploy form instead of folding it into
             the fused conv: the form quantization-aware training fine-tunes (YOLOv6 keeps it so).
         use_se: Add squeeze-excitation after the branch sum (RepVGG-D2se, MobileOne-S4).
         act: Activation: a name from :data:`ACTIVATIONS` (``"gelu"``), a factory (``nn.GELU``), or None for none.
+        bn_eps: The eps of every BatchNorm of the block (1e-5, BatchNorm's default; YOLOv6's weights: 1e-3).
+            A deploy-form block keeps it, to fuse train-form weights loaded into it as they were trained.
         deploy: Build only the fused convolution (for loading deploy-form weights).
     """
 
@@ -159,10 +266,14 @@ class RepBlock(nn.Module):
         scale_branch: str | None = "bn",
         identity_branch: str | None = "bn",
         avg_pool_branch: bool = False,
+        asym_branches: bool = False,
+        seq_conv_branch: bool = False,
+        seq_avg_branch: bool = False,
         post_bn: bool = False,
         keep_post_bn: bool = False,
         use_se: bool = False,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
     ):
         super().__init__()
@@ -176,11 +287,16 @@ class RepBlock(nn.Module):
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
-        if num_conv_branches is not None:
-            check_int(num_conv_branches, "num_conv_branches", minimum=1)
-        for arg, value in dict(scale_branch=scale_branch, identity_branch=identity_branch).items():
-            if value is not None and value not in BRANCH_KINDS[arg]:
-                raise ValueError(f"{arg} must be one of {', '.join(BRANCH_KINDS[arg])} or None, got {value!r}")
+        _check_branch_values(
+            num_conv_branches=num_conv_branches,
+            scale_branch=scale_branch,
+            identity_branch=identity_branch,
+            avg_pool_branch=avg_pool_branch,
+            asym_branches=asym_branches,
+            seq_conv_branch=seq_conv_branch,
+            seq_avg_branch=seq_avg_branch,
+            post_bn=post_bn,
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -192,30 +308,44 @@ class RepBlock(nn.Module):
             scale_branch=scale_branch,
             identity_branch=identity_branch,
             avg_pool_branch=avg_pool_branch,
+            asym_branches=asym_branches,
+            seq_conv_branch=seq_conv_branch,
+            seq_avg_branch=seq_avg_branch,
             post_bn=post_bn,
         )
         self.keep_post_bn = keep_post_bn
+        self.bn_eps = check_bn_eps(bn_eps)
+        norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
         shapes_allow = in_channels == out_channels and stride == 1
         self.has_identity = shapes_allow and identity_branch is not None
 
         self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = self.reparam = None
+        self.conv_1xk = self.conv_kx1 = self.conv_1x1_kxk = self.conv_1x1_avg = None
         if deploy:
             self.reparam = self._fused_conv()
         else:
-            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, stride=stride, groups=groups)
+            shape = dict(stride=stride, groups=groups, bn_eps=self.bn_eps)
+            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, **shape)
             if num_conv_branches is None:
                 self.conv_kxk = conv_bn()
             else:
                 self.conv_kxk = nn.ModuleList(conv_bn() for _ in range(num_conv_branches))
             if scale_branch == "bn":
-                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, stride=stride, groups=groups)
+                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, **shape)
             elif scale_branch == "conv":
                 self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, groups=groups, bias=False)
             if self.has_identity:
-                self.identity = nn.BatchNorm2d(in_channels) if identity_branch == "bn" else nn.Identity()
+                self.identity = norm(in_channels) if identity_branch == "bn" else nn.Identity()
             if avg_pool_branch and shapes_allow:
                 self.avg_pool = nn.AvgPool2d(kernel_size, stride=1, padding=kernel_size // 2)
-        self.post_bn = nn.BatchNorm2d(out_channels) if post_bn and (keep_post_bn or not deploy) else None
+            if asym_branches:
+                self.conv_1xk = ConvBN(in_channels, out_channels, (1, kernel_size), **shape)
+                self.conv_kx1 = ConvBN(in_channels, out_channels, (kernel_size, 1), **shape)
+            if seq_conv_branch:
+                self.conv_1x1_kxk = ConvSequence(in_channels, out_channels, kernel_size, **shape)
+            if seq_avg_branch:
+                self.conv_1x1_avg = AvgSequence(in_channels, out_channels, kernel_size, **shape)
+        self.post_bn = norm(out_channels) if post_bn and (keep_post_bn or not deploy) else None
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
         act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
@@ -230,7 +360,8 @@ class RepBlock(nn.Module):
         if self.reparam is not None:
             return []
         convs = list(self.conv_kxk) if isinstance(self.conv_kxk, nn.ModuleList) else [self.conv_kxk]
-        return [branch for branch in (*convs, self.conv_1x1, self.identity, self.avg_pool) if branch is not None]
+        others = (self.conv_1x1, self.conv_1xk, self.conv_kx1, self.conv_1x1_kxk, self.conv_1x1_avg)
+        return [branch for branch in (*convs, *others, self.identity, self.avg_pool) if branch is not None]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam is not None:
@@ -276,15 +407,18 @@ class RepBlock(nn.Module):
         ]
 
     def _fusion_args(self, *, fold_post_bn: bool) -> tuple:
-        conv_branches = []
+        conv_branches, sequences = [], []
         for branch in self.branches():
             if isinstance(branch, ConvBN):
                 conv_branches.append((branch.conv.weight, branch.bn))
             elif isinstance(branch, nn.Conv2d):
                 conv_branches.append((branch.weight, None))
+            elif isinstance(branch, (ConvSequence, AvgSequence)):
+                sequences.append(branch.fusion_part())
         post_bn = self.post_bn if fold_post_bn else None
         avg_pool = self.kernel_size if self.avg_pool is not None else None
-        return conv_branches, self.identity, {"kernel_size": self.kernel_size, "avg_pool": avg_pool, "post_bn": post_bn}
+        options = {"kernel_size": self.kernel_size, "avg_pool": avg_pool, "post_bn": post_bn, "sequences": sequences}
+        return conv_branches, self.identity, options
 
     @torch.no_grad()
     def switch_to_deploy(self, keep_post_bn: bool | None = None) -> RepBlock:
@@ -314,6 +448,7 @@ class RepBlock(nn.Module):
         fused.bias = nn.Parameter(bias, requires_grad=requires_grad)
         self.reparam = fused
         self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = None
+        self.conv_1xk = self.conv_kx1 = self.conv_1x1_kxk = self.conv_1x1_avg = None
         if not keep:
             self.post_bn = None
         return self
@@ -332,7 +467,8 @@ class RepBlock(nn.Module):
 
     def extra_repr(self) -> str:
         branches = ", ".join(f"{key}={value}" for key, value in self.branch_config.items() if value)
+        eps = f", bn_eps={self.bn_eps:g}" if self.bn_eps != DEFAULT_BN_EPS else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"groups={self.groups}, {branches}, deploy={self.deploy}"
+            f"groups={self.groups}, {branches}{eps}, deploy={self.deploy}"
         )

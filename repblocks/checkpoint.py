@@ -1,13 +1,10 @@
-"""Reading checkpoints safely, and the contract of train.py's own checkpoints.
+"""Reading checkpoints safely: a file is data, never code.
 
 Every file is read with ``torch.load(..., weights_only=True)`` (or as safetensors): a checkpoint
-that needs arbitrary objects to unpickle is refused, never executed.
-
-A train.py checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold ``model_name``,
-``num_classes``, ``in_chans``, ``image_size``, ``model_kwargs``, ``weights_prefix`` (``"model."``,
-or ``"ema.module."`` with EMA) and ``data`` (the data config); its ``state_dict`` holds the
-network's weights under that prefix. Training writes it and deployment reads it: this module is
-where both meet, so neither has to import the other.
+that needs arbitrary objects to unpickle is refused, never executed. A state dict is checked as it
+is read: only real (not ``meta``) floating-point or integer tensors are weights. What our own files
+say to rebuild their network (train.py checkpoints, deploy metadata) is read by
+:mod:`repblocks.run_checkpoint`.
 """
 
 from __future__ import annotations
@@ -18,7 +15,6 @@ import os
 import pickle
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,15 +25,12 @@ from torch import Tensor
 __all__ = [
     "DEPLOY_FORM",
     "PREPROCESSING_KEYS",
-    "RunCheckpoint",
     "StateDict",
     "WeightsSource",
     "deploy_metadata",
     "read_checkpoint",
-    "read_run_checkpoint",
     "read_safetensors_metadata",
     "read_state_dict",
-    "resolve_run_checkpoint",
 ]
 
 StateDict = dict[str, Tensor]
@@ -59,13 +52,24 @@ class _TrainerPickle(NamedTuple):
     """A trainer's checkpoint that pickles a class of its own beside the weights, which the safe loader refuses."""
 
     description: str  # what the file is
-    weights_key: str  # where its state dict sits
+    extract: str  # Python expression giving its state dict from the fully unpickled ``ckpt``
     package: str  # what unpickling it needs installed
+    suffix: str  # of the extracted file's name
 
 
 # Keyed by the class the unpickler names, so the refusal can say how to extract the weights from a trusted file.
 _TRAINER_PICKLES = {
-    "yacs.config.CfgNode": _TrainerPickle("a checkpoint of the official RepVGG training script", "model", "yacs"),
+    "yacs.config.CfgNode": _TrainerPickle(
+        "a checkpoint of the official RepVGG training script", 'ckpt["model"]', "yacs", "model"
+    ),
+    # meituan/YOLOv6 (yolov6/core/engine.py) saves whole fp16 modules under 'model' and 'ema';
+    # its own loader (yolov6/utils/checkpoint.py) takes ckpt['ema' if ckpt.get('ema') else 'model'].float().
+    "yolov6.models.yolo.Model": _TrainerPickle(
+        "a YOLOv6 training checkpoint",
+        'ckpt["ema" if ckpt.get("ema") else "model"].float().state_dict()',
+        "YOLOv6's yolov6 package (a clone of meituan/YOLOv6 on PYTHONPATH)",
+        "state_dict",
+    ),
 }
 
 
@@ -173,10 +177,10 @@ def _existing_file(path: str | os.PathLike) -> Path:
 
 def _extraction_hint(path: Path, class_name: str, trainer: _TrainerPickle) -> str:
     """One line: why the file is refused, and the command that extracts its weights where the user trusts it."""
-    target = path.with_name(f"{path.stem}_{trainer.weights_key}.pth")
+    target = path.with_name(f"{path.stem}_{trainer.suffix}.pth")
     code = (
-        f'import torch; torch.save(torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False)'
-        f"[{json.dumps(trainer.weights_key)}], {json.dumps(str(target))})"
+        f'import torch; ckpt = torch.load({json.dumps(str(path))}, map_location="cpu", weights_only=False); '
+        f"torch.save({trainer.extract}, {json.dumps(str(target))})"
     )
     return (
         f"refusing to unpickle {path}: it looks like {trainer.description}, and its {class_name} is not a class "
@@ -213,6 +217,7 @@ def _unwrap(obj: object, what: str) -> StateDict:
             if not all(isinstance(k, str) for k in obj):
                 keys = ", ".join(repr(k) for k in list(obj)[:5])
                 raise ValueError(f"{what} holds tensors under keys that are not parameter names ({keys})")
+            _check_weights(obj, what)
             return dict(obj)
         for key in _CONTAINER_KEYS:
             if isinstance(obj.get(key), Mapping):
@@ -222,86 +227,17 @@ def _unwrap(obj: object, what: str) -> StateDict:
     raise ValueError(f"{what} holds a {type(obj).__name__}, not a state dict")
 
 
-@dataclass(frozen=True)
-class RunCheckpoint:
-    """What a train.py checkpoint says about its network, and the network's own weights."""
+def _check_weights(state_dict: Mapping[str, Tensor], what: str) -> None:
+    """Refuse what no network's weights are: tensors without data (``meta``), complex or boolean values.
 
-    path: Path
-    model_name: str  # registry name
-    num_classes: int
-    in_chans: int
-    model_kwargs: dict  # further create_model arguments (drop_rate, ...)
-    state_dict: StateDict  # the network's weights, prefix removed
-    weights_prefix: str = "model."  # where they sat in the LightningModule's state ("ema.module." with EMA)
-    image_size: int | None = None  # what it was trained at
-    data: dict | None = None  # the data config, to rebuild its validation images
-    # How images were prepared for it (input_size, mean, std, crop_pct, interpolation), when saved.
-    preprocessing: dict | None = None
-    hyper_parameters: dict = field(default_factory=dict)  # everything saved, for callers that need more
-
-
-def resolve_run_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself when it is a file; for a train.py run folder, its best checkpoint, else its last.
-
-    Raises:
-        FileNotFoundError: Nothing at ``path``.
-        ValueError: A folder that is not a train.py run.
+    Loaded, a meta tensor fails deep in ``load_state_dict``, and complex or boolean values would be
+    cast into the model without a word.
     """
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    metrics = path / "metrics.json"
-    if metrics.is_file():
-        try:
-            best = json.loads(metrics.read_text()).get("best_ckpt")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            best = None
-        if isinstance(best, str) and best and Path(best).is_file():
-            return Path(best)
-    if (path / "checkpoints" / "last.ckpt").is_file():
-        return path / "checkpoints" / "last.ckpt"
-    raise ValueError(f"{path} is a folder but not a train.py run (no metrics.json best_ckpt, no checkpoints/last.ckpt)")
-
-
-def read_run_checkpoint(path: str | os.PathLike, checkpoint: object | None = None) -> RunCheckpoint | None:
-    """Read a train.py checkpoint (or run folder); None when the file is a checkpoint of another kind.
-
-    Args:
-        path: The checkpoint file or a train.py run folder.
-        checkpoint: Its contents, when the caller has already read them with :func:`read_checkpoint`.
-
-    Raises:
-        FileNotFoundError, ValueError: As :func:`read_checkpoint`, or a train.py checkpoint whose
-            hyper-parameters or weights are malformed.
-    """
-    path = resolve_run_checkpoint(path)
-    if checkpoint is None:
-        checkpoint = read_checkpoint(path)
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(hparams, Mapping) or "model_name" not in hparams:
-        return None
-    if not isinstance(checkpoint.get("state_dict"), Mapping):
-        raise ValueError(f"{path} is a train.py checkpoint without a state_dict")
-    prefix = hparams.get("weights_prefix", "model.")
-    # The LightningModule's state also holds loss buffers, an EMA copy, ...: keep the network's own weights.
-    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
-    if not state:
-        raise ValueError(f"{path} has no weights under its weights_prefix {prefix!r}")
-    try:
-        return RunCheckpoint(
-            path=path,
-            model_name=str(hparams["model_name"]),
-            num_classes=int(hparams["num_classes"]),
-            in_chans=int(hparams.get("in_chans", 3)),
-            model_kwargs=dict(hparams.get("model_kwargs") or {}),
-            state_dict=state,
-            weights_prefix=prefix,
-            image_size=int(hparams["image_size"]) if hparams.get("image_size") else None,
-            data=dict(hparams["data"]) if isinstance(hparams.get("data"), Mapping) else None,
-            preprocessing=dict(hparams["preprocessing"]) if isinstance(hparams.get("preprocessing"), Mapping) else None,
-            hyper_parameters=dict(hparams),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path}: malformed train.py hyper_parameters ({type(err).__name__}: {err})") from None
+    for key, tensor in state_dict.items():
+        if tensor.is_meta:
+            raise ValueError(f"{what}: {key} is a meta tensor (a shape without values): the file holds no weights")
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(
+                f"{what}: {key} holds {str(tensor.dtype).removeprefix('torch.')} values, not weights "
+                "(floating-point or integer tensors)"
+            )

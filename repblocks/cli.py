@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from repblocks.errors import Interrupted
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -81,8 +83,9 @@ def exit_on_user_error() -> Iterator[None]:
     """
     try:
         yield
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted: stopped before finishing; no partial output was kept\n")
+    except KeyboardInterrupt as interrupt:
+        said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
+        sys.stderr.write(f"{said or 'interrupted: stopped before finishing; no partial output was kept'}\n")
         raise SystemExit(130) from None
     except BaseException as raised:  # noqa: BLE001  (filtered just below; the rest is re-raised)
         error = _root_cause(raised)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
 __all__ = [
     "DATASETS",
@@ -32,7 +32,11 @@ __all__ = [
     "DigitsData",
     "FakeData",
     "ImageFolderData",
+    "IMAGE_SUFFIXES",
+    "ImageFiles",
     "build_data",
+    "eval_transform",
+    "evaluation_loader",
     "sample_images",
 ]
 
@@ -43,6 +47,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CROP_PCT = 0.875  # evaluation: resize to size / 0.875, then centre-crop size
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of images holds
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's
 
 
@@ -133,6 +138,66 @@ def sample_images(dataset: Dataset, count: int, *, seed: int = 0) -> Tensor:
     if isinstance(dataset, InMemoryBatches):
         return dataset[order][0]
     return torch.stack([dataset[index][0] for index in order])
+
+
+def evaluation_loader(data: ClassificationData, count: int | None = None, *, seed: int = 0) -> DataLoader:
+    """``data``'s validation images a batch at a time; ``count`` of them, drawn at random (seeded), when given.
+
+    Drawn as :func:`sample_images` draws: the same ``seed`` gives the same images.
+    """
+    dataset = data.val_set
+    if dataset is None:
+        raise RuntimeError("call setup() before asking for a data loader")
+    if count is not None and count < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+        if isinstance(dataset, InMemoryBatches):
+            dataset = InMemoryBatches(dataset.images[order], dataset.labels[order], dataset.transform)
+        else:
+            dataset = Subset(dataset, order.tolist())
+    return data._loader(dataset, shuffle=False, drop_last=False)
+
+
+def eval_transform(preprocessing: Mapping):
+    """torchvision's evaluation transform for a :func:`preprocessing_dict`: resize, centre-crop, normalize.
+
+    Resizes to ``size / crop_pct`` with its interpolation and centre-crops ``size``, as timm evaluates.
+    """
+    from torchvision.transforms import InterpolationMode, v2
+
+    size = preprocessing["input_size"][-1]
+    interpolation = InterpolationMode(preprocessing["interpolation"])
+    return v2.Compose(
+        [
+            v2.Resize(round(size / preprocessing["crop_pct"]), interpolation=interpolation, antialias=True),
+            v2.CenterCrop(size),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(preprocessing["mean"], preprocessing["std"]),
+        ]
+    )
+
+
+class ImageFiles(Dataset):
+    """The image files under ``folder`` (searched recursively, by suffix), unlabelled: for calibration.
+
+    ``skipped`` counts the other files found there.
+    """
+
+    def __init__(self, folder: str | os.PathLike, transform=None):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} is not a folder of images")
+        found = sorted(path for path in self.folder.rglob("*") if path.is_file())
+        self.files = [path for path in found if path.suffix.lower() in IMAGE_SUFFIXES]
+        self.skipped = len(found) - len(self.files)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = load_rgb_image(self.files[index])
+        return (self.transform(image) if self.transform else image), -1  # -1: no label
 
 
 class RandomAffineBatch:
@@ -411,10 +476,7 @@ class ImageFolderData(ClassificationData):
                 *normalize,
             ]
         )
-        resize = round(self.image_size / settings["crop_pct"])
-        val = v2.Compose(
-            [v2.Resize(resize, interpolation=interpolation, antialias=True), v2.CenterCrop(self.image_size), *normalize]
-        )
+        val = eval_transform(settings)
         self.train_set = datasets.ImageFolder(self.root / "train", transform=train, loader=load_rgb_image)
         self.val_set = datasets.ImageFolder(self.root / "val", transform=val, loader=load_rgb_image)
         self.calibration_set = datasets.ImageFolder(self.root / "train", transform=val, loader=load_rgb_image)

@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from repblocks.blocks import RepBlock
+from repblocks.blocks import BRANCH_SETS, RepBlock, resolve_branch_set
+from repblocks.online import online_block_from_conv
 from repblocks.pairs import conv_bn_pairs, frozen_batch_norms, set_submodule
 
 __all__ = [
@@ -67,12 +68,8 @@ _NOT_BRANCHES = ("in_channels", "out_channels", "stride", "groups", "kernel_size
 
 
 def _branch_sets() -> dict[str, dict]:
-    """The named branch sets expand knows.
-
-    One small function on purpose: once ``repblocks.blocks.resolve_branch_set`` exists (ACNet and DBB
-    presets), this returns its table and :func:`resolve_branches` calls it.
-    """
-    return {"repvgg": {}}
+    """The named branch sets expand knows: the core's table (RepVGG, ACNet, DBB, and the QARepVGG sets it refuses)."""
+    return BRANCH_SETS
 
 
 def resolve_branches(branches: BranchSet) -> dict:
@@ -92,6 +89,8 @@ def resolve_branches(branches: BranchSet) -> dict:
         kwargs = dict(sets[branches])
     elif isinstance(branches, Mapping):
         kwargs = dict(branches)
+        branch_keys = {key: value for key, value in kwargs.items() if key not in _NOT_BRANCHES}
+        resolve_branch_set(branch_keys)  # keys that name no branch, and values a branch cannot take: one line
     else:
         raise ValueError(f"branches must be a branch-set name ({', '.join(sets)}) or a dict, got {branches!r}")
     wrong = sorted(set(kwargs) & set(_NOT_BRANCHES))
@@ -232,9 +231,7 @@ def _block_for(*, online: bool):
     at first, new branches at zero) and its ``switch_to_deploy()`` leaves one fused conv in ``reparam``:
     :func:`collapse_expanded` needs nothing else.
     """
-    if online:
-        raise ValueError("online=True needs the online re-parameterization block, which this version does not have yet")
-    return block_from_conv
+    return online_block_from_conv if online else block_from_conv
 
 
 @torch.no_grad()

@@ -3,11 +3,13 @@
 Everything here is exact algebra on linear maps:
 
 * a convolution followed by an eval-mode BatchNorm is one convolution with a bias;
-* a 1x1 kernel is a kxk kernel that is zero outside its centre;
+* a 1x1 (or 1xk, kx1) kernel is a kxk kernel that is zero outside its centre (row, column);
 * the identity map is a kxk kernel with a single 1 per output channel (for any ``groups``);
 * a stride-1 average pool is a kxk kernel with ``1 / k**2`` at every tap of a channel's own input;
 * a BatchNorm after a sum of convolutions folds into the summed kernel like any Conv+BN pair;
-* convolutions over the same input with the same stride add up kernel-wise.
+* convolutions over the same input with the same stride add up kernel-wise;
+* a 1x1 conv, a BN, then a kxk conv (or a kxk average pool) and a BN is one kxk conv, provided the
+  second stage's padding carries what the first BN gives a zero input (DBB's sequences).
 
 The arithmetic runs in float64 and is cast back once at the end, so a model that is already
 in fp16/bf16 converts as accurately as its own dtype allows. (``torch.nn.utils.fusion`` does
@@ -17,6 +19,7 @@ out here: training differentiates through ``equivalent_kernel_bias`` for the Rep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "SequenceBranch",
     "bn_scale_shift",
     "equivalent_kernel_bias",
     "fold_bn",
@@ -90,11 +94,12 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def pad_kernel(kernel: Tensor, kernel_size: int) -> Tensor:
-    """Zero-pad a square (odd) kernel, e.g. 1x1, to ``kernel_size`` x ``kernel_size`` around its centre."""
-    pad = (kernel_size - kernel.shape[-1]) // 2
-    if pad < 0 or kernel.shape[-1] % 2 != kernel_size % 2:
-        raise ValueError(f"cannot centre a {kernel.shape[-1]}x{kernel.shape[-1]} kernel in {kernel_size}x{kernel_size}")
-    return F.pad(kernel, [pad, pad, pad, pad]) if pad else kernel
+    """Zero-pad an odd kernel, e.g. 1x1 or 1xk, to ``kernel_size`` x ``kernel_size`` around its centre."""
+    pad_h, pad_w = ((kernel_size - side) // 2 for side in kernel.shape[-2:])
+    if min(pad_h, pad_w) < 0 or any(side % 2 != kernel_size % 2 for side in kernel.shape[-2:]):
+        size = "x".join(str(side) for side in kernel.shape[-2:])
+        raise ValueError(f"cannot centre a {size} kernel in {kernel_size}x{kernel_size}")
+    return F.pad(kernel, [pad_w, pad_w, pad_h, pad_h]) if pad_h or pad_w else kernel
 
 
 def identity_kernel(
@@ -121,6 +126,21 @@ def identity_kernel(
     return kernel
 
 
+@dataclass(frozen=True)
+class SequenceBranch:
+    """A 1x1 conv and its BN, then a kxk conv or a kxk average pool and its BN: a branch of DBB (Ding et al. 2021).
+
+    The second stage pads the first BN's output with what that BN gives a zero input (its shift),
+    not with zeros: then the branch equals one kxk conv over the zero-padded input, at the borders
+    too (DBB's ``BNAndPadLayer``). The fused bias is the second kernel's taps times that shift.
+    """
+
+    first_kernel: Tensor | None  # (M, C_in / groups, 1, 1); None: every channel passes as is (no first stage)
+    first_bn: nn.Module | None  # None: no BN after the 1x1 (or no first stage)
+    second: Tensor | int  # (C_out, M / groups, k, k) kernel; or k, for a kxk average pool over each channel
+    second_bn: nn.Module | None
+
+
 def equivalent_kernel_bias(
     conv_branches: list[tuple[Tensor, nn.Module | None]],
     identity: nn.Module | None,
@@ -128,21 +148,23 @@ def equivalent_kernel_bias(
     kernel_size: int,
     avg_pool: int | None = None,
     post_bn: nn.Module | None = None,
+    sequences: Sequence[SequenceBranch] = (),
 ) -> tuple[Tensor, Tensor]:
     """Sum parallel convolution branches (and identity, average pool, a BN after the sum) into one kernel and bias.
 
     The result equals padding every kernel to ``kernel_size`` (:func:`pad_kernel`), folding each
     branch's BN (:func:`fold_bn`), adding the identity (:func:`identity_kernel`, through its BN if
-    it has one) and the average pool (``1 / size**2`` at every tap of each channel's own input),
-    summing it all and folding ``post_bn`` into the sum. Smaller kernels, the identity and the pool
-    are added into the centre instead of being materialized.
+    it has one), the average pool (``1 / size**2`` at every tap of each channel's own input) and
+    each sequence (:class:`SequenceBranch`), summing it all and folding ``post_bn`` into the sum.
+    Smaller kernels, the identity and the pool are added into the centre instead of being materialized.
 
     Differentiable with respect to the kernels and the BN affine parameters (the RepVGG L2
     penalty needs that). The sum is formed in float64 and cast back to the first kernel's dtype.
 
     Args:
-        conv_branches: ``(kernel, bn)`` pairs of square, odd kernels up to ``kernel_size``; ``bn``
-            is None for a plain bias-free convolution (QARepVGG's 1x1 branch).
+        conv_branches: ``(kernel, bn)`` pairs of odd kernels up to ``kernel_size`` on each side,
+            square or not (ACNet's 1xk and kx1); ``bn`` is None for a plain bias-free convolution
+            (QARepVGG's 1x1 branch).
         identity: The identity branch: a BatchNorm applied to the input (RepVGG, MobileOne),
             ``nn.Identity`` for the plain identity (QARepVGG), or None for none.
         kernel_size: Size of the fused square kernel. The groups need no argument: the kernels'
@@ -150,9 +172,10 @@ def equivalent_kernel_bias(
         avg_pool: Side of a stride-1 average pool over each channel (padding ``size // 2``, padded
             zeros counted, as ``nn.AvgPool2d``'s default): QARepVGG v2's branch. None for none.
         post_bn: A BatchNorm applied to the branch sum (QARepVGG), or None.
+        sequences: DBB's 1x1 -> kxk and 1x1 -> average-pool branches.
     """
     dtype = conv_branches[0][0].dtype
-    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn)
+    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn, sequences)
     out_channels = conv_branches[0][0].shape[0]
     kernel, bias = parts.sum(range(out_channels), kernel_size)
     return kernel.to(dtype), bias.to(dtype)
@@ -166,6 +189,7 @@ def fused_kernel_bias(
     kernel_size: int,
     avg_pool: int | None = None,
     post_bn: nn.Module | None = None,
+    sequences: Sequence[SequenceBranch] = (),
     rows_per_chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """The same values as :func:`equivalent_kernel_bias`, without autograd, for conversion.
@@ -176,7 +200,7 @@ def fused_kernel_bias(
     """
     first_kernel = conv_branches[0][0]
     out_channels = first_kernel.shape[0]
-    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn)
+    parts = _Parts.of(conv_branches, identity, avg_pool, post_bn, sequences)
     kernel = first_kernel.new_empty(out_channels, first_kernel.shape[1], kernel_size, kernel_size)
     bias = first_kernel.new_empty(out_channels)
     for start in range(0, out_channels, rows_per_chunk):
@@ -188,6 +212,66 @@ def fused_kernel_bias(
 Affine = tuple[Tensor, Tensor] | None  # per-channel (scale, shift) in float64; None for the plain map
 
 
+def _affine(module: nn.Module | None) -> Affine:
+    return None if module is None or isinstance(module, nn.Identity) else bn_scale_shift(module)
+
+
+def _scaled(kernel: Tensor, affine: Affine, rows: slice) -> tuple[Tensor, Tensor | None]:
+    """Rows of ``kernel`` in float64 with ``affine``'s scale folded in, and its shift (None without one)."""
+    if affine is None:
+        return kernel[rows].to(wide_dtype(kernel.device), copy=True), None  # never a view of the weight
+    scale, shift = affine[0][rows], affine[1][rows]
+    return kernel[rows].to(scale.dtype) * scale.reshape(-1, *([1] * (kernel.dim() - 1))), shift
+
+
+@dataclass
+class _Sequence:
+    """A :class:`SequenceBranch` with its BNs reduced to affine maps."""
+
+    first_kernel: Tensor | None
+    first: Affine
+    second: Tensor | int
+    second_affine: Affine
+
+    def rows(self, rows: range, like: Tensor) -> tuple[Tensor, Tensor]:
+        """Kernel ``(len(rows), C_in / groups, k, k)`` and bias of output channels ``rows``, as ``like`` (float64)."""
+        out_slice = slice(rows.start, rows.stop)
+        out_idx = torch.arange(rows.start, rows.stop, device=like.device)
+        if isinstance(self.second, int):
+            kernel, bias = self._pooled(rows, like)
+        else:
+            second = self.second[out_slice].to(wide_dtype(self.second.device))  # (R, M / groups, k, k)
+            middle, per_group = self.first_kernel.shape[0], second.shape[1]
+            first, shift = self._first(slice(0, middle))  # (M, C_in / groups), (M,)
+            out_per_group = self.second.shape[0] // (middle // per_group)
+            group = out_idx // out_per_group  # each output row's group
+            first = first.reshape(-1, per_group, first.shape[-1])[group]  # (R, M / groups, C_in / groups)
+            kernel = torch.einsum("rmhw,rmi->rihw", second, first)
+            # The padding carries the first BN's shift, so every tap of the second kernel sees it.
+            bias = torch.einsum("rmhw,rm->r", second, shift.reshape(-1, per_group)[group])
+        if self.second_affine is not None:
+            scale, shift = self.second_affine[0][out_slice], self.second_affine[1][out_slice]
+            kernel, bias = kernel * scale.reshape(-1, 1, 1, 1), bias * scale + shift
+        return kernel, bias
+
+    def _first(self, rows: slice) -> tuple[Tensor, Tensor]:
+        kernel = self.first_kernel[..., 0, 0]  # (M, C_in / groups)
+        folded, shift = _scaled(kernel, self.first, rows)
+        return folded, shift if shift is not None else folded.new_zeros(folded.shape[0])
+
+    def _pooled(self, rows: range, like: Tensor) -> tuple[Tensor, Tensor]:
+        size, count = self.second, len(rows)
+        if self.first_kernel is None:  # the pool reads each channel's own input: c % (inputs per group)
+            kernel = like.new_zeros(count, like.shape[1], size, size)
+            out_idx = torch.arange(rows.start, rows.stop, device=like.device)
+            kernel[torch.arange(count, device=like.device), out_idx % like.shape[1]] = 1.0 / size**2
+            return kernel, kernel.new_zeros(count)
+        # The pool averages the 1x1's output channel by channel: its window, over the padded shift, keeps the shift.
+        first, shift = self._first(slice(rows.start, rows.stop))  # (R, C_in / groups)
+        kernel = (first / size**2).reshape(count, -1, 1, 1).expand(-1, -1, size, size)
+        return kernel, shift
+
+
 @dataclass
 class _Parts:
     """A block's branches reduced to what fusion needs: kernels with their per-channel affine maps."""
@@ -196,44 +280,52 @@ class _Parts:
     identity: Affine | bool  # False: no identity branch; None: the plain identity
     avg_pool: int | None
     post: Affine
+    sequences: list[_Sequence]
 
     @classmethod
-    def of(cls, conv_branches, identity, avg_pool, post_bn) -> _Parts:
-        def affine(module: nn.Module | None) -> Affine:
-            return None if module is None or isinstance(module, nn.Identity) else bn_scale_shift(module)
-
+    def of(cls, conv_branches, identity, avg_pool, post_bn, sequences=()) -> _Parts:
         if not conv_branches:
             raise ValueError("a re-parameterizable block needs at least one convolution branch")
+        for seq in sequences:
+            if seq.first_kernel is not None and tuple(seq.first_kernel.shape[-2:]) != (1, 1):
+                raise ValueError(f"a sequence starts with a 1x1 conv, got a {tuple(seq.first_kernel.shape)} kernel")
+            if seq.first_kernel is None and not isinstance(seq.second, int):
+                raise ValueError("a sequence without a first 1x1 conv must end in an average pool")
+            out_channels = conv_branches[0][0].shape[0]
+            if isinstance(seq.second, int) and seq.first_kernel is not None and len(seq.first_kernel) != out_channels:
+                raise ValueError(
+                    f"an average pool keeps channels: its 1x1 conv must give the block's {out_channels}, "
+                    f"got {len(seq.first_kernel)}"
+                )
         return cls(
-            convs=[(kernel, affine(bn)) for kernel, bn in conv_branches],
-            identity=False if identity is None else affine(identity),
+            convs=[(kernel, _affine(bn)) for kernel, bn in conv_branches],
+            identity=False if identity is None else _affine(identity),
             avg_pool=avg_pool,
-            post=affine(post_bn),
+            post=_affine(post_bn),
+            sequences=[
+                _Sequence(seq.first_kernel, _affine(seq.first_bn), seq.second, _affine(seq.second_bn))
+                for seq in sequences
+            ],
         )
 
     def sum(self, rows: range, kernel_size: int) -> tuple[Tensor, Tensor]:
         """Float64 kernel and bias of output channels ``rows``."""
-        centre = kernel_size // 2
         out_slice = slice(rows.start, rows.stop)
         kernel = bias = None
-        for branch_kernel, affine in sorted(self.convs, key=lambda branch: -branch[0].shape[-1]):
-            size = branch_kernel.shape[-1]
-            if size % 2 != 1 or size > kernel_size:
-                raise ValueError(f"cannot centre a {size}x{size} kernel in {kernel_size}x{kernel_size}")
-            wide = wide_dtype(branch_kernel.device)
-            if affine is None:
-                folded, shift = branch_kernel[out_slice].to(wide, copy=True), None  # never a view of the weight
-            else:
-                scale, shift = affine[0][out_slice], affine[1][out_slice]
-                folded = branch_kernel[out_slice].to(scale.dtype) * scale.reshape(-1, 1, 1, 1)
+        for branch_kernel, affine in sorted(self.convs, key=lambda branch: -branch[0].shape[-2] * branch[0].shape[-1]):
+            folded, shift = _scaled(branch_kernel, affine, out_slice)
             if kernel is None:  # the largest branch; a fresh tensor, so adding into it in place is safe
                 kernel = pad_kernel(folded, kernel_size)
                 bias = shift if shift is not None else kernel.new_zeros(len(rows))
             else:
-                lo, hi = centre - size // 2, centre + size // 2 + 1
-                kernel[..., lo:hi, lo:hi] += folded
+                _add_centred(kernel, folded)
                 bias = bias + shift if shift is not None else bias
+        for seq in self.sequences:
+            seq_kernel, seq_bias = seq.rows(rows, kernel)
+            _add_centred(kernel, seq_kernel)
+            bias = bias + seq_bias
         # Identity and average pool read each output channel's own input channel: c % (inputs per group).
+        centre = kernel_size // 2
         out_idx = torch.arange(rows.start, rows.stop, device=kernel.device)
         local_idx, in_idx = out_idx - rows.start, out_idx % kernel.shape[1]
         if self.identity is not False:
@@ -251,3 +343,12 @@ class _Parts:
             scale, shift = self.post[0][out_slice], self.post[1][out_slice]
             kernel, bias = kernel * scale.reshape(-1, 1, 1, 1), bias * scale + shift
         return kernel, bias
+
+
+def _add_centred(kernel: Tensor, part: Tensor) -> None:
+    """Add an odd ``part`` (``(R, C, h, w)``) into the centre of the square ``kernel``, in place."""
+    size, (height, width) = kernel.shape[-1], part.shape[-2:]
+    if height % 2 != 1 or width % 2 != 1 or height > size or width > size:
+        raise ValueError(f"cannot centre a {height}x{width} kernel in {size}x{size}")
+    top, left = (size - height) // 2, (size - width) // 2
+    kernel[..., top : top + height, left : left + width] += part

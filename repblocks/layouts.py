@@ -5,7 +5,8 @@ Our layout is ``stem``, ``stages.i.j``, ``conv_kxk`` (``conv_kxk.n`` with severa
 train or deploy form:
 
 * the official RepVGG code's (``stage0..4``, ``rbr_dense``, ``rbr_1x1``, ``rbr_identity``,
-  ``rbr_reparam``, ``linear``);
+  ``rbr_reparam``, ``linear``), QARepVGG blocks in that network included (the QARepVGG authors' code,
+  cxxgtxy/QARepVGG: a plain-conv ``rbr_1x1`` and a block-level ``bn`` after the sum, our ``post_bn``);
 * timm's RepVGG and MobileOne (ours, except ``conv_scale``, ``reparam_conv`` and ``attn.fc1/fc2``: a
   RepVGG in train form without SE has our very keys);
 * mmpretrain's (``backbone.stem``, ``backbone.stage_1..4``, ``branch_3x3``/``branch_1x1`` with
@@ -13,7 +14,9 @@ train or deploy form:
 * apple's MobileOne (``stage0..4`` as the official RepVGG code, ``rbr_conv.n``, ``rbr_scale``,
   ``rbr_skip``, ``reparam_conv``, ``se.reduce/expand``, ``linear``);
 * YOLOv6's blocks (RepVGGBlock: the official block keys; QARepVGGBlock: a plain-conv ``rbr_1x1`` and
-  a block-level ``bn`` after the sum, which its deploy form keeps beside ``rbr_reparam``);
+  a block-level ``bn`` after the sum, which its deploy form keeps beside ``rbr_reparam``), told apart by
+  the QA blocks or by YOLOv6's network names (``ERBlock_N``, ``Rep_pN``/``Rep_nN``). YOLOv6 trains
+  with BatchNorm eps 1e-3 (:data:`LAYOUT_BN_EPS`), which a state dict does not record;
 
 each possibly wrapped by DDP (``module.``), ``torch.compile`` (``_orig_mod.``) or a Lightning
 module (``model.``). A layout is recognised by keys no other layout has, and every layout is a
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
+__all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
 
 StateDict = dict[str, Tensor]
 
@@ -53,7 +56,11 @@ class BlockRename:
 
 
 _Rename = tuple[str, str | Callable[[re.Match], str]] | BlockRename
+# A QARepVGG block's BatchNorm after the sum is ``bn`` right below the block, in YOLOv6's code and in the
+# QARepVGG authors' (cxxgtxy/QARepVGG, repvgg.py); the ``bn`` inside ``rbr_dense`` (or a YOLOv6 ConvModule) is not.
+_POST_BN = BlockRename("bn", "post_bn", marker=r"rbr_(dense|reparam)\.")
 _OFFICIAL_BLOCK: list[_Rename] = [
+    _POST_BN,
     (r"\brbr_dense\.", "conv_kxk."),
     (r"\brbr_1x1\.", "conv_1x1."),
     (r"\brbr_identity\.", "identity."),
@@ -94,8 +101,7 @@ _APPLE_RENAMES: list[_Rename] = [
     (r"\bse\.expand\.", "se.up."),
 ]
 # Blocks only: YOLOv6's networks (EfficientRep, ...) are not ours, the blocks inside them are.
-_YOLOV6_POST_BN = BlockRename("bn", "post_bn", marker=r"rbr_(dense|reparam)\.")
-_YOLOV6_RENAMES: list[_Rename] = [_YOLOV6_POST_BN, *_OFFICIAL_BLOCK]
+_YOLOV6_RENAMES: list[_Rename] = _OFFICIAL_BLOCK
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
@@ -106,6 +112,7 @@ _FROM_LAYOUT = {
 
 # Ours -> theirs, for handing our weights to the other code base.
 _TO_OFFICIAL_BLOCK: list[_Rename] = [
+    (r"\bpost_bn\.", "bn."),
     (r"\bconv_kxk\.", "rbr_dense."),
     (r"\bconv_1x1\.", "rbr_1x1."),
     (r"\bidentity\.", "rbr_identity."),
@@ -144,7 +151,7 @@ _TO_APPLE: list[_Rename] = [
     (r"\bse\.down\.", "se.reduce."),
     (r"\bse\.up\.", "se.expand."),
 ]
-_TO_YOLOV6: list[_Rename] = [(r"\bpost_bn\.", "bn."), *_TO_OFFICIAL_BLOCK]
+_TO_YOLOV6: list[_Rename] = _TO_OFFICIAL_BLOCK
 _TO_LAYOUT = {
     "repblocks": [],
     "official": _TO_OFFICIAL,
@@ -154,13 +161,27 @@ _TO_LAYOUT = {
     "yolov6": _TO_YOLOV6,
 }
 LAYOUTS = tuple(_TO_LAYOUT)
+# The BatchNorm eps a code base trains with, where it is not BatchNorm's default (1e-5). YOLOv6's
+# initialize_weights (yolov6/utils/torch_utils.py) sets eps=1e-3 on every nn.BatchNorm2d of its models.
+LAYOUT_BN_EPS: dict[str, float] = {"yolov6": 1e-3}
+
+_OFFICIAL_NETWORK_MARK = re.compile(r"(^|\.)(stage\d\.|linear\.(weight|bias)$)")
+_YOLOV6_NETWORK_MARK = re.compile(r"(^|\.)(ERBlock_\d|Rep_[pn]\d)\.")  # EfficientRep's and RepPAN's module names
 
 
 def _yolov6_marks(keys: list[str]) -> bool:
-    """A QARepVGG block of YOLOv6: a plain-conv ``rbr_1x1`` or a ``bn`` beside ``rbr_dense``/``rbr_reparam``."""
+    """YOLOv6: its network's module names, or a QARepVGG block outside the official network.
+
+    A QA block (a plain-conv ``rbr_1x1``, a ``bn`` beside ``rbr_dense``/``rbr_reparam``) inside the
+    official network (``stage0..4``) is the QARepVGG authors' code, which the official layout reads.
+    """
+    if any(_YOLOV6_NETWORK_MARK.search(key) for key in keys):
+        return True
+    if any(_OFFICIAL_NETWORK_MARK.search(key) for key in keys):
+        return False
     if any(re.search(r"(^|\.)rbr_1x1\.weight$", key) for key in keys):
         return True
-    return any(new != old for old, new in _block_renamed(keys, _YOLOV6_POST_BN).items())
+    return any(new != old for old, new in _block_renamed(keys, _POST_BN).items())
 
 
 # What gives each layout away, checked in this order: key components no layout checked later has

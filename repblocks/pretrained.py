@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.layouts import to_repblocks_layout
-from repblocks.registry import get_pretrained_cfg, list_models
+from repblocks.provenance import recorded_metadata
 from repblocks.weights import load_weights
 
 __all__ = ["classifier_classes", "load_pretrained", "read_pretrained", "timm_state_dict"]
@@ -46,11 +46,7 @@ def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
     """
     hub_id = pretrained_cfg.get("hf_hub_id")
     if not hub_id:
-        published = [n for n in list_models() if get_pretrained_cfg(n).get("hf_hub_id")]
-        raise ValueError(
-            f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
-            f"pass pretrained=PATH to load weights from a file"
-        )
+        raise ValueError(f"timm publishes no weights for {name}; pass pretrained=PATH to load weights from a file")
     where = f"https://huggingface.co/{hub_id} (model.safetensors)"
     try:
         import timm
@@ -79,12 +75,19 @@ def classifier_classes(state_dict: Mapping[str, Tensor], classifier: str | None)
     return weight.shape[0] if weight is not None and weight.dim() == 2 else None
 
 
-def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str | None = "head.fc") -> nn.Module:
+def load_pretrained(
+    model: nn.Module,
+    source: WeightsSource,
+    *,
+    classifier: str | None = "head.fc",
+    metadata: Mapping[str, str] | None = None,
+) -> nn.Module:
     """Load weights (a file or a state dict) into ``model`` with :func:`repblocks.load_weights`, fitting the classifier.
 
     What the model does not have (a backbone's head and the stages past its last level) is left
     out; a classifier of another size (or none in the file) leaves the model's own, fresh one.
-    Both are logged. Everything else must fit exactly.
+    Both are logged. Everything else must fit exactly. ``metadata`` is what the file of a given state
+    dict records (read from the file when ``source`` is a path), checked as :func:`load_weights` does.
     """
     expected = model.state_dict()
     roots = {key.split(".")[0] for key in expected} | {"head"}
@@ -92,7 +95,7 @@ def load_pretrained(model: nn.Module, source: WeightsSource, *, classifier: str 
     state_dict = _without_absent_modules(model, state_dict)
     if classifier is not None:
         state_dict = _fit_classifier(state_dict, expected, classifier)
-    return load_weights(model, state_dict)
+    return load_weights(model, state_dict, metadata=recorded_metadata(source) if metadata is None else metadata)
 
 
 def _without_absent_modules(model: nn.Module, state_dict: StateDict) -> StateDict:

@@ -16,6 +16,9 @@ from typing import Any
 
 from torch import nn
 
+from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained
+from repblocks.provenance import recorded_metadata
+
 __all__ = ["create_model", "get_pretrained_cfg", "list_models", "register_model"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -83,7 +86,7 @@ def create_model(
             necks; ``model.feature_info`` describes them. Weights of a classifier load without its head.
         out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages;
             negative from the end; n for the last n).
-        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``).
+        **kwargs: Passed to the model family's constructor (for RepVGG: ``drop_rate``, ``act``, ``bn_eps``).
 
     Raises:
         ValueError: An unknown name or argument (the message lists what exists), an invalid value,
@@ -98,10 +101,13 @@ def create_model(
         kwargs["out_indices"] = tuple(out_indices) if isinstance(out_indices, Sequence) else out_indices
     pretrained_cfg = get_pretrained_cfg(name)
     weights = None
+    if pretrained is True and not pretrained_cfg.get("hf_hub_id"):
+        published = [other for other in list_models() if _PRETRAINED_CFGS[other].get("hf_hub_id")]
+        raise ValueError(
+            f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
+            f"pass pretrained=PATH to load weights from a file"
+        )
     if pretrained is not False:
-        # Imported here: repblocks.weights (which loading needs) imports this module.
-        from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained
-
         weights = read_pretrained(name, pretrained, pretrained_cfg=pretrained_cfg)
         if num_classes is None:
             num_classes = classifier_classes(weights, pretrained_cfg.get("classifier"))
@@ -110,7 +116,9 @@ def create_model(
     model = builder(num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only, **kwargs)
     model.pretrained_cfg = pretrained_cfg
     if weights is not None:
-        load_pretrained(model, weights, classifier=pretrained_cfg.get("classifier"))
+        # A file of ours records what its weights need beyond the tensors (bn_eps, block kinds): checked on loading.
+        metadata = recorded_metadata(pretrained) if pretrained is not True else {}
+        load_pretrained(model, weights, classifier=pretrained_cfg.get("classifier"), metadata=metadata)
     return model
 
 

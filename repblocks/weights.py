@@ -18,22 +18,32 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from repblocks.blocks import RepBlock
-from repblocks.checkpoint import RunCheckpoint, StateDict, WeightsSource, read_state_dict
+from repblocks.blocks import BRANCH_MODULES, RepBlock
+from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
 from repblocks.layouts import detect_layout, to_repblocks_layout
-from repblocks.registry import create_model
+from repblocks.provenance import (
+    BLOCK_KINDS_KEY,
+    ambiguous_qa_blocks,
+    assumed_bn_eps,
+    check_layout_eps,
+    check_recorded,
+    recorded_metadata,
+    weights_metadata,
+)
 
-__all__ = ["build_run_model", "load_weights", "save_weights"]
+__all__ = ["load_weights", "save_weights"]
 
 log = logging.getLogger(__name__)
 
 # Keys of a RepBlock's train-form branches and of its fused conv, below the block's own name.
-_BRANCH = re.compile(r"(^|\.)(conv_kxk|conv_1x1|identity)\.")  # post_bn is no branch: it may stay
+_BRANCH = re.compile(rf"(^|\.)({'|'.join(BRANCH_MODULES)})\.")  # post_bn is no branch: it may stay
 _FUSED = re.compile(r"(^|\.)reparam\.weight$")
 
 
-def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True) -> nn.Module:
+def load_weights(
+    model: nn.Module, source: WeightsSource, *, strict: bool = True, metadata: Mapping[str, str] | None = None
+) -> nn.Module:
     """Load weights from a file or state dict into ``model``, in place, and return it.
 
     Any layout of :data:`repblocks.layouts.LAYOUTS` is read (the one recognised is logged at INFO).
@@ -43,24 +53,42 @@ def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True
     keys are dropped (and logged). A ``torch.compile``d or DataParallel/DDP-wrapped model is filled
     through the module it wraps, without compiling anything.
 
+    A state dict does not record BatchNorm's eps: the weights' statistics are used with the model's
+    (logged at INFO). Weights of a code base known to train with another eps (YOLOv6: 1e-3) are
+    refused by a model whose BatchNorms use another; so is a file of ours (:func:`save_weights`
+    records eps and block kinds) by a model that differs in either. QARepVGG and QARepVGG v2 weights
+    have the same keys; where nothing records which they are, the log says so.
+
     Args:
         model: The model to fill.
         source: A path (``.pth``, ``.pt``, ``.ckpt``, ``.safetensors``) or a state dict.
         strict: Raise when keys are missing or unexpected (fused branches included); otherwise log
             them and load the rest. Keys whose shape differs from the model's raise either way.
+        metadata: What the file of the given state dict records (:func:`save_weights`' metadata);
+            read from the file itself when ``source`` is a path.
 
     Raises:
-        ValueError: The weights do not fit the model (the message names the keys), or the file
-            cannot be read safely (see :func:`read_state_dict`).
+        ValueError: The weights do not fit the model (the message names the keys and any block
+            left unfused), were trained with another BatchNorm eps or other blocks (the message
+            says what to build the model with), or the file cannot be read safely (see
+            :func:`read_state_dict`).
     """
     target = _wrapped_module(model)
     expected = target.state_dict()
     roots = {key.split(".")[0] for key in expected}
     given = read_state_dict(source)
+    layout = detect_layout(given)
     state_dict = to_repblocks_layout(given, roots, keep=expected.keys())
     name = type(target).__name__
-    log.info("loading weights into %s: %s layout%s", name, detect_layout(given), _form(state_dict))
     state_dict = _drop_classifier_if_headless(state_dict, expected, name)
+    assumed = assumed_bn_eps(target, state_dict, expected)
+    eps = f"; BatchNorm eps {', '.join(f'{e:g}' for e in sorted(assumed))} (the model's)" if assumed else ""
+    log.info("loading weights into %s: %s layout%s%s", name, layout, _form(state_dict), eps)
+    check_layout_eps(layout, assumed, name)
+    metadata = recorded_metadata(source) if metadata is None else metadata
+    check_recorded(metadata, target, assumed=assumed, train_form=any(_BRANCH.search(k) for k in state_dict))
+    if BLOCK_KINDS_KEY not in metadata:
+        _say_qarepvgg_version_is_unknown(target, state_dict, layout)
     fused = _fuse_train_form_into_deploy(target, state_dict, expected)
     state_dict = fused.state_dict
     missing = [
@@ -73,9 +101,9 @@ def load_weights(model: nn.Module, source: WeightsSource, *, strict: bool = True
         if k in state_dict and state_dict[k].shape != expected[k].shape
     ] + fused.reshaped
     if reshaped or (strict and (missing or unexpected)):
-        raise ValueError(f"weights do not fit {name}: " + _describe(missing, unexpected, reshaped))
+        raise ValueError(f"weights do not fit {name}: " + _describe(missing, unexpected, reshaped, fused.unfused))
     if missing or unexpected:
-        log.warning("loading into %s with strict=False: %s", name, _describe(missing, unexpected, []))
+        log.warning("loading into %s with strict=False: %s", name, _describe(missing, unexpected, [], fused.unfused))
     for key in expected:  # older checkpoints lack BN's step counter; it does not affect outputs
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = expected[key]
@@ -113,7 +141,36 @@ def _drop_classifier_if_headless(state_dict: StateDict, expected: Mapping[str, T
     return {key: value for key, value in state_dict.items() if key not in dropped}
 
 
-def _describe(missing: list[str], unexpected: list[str], reshaped: list[str]) -> str:
+def _say_qarepvgg_version_is_unknown(model: nn.Module, state_dict: StateDict, layout: str) -> None:
+    """QARepVGG v1 and v2 weights have the same keys: say which one the model takes them for, and that nothing checks it.
+
+    A warning for another code base's weights (YOLOv6 has both blocks); for our own layout, whose
+    files and run checkpoints name their model, an INFO line.
+    """
+    blocks = ambiguous_qa_blocks(model, state_dict)
+    if not blocks:
+        return
+    modules = dict(model.named_modules())
+    by_version = {"v1 (no average pool)": [], "v2 (an average pool)": []}
+    for block in blocks:
+        pooled = bool(modules[block].branch_config.get("avg_pool_branch"))
+        by_version["v2 (an average pool)" if pooled else "v1 (no average pool)"].append(block or "(the model)")
+    taken_as = "; ".join(
+        f"{version}: {', '.join(names[:3])}{f' ... ({len(names) - 3} more)' if len(names) > 3 else ''}"
+        for version, names in by_version.items()
+        if names
+    )
+    log.log(
+        logging.INFO if layout == "repblocks" else logging.WARNING,
+        "%s layout weights of QARepVGG blocks: QARepVGG v1 and v2 (YOLOv6's QARepVGGBlockV2: an extra average-pool "
+        "branch) have the same keys, so nothing in these weights says which they are. They are loaded as the model's "
+        "blocks are, %s; weights of the other kind would load as well, with other outputs",
+        layout,
+        taken_as,
+    )
+
+
+def _describe(missing: list[str], unexpected: list[str], reshaped: list[str], unfused: list[str] = ()) -> str:
     def some(keys: list[str]) -> str:
         return ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
 
@@ -124,9 +181,16 @@ def _describe(missing: list[str], unexpected: list[str], reshaped: list[str]) ->
         parts.append(f"{len(unexpected)} unexpected keys ({some(unexpected)})")
     if reshaped:
         parts.append(f"{len(reshaped)} keys with another shape ({some(reshaped)})")
+    if unfused:
+        parts.append(
+            f"{len(unfused)} deploy-form block(s) left unfused for want of their branches' weights: their fused conv "
+            f"keeps the weights it had, a new model's random init ({some(unfused)})"
+        )
     hint = ""
     if any(k.endswith("reparam.weight") for k in unexpected) and any(".conv_kxk." in k for k in missing):
         hint = "; these are deploy-form weights: build the model with deploy=True"
+    elif any(re.search(r"(^|\.)conv_kxk\.(\d+\.)?scale$", k) for k in unexpected):
+        hint = "; these are online-mode weights (repblocks.online): build the model with block_mode='online'"
     return "; ".join(parts) + hint
 
 
@@ -139,6 +203,7 @@ class _Fused:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     reshaped: list[str] = field(default_factory=list)
+    unfused: list[str] = field(default_factory=list)  # blocks whose fused conv keeps its own (random) weights
 
 
 def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expected: Mapping[str, Tensor]) -> _Fused:
@@ -178,6 +243,7 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
         fused.unexpected += [prefix + k for k in given if k not in wanted]
         fused.reshaped += reshaped
         if missing or reshaped:
+            fused.unfused.append(name or "(the model itself)")
             continue  # nothing to fuse faithfully; the block keeps its own weights and the keys are reported
         twin.load_state_dict({k: v for k, v in given.items() if k in wanted}, strict=False)
         twin.switch_to_deploy(keep_post_bn=block.post_bn is not None)
@@ -190,13 +256,17 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
 
 def _fusable(key: str) -> bool:
     """Whether a key below a RepBlock's name belongs to what fusion turns into ``reparam`` (not SE, not act)."""
-    return key.split(".")[0] in ("conv_kxk", "conv_1x1", "identity", "reparam", "post_bn")
+    # avg_pool: an online block's pool branch has a scale (repblocks.online); RepBlock's has no weights.
+    return key.split(".")[0] in (*BRANCH_MODULES, "avg_pool", "reparam", "post_bn")
 
 
 def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:
-    """An empty float64 twin of a fused block on the CPU, in train form or in deploy form with its post-sum BN kept."""
+    """An empty float64 twin of a fused block on the CPU, in train form or in deploy form with its post-sum BN kept.
+
+    Of the block's own class: an online block's train form (repblocks.online) has other keys than RepBlock's.
+    """
     with torch.device("meta"):  # no random init of weights about to be overwritten
-        twin = RepBlock(
+        twin = type(block)(
             block.in_channels,
             block.out_channels,
             stride=block.stride,
@@ -205,6 +275,7 @@ def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:
             **block.branch_config,
             keep_post_bn=True,
             act=None,
+            bn_eps=block.bn_eps,  # the eps the weights were trained with, as the deploy-form block was told
             deploy=deploy,
         )
     # Module.to(dtype) leaves BN's integer step counters alone; float64 holds fp16/bf16/fp32 values exactly.
@@ -218,8 +289,13 @@ def save_weights(
 
     The file is written under a temporary name in the same folder and renamed, so a failure
     never leaves half a file at ``path``. Tensors that share memory (tied weights) are stored
-    as copies of their own, which safetensors requires.
+    as copies of their own, which safetensors requires. A model's file also records what its
+    weights depend on beyond the tensors (``bn_eps``, ``block_kinds``: see
+    :func:`repblocks.provenance.weights_metadata`), which :func:`load_weights` checks; ``metadata``
+    adds to it.
     """
+    if isinstance(source, nn.Module):
+        metadata = {**weights_metadata(_wrapped_module(source)), **(metadata or {})}
     state_dict = source.state_dict() if isinstance(source, nn.Module) else source
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     # safetensors refuses tensors that share memory (tied weights): such a tensor is stored as its own copy.
@@ -232,18 +308,3 @@ def save_weights(
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
     return Path(path)
-
-
-def build_run_model(run: RunCheckpoint) -> nn.Module:
-    """The network of a train.py checkpoint (:func:`repblocks.checkpoint.read_run_checkpoint`), in eval mode.
-
-    Raises:
-        ValueError: The checkpoint names a model that is not registered, or its weights do not fit.
-    """
-    try:
-        model = create_model(run.model_name, num_classes=run.num_classes, in_chans=run.in_chans, **run.model_kwargs)
-    except (TypeError, ValueError) as err:  # a name or model_kwargs this version does not know
-        raise ValueError(
-            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
-        ) from None
-    return load_weights(model, run.state_dict).eval()

@@ -1,12 +1,12 @@
 """repblocks.bench: the interleaved timer and its statistics; the benchmark and example programs run."""
 
 import argparse
+import importlib
 import json
 import os
 import runpy
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -73,19 +73,50 @@ def test_time_interleaved_can_leave_inference_mode_off_for_training_steps():
     assert weight.grad.tolist() == [9.0, 9.0]  # three calls, each adding 3
 
 
-@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
-def test_other_load_counts_another_busy_process():
-    busy = "import time\nend = time.perf_counter() + 0.5\nwhile time.perf_counter() < end: pass"
+class _Clock:
+    """A ``time.perf_counter`` that moves only when told: timings without the wall clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_other_load_counts_the_cpu_time_of_other_processes(monkeypatch):
+    import benchmarks.common as common
+
+    clock = _Clock()
+    machine, own = iter([100.0, 103.0]), iter([10.0, 11.0])  # CPU seconds used: 3 by everyone, 1 by this process
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    monkeypatch.setattr(common, "_machine_busy_seconds", lambda: next(machine))
+    monkeypatch.setattr(common, "_own_busy_seconds", lambda: next(own))
     with OtherLoad() as load:
-        subprocess.run([sys.executable, "-c", busy], check=True)  # one core kept busy by another process
-    assert load.cores > 0.3, load.cores
-    load.cores = 1.5
-    assert "1.50" in load.warning() and load.warning(threshold=2.0) is None
+        clock.advance(2.0)
+    assert load.cores == pytest.approx(1.0)  # 2 CPU seconds of others in 2 s: one core
+    assert "1.00" in load.warning() and load.warning(threshold=2.0) is None
 
 
-def test_time_interleaved_measures_time():
-    samples = time_interleaved({"sleep": lambda: time.sleep(0.01)}, rounds=2, warmup=0)
-    assert all(0.009 < t < 1 for t in samples["sleep"])
+def test_other_load_says_nothing_where_it_cannot_measure(monkeypatch):
+    import benchmarks.common as common
+
+    monkeypatch.setattr(common, "_machine_busy_seconds", lambda: None)  # no /proc/stat
+    with OtherLoad() as load:
+        pass
+    assert load.cores is None and load.warning() is None
+
+
+def test_time_interleaved_times_each_call_between_two_clock_reads(monkeypatch):
+    import repblocks.bench as bench
+
+    clock = _Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    candidates = {"fast": lambda: clock.advance(0.25), "slow": lambda: clock.advance(1.5)}
+    samples = time_interleaved(candidates, rounds=3, warmup=1, sync=lambda: None)
+    assert samples == {"fast": [0.25] * 3, "slow": [1.5] * 3}  # what each call took, warm-up calls not counted
 
 
 @pytest.mark.parametrize("kwargs", [dict(rounds=0), dict(warmup=-1)])
@@ -236,3 +267,46 @@ def test_benchmark_args_defaults_quick_and_checks():
     )
     with pytest.raises(SystemExit):
         parse("--rounds", "0")
+
+
+def _run_main(module: str, *args: str) -> int:
+    """A benchmark program's ``main`` run in this process (no second interpreter start), threads restored."""
+    main = importlib.import_module(module).main  # not runpy: a dataclass needs its module in sys.modules
+    threads = torch.get_num_threads()
+    try:
+        return main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # four A0 training steps and a profiler start: about ten seconds; CI runs it
+def test_train_cost_quick_reports_speed_memory_and_ratios(tmp_path):
+    out, table = tmp_path / "cost.json", tmp_path / "cost.md"
+    args = ["--quick", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(out), "--markdown", str(table)]
+    assert _run_main("benchmarks.train_cost", *args) == 0
+    results = json.loads(out.read_text())
+    assert list(results["models"]) == ["plain", "offline", "online", "timm"]
+    for stats in results["models"].values():
+        assert stats["steps_per_s"] > 0 and stats["peak_bytes"] > 0 and stats["resting_bytes"] > 0
+    assert set(results["ratios"]) == {"online / offline", "offline / timm", "plain / offline"}
+    assert [t["ratio"] for t in results["targets"]] == ["online / offline", "online / offline", "offline / timm"]
+    assert "| online / offline |" in table.read_text()
+
+
+@pytest.mark.slow  # Lightning's start and two short fits: several seconds of CPU; CI runs it
+def test_branch_accuracy_quick_trains_each_variant_or_says_it_is_unavailable(tmp_path):
+    out = tmp_path / "acc.json"
+    args = ["--quick", "--epochs", "1", "--variants", "plain", "dbb", "online", "--threads", "1", "--json", str(out)]
+    assert _run_main("benchmarks.branch_accuracy", *args) == 0
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["variants"]}
+    assert list(rows) == ["plain", "dbb", "online"]
+    assert rows["plain"]["available"] and rows["online"]["available"]
+    for row in rows.values():  # dbb: trained once its branch set lands, reported as unavailable until then
+        assert (len(row["per_seed"]) == 1 and 0 <= row["mean"] <= 100) if row["available"] else row["reason"]
+
+
+def test_branch_accuracy_refuses_an_unknown_variant_naming_the_known_ones(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main("benchmarks.branch_accuracy", "--variants", "repvgg", "dbbx")
+    assert exit_info.value.code == 2
+    assert "unknown variant dbbx; known variants: plain, repvgg, acnet, dbb, online" in capsys.readouterr().err

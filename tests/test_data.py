@@ -19,6 +19,7 @@ from repblocks.datasets import (
     RandomAffineBatch,
     build_data,
 )
+from tests.helpers import write_crafted_cifar
 
 
 def test_digits_split_is_stratified_fixed_and_complete():
@@ -171,26 +172,6 @@ def test_a_corrupt_image_is_one_line_naming_the_file(tmp_path, num_workers):
     with pytest.raises(ValueError) as raised:
         list(data.val_dataloader())
     assert one_line(raised.value).startswith(f"data.root: cannot read image {broken}: cannot identify image file")
-
-
-class PicklePayload:
-    """Unpickling this runs open(marker, "w"): a stand-in for any code a crafted pickle could run."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def write_crafted_cifar(root: Path, marker: Path) -> Path:
-    """A ``cifar-10-batches-py`` folder under ``root`` whose every file is a pickle that creates ``marker``."""
-    payload = pickle.dumps({b"data": PicklePayload(marker), b"labels": [0]})
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    for name in ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]:
-        (folder / name).write_bytes(payload)
-    return root
 
 
 def test_crafted_cifar_pickles_are_never_unpickled(tmp_path):

@@ -17,48 +17,14 @@ from repblocks.cli import exit_on_user_error
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.speed import applicable
 from repblocks.errors import UserError
-from repblocks.numerics import max_errors, randomize_bn_
-from tests.helpers import open_to_everyone, read_only_dir, unprivileged
+from repblocks.numerics import max_errors
+from tests.helpers import IMAGES, ROOT, open_to_everyone, read_only_dir, unprivileged
+from tests.helpers import trained_model as _trained_model
+from tests.helpers import write_checkpoint as _checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = torch.randn(3, 3, 32, 32)  # (B, C, H, W)
 # Small and quick: 32x32 inputs, two timed rounds, no compile.
 FAST_BENCH = dict(device="cpu", image_size=32, batch_sizes=[1, 2], rounds=2, warmup=1)
 NO_BENCH = dict(device="cpu", batch_sizes=[])
-
-
-def _trained_model(seed: int = 0) -> torch.nn.Module:
-    return randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=seed).eval()
-
-
-def _checkpoint(
-    path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None, **extra
-) -> Path:
-    """A checkpoint in train.py's format: a Lightning checkpoint whose hyper-parameters say how to rebuild the model.
-
-    ``extra`` hyper-parameters are added to the usual ones.
-    """
-    state = {prefix + key: value for key, value in model.state_dict().items()}
-    state["loss.weight"] = torch.ones(10)  # the LightningModule holds more than the network
-    hyper_parameters = dict(
-        model_name="repvgg_tiny",
-        num_classes=10,
-        in_chans=3,
-        image_size=32,
-        model_kwargs={"drop_rate": 0.0},
-        weights_prefix=prefix,
-        data=data,
-        **extra,
-    )
-    checkpoint = {
-        "state_dict": state,
-        "hyper_parameters": hyper_parameters,
-        "pytorch-lightning_version": "2.6.6",
-        "epoch": 0,
-        "global_step": 1,
-    }
-    torch.save(checkpoint, path)
-    return path
 
 
 def _config(tmp_path: Path, bench: dict = NO_BENCH, **settings) -> DeployConfig:

@@ -1,5 +1,6 @@
 """Deploy's settings are all checked before any work, and its outputs are written all or nothing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,211 @@ def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, m
     ):
         run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=bench))
     assert list(tmp_path.iterdir()) == []
+
+
+# Every file name an export can write (export.FILE_NAMES, INT8_FILE_NAMES, OpenVINO's .bin): a previous output
+# holding one is a deploy output. Written by hand so that a name added to the exports must be added here too.
+EXPORT_FILES = ["model.safetensors", "model.onnx", "model.pt2", "model.xml", "model.bin"]
+EXPORT_FILES += ["model_int8.xml", "model_int8.bin", "model_int8.onnx"]
+
+
+def test_every_file_an_export_writes_is_a_deploy_file():
+    from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
+    from repblocks.deploy.outputs import DEPLOY_FILES
+
+    written = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values()}
+    written |= {Path(name).with_suffix(".bin").name for name in written if name.endswith(".xml")}
+    assert written == set(EXPORT_FILES) and written <= DEPLOY_FILES
+
+
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_an_output_holding_any_export_is_replaced(tmp_path, name):
+    out = tmp_path / "out"
+    out.mkdir()
+    for previous in ("report.json", "report.md", name):
+        (out / previous).write_text("from a previous run")
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert _listing(tmp_path) == ["out", "out/config.json", "out/report.json", "out/report.md"]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx", "torch_export", "openvino"])
+def test_deploying_twice_into_one_out_dir_works_for_every_format(tmp_path, fmt):
+    out = tmp_path / "out"
+    for _ in range(2):
+        report = run_deploy(_config(out, model="repvgg_tiny", export={"formats": [fmt]}))
+    assert Path(report["exports"][fmt]["path"]).parent == out
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]  # nothing moved aside or staged is left
+
+
+@pytest.mark.parametrize("target", ["empty", "earlier output"])
+def test_out_dir_that_is_a_link_to_a_folder_is_written_through(tmp_path, target):
+    real = tmp_path / "real"
+    real.mkdir()
+    if target == "earlier output":
+        run_deploy(_config(real, model="repvgg_tiny_g2se", export={"formats": []}))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    report = run_deploy(_config(link, model="repvgg_tiny", export={"formats": ["safetensors"]}))
+    assert link.is_symlink() and link.resolve() == real  # the link stays; the folder it names holds the outputs
+    assert report["model"] == "repvgg_tiny" and (real / "model.safetensors").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # no .replaced or staging folder
+
+
+def _staging_of(out: Path, tag: str, owner: str | None) -> Path:
+    staging = out.parent / f".{out.name}.{tag}.deploy-staging"
+    staging.mkdir()
+    (staging / "model.onnx").write_text("half an export")
+    if owner is not None:
+        (staging / ".staging-owner").write_text(owner)
+    return staging
+
+
+def test_staging_folders_of_killed_runs_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from repblocks.files import _start_time
+
+    out = tmp_path / "out"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = _staging_of(out, "dead", f"{int(finished.stdout)} 123\n")  # its process has exited
+    reused = _staging_of(out, "reused", f"{os.getpid()} 1\n")  # the pid runs, but started at another time
+    live = _staging_of(out, "live", f"{os.getpid()} {_start_time(os.getpid())}\n")
+    unknown = _staging_of(out, "unknown", None)  # no owner file: nothing proves its writer dead
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    assert not dead.exists() and not reused.exists()
+    assert live.is_dir() and unknown.is_dir()
+
+
+def test_a_disk_too_small_for_the_exports_is_one_line_before_anything_is_written(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        formats = ["safetensors", "onnx", "torch_export"]  # about 3 x 0.7 MB of repvgg_tiny's weights, on 2 MB
+        with pytest.raises(
+            UserError, match=rf"^out_dir {disk}/out: not enough space, [\d.]+ MB needed and [\d.]+ MB free"
+        ):
+            run_deploy(_config(disk / "out", model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    from tests.helpers import small_disk
+
+    monkeypatch.setattr("repblocks.deploy.pipeline.check_out_dir_space", lambda *_: None)  # as if the estimate missed
+    with small_disk(tmp_path / "disk") as disk:
+        formats = ["safetensors", "onnx", "torch_export"]
+        with pytest.raises(
+            UserError,
+            match=rf"^no space left in {disk} while writing out: it needs about [\d.]+ MB, [\d.]+ MB are free",
+        ):
+            run_deploy(_config(disk / "out", model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []
+
+
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
+def test_deploy_py_writes_out_dir_from_a_read_only_working_directory():
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import open_to_everyone, read_only_dir, unprivileged
+
+    root = Path(__file__).resolve().parents[1]
+    # Not under pytest's temporary folder, which is owner-only: the unprivileged run must reach it.
+    with tempfile.TemporaryDirectory(prefix="repblocks-read-only-cwd-") as tmp:
+        folder = open_to_everyone(Path(tmp))
+        (folder / "home").mkdir(mode=0o777)
+        (folder / "home").chmod(0o777)
+        cwd = read_only_dir(folder / "read-only")
+        command = [sys.executable, str(root / "deploy.py"), "model=repvgg_tiny", f"out_dir={folder / 'out'}"]
+        command += ["bench.device=cpu", "bench.batch_sizes=[]", "export.formats=[safetensors]"]
+        env = dict(os.environ, HOME=str(folder / "home"), PYTHONPATH=str(root))
+        env.pop("OMP_WAIT_POLICY", None)
+        done = subprocess.run(unprivileged(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (folder / "out" / "model.safetensors").is_file() and list(cwd.iterdir()) == []
+        # OpenMP's idle threads sleep rather than spin on cores other processes use (deploy.py's default).
+        assert json.loads((folder / "out" / "report.json").read_text())["load"]["wait_policy"] == "PASSIVE"
+
+
+@pytest.fixture
+def other_processes_busy(monkeypatch):
+    """Other processes keep 1.5 cores busy, as /proc/stat would say: their CPU seconds grow 1.5x as fast as the clock."""
+    import time
+
+    from repblocks import bench
+
+    monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: bench._own_busy_seconds() + 1.5 * time.perf_counter())
+    monkeypatch.setattr(bench, "available_cores", lambda: 4)
+    monkeypatch.setattr("repblocks.deploy.runtime.available_cores", lambda: 4)
+
+
+TIMED = dict(device="cpu", batch_sizes=[1], backends=["eager"], rounds=2, warmup=0)
+
+
+def test_the_report_measures_other_load_while_timing_and_flags_skewed_figures(tmp_path, other_processes_busy):
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": []}))
+    load = report["load"]
+    assert load["other_load_cores"] == pytest.approx(1.5, abs=0.2) and load["skewed"] is True
+    assert load["threads"] == 2 and load["threads_chosen"].startswith("2 threads: 4 cores, 1.5")  # 4 - 1.5, rounded
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "other processes kept 1.5" in markdown and "skewed" in markdown
+
+
+def test_threads_set_by_hand_are_kept_and_an_idle_machine_is_not_flagged(tmp_path, monkeypatch):
+    from repblocks import bench
+
+    monkeypatch.setattr(bench, "_machine_busy_seconds", bench._own_busy_seconds)  # nothing else runs
+    settings = dict(TIMED, threads=1)
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=settings, export={"formats": []}))
+    assert report["load"]["threads"] == 1 and report["load"]["threads_chosen"] == "1 thread (bench.threads)"
+    assert report["load"]["other_load_cores"] == 0 and report["load"]["skewed"] is False
+    assert "skewed" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_each_stage_returns_a_typed_result_that_the_report_reads_by_name(tmp_path, monkeypatch):
+    from repblocks.deploy import pipeline
+    from repblocks.deploy.export import Export
+    from repblocks.deploy.speed import Timing
+    from repblocks.deploy.verify import Verification
+
+    results = {}
+
+    def recorded(name):
+        stage = getattr(pipeline, name)
+
+        def record(*args, **kwargs):
+            results[name] = stage(*args, **kwargs)
+            return results[name]
+
+        monkeypatch.setattr(pipeline, name, record)
+
+    for name in ("verify", "export_all", "time_forms"):
+        recorded(name)
+    report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": ["onnx"]}))
+    verification, exports, timing = results["verify"], results["export_all"], results["time_forms"]
+    assert isinstance(verification, Verification) and isinstance(timing, Timing)
+    assert isinstance(exports["onnx"], Export) and exports["onnx"].checked_batch_sizes == [1, 3]
+    assert report["max_abs_err"] == verification.max_abs_err and report["benchmark"] == timing.rows
+    assert report["exports"]["onnx"]["path"] == exports["onnx"].path == str(tmp_path / "out" / "model.onnx")
+
+
+def test_out_dir_that_is_a_small_disk_of_its_own_says_how_much_space_is_needed(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk", size="3m") as disk:  # out_dir is the mount point itself
+        formats = ["safetensors", "onnx", "torch_export"]
+        with pytest.raises(UserError, match=rf"^out_dir {disk}: not enough space, [\d.]+ MB needed and [\d.]+ MB free"):
+            run_deploy(_config(disk, model="repvgg_tiny", export={"formats": formats}))
+        assert list(disk.iterdir()) == []
+        for _ in range(2):  # room enough: written (and replaced) inside the mount point, which cannot be renamed
+            run_deploy(_config(disk, model="repvgg_tiny", export={"formats": ["safetensors"]}))
+        assert sorted(path.name for path in disk.iterdir()) == [
+            "config.json",
+            "model.safetensors",
+            "report.json",
+            "report.md",
+        ]

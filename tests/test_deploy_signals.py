@@ -1,7 +1,9 @@
 """Ctrl-C and SIGTERM while deploy.py writes its ONNX export: one line, exit 130, and nothing left behind.
 
-Real signals to real deploy.py processes, sent while the export's temporary file exists. Both runs
-start at once (most of each is torch's import time).
+Real signals to real deploy.py processes, sent while the export's temporary file exists. Each
+deploy.py holds still inside its export (its ``torch.onnx.export`` waits once it has run, and says
+so in a file of the test's) until the signal comes: no race between the signal and the export.
+Both runs start at once (most of each is torch's import time).
 """
 
 import os
@@ -24,14 +26,31 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# deploy.py, run as __main__, with torch.onnx.export that waits for a signal once it has exported.
+HELD_EXPORT = """
+import runpy, sys, time, torch
+exported, export = sys.argv.pop(1), torch.onnx.export
+def export_then_wait(*args, **kwargs):
+    program = export(*args, **kwargs)
+    open(exported, "w").close()
+    time.sleep(600)  # the test's signal ends this
+    return program
+torch.onnx.export = export_then_wait
+sys.argv[0] = {deploy!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     runs = {}
     for name in SIGNALS:
         folder = tmp_path_factory.mktemp(name)
+        exported = tmp_path_factory.mktemp(f"{name}-exported") / "exported"
         # out_dir is the run folder, as by default: Hydra makes it, deploy must remove it again.
-        command = [sys.executable, str(ROOT / "deploy.py"), "model=repvgg_tiny", "export.formats=[onnx]"]
+        command = [sys.executable, "-c", HELD_EXPORT.format(deploy=str(ROOT / "deploy.py")), str(exported)]
+        command += ["model=repvgg_tiny", "export.formats=[onnx]"]
         command += ["bench.batch_sizes=[]", "bench.device=cpu", f"hydra.run.dir={folder / 'run'}"]
         process = subprocess.Popen(
             command,
@@ -41,30 +60,30 @@ def interrupted(tmp_path_factory):
             text=True,
             preexec_fn=_default_sigint,
         )
-        runs[name] = (process, folder)
+        runs[name] = (process, folder, exported)
     signalled = _signal_when_exporting(runs)
     results = {}
-    for name, (process, folder) in runs.items():
+    for name, (process, folder, _) in runs.items():
         _, stderr = process.communicate(timeout=120)
         results[name] = (process.returncode, stderr, folder, signalled.get(name, []))
     return results
 
 
-def _signal_when_exporting(runs: dict, timeout: float = 240.0) -> dict[str, list[Path]]:
-    """Send each run its signal as soon as its export's temporary file is there; ``{name: the files seen}``."""
+def _signal_when_exporting(runs: dict, timeout: float = 300.0) -> dict[str, list[Path]]:
+    """Send each run its signal once it holds inside its export; ``{name: the temporary files seen then}``.
+
+    A run holds until it is signalled, so when it is seen waiting its temporary file is there. The
+    timeout only keeps a broken run from hanging the tests.
+    """
     signalled = {}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, (process, folder) in runs.items():
-            if name in signalled or process.poll() is not None:
-                continue
-            if temporary := list(folder.glob(f".run.*{STAGING_SUFFIX}/.model.onnx.*.tmp")):
+    while time.monotonic() < deadline and len(signalled) < len(runs):
+        for name, (process, folder, exported) in runs.items():
+            if name not in signalled and (exported.exists() or process.poll() is not None):
+                signalled[name] = list(folder.glob(f".run.*{STAGING_SUFFIX}/.model.onnx.*.tmp"))
                 process.send_signal(SIGNALS[name])
-                signalled[name] = temporary
-        if all(name in signalled or process.poll() is not None for name, (process, _) in runs.items()):
-            break
-        time.sleep(0.02)
-    for process, _ in runs.values():
+        time.sleep(0.05)
+    for process, _, _ in runs.values():
         if process.poll() is None and time.monotonic() >= deadline:
             process.kill()  # never left running past the test
     return signalled

@@ -7,7 +7,7 @@ import repblocks
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.sources import load_network
 from repblocks.numerics import max_errors
-from tests.test_train import compose_train
+from tests.helpers import compose_train
 from train import train
 
 

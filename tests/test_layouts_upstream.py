@@ -2,9 +2,9 @@
 
 Their weights (BN statistics randomized) load into ours, train form into train and deploy form and
 deploy form into deploy form, and give their outputs in float64; ours load back into their code
-with a plain strict ``load_state_dict``. timm is the installed package; apple's and YOLOv6's code
-are re-created from their published definitions (tests/apple_mobileone_layout.py,
-tests/yolov6_layout.py). ``load_weights`` must say which layout it recognised.
+with a plain strict ``load_state_dict``. timm is the installed package; apple's, YOLOv6's and the
+QARepVGG authors' code are re-created from their published definitions (tests/apple_mobileone_layout.py,
+tests/yolov6_layout.py, tests/qarepvgg_layout.py). ``load_weights`` must say which layout it recognised.
 
 Each comparison logs its relative error (logger ``tests.test_layouts_upstream``); the table of
 them: ``pytest tests/test_layouts_upstream.py -m "" -o log_cli=true --log-cli-level=INFO``.
@@ -22,6 +22,7 @@ from repblocks.layouts import LAYOUTS, convert_layout, detect_layout, to_repbloc
 from repblocks.numerics import max_errors, randomize_bn_
 
 from . import apple_mobileone_layout as apple
+from . import qarepvgg_layout as authors
 from . import yolov6_layout as yolov6
 from .official_layout import OfficialRepVGG
 
@@ -125,18 +126,34 @@ Y = torch.randn(2, 8, 16, 16, dtype=torch.float64)
 
 
 def _yolov6_stack():
-    return nn.Sequential(*(block(cin, cout, stride=stride) for block, _, cin, cout, stride in YOLOV6_BLOCKS))
+    """YOLOv6's blocks as its Model holds them: every BatchNorm with eps 1e-3 (initialize_weights)."""
+    return yolov6.network(*(block(cin, cout, stride=stride) for block, _, cin, cout, stride in YOLOV6_BLOCKS))
 
 
-def _our_stack(**kwargs):
+def _our_stack(bn_eps=1e-3, **kwargs):
     return nn.Sequential(
-        *(RepBlock(cin, cout, stride=s, **branches, **kwargs) for _, branches, cin, cout, s in YOLOV6_BLOCKS)
+        *(
+            RepBlock(cin, cout, stride=s, bn_eps=bn_eps, **branches, **kwargs)
+            for _, branches, cin, cout, s in YOLOV6_BLOCKS
+        )
     )
 
 
+def _small_variances_(model, seed=0):
+    """Running variances in [1e-4, 1e-2], as trained networks have in some channels: where eps matters most."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) * 0.0099 + 1e-4)
+    return model
+
+
+@pytest.mark.parametrize("variances", ["random", "small"])
 @torch.no_grad()
-def test_yolov6_blocks_both_ways_in_both_forms(caplog):
+def test_yolov6_blocks_both_ways_in_both_forms(variances, caplog):
     theirs = randomize_bn_(_yolov6_stack()).double().eval()
+    if variances == "small":
+        _small_variances_(theirs)
     expected = theirs(Y)
     ours = _load(_our_stack(), theirs.state_dict(), caplog, "yolov6 layout, train form")
     _close("qarepvgg", "yolov6", "yolov6 train -> ours train", expected, ours(Y))
@@ -161,6 +178,57 @@ def test_yolov6_blocks_both_ways_in_both_forms(caplog):
     back_deploy = yolov6.deploy(_yolov6_stack()).double().eval()
     back_deploy.load_state_dict(convert_layout(ours_kept.state_dict(), "yolov6"))
     _close("qarepvgg", "yolov6", "ours deploy (bn kept) -> yolov6 deploy", ours(Y), back_deploy(Y))
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
+def test_yolov6_weights_into_blocks_of_another_bn_eps_are_refused_saying_what_to_pass(deploy):
+    """YOLOv6 trains with eps 1e-3 and a state dict does not say so: loading into eps 1e-5 would be off, silently."""
+    theirs = randomize_bn_(_yolov6_stack())
+    with pytest.raises(ValueError, match=r"yolov6 weights, trained with BatchNorm eps 0\.001 .*bn_eps=0\.001"):
+        repblocks.load_weights(_our_stack(bn_eps=1e-5, deploy=deploy), theirs.state_dict())
+
+
+def test_yolov6_bn_eps_is_used_where_train_form_weights_fuse_into_a_deploy_model():
+    """The deploy-form block has no BatchNorm left: fusing on load must take the eps it was built with."""
+    theirs = _small_variances_(randomize_bn_(_yolov6_stack())).double().eval()
+    fused = repblocks.load_weights(_our_stack(deploy=True).double(), theirs.state_dict()).eval()
+    with torch.no_grad():
+        assert max_errors(theirs(Y), fused(Y))[1] < FLOAT64
+
+
+def test_load_weights_logs_the_bn_eps_it_assumed(caplog):
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        repblocks.load_weights(_our_stack(), randomize_bn_(_yolov6_stack()).state_dict())
+    assert "yolov6 layout, train form; BatchNorm eps 0.001" in caplog.text
+
+
+def test_a_yolov6_network_of_repvgg_blocks_alone_is_told_by_its_module_names():
+    """YOLOv6-N/S hold only RepVGGBlocks (the official block keys): EfficientRep's names still say YOLOv6 (eps 1e-3)."""
+    backbone = nn.Module()
+    backbone.stem = yolov6.RepVGGBlock(3, 8, stride=2)
+    backbone.ERBlock_2 = nn.Sequential(yolov6.RepVGGBlock(8, 8))
+    theirs = nn.Module()
+    theirs.backbone = yolov6.initialize_weights(backbone)
+    assert detect_layout(theirs.state_dict()) == "yolov6"
+    ours = nn.Module()
+    ours.backbone = nn.Module()
+    ours.backbone.stem = RepBlock(3, 8, stride=2)
+    ours.backbone.ERBlock_2 = nn.Sequential(RepBlock(8, 8))
+    with pytest.raises(ValueError, match=r"bn_eps=0\.001"):
+        repblocks.load_weights(ours, theirs.state_dict())
+
+
+def test_qarepvgg_v2_weights_into_a_v1_model_are_not_loaded_without_a_warning(caplog):
+    """v2's average pool has no weights: the keys fit a v1 block and the outputs differ; the log must say so."""
+    theirs = yolov6.network(yolov6.QARepVGGBlockV2(8, 8), yolov6.QARepVGGBlockV2(8, 16, stride=2))
+    v1 = nn.Sequential(RepBlock(8, 8, bn_eps=1e-3, **QAREPVGG), RepBlock(8, 16, stride=2, bn_eps=1e-3, **QAREPVGG))
+    with caplog.at_level(logging.WARNING, logger="repblocks.weights"):
+        repblocks.load_weights(v1, randomize_bn_(theirs).state_dict())
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "QARepVGG v1 and v2" in warnings[0].message
+    # Named: the block with an identity; the strided one has neither identity nor pool, so v1 and v2 agree there.
+    assert "loaded as the model's blocks are, v1 (no average pool): 0;" in warnings[0].message
 
 
 def test_yolov6_block_bn_is_post_bn_and_no_other_bn_is():
@@ -198,6 +266,47 @@ def test_timm_conv_scale_is_a_mobileone_blocks_only():
     assert not any(key.startswith("b.") and ".conv_scale." in key for key in timm_keys)
 
 
+# --- the QARepVGG authors' network (cxxgtxy/QARepVGG) ---------------------------------------------
+
+AUTHORS_TINY = dict(num_blocks=[2, 2, 2, 1], width_multiplier=[0.25, 0.25, 0.25, 0.25], num_classes=10)
+
+
+@torch.no_grad()
+def test_qarepvgg_authors_network_both_ways_in_both_forms(caplog):
+    """Their official stage names with QA blocks (``bn`` after the sum) load into qarepvgg_tiny and go back."""
+    theirs = randomize_bn_(authors.RepVGG(**AUTHORS_TINY)).double().eval()
+    theirs_deploy = authors.repvgg_model_convert(theirs)
+    assert any(key.endswith(".bn.running_var") and ".rbr_dense." not in key for key in theirs.state_dict())
+    ours = _load(repblocks.create_model("qarepvgg_tiny", num_classes=10), theirs.state_dict(), caplog, "official")
+    assert "official layout, train form" in caplog.text
+    _close("qarepvgg_tiny", "official", "authors train -> ours train", theirs(X), ours(X))
+    fused = _load(repblocks.create_model("qarepvgg_tiny", num_classes=10, deploy=True), theirs.state_dict(), caplog, "")
+    _close("qarepvgg_tiny", "official", "authors train -> ours deploy", theirs(X), fused(X))
+    ours_deploy = _load(
+        repblocks.create_model("qarepvgg_tiny", num_classes=10, deploy=True),
+        theirs_deploy.state_dict(),
+        caplog,
+        "official layout, deploy form",
+    )
+    _close("qarepvgg_tiny", "official", "authors deploy -> ours deploy", theirs_deploy(X), ours_deploy(X))
+
+    back = authors.RepVGG(**AUTHORS_TINY).double().eval()
+    back.load_state_dict(convert_layout(ours.state_dict(), "official"))  # strict: post_bn must become bn
+    _close("qarepvgg_tiny", "official", "ours train -> authors train", ours(X), back(X))
+    back_deploy = authors.RepVGG(**AUTHORS_TINY, deploy=True).double().eval()
+    back_deploy.load_state_dict(convert_layout(ours_deploy.state_dict(), "official"))
+    _close("qarepvgg_tiny", "official", "ours deploy -> authors deploy", ours_deploy(X), back_deploy(X))
+
+
+def test_convert_layout_official_renames_a_qa_blocks_post_bn_and_reads_it_back():
+    ours = repblocks.create_model("qarepvgg_tiny", num_classes=10).state_dict()
+    official = convert_layout(ours, "official")
+    assert "stage1.1.bn.running_var" in official and not any("post_bn" in key for key in official)
+    assert "stage1.1.rbr_dense.bn.running_var" in official  # the 3x3 branch's own BN keeps its name
+    assert detect_layout(official) == "official"
+    assert list(to_repblocks_layout(official)) == list(ours)
+
+
 # --- telling layouts apart --------------------------------------------------------------------------
 
 
@@ -212,7 +321,12 @@ def _layout_samples():
     return {
         # apple's stage0..4 are the official RepVGG code's keys too: both must still be told apart.
         "apple": [apple.AppleMobileOne(**small_apple), apple.AppleMobileOne(**small_apple, inference_mode=True)],
-        "official": [OfficialRepVGG(**tiny), OfficialRepVGG(**tiny, deploy=True)],
+        "official": [
+            OfficialRepVGG(**tiny),
+            OfficialRepVGG(**tiny, deploy=True),
+            authors.RepVGG(**AUTHORS_TINY),  # the QARepVGG authors': official stage names, QA blocks
+            authors.RepVGG(**AUTHORS_TINY, deploy=True),
+        ],
         "timm": [timm_mobileone, reparameterize_model(timm_mobileone)],
         "yolov6": [_yolov6_stack(), yolov6.deploy(_yolov6_stack())],
         "repblocks": [ours, repblocks.switch_to_deploy(ours), _our_stack(), _our_stack(deploy=True, keep_post_bn=True)],

@@ -20,22 +20,37 @@ INPUT = (2, 3, 32, 32)
 
 
 def _model(name, **kwargs):
-    return randomize_bn_(repblocks.create_model(name, num_classes=10, **kwargs)).eval()
+    model = randomize_bn_(repblocks.create_model(name, num_classes=10, **kwargs)).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # online blocks' branch scales (all 1 at init), like the BN statistics: not trivial
+        for param_name, param in model.named_parameters():
+            if param_name.endswith(".scale"):
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+    return model
 
 
 def _equivalence_params():
     for name in ALL_MODELS:
-        yield pytest.param(name, torch.float32, 1e-5, id=f"fp32-{name}")
+        yield pytest.param(name, torch.float32, 1e-5, "offline", id=f"fp32-{name}")
     for name in TINY_MODELS:
-        yield pytest.param(name, torch.float64, 1e-10, id=f"fp64-{name}")
+        yield pytest.param(name, torch.float64, 1e-10, "offline", id=f"fp64-{name}")
     for name in LARGE_MODELS:
-        yield pytest.param(name, torch.float64, 1e-10, id=f"fp64-{name}", marks=pytest.mark.slow)
+        yield pytest.param(name, torch.float64, 1e-10, "offline", id=f"fp64-{name}", marks=pytest.mark.slow)
+    # Online mode (repblocks.online): the same deploy form from another training form, every family.
+    for name in TINY_MODELS:
+        yield pytest.param(name, torch.float32, 1e-5, "online", id=f"fp32-online-{name}")
+        yield pytest.param(name, torch.float64, 1e-10, "online", id=f"fp64-online-{name}")
+    for name in LARGE_MODELS:
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
+            yield pytest.param(
+                name, dtype, tolerance, "online", id=f"{str(dtype)[6:]}-online-{name}", marks=pytest.mark.slow
+            )
 
 
-@pytest.mark.parametrize("name,dtype,tolerance", list(_equivalence_params()))
+@pytest.mark.parametrize("name,dtype,tolerance,block_mode", list(_equivalence_params()))
 @torch.no_grad()
-def test_deploy_form_equals_train_form(name, dtype, tolerance):
-    model = _model(name).to(dtype)
+def test_deploy_form_equals_train_form(name, dtype, tolerance, block_mode):
+    model = _model(name, block_mode=block_mode).to(dtype)
     x = torch.randn(INPUT, dtype=dtype)
     expected = model(x)
     deployed = repblocks.switch_to_deploy(model)
@@ -47,8 +62,9 @@ def test_deploy_form_equals_train_form(name, dtype, tolerance):
 
 
 @pytest.mark.parametrize("name", TINY_THEN_SLOW)
-def test_forward_backward(name):
-    model = repblocks.create_model(name, num_classes=10).train()
+@pytest.mark.parametrize("block_mode", ["offline", "online"])
+def test_forward_backward(name, block_mode):
+    model = repblocks.create_model(name, num_classes=10, block_mode=block_mode).train()
     logits = model(torch.randn(INPUT))
     assert logits.shape == (INPUT[0], 10)
     torch.nn.functional.cross_entropy(logits, torch.tensor([1, 2])).backward()
@@ -109,9 +125,10 @@ def test_converting_a_converted_model_in_place_changes_nothing(name):
 
 
 @pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@pytest.mark.parametrize("block_mode", ["offline", "online"])
 @torch.no_grad()
-def test_deploy_weights_round_trip_into_a_deploy_model(name, tmp_path):
-    deployed = repblocks.switch_to_deploy(_model(name))
+def test_deploy_weights_round_trip_into_a_deploy_model(name, block_mode, tmp_path):
+    deployed = repblocks.switch_to_deploy(_model(name, block_mode=block_mode))
     path = repblocks.save_weights(deployed, tmp_path / f"{name}.safetensors")
     fresh = repblocks.load_weights(repblocks.create_model(name, num_classes=10, deploy=True), path).eval()
     x = torch.randn(INPUT)
@@ -155,7 +172,10 @@ def test_grouped_variants_use_groups_on_even_layers_as_the_official_code():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"foo": 1}, r"repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, .*pretrained"),
+        (
+            {"foo": 1},
+            r"repvgg_tiny got unknown argument foo; it accepts: act, block_mode, bn_eps, deploy, drop_rate, .*pretrained",
+        ),
         ({"foo": 1, "bar": 2}, "unknown arguments bar, foo"),
         ({"act": "gelux"}, r"unknown activation 'gelux'; known activations: relu, .*silu"),
         ({"num_classes": -1}, "num_classes must be an integer >= 0, got -1"),
@@ -196,3 +216,15 @@ def test_registry_refuses_duplicates_and_filters():
     with pytest.raises(ValueError, match="already registered"):
         repblocks.register_model("repvgg_a0", lambda **kwargs: None)
     assert repblocks.list_models("repvgg_b3*") == ["repvgg_b3", "repvgg_b3g2", "repvgg_b3g4"]
+
+
+@pytest.mark.parametrize("name", TINY_THEN_SLOW)
+@torch.no_grad()
+def test_bn_eps_reaches_every_batchnorm_and_the_deploy_form_stays_exact(name):
+    """Weights trained with another BatchNorm eps (YOLOv6's 1e-3) need a model built with it, stem included."""
+    model = _model(name, bn_eps=1e-3).double()
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    x = torch.randn(INPUT, dtype=torch.float64)
+    expected = model(x)
+    _, rel_err = max_errors(expected, repblocks.switch_to_deploy(model)(x))
+    assert rel_err < 1e-10

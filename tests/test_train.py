@@ -12,51 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import repblocks
-from repblocks.checkpoint import read_run_checkpoint
-from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.datasets import DATASETS, DigitsData
 from repblocks.deploy.sources import load_network
+from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
 from repblocks.train import callbacks
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.run_folder import run_files
-from tests.helpers import closed_to_unprivileged, open_to_everyone, read_only_dir, unprivileged
-from tests.test_data import write_crafted_cifar
+from tests.helpers import (
+    ROOT,
+    closed_to_unprivileged,
+    compose_train,
+    exit_message,
+    open_to_everyone,
+    read_only_dir,
+    unprivileged,
+    write_crafted_cifar,
+)
 from train import CONFIG_DIR, main, train
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_train(output_dir: Path, *overrides: str):
-    """The train config as `python train.py OVERRIDES` would see it, writing into ``output_dir``."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=quote_path_values(
-                [
-                    f"paths.output_dir={output_dir}",
-                    "logger=csv",
-                    "callbacks.progress_bar=null",
-                    "trainer.accelerator=cpu",
-                    "+trainer.enable_model_summary=false",
-                    *overrides,
-                ]
-            ),
-        )
-
-
-def exit_message(output_dir: Path, *overrides: str) -> str:
-    """What train.py's __main__ prints for a user mistake, in process: the one line Python prints before exit 1."""
-    argv = quote_path_values(overrides)
-    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
-        check_overrides(argv, CONFIG_DIR, "train")
-        train(compose_train(output_dir, *argv))
-    printed = exit_info.value.code
-    assert isinstance(printed, str) and "\n" not in printed, printed
-    return printed
 
 
 def run_train_py(*overrides: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -168,14 +143,40 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
 
 
+def test_online_block_mode_trains_and_deploys_into_the_plain_model(tmp_path):
+    """`model.block_mode=online` (repblocks.online): trained, checked, and rebuilt by deployment from the checkpoint."""
+    overrides = ("model=repvgg_tiny", "model.block_mode=online", "data=fake", "trainer.max_epochs=1", "rep_l2=true")
+    metrics = train(compose_train(tmp_path, *overrides))
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] < 1e-4
+    network = load_network(ckpt=metrics["best_ckpt"])
+    assert any(type(m).__name__ == "OnlineRepBlock" for m in network.model.modules())
+    plain = repblocks.load_weights(
+        repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), metrics["deploy_weights"]
+    )
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), network.model(images), atol=1e-4, rtol=1e-4)
+
+
 def test_checkpoint_loads_weights_only_and_resumes(tmp_path):
-    first = train(compose_train(tmp_path / "a", "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1"))
+    first = train(
+        compose_train(tmp_path / "a", "model=repvgg_tiny", "+model.bn_eps=0.001", "data=fake", "trainer.max_epochs=1")
+    )
     checkpoint = torch.load(first["last_ckpt"], map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["model_name"] == "repvgg_tiny"
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == first["global_step"] > 0
+    # BatchNorm's eps is not in the weights: the checkpoint records it so its model is rebuilt as it trained.
+    assert checkpoint["hyper_parameters"]["model_kwargs"]["bn_eps"] == 1e-3
+    rebuilt = build_run_model(read_run_checkpoint(first["last_ckpt"]))
+    assert {m.eps for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     resumed = train(
         compose_train(
-            tmp_path / "b", "model=repvgg_tiny", "data=fake", "trainer.max_epochs=2", f"ckpt_path={first['last_ckpt']}"
+            tmp_path / "b",
+            "model=repvgg_tiny",
+            "+model.bn_eps=0.001",
+            "data=fake",
+            "trainer.max_epochs=2",
+            f"ckpt_path={first['last_ckpt']}",
         )
     )
     assert resumed["epochs"] == 2
@@ -568,8 +569,13 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
         text=True,
     )
     best = tmp_path / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not any(best.glob("epoch=*.ckpt")) and time.monotonic() < deadline:  # past the first epoch
+    deadline = time.monotonic() + 600  # a guard against a hang, not a race: the signal waits for the checkpoint
+    while not any(best.glob("epoch=*.ckpt")):  # past the first epoch, however long it takes
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(
+                f"train.py wrote no epoch checkpoint (exit {process.poll()}): {process.communicate()[1][-2000:]}"
+            )
         time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
@@ -587,3 +593,29 @@ def test_sigterm_keeps_a_usable_last_checkpoint(tmp_path):
         )
     )
     assert resumed["global_step"] > checkpoint["global_step"]
+
+
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
+def test_a_run_folder_on_a_full_disk_is_one_line_before_training(tmp_path):
+    from tests.helpers import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        done = run_train_py("model=repvgg_tiny", "data=digits", "trainer=cpu", f"hydra.run.dir={disk / 'run'}")
+        assert done.returncode == 1
+        assert (
+            done.stderr.strip().splitlines()[-1].startswith(f"error: run folder {disk / 'run'}: not enough space, ")
+        ), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr and "Epoch" not in done.stdout  # refused before the first step
+        assert not (disk / "run" / "checkpoints").exists() and not (disk / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow  # a train.py/deploy.py process, or DataLoader workers: 15-20 s on 2 busy cores
+def test_an_error_in_the_middle_of_a_run_saves_no_checkpoint_and_prints_one_line(tmp_path, caplog):
+    images = write_image_folder(tmp_path / "images", per_class=12)  # 6 validation batches of 4
+    broken = images / "val" / "dog" / "10.png"  # read in the first epoch's validation, after the sanity check
+    broken.write_bytes(b"not an image")
+    data = [f"data.root={images}", "data.image_size=32", "data.batch_size=4", "data.num_workers=2"]
+    printed = exit_message(tmp_path / "run", "model=repvgg_tiny", "data=imagefolder", "trainer.max_epochs=1", *data)
+    assert printed.startswith(f"error: data.root: cannot read image {broken}"), printed
+    assert "Original Traceback" not in caplog.text  # Lightning's save_on_exception message carried the worker's
+    assert run_files(tmp_path / "run") == []  # no epoch=000 checkpoint or last.ckpt claims the folder

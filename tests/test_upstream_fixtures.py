@@ -1,4 +1,4 @@
-"""The upstream re-creations used as fixtures (apple's MobileOne, YOLOv6's blocks) agree with themselves.
+"""The upstream re-creations used as fixtures (apple's MobileOne, YOLOv6's blocks, the QARepVGG authors' network) agree with themselves.
 
 Before another implementation is checked against these fixtures, each fixture's own fusion must
 keep its outputs in float64 with randomized BN statistics, and its deploy form must have the
@@ -10,8 +10,9 @@ import torch
 
 from repblocks.numerics import max_errors, randomize_bn_
 
+from . import qarepvgg_layout as authors
 from .apple_mobileone_layout import PARAMS, AppleMobileOne, mobileone, reparameterize_model
-from .yolov6_layout import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, deploy
+from .yolov6_layout import QARepVGGBlock, QARepVGGBlockV2, RepVGGBlock, deploy, network
 
 # Widths chosen so every SE block has at least 16 channels (apple's hidden width is int(c / 16)).
 TINY_APPLE = {"num_blocks_per_stage": (1, 2, 2, 1), "width_multipliers": (0.25, 0.25, 0.125, 0.125)}
@@ -98,3 +99,21 @@ def test_yolov6_qa_block_built_in_deploy_form_has_no_post_bn_like_upstream():
     assert set(QARepVGGBlock(8, 8, deploy=True).state_dict()) == {"rbr_reparam.weight", "rbr_reparam.bias"}
     with pytest.raises(NotImplementedError):
         RepVGGBlock(8, 8, use_se=True)
+
+
+def test_yolov6_network_has_every_batchnorm_at_eps_1e_3_as_initialize_weights_sets():
+    model = network(RepVGGBlock(8, 8), QARepVGGBlock(8, 8), QARepVGGBlockV2(8, 16, stride=2))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 7 and {(m.eps, m.momentum) for m in norms} == {(1e-3, 0.03)}
+
+
+@torch.no_grad()
+def test_qarepvgg_authors_conversion_keeps_outputs_in_float64_and_drops_the_post_bn():
+    model = authors.RepVGG(num_blocks=[2, 2, 2, 1], width_multiplier=[0.25] * 4, num_classes=5).double().eval()
+    randomize_bn_(model, seed=4)
+    inputs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = authors.repvgg_model_convert(model)
+    assert max_errors(model(inputs), fused(inputs))[1] < 1e-12
+    assert {key.split(".")[-2] for key in fused.state_dict() if key.startswith("stage")} == {"rbr_reparam"}
+    deploy_form = authors.RepVGG(num_blocks=[2, 2, 2, 1], width_multiplier=[0.25] * 4, num_classes=5, deploy=True)
+    assert _shapes(deploy_form) == _shapes(fused)

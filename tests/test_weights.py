@@ -1,6 +1,7 @@
 """load_weights: layouts of other code bases, wrappers, train-to-deploy on load, and safe reading."""
 
 import argparse
+import json
 import logging
 import pickle
 import shlex
@@ -392,6 +393,79 @@ def test_strict_deploy_load_names_missing_and_extra_branch_weights(edit, named, 
     assert named in caplog.text and "reparam" not in caplog.text  # the branches are named, not the fused conv
 
 
+def test_non_strict_deploy_load_names_the_block_left_unfused(caplog):
+    """One branch tensor missing leaves the block's whole fused conv at random init: the warning must say so."""
+    weights = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10)).state_dict()
+    del weights["stages.0.1.conv_1x1.bn.running_var"]
+    model = repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True)
+    random_init = model.stages[0][1].reparam.weight.clone()
+    with caplog.at_level(logging.WARNING, logger="repblocks.weights"):
+        repblocks.load_weights(model, weights, strict=False)
+    assert torch.equal(model.stages[0][1].reparam.weight, random_init)
+    assert "1 deploy-form block(s) left unfused" in caplog.text and "random init" in caplog.text
+    assert "(stages.0.1)" in caplog.text
+    with pytest.raises(ValueError, match=r"block\(s\) left unfused .*\(stages\.0\.1\)"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", num_classes=10, deploy=True), weights)
+
+
+# --- BatchNorm eps and block kinds: what a state dict does not record --------------------------------
+
+
+@pytest.mark.parametrize("name", ["repvgg_tiny", "qarepvgg_tiny", "mobileone_tiny"])
+@torch.no_grad()
+def test_train_form_weights_fuse_with_the_bn_eps_the_deploy_model_was_built_with(name):
+    source = randomize_bn_(repblocks.create_model(name, num_classes=10, bn_eps=1e-3)).double().eval()
+    for module in source.modules():  # small variances, where eps matters most
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(1e-4, 1e-2)
+    fused = repblocks.create_model(name, num_classes=10, bn_eps=1e-3, deploy=True).double()
+    repblocks.load_weights(fused, source.state_dict())
+    assert max_errors(source(X.double()), fused.eval()(X.double()))[1] < 1e-10
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, float("nan"), True, "1e-3"])
+def test_bn_eps_must_be_a_positive_number(bad):
+    with pytest.raises(ValueError, match="bn_eps must be a positive number"):
+        repblocks.create_model("repvgg_tiny", bn_eps=bad)
+
+
+def test_our_files_record_bn_eps_and_block_kinds(tmp_path):
+    model = repblocks.create_model("qarepvgg_v2_tiny", num_classes=10, bn_eps=1e-3)
+    metadata = read_safetensors_metadata(repblocks.save_weights(model, tmp_path / "w.safetensors"))
+    assert json.loads(metadata["bn_eps"]) == 1e-3
+    assert {kind["avg_pool_branch"] for kind in json.loads(metadata["block_kinds"])} == {True}
+
+
+@pytest.mark.parametrize("via", ["load_weights", "create_model"])
+def test_our_qarepvgg_v2_file_is_refused_by_a_v1_model_though_the_keys_fit(tmp_path, via):
+    v2 = randomize_bn_(repblocks.create_model("qarepvgg_v2_tiny", num_classes=10))
+    path = repblocks.save_weights(v2, tmp_path / "v2.safetensors", metadata={"model": "qarepvgg_v2_tiny"})
+    with pytest.raises(ValueError, match=r"saved from qarepvgg_v2_tiny.*avg_pool_branch=True"):
+        if via == "load_weights":
+            repblocks.load_weights(repblocks.create_model("qarepvgg_tiny", num_classes=10), path)
+        else:
+            repblocks.create_model("qarepvgg_tiny", pretrained=path)
+    repblocks.load_weights(repblocks.create_model("qarepvgg_v2_tiny", num_classes=10), path)  # its own kind loads
+    deployed = repblocks.switch_to_deploy(v2)  # every kind fuses into the same conv: nothing to confuse
+    deploy_path = repblocks.save_weights(deployed, tmp_path / "v2_deploy.safetensors")
+    repblocks.load_weights(repblocks.create_model("qarepvgg_tiny", num_classes=10, deploy=True), deploy_path)
+
+
+def test_our_file_is_refused_by_a_model_with_another_bn_eps(tmp_path):
+    path = repblocks.save_weights(repblocks.create_model("repvgg_tiny", bn_eps=1e-3), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match=r"BatchNorm eps 0\.001; RepVGG's BatchNorms use eps 1e-05: .*bn_eps=0\.001"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny"), path)
+    with pytest.raises(ValueError, match=r"bn_eps=0\.001"):
+        repblocks.load_weights(repblocks.create_model("repvgg_tiny", deploy=True), path)  # fused with the wrong eps
+    repblocks.load_weights(repblocks.create_model("repvgg_tiny", bn_eps=1e-3, deploy=True), path)
+
+
+def test_a_backbone_takes_its_classifiers_file_of_several_block_kinds(tmp_path):
+    """MobileOne has three block kinds; a backbone built to level 0 has one of them: a subset, not another kind."""
+    path = repblocks.save_weights(repblocks.create_model("mobileone_tiny"), tmp_path / "w.safetensors")
+    repblocks.create_model("mobileone_tiny", features_only=True, out_indices=(0,), pretrained=path)
+
+
 @pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
@@ -411,23 +485,22 @@ def test_half_precision_weights_fuse_in_float64_and_round_once_to_the_model_dtyp
 # --- wrapped and headless models --------------------------------------------------------------------
 
 
-def test_load_into_a_compiled_model_fills_the_module_it_wraps():
-    source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
-    compiled = torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10))
-    assert repblocks.load_weights(compiled, source.state_dict()) is compiled
-    assert torch.equal(compiled._orig_mod.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
-    # The compiled model's own state dict (keys under ``_orig_mod.``) loads back the same way.
-    again = repblocks.load_weights(
-        torch.compile(repblocks.create_model("repvgg_tiny", num_classes=10)), compiled.state_dict()
-    )
-    assert torch.equal(again._orig_mod.head.fc.weight, source.head.fc.weight)
+WRAPPERS = {  # how a wrapper is made, and the attribute that holds the module it wraps
+    "torch.compile": (torch.compile, "_orig_mod"),
+    "DataParallel": (nn.DataParallel, "module"),
+}
 
 
-def test_load_into_a_data_parallel_model_fills_the_module_it_wraps():
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_load_into_a_wrapped_model_fills_the_module_it_wraps(wrapper):
+    wrap, inner = WRAPPERS[wrapper]
     source = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10))
-    wrapped = nn.DataParallel(repblocks.create_model("repvgg_tiny", num_classes=10))
+    wrapped = wrap(repblocks.create_model("repvgg_tiny", num_classes=10))
     assert repblocks.load_weights(wrapped, source.state_dict()) is wrapped
-    assert torch.equal(wrapped.module.stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+    assert torch.equal(getattr(wrapped, inner).stem.conv_kxk.bn.running_var, source.stem.conv_kxk.bn.running_var)
+    # The wrapped model's own state dict (keys under the wrapper's prefix) loads back the same way.
+    again = repblocks.load_weights(wrap(repblocks.create_model("repvgg_tiny", num_classes=10)), wrapped.state_dict())
+    assert torch.equal(getattr(again, inner).head.fc.weight, source.head.fc.weight)
 
 
 @pytest.mark.parametrize("kwargs", [{"features_only": True}, {"num_classes": 0}])
@@ -503,8 +576,8 @@ def test_a_folder_is_not_called_missing(tmp_path):
 def test_safetensors_metadata_is_read_back(tmp_path):
     model = repblocks.create_model("repvgg_tiny", num_classes=10)
     with_metadata = repblocks.save_weights(model, tmp_path / "a.safetensors", metadata={"model": "repvgg_tiny"})
-    assert read_safetensors_metadata(with_metadata) == {"model": "repvgg_tiny"}
-    assert read_safetensors_metadata(repblocks.save_weights(model, tmp_path / "b.safetensors")) == {}
+    assert read_safetensors_metadata(with_metadata)["model"] == "repvgg_tiny"
+    assert read_safetensors_metadata(repblocks.save_weights(model.state_dict(), tmp_path / "b.safetensors")) == {}
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(with_metadata.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"cannot read .*truncated.safetensors: not a valid safetensors file") as err:

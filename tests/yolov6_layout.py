@@ -1,8 +1,16 @@
 """A compact re-creation of YOLOv6's re-parameterizable blocks (meituan/YOLOv6, yolov6/layers/common.py).
 
-Written from YOLOv6's module layout and arithmetic (commit e86a483), not copied: the state dict
-keys, shapes, forward order and fusion are YOLOv6's, so tests can check loading across code bases
-against an independent forward pass rather than against our own renaming.
+Written from YOLOv6's module layout and arithmetic at commit e86a483f3f6bded25d45970b56831345a99744a4
+(yolov6/layers/common.py, yolov6/utils/torch_utils.py, yolov6/models/yolo.py). YOLOv6 is GPL-3.0:
+nothing here is pasted from it; the classes are re-created in our own words and structure, keeping
+only what makes its weights what they are: the state dict keys, shapes, forward order, fusion
+arithmetic and BatchNorm settings. Tests then check loading across code bases against an
+independent forward pass rather than against our own renaming.
+
+- ``initialize_weights``: YOLOv6's ``Model.__init__`` ends with it, and it sets ``eps=1e-3`` and
+  ``momentum=0.03`` on every ``nn.BatchNorm2d`` (exact type) of the network. Every YOLOv6 weights
+  file was trained so; a state dict does not record eps. :func:`network` builds blocks the way
+  YOLOv6's ``Model`` does, with it applied.
 
 - ``RepVGGBlock``: ``rbr_dense`` and ``rbr_1x1`` are ConvModules (``conv`` without bias, ``bn``),
   ``rbr_identity`` a BatchNorm2d when shapes allow; ``relu(se(dense + 1x1 + identity))``.
@@ -30,6 +38,25 @@ difference: YOLOv6 builds the fused conv and the average-pool kernel in the defa
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def initialize_weights(model):
+    """YOLOv6's initialize_weights (yolov6/utils/torch_utils.py): BatchNorm eps 1e-3, momentum 0.03; in-place activations.
+
+    Its convolutions keep PyTorch's own init (YOLOv6 passes on ``nn.Conv2d``).
+    """
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.eps = 1e-3
+            module.momentum = 0.03
+        elif type(module) in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU):
+            module.inplace = True
+    return model
+
+
+def network(*blocks):
+    """A module holding YOLOv6 blocks as YOLOv6's ``Model`` holds them: built, then ``initialize_weights``."""
+    return initialize_weights(nn.Sequential(*blocks))
 
 
 class ConvModule(nn.Module):

@@ -6,4 +6,10 @@ nothing); ``preprocessing`` says how the model's images are prepared, ``engines`
 Entry point: ``deploy.py`` at the repository root.
 
 Never imports :mod:`repblocks.train`; what both need (checkpoint reading, data sets, numerics) is in the core.
+Importing it turns off OpenVINO's and NNCF's usage telemetry in this process (:mod:`repblocks.offline`).
 """
+
+from repblocks.offline import disable_telemetry
+
+# OpenVINO and NNCF (the [openvino] extra, imported lazily below) would report usage to Google Analytics.
+disable_telemetry()

@@ -18,8 +18,14 @@ from typing import ClassVar
 
 import onnx.defs
 
-from repblocks.deploy.engines import BACKENDS, DEFAULT_BACKENDS, DTYPES
-from repblocks.deploy.export import DEFAULT_EXPORTS, EXPORT_FORMATS, MIN_ONNX_OPSET
+from repblocks.deploy.formats import (
+    BACKENDS,
+    DEFAULT_BACKENDS,
+    DEFAULT_EXPORTS,
+    DTYPE_NAMES,
+    EXPORT_FORMATS,
+    MIN_ONNX_OPSET,
+)
 from repblocks.errors import UserError
 
 __all__ = [
@@ -81,7 +87,7 @@ class ExportConfig(_Checked):
     """Which files to write."""
 
     prefix: ClassVar[str] = "export."
-    # Any of repblocks.deploy.export.EXPORT_FORMATS; () exports nothing; None: every one whose engine is installed.
+    # Any of repblocks.deploy.formats.EXPORT_FORMATS; () exports nothing; None: every one whose engine is installed.
     formats: tuple[str, ...] | None = field(default=None, metadata={"known": EXPORT_FORMATS, "what": "export format"})
     # None: the exporter's default. Below 18 the torch.export-based exporter would silently write 18.
     onnx_opset: int | None = field(default=None, metadata=_range(MIN_ONNX_OPSET, onnx.defs.onnx_opset_version()))
@@ -102,12 +108,13 @@ class BenchConfig(_Checked):
     batch_sizes: tuple[int, ...] | None = field(default=None, metadata=_range(1, MAX_BATCH_SIZE))
     # The timed input's side; None: the model's own input size. Exports always take the model's own.
     image_size: int | None = field(default=None, metadata=_range(1, MAX_IMAGE_SIZE, why_high=_image_size_limit))
-    dtypes: tuple[str, ...] | None = field(default=None, metadata={"known": tuple(DTYPES), "what": "dtype"})
+    dtypes: tuple[str, ...] | None = field(default=None, metadata={"known": DTYPE_NAMES, "what": "dtype"})
     # Every backend but compile (opt-in: minutes to build on a small CPU); those that cannot run here are listed as skipped.
     backends: tuple[str, ...] | None = field(default=None, metadata={"known": BACKENDS, "what": "backend"})
     rounds: int = field(default=20, metadata=_range(1))  # timed calls per runner, interleaved
     warmup: int = field(default=2, metadata=_range(0))  # untimed calls per runner first
-    threads: int | None = field(default=None, metadata=_range(1))  # torch and onnxruntime intra-op threads
+    # torch and onnxruntime intra-op threads; None: as many as the cores other processes leave free
+    threads: int | None = field(default=None, metadata=_range(1))
     cudnn_benchmark: bool = True  # let cuDNN pick the fastest kernels, as deployments do
     tf32: bool = True  # fp32 convs in TF32 on Ampere+ GPUs (PyTorch's default); false: full fp32, as on a 1080Ti
 

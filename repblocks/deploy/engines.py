@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from repblocks.deploy import openvino, tensorrt
 from repblocks.deploy.export import export_onnx, onnx_session
+from repblocks.deploy.formats import BACKENDS, DEFAULT_BACKENDS, DTYPE_NAMES
 from repblocks.numerics import max_errors
 
 __all__ = [
@@ -37,19 +38,7 @@ __all__ = [
     "one_line",
 ]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-BACKENDS = (
-    "eager",
-    "channels_last",
-    "compile",
-    "onnxruntime",
-    "openvino",
-    "openvino_throughput",
-    "tensorrt",
-    "onnxruntime_trt",
-)
-# compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
-DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
 OPENVINO_MODES = {"openvino": "latency", "openvino_throughput": "throughput"}
 Candidate = Callable[[], object]
 

@@ -24,8 +24,10 @@ With ``quantize=int8``, each engine's int8 model that passed the accuracy gate i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,23 +38,21 @@ from torch import Tensor, nn
 
 from repblocks import checkpoint
 from repblocks.deploy import openvino
+from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 from repblocks.files import atomic_path
+from repblocks.int8.openvino import dynamic_axes
 from repblocks.numerics import max_errors, within_tolerance
 from repblocks.weights import load_weights, save_weights
 
-if TYPE_CHECKING:  # config.py imports this module for EXPORT_FORMATS
+if TYPE_CHECKING:
     from repblocks.deploy.config import ExportConfig, VerifyConfig
     from repblocks.deploy.quantize import Quantization
 
 __all__ = [
-    "EXPORT_FORMATS",
-    "FILE_NAMES",
-    "MIN_ONNX_OPSET",
+    "Export",
     "deploy_metadata",
-    "dynamic_axes",
-    "DEFAULT_EXPORTS",
     "export_all",
     "export_int8",
     "export_openvino",
@@ -64,18 +64,34 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino")
-DEFAULT_EXPORTS = tuple(f for f in EXPORT_FORMATS if f != "openvino" or openvino.installed())
-FILE_NAMES = {
-    "safetensors": "model.safetensors",
-    "onnx": "model.onnx",
-    "torch_export": "model.pt2",
-    "openvino": "model.xml",
-}
-INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}
 CHECK_BATCH_SIZES = (1, 3)  # neither is the export's example batch (2): the batch axis must really be dynamic
 _ONNX_SIZE_LIMIT = 2**31  # protobuf's limit for one file; we write no external-data side files
-MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
+
+
+@dataclass(frozen=True)
+class Export:
+    """One file the export stage wrote, where it will be once the run is done, and how it was checked."""
+
+    path: str  # in out_dir
+    format: str  # "onnx", "openvino int8", ...
+    input_shape: list[int]  # (C, H, W) it was exported at: the model's own
+    runtime: str | None = None  # what read it back ("onnxruntime 1.23.0")
+    check: str | None = None  # how it was checked, when not by comparing outputs
+    max_abs_err: float | None = None  # its outputs against the model's, at checked_batch_sizes
+    max_rel_err: float | None = None
+    checked_batch_sizes: list[int] | None = None
+
+    @classmethod
+    def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
+        """From what an ``export_*`` function returns, at its final ``path``."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(
+            **{**{k: v for k, v in info.items() if k in known}, "path": str(path), "input_shape": list(input_shape)}
+        )
+
+    def as_dict(self) -> dict:
+        """For ``report.json``: the fields that apply to this format."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
 def export_all(
@@ -87,8 +103,8 @@ def export_all(
     export: ExportConfig,
     verify: VerifyConfig,
     seed: int = 0,
-) -> dict:
-    """Write each format of ``export.formats``, at the model's own input size; return what was written.
+) -> dict[str, Export]:
+    """Write each format of ``export.formats``, at the model's own input size; return what was written, by format.
 
     Args:
         into: The folder to write into (the staging folder).
@@ -105,9 +121,9 @@ def export_all(
         log.info("exporting %s", fmt)
         with user_errors():  # an export that does not reproduce the model stops the run in one line
             if fmt == "safetensors":
-                exports[fmt] = export_safetensors(plain, path, rebuild=network.rebuild_deploy, metadata=metadata)
+                info = export_safetensors(plain, path, rebuild=network.rebuild_deploy, metadata=metadata)
             elif fmt == "onnx":
-                exports[fmt] = export_onnx(
+                info = export_onnx(
                     plain,
                     path,
                     example,
@@ -117,18 +133,16 @@ def export_all(
                     metadata=metadata,
                 )
             elif fmt == "openvino":
-                exports[fmt] = export_openvino(
-                    plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata
-                )
+                info = export_openvino(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
             else:
-                exports[fmt] = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
-        exports[fmt].update(path=str(Path(out_dir) / FILE_NAMES[fmt]), input_shape=list(network.input_shape))
+                info = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
+        exports[fmt] = Export.from_info(info, path=Path(out_dir) / FILE_NAMES[fmt], input_shape=network.input_shape)
     return exports
 
 
 def export_int8(
     network: Network, quantization: Quantization, *, into: Path, out_dir: Path, verify: VerifyConfig, seed: int = 0
-) -> dict:
+) -> dict[str, Export]:
     """Write the int8 model of each engine that passed the accuracy gate; each is read back and checked.
 
     The check compares the file, loaded by its engine, with the int8 model that was gated (same
@@ -153,14 +167,16 @@ def export_int8(
             else:
                 errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = f"onnxruntime {onnxruntime.__version__}"
-        exports[f"{engine}_int8"] = {
-            "path": str(Path(out_dir) / name),
-            "format": f"{engine} int8",
-            "runtime": runtime,
-            "input_shape": list(network.input_shape),
-            "check": "read back and run: outputs equal to the gated int8 model's",
-            **errors,
-        }
+        exports[f"{engine}_int8"] = Export.from_info(
+            {
+                "format": f"{engine} int8",
+                "runtime": runtime,
+                "check": "read back and run: outputs equal to the gated int8 model's",
+                **errors,
+            },
+            path=Path(out_dir) / name,
+            input_shape=network.input_shape,
+        )
     return exports
 
 
@@ -212,12 +228,6 @@ def _write_onnx_bytes(
             verify.rtol,
             f"onnxruntime reading {path.name}",
         )
-
-
-def dynamic_axes(size: bool = False) -> dict:
-    """``torch.export``'s dynamic shapes of an image batch: the batch axis, and height and width when ``size``."""
-    axes = {0: torch.export.Dim("batch")}
-    return {**axes, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO} if size else axes
 
 
 def _version(package: str) -> str:

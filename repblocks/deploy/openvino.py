@@ -2,7 +2,8 @@
 
 OpenVINO is optional: this module imports it only inside its functions, and :func:`missing`
 says why it cannot be used (for the benchmark's list of skipped backends) where
-:func:`require` stops a run that asked for it by name.
+:func:`require` stops a run that asked for it by name. The conversion and the compilation are
+:mod:`repblocks.int8.openvino`'s, shared with int8 and QAT; this module adds timing and files.
 
 Two settings are always explicit, because their defaults change results or speed:
 
@@ -17,17 +18,16 @@ Two settings are always explicit, because their defaults change results or speed
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from repblocks.errors import UserError
+# One conversion and one compilation for fp32 and int8, deployment and QAT: they live in the int8 package.
+from repblocks.deploy.formats import openvino_installed
+from repblocks.int8.openvino import INSTALL, compile_model, infer, missing, require, to_openvino
 
 __all__ = [
     "INSTALL",
@@ -43,81 +43,16 @@ __all__ = [
     "to_openvino",
 ]
 
-INSTALL = "pip install 'repblocks[openvino]'"
-MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
-
 
 def installed() -> bool:
     """Whether OpenVINO and NNCF can be imported, without importing them (what defaults are chosen by)."""
-    try:
-        return all(importlib.util.find_spec(package) is not None for package in ("openvino", "nncf"))
-    except ImportError:  # an import hook that refuses the name
-        return False
-
-
-def missing() -> str | None:
-    """Why OpenVINO and NNCF cannot be used here, or None when they can."""
-    for package in ("openvino", "nncf"):
-        try:
-            __import__(package)
-        except ImportError as err:
-            return f"{package} is not installed ({INSTALL}): {err}"
-    return None
-
-
-def require(setting: str):
-    """The ``openvino`` module; :class:`UserError` naming ``setting`` when it (or NNCF) is not installed."""
-    reason = missing()
-    if reason:
-        raise UserError(f"{setting} needs OpenVINO, but {reason}")
-    import openvino
-
-    return openvino
-
-
-def to_openvino(model: nn.Module, example: Tensor, *, dynamic_size: bool = False):
-    """``model`` (float32, CPU, eval) as an ``openvino.Model`` with a dynamic batch axis, input ``images``, output ``logits``.
-
-    Converted from a ``torch.export`` program, as the ONNX export is (OpenVINO's other path traces
-    with TorchScript, which torch deprecates). ``dynamic_size``: height and width dynamic too, for
-    a fully convolutional network timed at another size than it was exported at.
-    """
-    ov = require("the openvino backend")
-    from repblocks.deploy.export import dynamic_axes  # export imports this module
-
-    with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=(dynamic_axes(dynamic_size),))
-        converted = ov.convert_model(program)
-    converted.inputs[0].get_tensor().set_names({"images"})
-    converted.outputs[0].get_tensor().set_names({"logits"})
-    return converted
+    return openvino_installed()
 
 
 def set_metadata(ov_model, metadata: Mapping[str, str]) -> None:
     """Store ``metadata`` (model name, preprocessing, ...) in the model's runtime info, under ``repblocks``."""
     for key, value in metadata.items():
         ov_model.set_rt_info(value, ["repblocks", key])
-
-
-def compile_model(ov_model, *, mode: str = "latency", threads: int | None = None):
-    """Compile for the CPU in float32, in ``mode`` (``latency`` or ``throughput``), on ``threads`` threads (torch's)."""
-    ov = require("the openvino backend")
-    config = {
-        "INFERENCE_PRECISION_HINT": "f32",
-        "PERFORMANCE_HINT": MODES[mode],
-        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-    }
-    return ov.Core().compile_model(ov_model, "CPU", config)
-
-
-def infer(compiled) -> Callable[[Tensor], Tensor]:
-    """``images (B, C, H, W) -> logits (B, classes)`` through one infer request of ``compiled``."""
-    request = compiled.create_infer_request()
-
-    def run(images: Tensor) -> Tensor:
-        return torch.from_numpy(np.array(request.infer({0: images.numpy()})[0]))
-
-    return run
 
 
 def runner(ov_model, *, mode: str, threads: int | None = None) -> Callable[[Tensor], Callable[[], object]]:

@@ -41,14 +41,14 @@ from repblocks.deploy import openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
-from repblocks.deploy.outputs import check_out_dir, staged_output
+from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_killed_runs_staging, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
-from repblocks.deploy.runtime import check_memory, resolve_device, threads
+from repblocks.deploy.runtime import ThreadChoice, check_memory, choose_threads, resolve_device, threads
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
 from repblocks.deploy.speed import int8_runners, time_forms, time_models
-from repblocks.deploy.verify import check_inputs, not_compared, verify
+from repblocks.deploy.verify import Verification, check_inputs, not_compared, verify
 from repblocks.errors import UserError
 
 __all__ = [
@@ -73,9 +73,11 @@ def run_deploy(config: DeployConfig) -> dict:
         return run_speed_table(config)
     device = resolve_device(config.bench.device)
     out_dir = check_out_dir(config.out_dir)
+    remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     bench = config.bench.for_device(device.type)
     _check_extras(config)
-    with threads(bench.threads):
+    choice = _choose_threads(bench)
+    with threads(choice.threads):
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
         )
@@ -86,10 +88,12 @@ def run_deploy(config: DeployConfig) -> dict:
         check_inputs(network, [timed_shape, network.input_shape], setting="bench.image_size")
 
         conversion = convert(network)
+        needed = _output_bytes(conversion.plain, config)
+        check_out_dir_space(out_dir, needed)  # a full disk: one line now, not a C++ stream error after the work
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
         quantization = _quantize(network, conversion, config)
 
-        with staged_output(out_dir) as staging:
+        with staged_output(out_dir, needed=needed) as staging:
             exports = export_all(
                 network,
                 conversion.plain,
@@ -118,6 +122,7 @@ def run_deploy(config: DeployConfig) -> dict:
                 bench=bench,
                 timed_shape=timed_shape,
                 quantization=quantization,
+                threads=choice,
             )
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_reports(report, staging, out_dir=out_dir, config=resolved)
@@ -131,17 +136,19 @@ def run_speed_table(config: DeployConfig) -> dict:
     check_model_names(config.models)
     device = resolve_device(config.bench.device)
     out_dir = check_out_dir(config.out_dir)
+    remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     # The paper's batch of 128 on a GPU; on 2 CPU cores that would take an hour.
     bench = config.bench.for_device(device.type, batch_sizes=(128,) if device.type == "cuda" else (8,))
     image_size = bench.image_size or DEFAULT_IMAGE_SIZE
     image_shape = (3, image_size, image_size)
     check_memory(batch_sizes=bench.batch_sizes, image_shape=image_shape, device=device)
-    with threads(bench.threads):
+    choice = _choose_threads(bench)
+    with threads(choice.threads):
         models = {}
         for name in config.models:
             models.update(_speed_table_entries(name, image_shape, config))
-        rows = time_models(models, device=device, bench=bench, image_shape=image_shape)
-        report = speed_report(rows=rows, device=device, bench=bench, image_shape=image_shape)
+        timing = time_models(models, device=device, bench=bench, image_shape=image_shape)
+        report = speed_report(timing=timing, device=device, bench=bench, image_shape=image_shape, threads=choice)
         with staged_output(out_dir) as staging:
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_speed_table(report, staging, out_dir=out_dir, config=resolved)
@@ -160,6 +167,20 @@ def _check_extras(config: DeployConfig) -> None:
         raise UserError(f"export.formats=[openvino] needs OpenVINO, but {reason}")
     if config.quantize.precision and tuple(config.quantize.engines) == ("openvino",):
         raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+
+
+def _choose_threads(bench: BenchConfig) -> ThreadChoice:
+    """``bench.threads``, else (on the CPU, when anything is timed) as many as the cores other processes leave free."""
+    if bench.threads or not bench.batch_sizes or bench.device.startswith("cuda"):
+        return choose_threads(bench.threads or torch.get_num_threads())
+    return choose_threads(None)
+
+
+def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:
+    """About how many bytes the exports take: the deploy form's weights once per format, a quarter per int8 file."""
+    weights = sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+    int8_files = len(config.quantize.engines) if config.quantize.precision else 0
+    return weights * len(config.export.formats) + weights * int8_files // 4
 
 
 def _quantize(network: Network, conversion: Conversion, config: DeployConfig) -> Quantization | None:
@@ -183,7 +204,7 @@ def _verify(
     device: torch.device,
     bench: BenchConfig,
     shapes: list[tuple[int, int, int]],
-) -> dict:
+) -> Verification:
     if conversion.already_deployed:
         return not_compared("the weights came in deploy form: there is no train form to compare with", config.verify)
     return verify(

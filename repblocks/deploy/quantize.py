@@ -3,9 +3,11 @@
 The stage reads top to bottom:
 
 1. images: calibration images (the run's own training images, prepared as for evaluation and
-   drawn at random, or ``quantize.calibration=DIR``) and the run's validation images with labels;
+   drawn at random, or ``quantize.calibration=DIR``) and a loader of the run's validation images
+   with labels, read a batch at a time;
 2. each engine of ``quantize.engines`` quantizes the deploy form on its own: NNCF into OpenVINO
-   (:func:`_nncf`) and onnxruntime's static QDQ quantizer with per-channel weights (:func:`_ort`);
+   (:func:`repblocks.int8.nncf_int8`, the same int8 as QAT's baseline) and onnxruntime's static
+   QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`);
 3. the gate: top-1 of fp32 and int8 on the validation images. An engine whose int8 model loses
    more than ``quantize.max_drop`` points fails; for OpenVINO, NNCF's accuracy-control mode then
    tries again, keeping the layers that cost most in fp32. When no engine passes, the run stops
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +32,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from repblocks.datasets import build_data, sample_images
+from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_transform, evaluation_loader, sample_images
 from repblocks.deploy import openvino
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.export import export_onnx, onnx_session
 from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
+from repblocks.int8 import NNCF_OPTIONS, agreement, example_batch, nncf_dataset, nncf_int8, predict_batches
+from repblocks.int8 import top1 as _top1
+from repblocks.int8.accuracy import BATCH as _BATCH
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -44,17 +49,11 @@ __all__ = [
     "Quantization",
     "gate_images",
     "int8_runner",
-    "nncf_int8",
     "onnxruntime_int8",
-    "predict",
     "quantize",
 ]
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-_BATCH = 32  # images per inference call when evaluating
-_NNCF_OPTIONS = {"fast_bias_correction": False}  # see nncf_int8
 
 
 @dataclass
@@ -116,9 +115,9 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
             not installed), or no engine's int8 model is within ``settings.max_drop`` of fp32.
     """
     engines, skipped = _engines(settings)
-    calibration, images, labels, calibration_info = gate_images(network, settings, seed=seed)
-    gate = Gate(images, labels, predict(_eager(plain), images), settings.max_drop)
-    fp32_top1 = gate.fp32_top1
+    calibration, batches, calibration_info = gate_images(network, settings, seed=seed)
+    gate = Gate.of(_eager(plain), batches, settings.max_drop)
+    fp32_top1, labels = gate.fp32_top1, gate.labels
     log.info(
         "int8: calibrating on %d images, gating on %d validation images (fp32 top-1 %.2f%%)",
         len(calibration),
@@ -161,22 +160,16 @@ def _engines(settings: QuantizeConfig) -> tuple[list[str], list[dict]]:
 
 def _calibration_images(data, network: Network, settings: QuantizeConfig, seed: int) -> tuple[Tensor, dict]:
     if settings.calibration is not None:
-        images = _folder_images(Path(settings.calibration).expanduser(), network, settings.calibration_images, seed)
-        return images, {"source": str(settings.calibration), "images": len(images)}
+        return _folder_images(Path(settings.calibration).expanduser(), network, settings.calibration_images, seed)
     images = sample_images(data.calibration_set, settings.calibration_images, seed=seed)
     return images, {"source": "the run's training images (no augmentation)", "images": len(images)}
 
 
-def _validation_images(data, settings: QuantizeConfig, seed: int) -> tuple[Tensor, Tensor]:
-    loader = data.val_dataloader()
-    images, labels = zip(*loader, strict=True) if len(data.val_set) else ((), ())
-    if not images:
+def _validation_batches(data, settings: QuantizeConfig, seed: int):
+    """The validation images and labels the gate reads, a batch at a time (``quantize.eval_images`` of them)."""
+    if not len(data.val_set):
         raise UserError("quantize=int8 checks int8 top-1 on validation images, but the run's validation set is empty")
-    images, labels = torch.cat(images), torch.cat(labels)
-    if settings.eval_images is not None and settings.eval_images < len(labels):
-        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[: settings.eval_images]
-        images, labels = images[keep], labels[keep]
-    return images, labels
+    return evaluation_loader(data, settings.eval_images, seed=seed)
 
 
 def _data(network: Network):
@@ -195,51 +188,26 @@ def _data(network: Network):
     return data
 
 
-def _folder_images(folder: Path, network: Network, count: int, seed: int) -> Tensor:
-    """Up to ``count`` images found under ``folder``, prepared as ``network.preprocessing`` says."""
-    if not folder.is_dir():
-        raise UserError(f"quantize.calibration: {folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UserError(f"quantize.calibration: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    from torchvision.transforms import InterpolationMode, v2
-
-    from repblocks.datasets import load_rgb_image
-
-    prep = network.preprocessing
-    channels, size = prep["input_size"][0], prep["input_size"][1]
-    interpolation = InterpolationMode(prep["interpolation"])
-    transform = v2.Compose(
-        [
-            v2.Resize(round(size / prep["crop_pct"]), interpolation=interpolation, antialias=True),
-            v2.CenterCrop(size),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(prep["mean"], prep["std"]),
-        ]
-    )
-    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+def _folder_images(folder: Path, network: Network, count: int, seed: int) -> tuple[Tensor, dict]:
+    """Up to ``count`` images found under ``folder``, prepared as ``network.preprocessing`` says, and what was read."""
     try:
-        images = torch.stack([transform(load_rgb_image(files[i])) for i in order])  # (N, 3, H, W)
+        files = ImageFiles(folder, transform=eval_transform(network.preprocessing))
+    except FileNotFoundError:
+        raise UserError(f"quantize.calibration: {folder} is not a folder of images") from None
+    if not len(files):
+        raise UserError(f"quantize.calibration: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    try:
+        images = sample_images(files, count, seed=seed)  # (N, 3, H, W)
     except ValueError as err:
         raise UserError(f"quantize.calibration: {err}") from None
-    return images[:, :channels] if channels < 3 else images
+    if files.skipped:
+        log.info("quantize.calibration: skipped %d files under %s that are not images", files.skipped, folder)
+    channels = network.preprocessing["input_size"][0]
+    images = images[:, :channels] if channels < 3 else images
+    return images, {"source": str(folder), "images": len(images), "skipped_files": files.skipped}
 
 
 # -- engines -----------------------------------------------------------------------------------------------
-
-
-def nncf_int8(model: nn.Module, calibration: Tensor):
-    """``model`` quantized by NNCF (post-training, per-channel weights) into an ``openvino.Model``.
-
-    Full bias correction rather than NNCF's fast one: it costs seconds, once, and on QARepVGG-A0
-    trained on digits it halved the top-1 drop (0.56 -> 0.28 points, 360 images). Height and width
-    stay dynamic, so the model can be timed at another size than it was calibrated at.
-    """
-    import nncf
-
-    ov_model = openvino.to_openvino(model, calibration[:2], dynamic_size=True)
-    return nncf.quantize(ov_model, _nncf_dataset(calibration), subset_size=len(calibration), **_NNCF_OPTIONS)
 
 
 def onnxruntime_int8(
@@ -257,7 +225,7 @@ def onnxruntime_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, prepared, int8_path = workdir / "fp32.onnx", workdir / "prepared.onnx", workdir / "int8.onnx"
-    export_onnx(model, fp32_path, calibration[:2], atol=1e-3, rtol=1e-3, dynamic_size=True)
+    export_onnx(model, fp32_path, example_batch(calibration), atol=1e-3, rtol=1e-3, dynamic_size=True)
     quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
     quantize_static(
         str(prepared),
@@ -271,11 +239,11 @@ def onnxruntime_int8(
     return prepared, int8_path
 
 
-def gate_images(network: Network, settings: QuantizeConfig, *, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """The images ``quantize=int8`` reads: ``(calibration, validation images, their labels, calibration info)``."""
+def gate_images(network: Network, settings: QuantizeConfig, *, seed: int = 0) -> tuple[Tensor, object, dict]:
+    """What ``quantize=int8`` reads: ``(calibration images, a loader of the validation batches, calibration info)``."""
     data = _data(network)
     calibration, info = _calibration_images(data, network, settings, seed)
-    return (calibration, *_validation_images(data, settings, seed), info)
+    return calibration, _validation_batches(data, settings, seed), info
 
 
 def int8_runner(
@@ -290,22 +258,31 @@ def int8_runner(
 
 @dataclass
 class Gate:
-    """The validation images, fp32's predictions on them and the most top-1 int8 may lose."""
+    """The validation batches, fp32's logits on them and the most top-1 int8 may lose.
 
-    images: Tensor  # (N, C, H, W)
+    The images are read a batch at a time from ``batches`` (a loader) each time a model is judged:
+    never all in memory at once.
+    """
+
+    batches: Iterable[tuple[Tensor, Tensor]]  # (images (B, C, H, W), labels (B,)), in the same order each time
     labels: Tensor  # (N,)
     fp32: Tensor  # (N, classes)
     max_drop: float
+
+    @classmethod
+    def of(cls, fp32: Callable[[Tensor], Tensor], batches: Iterable[tuple[Tensor, Tensor]], max_drop: float) -> Gate:
+        """The gate of ``batches``, with ``fp32``'s logits on them as the reference."""
+        logits, labels = predict_batches(fp32, batches)
+        return cls(batches, labels, logits, max_drop)
 
     @property
     def fp32_top1(self) -> float:
         return _top1(self.fp32, self.labels)
 
     def judge(self, engine: str, method: str, model: object, run: Callable[[Tensor], Tensor]) -> Int8Model:
-        logits = predict(run, self.images)
+        logits, _ = predict_batches(run, self.batches)
         top1 = _top1(logits, self.labels)
         drop = self.fp32_top1 - top1
-        agreement = (logits.argmax(1) == self.fp32.argmax(1)).float().mean().item()
         passed = drop <= self.max_drop
         log.info(
             "int8 %s: top-1 %.2f%% (fp32 %.2f%%, drop %.2f points): %s",
@@ -315,7 +292,9 @@ class Gate:
             drop,
             "passed" if passed else "failed",
         )
-        return Int8Model(engine, method, model, run, top1=top1, drop=drop, agreement=agreement, passed=passed)
+        return Int8Model(
+            engine, method, model, run, top1=top1, drop=drop, agreement=agreement(logits, self.fp32), passed=passed
+        )
 
 
 def _openvino(plain: nn.Module, calibration: Tensor, gate: Gate, settings: QuantizeConfig) -> Int8Model:
@@ -327,22 +306,18 @@ def _openvino(plain: nn.Module, calibration: Tensor, gate: Gate, settings: Quant
     log.info("int8: openvino loses %.2f points; trying NNCF's accuracy control", result.drop)
     import nncf
 
-    def validate(compiled, items) -> float:
-        logits = torch.cat([torch.from_numpy(np.array(compiled(batch)[0])) for batch, _ in items])
-        return _top1(logits, torch.cat([label for _, label in items])) / 100
+    def validate(compiled, items) -> float:  # NNCF's drop is a fraction, ours in points
+        logits = torch.cat([torch.from_numpy(np.array(compiled(images.numpy())[0])) for images, _ in items])
+        return _top1(logits, torch.cat([labels for _, labels in items])) / 100
 
-    batches = [
-        (images.numpy(), labels)
-        for images, labels in zip(gate.images.split(_BATCH), gate.labels.split(_BATCH), strict=True)
-    ]
     controlled = nncf.quantize_with_accuracy_control(
-        openvino.to_openvino(plain, calibration[:2], dynamic_size=True),
-        _nncf_dataset(calibration),
-        nncf.Dataset(batches),
+        openvino.to_openvino(plain, calibration, dynamic_size=True),
+        nncf_dataset(calibration),
+        nncf.Dataset(gate.batches, lambda batch: batch[0].numpy()),  # items (images, labels); the model reads images
         validate,
         max_drop=settings.max_drop / 100,
         subset_size=len(calibration),
-        **_NNCF_OPTIONS,
+        **NNCF_OPTIONS,
     )
     kept = [
         op.get_friendly_name()
@@ -364,12 +339,6 @@ def _onnxruntime(plain: nn.Module, calibration: Tensor, gate: Gate, settings: Qu
         if settings.worst_layers:
             result.worst_layers = _worst_layers(prepared, int8_path, calibration[: 2 * _BATCH], settings.worst_layers)
     return result
-
-
-def _nncf_dataset(calibration: Tensor):
-    import nncf
-
-    return nncf.Dataset([image[None].numpy() for image in calibration])  # one image per item: subset_size counts images
 
 
 def _reader(images: Tensor):
@@ -445,11 +414,3 @@ def _producing_modules(path: Path) -> dict[str, str]:
 
 def _eager(model: nn.Module) -> Callable[[Tensor], Tensor]:
     return torch.inference_mode()(model)
-
-
-def predict(run: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
-    return torch.cat([run(batch.contiguous()).float() for batch in images.split(_BATCH)])
-
-
-def _top1(logits: Tensor, labels: Tensor) -> float:
-    return 100.0 * (logits.argmax(1) == labels).float().mean().item()

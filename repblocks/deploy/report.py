@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,11 +19,13 @@ from rich.table import Table
 
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
+from repblocks.deploy.export import Export
 from repblocks.deploy.outputs import CONFIG_FILE
 from repblocks.deploy.preprocessing import describe_sources
-from repblocks.deploy.runtime import describe_device, environment
+from repblocks.deploy.runtime import ThreadChoice, describe_device, environment
 from repblocks.deploy.sources import Network
-from repblocks.deploy.speed import fastest_deploy, timer_note
+from repblocks.deploy.speed import Timing, fastest_deploy, timer_note
+from repblocks.deploy.verify import Verification
 
 if TYPE_CHECKING:
     from repblocks.deploy.quantize import Quantization
@@ -31,6 +34,8 @@ from repblocks.files import atomic_path
 __all__ = [
     "console_tables",
     "deploy_report",
+    "load_summary",
+    "load_warning",
     "markdown_report",
     "speed_console_table",
     "speed_report",
@@ -51,17 +56,17 @@ def deploy_report(
     *,
     network: Network,
     conversion: Conversion,
-    verification: dict,
-    exports: dict,
-    timing: tuple[list[dict], list[dict]],
+    verification: Verification,
+    exports: Mapping[str, Export],
+    timing: Timing,
     device: torch.device,
     bench: BenchConfig,
     timed_shape: tuple[int, int, int],
+    threads: ThreadChoice,
     quantization: Quantization | None = None,
 ) -> dict:
     """The report of one deploy run, as plain data (what ``report.json`` holds)."""
-    rows, skipped = timing
-    int8 = None if quantization is None else {**quantization.summary(), "speed": int8_speed(rows)}
+    int8 = None if quantization is None else {**quantization.summary(), "speed": int8_speed(timing.rows)}
     return {
         "model": network.name,
         "origin": network.origin,
@@ -73,18 +78,41 @@ def deploy_report(
         "conversion": conversion.note,
         "already_deployed": conversion.already_deployed,
         "conversion_s": conversion.seconds,
-        "max_abs_err": verification["max_abs_err"],
-        "max_rel_err": verification["max_rel_err"],
-        "top1_agreement": verification["top1_agreement"],
-        "verify": verification,
-        "exports": exports,
-        "benchmark": rows,
-        "fastest_deploy": fastest_deploy(rows),
-        "skipped": skipped,
+        "max_abs_err": verification.max_abs_err,
+        "max_rel_err": verification.max_rel_err,
+        "top1_agreement": verification.top1_agreement,
+        "verify": verification.as_dict(),
+        "exports": {name: export.as_dict() for name, export in exports.items()},
+        "benchmark": timing.rows,
+        "fastest_deploy": fastest_deploy(timing.rows),
+        "skipped": timing.skipped,
+        "load": load_summary(timing, threads),
         "int8": int8,
         "timer": timer_note(bench),
         "environment": environment(device, tf32=bench.tf32),
     }
+
+
+def load_summary(timing: Timing, threads: ThreadChoice) -> dict:
+    """Other processes' load while timing, whether it skewed the figures, and the threads chosen for it."""
+    return {
+        "other_load_cores": timing.other_load,
+        "skewed": timing.skewed,
+        "threads": threads.threads,
+        "threads_chosen": threads.note,
+        "wait_policy": threads.wait_policy,
+    }
+
+
+def load_warning(report: dict) -> str | None:
+    """One line saying the figures are skewed by other processes, or None."""
+    load = report.get("load") or {}
+    if not load.get("skewed"):
+        return None
+    return (
+        f"warning: other processes kept {load['other_load_cores']:.2f} cores busy while timing: these figures, "
+        "and the ratios between them, are skewed; time again on an idle machine"
+    )
 
 
 def int8_speed(rows: list[dict]) -> list[dict]:
@@ -115,14 +143,17 @@ def int8_speed(rows: list[dict]) -> list[dict]:
     return speed
 
 
-def speed_report(*, rows: list[dict], device: torch.device, bench: BenchConfig, image_shape: tuple[int, ...]) -> dict:
+def speed_report(
+    *, timing: Timing, device: torch.device, bench: BenchConfig, image_shape: tuple[int, ...], threads: ThreadChoice
+) -> dict:
     """The report of a speed table run (``models=[...]``)."""
     return {
         "device": describe_device(device),
         "image_shape": list(image_shape),
         "dtype": "fp32",
         "backend": "eager",
-        "rows": rows,
+        "rows": timing.rows,
+        "load": load_summary(timing, threads),
         "timer": timer_note(bench),
         "environment": environment(device, tf32=bench.tf32),
     }
@@ -194,7 +225,8 @@ def console_tables(report: dict) -> list[Table]:
         title = "Train vs deploy form (ratios: throughput over the train form's)"
         if report["already_deployed"]:
             title = "Deploy form (loaded in deploy form: no train form to time)"
-        bench = Table(title=title, caption=_fastest(report))
+        caption = "\n".join(filter(None, [_fastest(report), load_warning(report)]))
+        bench = Table(title=title, caption=caption)
         for column in _BENCH_COLUMNS:
             bench.add_column(column, justify="left" if column in _BENCH_COLUMNS[:3] else "right")
         for row in report["benchmark"]:
@@ -372,7 +404,9 @@ def markdown_report(report: dict) -> str:
     if report["benchmark"]:
         lines += ["", "## Benchmark", "", "| " + " | ".join(_BENCH_COLUMNS) + " |", "|---|---|---|" + "---:|" * 6]
         lines += ["| " + " | ".join(_bench_cells(row)) + " |" for row in report["benchmark"]]
-        lines += ["", _fastest(report) + ".", "", f"Timer: {report['timer']}.", "", MALLOC_NOTE]
+        lines += ["", _fastest(report) + ".", "", f"Timer: {report['timer']}; {report['load']['threads_chosen']}."]
+        lines += ["", f"**{load_warning(report)}**"] if load_warning(report) else []
+        lines += ["", MALLOC_NOTE]
     if report["skipped"]:
         lines += ["", "## Not timed", ""] + [f"- {item['what']}: {item['reason']}" for item in report["skipped"]]
     environment = ", ".join(f"{key} {value}" for key, value in report["environment"].items())
@@ -419,7 +453,7 @@ def _plot(report: dict, path: Path) -> None:
 
 def speed_console_table(report: dict) -> Table:
     """The speed table as a rich table."""
-    table = Table(title=_speed_title(report))
+    table = Table(title=_speed_title(report), caption=load_warning(report))
     for column in ("model", "batch", "img/s", "ms/batch", "vs resnet18"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in report["rows"]:
@@ -455,4 +489,5 @@ def _speed_markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     lines += ["| " + " | ".join(_speed_cells(row)) + " |" for row in report["rows"]]
+    lines += ["", f"**{load_warning(report)}**"] if load_warning(report) else []
     return "\n".join([*lines, "", f"Timer: {report['timer']}.", ""])

@@ -2,31 +2,23 @@
 
 Files are read with ``weights_only=True`` only (:mod:`repblocks.checkpoint`): a checkpoint that
 would need to run code to load is refused. A train.py checkpoint says how to rebuild its network
-(:class:`repblocks.checkpoint.RunCheckpoint`), and so does the metadata of a ``model.safetensors``
-that deploy.py wrote; a bare weights file needs ``model=NAME``. Weights already in deploy form
+(:class:`repblocks.run_checkpoint.RunCheckpoint`), and so does the metadata of a ``model.safetensors``
+that deploy.py wrote; a bare weights file needs ``model=NAME``. What a file says to build passes
+:func:`repblocks.run_checkpoint.model_spec`: architecture arguments only (a file never makes us
+download or open anything else), sizes checked before anything is allocated. Weights already in deploy form
 (ours, the official code's ``rbr_reparam`` or timm's ``reparam_conv``) are loaded into a model
 built in deploy form, and there is nothing left to convert.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
-from repblocks.checkpoint import (
-    DEPLOY_FORM,
-    RunCheckpoint,
-    StateDict,
-    read_checkpoint,
-    read_run_checkpoint,
-    read_safetensors_metadata,
-    read_state_dict,
-    resolve_run_checkpoint,
-)
+from repblocks.checkpoint import DEPLOY_FORM, StateDict, read_checkpoint, read_safetensors_metadata, read_state_dict
 from repblocks.convert import switch_to_deploy
 from repblocks.deploy import preprocessing
 from repblocks.errors import UserError, user_errors
@@ -34,7 +26,14 @@ from repblocks.layouts import to_repblocks_layout
 from repblocks.numerics import randomize_bn_
 from repblocks.pretrained import classifier_classes
 from repblocks.registry import create_model, list_models
-from repblocks.weights import build_run_model, load_weights
+from repblocks.run_checkpoint import (
+    RunCheckpoint,
+    build_run_model,
+    read_run_checkpoint,
+    resolve_run_checkpoint,
+    spec_from_deploy_metadata,
+)
+from repblocks.weights import load_weights
 
 __all__ = ["DEPLOY_FORM", "TORCHVISION", "Network", "check_model_names", "load_network", "read_deploy_metadata"]
 
@@ -192,18 +191,10 @@ def _checkpoint_network(ckpt: Path, model: str | None, num_classes: int | None) 
 
 def _deployed_network(path: Path, metadata: Mapping[str, str], model: str | None, num_classes: int | None) -> Network:
     """deploy.py's own ``model.safetensors``: its metadata says what to build."""
-    name = metadata["model"]
+    spec = spec_from_deploy_metadata(metadata, what=str(path))
+    name, saved_classes, in_chans, kwargs = spec.name, spec.num_classes, spec.in_chans, spec.model_kwargs
     if model and model != name:
         raise UserError(f"{path} holds a {name} (its metadata says so), but model={model} was given; leave model unset")
-    try:
-        saved_classes, in_chans = int(metadata["num_classes"]), int(metadata.get("in_chans", "3"))
-        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
-        if not isinstance(kwargs, dict):
-            raise TypeError(f"model_kwargs is a {type(kwargs).__name__}, not a mapping")
-        if saved_classes < 1 or in_chans < 1:
-            raise ValueError(f"num_classes {saved_classes} and in_chans {in_chans} must be at least 1")
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"{path}: malformed deploy metadata ({type(err).__name__}: {err})") from None
     if num_classes is not None and num_classes != saved_classes:
         raise UserError(f"{path} holds a {saved_classes}-class {name}, but num_classes={num_classes} was given")
     found = [(f"{path.name}'s metadata", preprocessing.from_metadata(metadata))]

@@ -6,7 +6,9 @@ size is timed in one ``repblocks.bench.time_interleaved`` call, so the ratios be
 (deploy over train form, one backend over another) are measured under the same conditions.
 Each runner is called once before timing; one that fails there (no compiler for
 ``torch.compile``, an operator missing in a dtype) is reported as skipped, with the reason, and
-the others are timed.
+the others are timed. Other processes' load is measured while timing (:class:`repblocks.bench.OtherLoad`)
+and goes with the figures (:class:`Timing`): above :data:`repblocks.bench.SKEW_THRESHOLD` cores, they
+are flagged as skewed.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from repblocks.bench import median, p90, synchronizer, throughput, time_interleaved
+from repblocks.bench import SKEW_THRESHOLD, OtherLoad, median, p90, synchronizer, throughput, time_interleaved
 from repblocks.deploy import openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
 from repblocks.deploy.engines import (
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from repblocks.deploy.quantize import Quantization
 
 __all__ = [
+    "Timing",
     "benchmark_forms",
     "fastest_deploy",
     "int8_runners",
@@ -55,6 +59,21 @@ log = logging.getLogger(__name__)
 PAPER_BASELINE = "torchvision:resnet18"  # the paper states every speed relative to ResNet-18
 
 
+@dataclass(frozen=True)
+class Timing:
+    """What the time stage measured: a row per runner and batch size, what was not timed, and under what load."""
+
+    rows: list[dict] = field(default_factory=list)  # form, backend, dtype, batch_size, throughput, latency_ms, ...
+    skipped: list[dict] = field(default_factory=list)  # what was not timed, and the reason
+    other_load: float | None = None  # cores other processes kept busy while timing; None: nothing timed, or unknown
+    threads: int | None = None  # torch's intra-op threads while timing
+
+    @property
+    def skewed(self) -> bool:
+        """Other processes were busy enough to skew the figures (and the ratios between them)."""
+        return self.other_load is not None and self.other_load > SKEW_THRESHOLD
+
+
 def time_forms(
     forms: Mapping[str, nn.Module],
     *,
@@ -62,10 +81,12 @@ def time_forms(
     bench: BenchConfig,
     image_shape: tuple[int, int, int],
     prepared: Mapping[RunnerSpec, Prepared] | None = None,
-) -> tuple[list[dict], list[dict]]:
+) -> Timing:
     """The time stage of a deploy run: :func:`benchmark_forms` under ``bench``'s cuDNN and TF32 settings."""
-    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
-        return benchmark_forms(
+    if not bench.batch_sizes:
+        return Timing()
+    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32), OtherLoad() as load:
+        rows, skipped = benchmark_forms(
             forms,
             device=device,
             batch_sizes=bench.batch_sizes,
@@ -76,14 +97,15 @@ def time_forms(
             warmup=bench.warmup,
             prepared=prepared,
         )
+    return _measured(rows, skipped, load)
 
 
 def time_models(
     models: Mapping[str, nn.Module], *, device: torch.device, bench: BenchConfig, image_shape: tuple[int, int, int]
-) -> list[dict]:
+) -> Timing:
     """The paper's speed table under ``bench``'s settings: :func:`speed_table` at each batch size."""
-    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32):
-        return [
+    with cudnn_benchmark(bench.cudnn_benchmark), ieee_fp32(not bench.tf32), OtherLoad() as load:
+        rows = [
             row
             for batch_size in bench.batch_sizes
             for row in speed_table(
@@ -95,6 +117,14 @@ def time_models(
                 warmup=bench.warmup,
             )
         ]
+    return _measured(rows, [], load)
+
+
+def _measured(rows: list[dict], skipped: list[dict], load: OtherLoad) -> Timing:
+    timing = Timing(rows, skipped, other_load=load.cores, threads=torch.get_num_threads())
+    if timing.skewed:
+        log.warning(load.warning())
+    return timing
 
 
 def timer_note(bench: BenchConfig) -> str:

@@ -11,9 +11,11 @@ train form in the same dtype, since one fused conv rounds less often than three 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -25,13 +27,36 @@ from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, max_errors, within_tolerance
 
-__all__ = ["check_inputs", "not_compared", "verify"]
+__all__ = ["Verification", "check_inputs", "not_compared", "verify"]
 
 log = logging.getLogger(__name__)
 
 # What a model raises for an input it cannot take: a shape mismatch or a failed size assert
 # (torchvision's ViT), or too little memory for a very large image.
 _INPUT_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError, MemoryError)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the verify stage found: the deploy form's largest errors against the train form, and on which images."""
+
+    random_images: int  # random images compared in float32, over every shape
+    image_shapes: list[list[int]]  # (C, H, W) of each
+    max_abs_err: float | None  # largest error of the logits, random and validation images; None: not compared
+    max_rel_err: float | None  # ... relative to the largest logit
+    top1_agreement: float | None  # lowest share of images whose class both forms agree on
+    atol: float  # the tolerance checked
+    rtol: float
+    real_images: dict | str  # errors and accuracies on validation images, or why they were skipped
+    dtypes: dict[str, dict]  # per lower precision: both forms' errors relative to float32
+    reason: str | None = None  # why nothing was compared (weights that came in deploy form)
+
+    def as_dict(self) -> dict:
+        """For ``report.json``: every field, ``reason`` only when there is one."""
+        fields = dataclasses.asdict(self)
+        if self.reason is None:
+            del fields["reason"]
+        return fields
 
 
 @torch.inference_mode()
@@ -72,16 +97,16 @@ def verify(
     dtypes: tuple[str, ...],
     settings: VerifyConfig,
     seed: int = 0,
-) -> dict:
+) -> Verification:
     """Compare the deploy form ``plain`` with ``network.model`` on ``device``; raise :class:`UserError` when they differ.
 
     Random images of each distinct shape of ``image_shapes`` are compared in float32; lower
     precisions at the first shape.
 
     Returns:
-        ``max_abs_err``, ``max_rel_err`` and ``top1_agreement`` over the random images (and the
-        validation images, when there are any), ``real_images`` (their errors and accuracies, or
-        why they were skipped), and ``dtypes``: the relative errors of both forms in each lower precision.
+        The largest errors over the random images (and the validation images, when there are any),
+        the validation images' errors and accuracies (or why they were skipped), and the relative
+        errors of both forms in each lower precision.
     """
     train, deploy = _on(network.model, device), _on(plain, device)
     generator = torch.Generator().manual_seed(seed)
@@ -102,33 +127,33 @@ def verify(
             "nothing was exported"
         )
     log.info("verified %s: %.1e abs, %.1e rel", network.name, abs_err, rel_err)
-    return {
-        "random_images": settings.batch_size * len(shapes),
-        "image_shapes": [list(shape) for shape in shapes],
-        "max_abs_err": abs_err,
-        "max_rel_err": rel_err,
-        "top1_agreement": min(_agreement(reference, output) for reference, output in outputs),
-        "atol": settings.atol,
-        "rtol": settings.rtol,
-        "real_images": real,
-        "dtypes": _verify_dtypes(train, deploy, images, reference, dtypes, device, settings.rtol, network.name),
-    }
+    return Verification(
+        random_images=settings.batch_size * len(shapes),
+        image_shapes=[list(shape) for shape in shapes],
+        max_abs_err=abs_err,
+        max_rel_err=rel_err,
+        top1_agreement=min(_agreement(reference, output) for reference, output in outputs),
+        atol=settings.atol,
+        rtol=settings.rtol,
+        real_images=real,
+        dtypes=_verify_dtypes(train, deploy, images, reference, dtypes, device, settings.rtol, network.name),
+    )
 
 
-def not_compared(reason: str, settings: VerifyConfig) -> dict:
+def not_compared(reason: str, settings: VerifyConfig) -> Verification:
     """What :func:`verify` returns, for a network with no train form to compare (``reason`` says why)."""
-    return {
-        "random_images": 0,
-        "image_shapes": [],
-        "max_abs_err": None,
-        "max_rel_err": None,
-        "top1_agreement": None,
-        "atol": settings.atol,
-        "rtol": settings.rtol,
-        "reason": f"not compared: {reason}",
-        "real_images": "skipped (no train form to compare)",
-        "dtypes": {},
-    }
+    return Verification(
+        random_images=0,
+        image_shapes=[],
+        max_abs_err=None,
+        max_rel_err=None,
+        top1_agreement=None,
+        atol=settings.atol,
+        rtol=settings.rtol,
+        real_images="skipped (no train form to compare)",
+        dtypes={},
+        reason=f"not compared: {reason}",
+    )
 
 
 def _on(model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:

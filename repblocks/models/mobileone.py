@@ -21,8 +21,9 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act
+from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, resolve_act
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
 __all__ = ["MOBILEONE_CONFIGS", "MobileOne", "MobileOneConfig"]
@@ -103,7 +104,11 @@ class MobileOne(RepNet):
         drop_rate: Dropout before the classifier.
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
+        bn_eps: The eps of every BatchNorm (stem included): 1e-5, BatchNorm's default; weights trained with
+            another (YOLOv6's: 1e-3) need theirs, which a state dict does not record.
         deploy: Build the plain deploy form directly.
+        block_mode: ``"offline"`` (apple's blocks) or ``"online"`` (OREPA's training form: the k kxk,
+            the 1x1 and the identity branches scaled and fused into one conv every step, one BatchNorm).
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
@@ -118,10 +123,13 @@ class MobileOne(RepNet):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
+        block_mode: str = "offline",
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
     ):
+        block_class = resolve_block_mode(block_mode)
         super().__init__(
             (cfg.stem_channels, *cfg.stage_channels),
             num_classes=num_classes,
@@ -131,7 +139,8 @@ class MobileOne(RepNet):
             out_indices=out_indices,
         )
         self.cfg = cfg
-        block = partial(RepBlock, act=resolve_act(act), deploy=deploy)
+        self.bn_eps = bn_eps  # recorded with the weights we save, so they are rebuilt with it
+        block = partial(block_class, act=resolve_act(act), bn_eps=bn_eps, deploy=deploy)
         # apple's stem has one 3x3 branch whatever k is, and no identity (it changes the shape).
         stem = block(in_chans, cfg.stem_channels, stride=2, num_conv_branches=1)
         k = cfg.num_conv_branches

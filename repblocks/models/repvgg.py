@@ -7,7 +7,7 @@ https://arxiv.org/abs/2212.01593
 Five stages of ``RepBlock``s (the first block of each stage strides by 2), global average
 pooling and a linear classifier. Every variant of the paper is one row of ``REPVGG_CONFIGS``;
 the "g2"/"g4" variants use grouped convs on every second layer, as the official code does.
-QARepVGG has the same shapes with another branch set (``BRANCH_SETS``): its rows are RepVGG's
+QARepVGG has the same shapes with another branch set (``repblocks.blocks.BRANCH_SETS``): its rows are RepVGG's
 with ``block="qarepvgg"`` (or ``"qarepvgg_v2"``, which adds an average-pool branch).
 Each row also says how the variant's published weights expect images (``pretrained_cfg``, timm's
 keys) and which of timm's published weights it takes (``create_model(name, pretrained=True)``).
@@ -21,23 +21,12 @@ from functools import partial
 
 from torch import nn
 
-from repblocks.blocks import ActFactory, RepBlock, _relu, resolve_act
+from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, resolve_act, resolve_branch_set
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
-__all__ = ["BRANCH_SETS", "REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
-
-# The branches of each family's block (RepBlock's keyword arguments): the families differ in nothing else.
-BRANCH_SETS: dict[str, dict] = {
-    # RepVGG: kxk Conv+BN, 1x1 Conv+BN, identity BN (RepBlock's defaults).
-    "repvgg": {},
-    # QARepVGG (Chu et al. 2022, Table 5, as YOLOv6's QARepVGGBlock): BN only on the kxk branch, a plain
-    # 1x1 conv and identity, one BN after the sum. Per-channel quantization then sees no branch whose
-    # scale a BN blows up, which is what made RepVGG lose accuracy in int8.
-    "qarepvgg": dict(scale_branch="conv", identity_branch="plain", post_bn=True),
-    # QARepVGG v2 (YOLOv6's QARepVGGBlockV2): the same plus a kxk average pool where the identity is.
-    "qarepvgg_v2": dict(scale_branch="conv", identity_branch="plain", avg_pool_branch=True, post_bn=True),
-}
+__all__ = ["REPVGG_CONFIGS", "RepVGG", "RepVGGConfig"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +41,7 @@ class RepVGGConfig:
     image_size: int = 224  # side of the images the weights were evaluated at (D2se: 320)
     crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, then centre-crop image_size
     timm_tag: str | None = None  # timm publishes weights as "<name>.<tag>"; None where it has none
-    block: str = "repvgg"  # the branch set of every block: a key of BRANCH_SETS
+    block: str = "repvgg"  # the branch set of every block: a key of repblocks.blocks.BRANCH_SETS
 
     @property
     def stage_channels(self) -> tuple[int, ...]:
@@ -114,10 +103,25 @@ def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
         std=IMAGENET_STD,
         num_classes=1000,
         pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        # In the train form (deploy form: stem.reparam); QARepVGG's 1x1 branch is a plain conv.
-        first_conv=("stem.conv_kxk.conv", "stem.conv_1x1.conv" if cfg.block == "repvgg" else "stem.conv_1x1"),
+        first_conv=_first_convs(cfg.block),
         classifier="head.fc",
     )
+
+
+def _first_convs(block: str) -> tuple[str, ...]:
+    """The stem's convs that read the image, in the train form (deploy form: ``stem.reparam``)."""
+    branches = resolve_branch_set(block)
+    scale_branch = branches.get("scale_branch", "bn")
+    convs = ["stem.conv_kxk.conv"]
+    if scale_branch is not None:
+        convs.append("stem.conv_1x1.conv" if scale_branch == "bn" else "stem.conv_1x1")  # QARepVGG's: a plain conv
+    if branches.get("asym_branches"):
+        convs += ["stem.conv_1xk.conv", "stem.conv_kx1.conv"]
+    if branches.get("seq_conv_branch"):
+        convs.append("stem.conv_1x1_kxk.conv1")
+    if branches.get("seq_avg_branch"):
+        convs.append("stem.conv_1x1_avg.conv")
+    return tuple(convs)
 
 
 class RepVGG(RepNet):
@@ -133,9 +137,14 @@ class RepVGG(RepNet):
         drop_rate: Dropout before the classifier (R-Drop needs one).
         act: Activation of every block: a name (``"relu"``, ``"gelu"``, see ``repblocks.blocks.ACTIVATIONS``)
             or a factory (``nn.GELU``).
+        bn_eps: The eps of every BatchNorm (stem included): 1e-5, BatchNorm's default; weights trained with
+            another (YOLOv6's: 1e-3) need theirs, which a state dict does not record.
         deploy: Build the plain deploy form directly.
         keep_post_bn: QARepVGG: keep each block's BatchNorm after the sum in the deploy form, unfolded
             (for quantization-aware training); RepVGG's blocks have none.
+        block_mode: ``"offline"``: every branch its own Conv+BN, summed (the papers' blocks);
+            ``"online"``: OREPA's training form, the branches scaled and fused into one conv on every
+            step, then one BatchNorm (:class:`~repblocks.online.OnlineRepBlock`). The deploy form is the same.
         features_only: A backbone: no classifier, no stages past the last level in ``out_indices``,
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
@@ -150,11 +159,14 @@ class RepVGG(RepNet):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         act: str | ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
         keep_post_bn: bool = False,
+        block_mode: str = "offline",
         features_only: bool = False,
         out_indices: int | Sequence[int] | None = None,
     ):
+        block_class = resolve_block_mode(block_mode)
         super().__init__(
             (cfg.stem_channels, *cfg.stage_channels),
             num_classes=num_classes,
@@ -164,11 +176,13 @@ class RepVGG(RepNet):
             out_indices=out_indices,
         )
         self.cfg = cfg
+        self.bn_eps = bn_eps  # recorded with the weights we save, so they are rebuilt with it
         block = partial(
-            RepBlock,
-            **BRANCH_SETS[cfg.block],
+            block_class,
+            **resolve_branch_set(cfg.block),
             use_se=cfg.use_se,
             act=resolve_act(act),
+            bn_eps=bn_eps,
             deploy=deploy,
             keep_post_bn=keep_post_bn,
         )

@@ -1,5 +1,7 @@
-"""Lightning callbacks: the end-of-training deploy check.
+"""Lightning callbacks: checkpoints confined to their run's folder, and the end-of-training deploy check.
 
+:class:`RunModelCheckpoint` is Lightning's ``ModelCheckpoint`` that treats the paths a resumed
+checkpoint names as data: it only ever removes a regular file inside its own checkpoints folder.
 :class:`DeployCheck` closes every training run with the question a user asks next: does the
 plain network give the same answers? It reloads the best checkpoint the way deploy.py does
 (``weights_only=True``, from the saved hyperparameters), converts it with ``switch_to_deploy``,
@@ -12,22 +14,82 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from repblocks.checkpoint import deploy_metadata, read_run_checkpoint
+from repblocks.checkpoint import deploy_metadata
 from repblocks.convert import switch_to_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
-from repblocks.weights import build_run_model, save_weights
+from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
+from repblocks.weights import save_weights
 
-__all__ = ["DeployCheck", "DeployResult"]
+__all__ = ["DeployCheck", "DeployResult", "NoCheckpointOnError", "RunModelCheckpoint", "inside_folder"]
 
 log = logging.getLogger(__name__)
+
+
+def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file inside ``folder``, both as written (``..`` resolved) and after symlinks.
+
+    For a remote folder (``s3://...``), whose files cannot be checked without a request: whether ``path``
+    is written below it, with no ``..`` on the way.
+    """
+    if "://" in str(folder) or "://" in str(path):
+        below = str(path).startswith(str(folder).rstrip("/") + "/")
+        return below and ".." not in PurePosixPath(str(path).partition("://")[2]).parts
+    written = Path(os.path.abspath(path))  # abspath normalizes "..", which Path.absolute() keeps
+    folder = Path(os.path.abspath(folder))
+    if folder not in written.parents or not written.is_file():  # is_file: a regular file (after symlinks)
+        return False
+    return folder.resolve() in written.resolve().parents
+
+
+class RunModelCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, which removes only regular files inside its own ``dirpath``.
+
+    A checkpoint resumed from carries this callback's state: the paths of the last and best
+    checkpoints, which Lightning later removes as they are replaced. Lightning checks that they lie
+    in ``dirpath`` without resolving ``..`` and removes recursively, so a crafted checkpoint could
+    name any folder. Here the paths restored from a checkpoint are kept only when they name a file
+    inside ``dirpath`` (the rest are logged and forgotten), and a removal is refused otherwise.
+    """
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's own name for the state: checkpoints written with ModelCheckpoint resume here, and back.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.best_k_models = {path: score for path, score in self.best_k_models.items() if self._own(path)}
+        for name in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            if getattr(self, name) and not self._own(getattr(self, name)):
+                setattr(self, name, "")
+        if self.kth_best_model_path == "" and self.best_k_models:  # the worst of those kept, as Lightning tracks it
+            worst = min if self.mode == "max" else max
+            self.kth_best_model_path = worst(self.best_k_models, key=lambda path: self.best_k_models[path])
+            self.kth_value = self.best_k_models[self.kth_best_model_path]
+
+    def _own(self, path: str) -> bool:
+        if self.dirpath is not None and inside_folder(path, self.dirpath):
+            return True
+        log.warning(
+            "the resumed checkpoint names %s, not a file in %s: it is ignored, never removed", path, self.dirpath
+        )
+        return False
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if self.dirpath is None or not inside_folder(filepath, self.dirpath):
+            log.warning("not removing %s: only files inside %s are removed", filepath, self.dirpath)
+            return
+        super()._remove_checkpoint(trainer, filepath)
 
 
 @dataclass
@@ -125,6 +187,25 @@ class DeployCheck(L.Callback):
             deploy_weights=str(path),
         )
         log.info("deploy check: %s", asdict(self.result))
+
+
+class NoCheckpointOnError(L.Callback):
+    """``ModelCheckpoint(save_on_exception=True)`` for interrupts only: an error saves no checkpoint.
+
+    Ctrl-C and SIGTERM (Lightning's ``SIGTERMException``) stop a healthy run, whose ``last.ckpt``
+    resumes it. An error (a corrupt image, a NaN loss) stops a run in the middle of an epoch:
+    a checkpoint of it would be named like a result (``epoch=000-val_acc=0.0000.ckpt``), claim the
+    run folder, and Lightning would print the error's whole message, a worker's traceback
+    included, beside the one line train.py prints. Lightning calls checkpoint callbacks last, so
+    this one runs before them.
+    """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, Exception):  # KeyboardInterrupt, SystemExit (SIGTERM): saved as configured
+            return
+        for callback in trainer.checkpoint_callbacks:
+            if hasattr(callback, "save_on_exception"):
+                callback.save_on_exception = False  # the run ends here; nothing else reads it
 
 
 def _validated_batches(loader: DataLoader, limit: int | float) -> Iterable | None:

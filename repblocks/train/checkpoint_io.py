@@ -11,6 +11,7 @@ hidden temporary file; the next save under the same name removes it.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,15 @@ from repblocks.files import TEMP_SUFFIX, atomic_path
 
 __all__ = ["AtomicCheckpointIO"]
 
+log = logging.getLogger(__name__)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO``, writing local checkpoints atomically in their own folder.
 
     Pass it to the trainer as a plugin: ``L.Trainer(plugins=[AtomicCheckpointIO()])``. Remote paths
     (``s3://...``) keep Lightning's own writer, whose object stores have no partial files to fear.
-    Loading and removing are Lightning's.
+    Loading is Lightning's; removing removes one regular file, never a folder (Lightning's removes recursively).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
@@ -41,6 +44,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Through an open file: the bytes go the way of any file write, and atomic_path flushes them to disk.
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             torch.save(checkpoint, handle)
+
+    def remove_checkpoint(self, path: str | os.PathLike) -> None:
+        if "://" in str(path):
+            super().remove_checkpoint(path)
+            return
+        path = Path(path)
+        if path.is_dir() and not path.is_symlink():
+            log.warning("not removing %s: a folder, not a checkpoint file", path)
+            return
+        path.unlink(missing_ok=True)  # a file, or a link (never what it points to)
 
 
 def _remove_killed_writes(path: Path) -> None:

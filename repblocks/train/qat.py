@@ -9,15 +9,17 @@ It reads top to bottom:
 2. the fused network: ``switch_to_deploy(keep_post_bn=True)``. QARepVGG keeps the BatchNorm after
    its branch sum as a module of its own, which goes on training (and folds into the int8 conv's
    per-channel scale when OpenVINO compiles it); RepVGG, which has none, becomes a plain conv stack;
-3. fake quantization: NNCF's post-training quantization of the torch module (``nncf.quantize``),
+3. fake quantization: NNCF's post-training quantization of the torch module
+   (:func:`repblocks.int8.fake_quantize`, on NNCF's pure-torch quantizers: nothing is compiled),
    calibrated on ``qat.calibration_images`` of the run's training images prepared as for evaluation;
 4. fine-tuning for ``qat.epochs`` on the run's training data, through the same LightningModule as
    training (no EMA, no checkpoints: a few epochs at a low learning rate);
 5. the int8 IR: ``openvino.convert_model`` of the fine-tuned model, saved, read back and checked
    against the fake-quantized torch model on the validation images (top-1 agreement at least
    ``qat.min_agreement``; the largest logit difference is reported);
-6. the comparison, on the run's validation images: top-1 of the fused fp32 network, of NNCF's
-   post-training int8 of its OpenVINO model (same calibration images), and of the QAT int8 IR.
+6. the comparison, on the run's validation images: top-1 (percent) of the fused fp32 network, of
+   NNCF's post-training int8 of it (same calibration images; :func:`repblocks.int8.nncf_int8`, the
+   int8 ``deploy.py quantize=int8`` ships), and of the QAT int8 IR.
 
 The run's own data config is used (its training images, its validation split), whatever ``data=``
 says. Outputs go into this command's run folder, only once every check has passed: ``int8/``
@@ -28,16 +30,10 @@ are imported inside the functions that use them, so ``repblocks.train`` imports 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,23 +44,23 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from repblocks.checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.convert import switch_to_deploy
-from repblocks.datasets import ClassificationData, InMemoryBatches, build_data
-from repblocks.errors import UserError
-from repblocks.files import TEMP_SUFFIX, atomic_path, fsync
+from repblocks.datasets import ClassificationData, build_data, sample_images
+from repblocks.errors import Interrupted, UserError
+from repblocks.files import atomic_path, staged_folder
+from repblocks.int8 import agreement, compile_model, fake_quantize, infer, nncf_int8, predict_batches, to_openvino, top1
+from repblocks.int8.accuracy import Predictor
 from repblocks.numerics import max_errors
+from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.run_folder import check_run_folder
-from repblocks.weights import build_run_model
 
-__all__ = ["INT8_DIR", "QATSettings", "fake_quantize", "quantization_aware_training", "summary"]
+__all__ = ["INT8_DIR", "QATSettings", "quantization_aware_training", "summary"]
 
 log = logging.getLogger(__name__)
 
 INT8_DIR = "int8"  # the IR's folder in the run folder: model.xml and model.bin
-Predictor = Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
 _INSTALL = "pip install repblocks[openvino]"
 
 
@@ -108,7 +104,7 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
         loggers: Builds the Lightning loggers (train.py's ``logger=`` group), called once the inputs are checked.
 
     Returns:
-        The metrics written to ``metrics.json``: top-1 (fractions) of ``fp32``, ``ptq_int8``,
+        The metrics written to ``metrics.json``: top-1 (percent) of ``fp32``, ``ptq_int8``,
         ``qat_start`` (the fake-quantized torch model before fine-tuning), ``qat_fake_quant`` (after)
         and ``qat_int8`` (the IR), the IR check, the images used and where the IR is.
 
@@ -132,31 +128,32 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
 
     data = build_data(run.data)
     data.setup("fit")
-    calibration = _calibration_images(data, settings.calibration_images, seed=cfg.seed)
+    calibration = _calibration_images(data, settings.calibration_images, seed=cfg.seed)  # (N, C, H, W)
     trained = build_run_model(run)
     log.info("qat: %s from %s, %d calibration images", run.model_name, run.path, len(calibration))
     plain = switch_to_deploy(trained)  # everything folded: the fp32 reference, and what PTQ quantizes
     fp32_logits, labels = _logits(_torch_predictor(plain), data)
-    top1 = {"fp32": _top1(fp32_logits, labels), "ptq_int8": _top1(_logits(_ptq(plain, calibration), data)[0], labels)}
+    ptq = _ov_predictor(nncf_int8(plain, calibration))  # what deploy.py quantize=int8 would ship
+    accuracy = {"fp32": top1(fp32_logits, labels), "ptq_int8": top1(_logits(ptq, data)[0], labels)}
     quantized = fake_quantize(switch_to_deploy(trained, keep_post_bn=True), calibration)
-    top1["qat_start"] = _top1(_logits(_torch_predictor(quantized), data)[0], labels)
+    accuracy["qat_start"] = top1(_logits(_torch_predictor(quantized), data)[0], labels)
 
     started = time.perf_counter()
     trainer = _fine_tune(quantized, run=run, data=data, cfg=cfg, loggers=loggers())
     train_time_s = time.perf_counter() - started
     quantized = quantized.cpu().float().eval()
     fake_quant_logits = _logits(_torch_predictor(quantized), data)[0]
-    top1["qat_fake_quant"] = _top1(fake_quant_logits, labels)
+    accuracy["qat_fake_quant"] = top1(fake_quant_logits, labels)
     if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
-        return {"fast_dev_run": True, "top1": top1, "val_images": len(labels)}
+        return {"fast_dev_run": True, "top1": accuracy, "val_images": len(labels)}
 
-    with _staged_folder(output_dir / INT8_DIR) as staging:
-        ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration[:2], folder=staging)), data)[0]
+    with staged_folder(output_dir / INT8_DIR) as staging:
+        ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration, folder=staging)), data)[0]
         ir_check = _check_ir(fake_quant_logits, ir_logits, min_agreement=settings.min_agreement)
-    top1["qat_int8"] = _top1(ir_logits, labels)
+    accuracy["qat_int8"] = top1(ir_logits, labels)
     metrics = {
-        "val_acc": top1["qat_int8"],  # what main() returns, for Hydra's sweepers
-        "top1": top1,
+        "val_acc": accuracy["qat_int8"] / 100,  # what main() returns, for Hydra's sweepers: a fraction, as in training
+        "top1": accuracy,
         "ir_check": ir_check,
         "int8_ir": str(output_dir / INT8_DIR / "model.xml"),
         "init": str(run.path),
@@ -176,33 +173,22 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
 
 def summary(metrics: dict[str, Any]) -> str:
     """What train.py prints at the end of a QAT run."""
-    top1 = metrics["top1"]
+    accuracy = metrics["top1"]
     if metrics.get("fast_dev_run"):
-        shown = ", ".join(f"{name} {100 * value:.2f}%" for name, value in top1.items())
+        shown = ", ".join(f"{name} {value:.2f}%" for name, value in accuracy.items())
         return f"fast_dev_run: top-1 on {metrics['val_images']} validation images {shown}; nothing exported or written"
     check = metrics["ir_check"]
     return "\n".join(
         [
-            f"top-1 on {metrics['val_images']} validation images: fp32 {100 * top1['fp32']:.2f}%, "
-            f"PTQ int8 {100 * top1['ptq_int8']:.2f}%, QAT int8 {100 * top1['qat_int8']:.2f}% "
-            f"(fake-quantized torch: {100 * top1['qat_start']:.2f}% before, {100 * top1['qat_fake_quant']:.2f}% after "
+            f"top-1 on {metrics['val_images']} validation images: fp32 {accuracy['fp32']:.2f}%, "
+            f"PTQ int8 {accuracy['ptq_int8']:.2f}%, QAT int8 {accuracy['qat_int8']:.2f}% "
+            f"(fake-quantized torch: {accuracy['qat_start']:.2f}% before, {accuracy['qat_fake_quant']:.2f}% after "
             f"{metrics['epochs']} epochs)",
             f"int8 IR vs fake-quantized torch: top-1 agreement {100 * check['top1_agreement']:.2f}%, "
             f"max |logit diff| {check['max_abs_err']:.2e}",
             f"int8 IR: {metrics['int8_ir']}",
         ]
     )
-
-
-def fake_quantize(model: nn.Module, calibration: Tensor) -> nn.Module:
-    """``model`` (fp32, eval) with NNCF's fake quantizers, their ranges set on ``calibration`` (N, C, H, W): trainable.
-
-    Weights are quantized per output channel, activations per tensor, as NNCF's default preset does for CPUs.
-    """
-    import nncf
-
-    dataset = nncf.Dataset([image[None] for image in calibration])  # one image per item: subset_size counts images
-    return nncf.quantize(model.float().eval(), dataset, subset_size=len(calibration))
 
 
 def _read_init(init: str, *, model_name: str) -> RunCheckpoint:
@@ -236,25 +222,16 @@ def _calibration_images(data: ClassificationData, count: int, *, seed: int) -> T
 
     Un-augmented, so the ranges calibration measures are those the deployed network meets.
     """
-    prepared = copy.copy(data.train_set)
-    prepared.transform = data.val_set.transform
-    order = torch.randperm(len(prepared), generator=torch.Generator().manual_seed(seed))[:count].tolist()
-    if not order:
+    if not len(data.calibration_set):
         raise ValueError("qat: the run's training set is empty: nothing to calibrate on")
-    if isinstance(prepared, InMemoryBatches):  # indexed a whole batch at a time
-        return prepared[order][0]
-    return torch.stack([prepared[index][0] for index in order])  # (N, C, H, W)
+    return sample_images(data.calibration_set, count, seed=seed)
 
 
 def _logits(predict: Predictor, data: ClassificationData) -> tuple[Tensor, Tensor]:
     """Logits and labels of every validation image, a batch at a time (the images are never all in memory)."""
-    logits, labels = [], []
-    for images, target in data.val_dataloader():
-        logits.append(predict(images))
-        labels.append(target)
-    if not labels:
+    if not len(data.val_set):
         raise ValueError("qat: the run's validation set is empty: nothing to compare top-1 on")
-    return torch.cat(logits), torch.cat(labels)
+    return predict_batches(predict, data.val_dataloader())
 
 
 def _fine_tune(
@@ -279,10 +256,10 @@ def _fine_tune(
     quantized.train()  # NNCF hands it over in eval mode, which Lightning keeps: the kept BatchNorms would not train
     try:
         trainer.fit(module, datamodule=ClassificationDataModule(data))
-    except (KeyboardInterrupt, SystemExit):
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
+    except (KeyboardInterrupt, SystemExit):  # SystemExit: Lightning's SIGTERMException
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written") from None
     if trainer.interrupted:
-        raise SystemExit(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
+        raise Interrupted(f"interrupted at step {trainer.global_step} of QAT: nothing was written")
     return trainer
 
 
@@ -296,81 +273,25 @@ def _torch_predictor(model: nn.Module) -> Predictor:
     return predict
 
 
-def _ptq(plain: nn.Module, calibration: Tensor) -> Predictor:
-    """NNCF's post-training int8 of ``plain``'s OpenVINO model, calibrated on the same images as QAT."""
-    import nncf
-
-    dataset = nncf.Dataset([image[None].numpy() for image in calibration])
-    return _ov_predictor(nncf.quantize(_to_openvino(plain, calibration[:2]), dataset, subset_size=len(calibration)))
-
-
-def _to_openvino(model: nn.Module, example: Tensor):
-    """``model`` as an ``openvino.Model`` with a dynamic batch axis."""
-    import openvino as ov
-
-    channels, height, width = example.shape[1:]
-    with torch.no_grad(), warnings.catch_warnings():
-        # The fake quantizers read their levels as Python numbers while traced: constants, as they should be.
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
-        return ov.convert_model(model.cpu().eval(), example_input=example, input=[(-1, channels, height, width)])
-
-
 def _ov_predictor(ov_model) -> Predictor:
-    import openvino as ov
-
-    # float32 for what is not quantized: CPUs with AVX-512 would otherwise run it in bf16.
-    compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-
-    def predict(images: Tensor) -> Tensor:
-        return torch.tensor(request.infer({0: images.numpy()})[0])  # a copy: the request reuses its output buffer
-
-    return predict
+    return infer(compile_model(ov_model))
 
 
 def _export_ir(quantized: nn.Module, example: Tensor, *, folder: Path):
     """Save ``quantized`` as ``folder/model.xml`` (+ ``.bin``) and read it back: the IR checked is the IR written."""
     import openvino as ov
 
-    ov.save_model(_to_openvino(quantized, example), folder / "model.xml", compress_to_fp16=False)
+    ov.save_model(to_openvino(quantized, example), folder / "model.xml", compress_to_fp16=False)
     return ov.Core().read_model(folder / "model.xml")
 
 
 def _check_ir(reference: Tensor, ir: Tensor, *, min_agreement: float) -> dict[str, float]:
     abs_err, rel_err = max_errors(reference, ir)
-    agreement = (reference.argmax(1) == ir.argmax(1)).float().mean().item()
-    if agreement < min_agreement:
+    agreed = agreement(ir, reference)
+    if agreed < min_agreement:
         raise UserError(
-            f"the int8 IR predicts the fake-quantized torch model's class on {100 * agreement:.2f}% of "
+            f"the int8 IR predicts the fake-quantized torch model's class on {100 * agreed:.2f}% of "
             f"{len(reference)} validation images, below qat.min_agreement={min_agreement:g} "
             f"(max |logit diff| {abs_err:.2e}); nothing was written"
         )
-    return {"top1_agreement": agreement, "max_abs_err": abs_err, "max_rel_err": rel_err}
-
-
-@contextmanager
-def _staged_folder(folder: Path) -> Iterator[Path]:
-    """An empty folder beside ``folder``, renamed to ``folder`` on success (one atomic rename), removed on failure."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=TEMP_SUFFIX))
-    try:
-        yield staging
-        for path in staging.iterdir():  # on disk before the rename makes them visible
-            fsync(path)
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it owner-only; the IR should read like any new folder
-        os.rename(staging, folder)
-        fsync(folder.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    umask = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(umask)
-    return umask
-
-
-def _top1(logits: Tensor, labels: Tensor) -> float:
-    return (logits.argmax(1) == labels).float().mean().item()
+    return {"top1_agreement": agreed, "max_abs_err": abs_err, "max_rel_err": rel_err}

@@ -15,10 +15,15 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import yaml
+from torch import nn
 
-from repblocks.files import check_writable_dir
+from repblocks.files import check_free_space, check_writable_dir
 
-__all__ = ["check_run_folder", "run_files"]
+__all__ = ["check_run_folder", "check_run_space", "run_files"]
+
+# Checkpoints on disk at once: the best, last.ckpt, and the next one being written beside them.
+_CHECKPOINTS_AT_ONCE = 3
+_LOG_BYTES = 2**20  # CSV and TensorBoard logs, config.yaml and metrics.json of a run: well under this
 
 
 def run_files(folder: Path) -> list[str]:
@@ -67,6 +72,21 @@ def check_run_folder(
     check_writable_dir(folder, "run folder")
     for subfolder in subfolders:
         check_writable_dir(subfolder, "run folder")
+
+
+def check_run_space(folder: str | os.PathLike, module: nn.Module) -> None:
+    """Refuse, before any work, a run folder whose disk cannot hold the run's checkpoints and deploy weights.
+
+    A checkpoint holds ``module``'s state (the model and its EMA copy) and the optimizer's, at most
+    two tensors per trainable parameter (Adam's moments); the estimate errs on the large side.
+
+    Raises:
+        DiskFullError: Less space is free there than the run needs; one line naming the folder and both sizes.
+    """
+    state = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    optimizer = 2 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    needed = _CHECKPOINTS_AT_ONCE * (state + optimizer) + state + _LOG_BYTES  # + the deploy form's weights
+    check_free_space(folder, needed, "run folder")
 
 
 def _is_train_config(path: Path) -> bool:

@@ -1,0 +1,58 @@
+"""The names a deploy run is configured with: export formats and their files, backends, dtypes.
+
+Kept apart from the modules that do the work (:mod:`~repblocks.deploy.export`,
+:mod:`~repblocks.deploy.engines`, :mod:`~repblocks.deploy.openvino`), so that checking a
+:class:`~repblocks.deploy.config.DeployConfig` loads no inference engine, and so that those
+modules share these names without importing each other.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKENDS",
+    "DEFAULT_EXPORTS",
+    "DTYPE_NAMES",
+    "EXPORT_FORMATS",
+    "FILE_NAMES",
+    "INT8_FILE_NAMES",
+    "MIN_ONNX_OPSET",
+    "openvino_installed",
+]
+
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino")
+FILE_NAMES = {
+    "safetensors": "model.safetensors",
+    "onnx": "model.onnx",
+    "torch_export": "model.pt2",
+    "openvino": "model.xml",  # and model.bin beside it
+}
+INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}  # model_int8.bin beside the .xml
+MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
+
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+BACKENDS = (
+    "eager",
+    "channels_last",
+    "compile",
+    "onnxruntime",
+    "openvino",
+    "openvino_throughput",
+    "tensorrt",
+    "onnxruntime_trt",
+)
+# compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
+
+
+def openvino_installed() -> bool:
+    """Whether OpenVINO and NNCF can be imported, without importing them (what defaults are chosen by)."""
+    try:
+        return all(importlib.util.find_spec(package) is not None for package in ("openvino", "nncf"))
+    except ImportError:  # an import hook that refuses the name
+        return False
+
+
+DEFAULT_EXPORTS = tuple(f for f in EXPORT_FORMATS if f != "openvino" or openvino_installed())

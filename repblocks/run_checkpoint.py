@@ -1,0 +1,300 @@
+"""The contract of the files we write that say how to rebuild their network: train.py checkpoints, deploy metadata.
+
+A train.py checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold ``model_name``,
+``num_classes``, ``in_chans``, ``image_size``, ``model_kwargs``, ``weights_prefix`` (``"model."``,
+or ``"ema.module."`` with EMA) and ``data`` (the data config); its ``state_dict`` holds the
+network's weights under that prefix. Training writes it and deployment reads it: this module is
+where both meet, so neither has to import the other. :class:`RunCheckpoint` reads it and
+:func:`build_run_model` rebuilds its network.
+
+What such a file says to build is data, never instructions: :func:`model_spec` is the one gate
+every file-provided architecture passes. It admits only architecture arguments (no ``pretrained``,
+which would download or open another file) and sizes in a range that cannot exhaust memory, and
+says in one line which field was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from repblocks.blocks import ACTIVATIONS
+from repblocks.checkpoint import StateDict, read_checkpoint
+from repblocks.expand import resolve_branches
+from repblocks.online import BLOCK_MODES
+from repblocks.registry import create_model
+from repblocks.weights import load_weights
+
+__all__ = [
+    "FILE_MODEL_ARGUMENTS",
+    "SIZE_LIMITS",
+    "ModelSpec",
+    "RunCheckpoint",
+    "build_run_model",
+    "check_size",
+    "model_spec",
+    "read_run_checkpoint",
+    "resolve_run_checkpoint",
+    "spec_from_deploy_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+# Inclusive ranges of the sizes a file may ask for: far beyond any real classifier, far below what
+# would exhaust memory at construction (num_classes=1e11 is a 400 GB classifier).
+SIZE_LIMITS = {"num_classes": (1, 100_000), "in_chans": (1, 1024), "image_size": (1, 4096)}
+
+
+def _number(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _branch_set(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        resolve_branches(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _drop_rate(value: object) -> bool:
+    return _number(value) and 0 <= value < 1
+
+
+# The create_model arguments a file may carry: architecture only, each with what it accepts. Nothing
+# here reads another file or the network (``pretrained``), or changes what the file's weights mean.
+FILE_MODEL_ARGUMENTS = {
+    "drop_rate": (_drop_rate, "a number in [0, 1)"),
+    "act": (lambda value: value is None or value in ACTIVATIONS, f"null or one of {', '.join(ACTIVATIONS)}"),
+    "keep_post_bn": (lambda value: isinstance(value, bool), "true or false"),
+    # BatchNorm's eps (YOLOv6 trains with 1e-3), for the models that take it.
+    "bn_eps": (lambda value: _number(value) and 0 < value < 1, "a number in (0, 1)"),
+    # How the blocks were trained (OREPA's online form or the branches): the train-form weights' keys depend on it.
+    "block_mode": (lambda value: value in BLOCK_MODES, f"one of {', '.join(BLOCK_MODES)}"),
+    # A torchvision classifier trained expanded (repblocks.expand): its branch set, and whether online.
+    "expand": (_branch_set, "null, a branch set name or a dict of branch keywords"),
+    "online": (lambda value: isinstance(value, bool), "true or false"),
+}
+# Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
+# ``weights`` (a tv_* model's starting file) likewise: it would open another file.
+_IGNORED_ARGUMENTS = ("pretrained", "weights")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a file says to build, checked by :func:`model_spec`: a name, its sizes, architecture arguments."""
+
+    name: str  # registry name (or ``torchvision:NAME`` in deploy metadata)
+    num_classes: int
+    in_chans: int
+    model_kwargs: dict  # only keys of FILE_MODEL_ARGUMENTS
+
+    def build(self, *, deploy: bool = False) -> nn.Module:
+        """The registered model, with random weights; ``deploy`` builds its plain form."""
+        return create_model(
+            self.name, num_classes=self.num_classes, in_chans=self.in_chans, deploy=deploy, **self.model_kwargs
+        )
+
+
+def check_size(name: str, value: object, *, what: str) -> int:
+    """``value`` as an int when it is an integer in ``SIZE_LIMITS[name]``; else a one-line ValueError naming it.
+
+    Floats that hold an integer (``1e11`` from JSON or YAML) are read as that integer, then checked.
+    """
+    low, high = SIZE_LIMITS[name]
+    integral_float = isinstance(value, float) and value.is_integer()
+    integer_text = isinstance(value, str) and value.strip().lstrip("+-").isdigit()  # safetensors metadata is text
+    number = int(value) if integral_float or integer_text else value
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        raise ValueError(f"{what}: {name}={value!r} is out of range; it must be an integer from {low} to {high}")
+    return number
+
+
+def model_spec(
+    name: object, *, num_classes: object, in_chans: object = 3, model_kwargs: object = None, what: str
+) -> ModelSpec:
+    """The one check of an architecture read from a file, before anything is built or allocated.
+
+    Args:
+        name: The model's name, as the file says.
+        num_classes, in_chans: Its sizes (ints, or their text as safetensors metadata holds them).
+        model_kwargs: Further ``create_model`` arguments: only :data:`FILE_MODEL_ARGUMENTS` are
+            admitted (``pretrained`` is dropped, with a warning: the file's own weights replace it).
+        what: The file, for the messages.
+
+    Raises:
+        ValueError: One line naming the field, the value and what is allowed.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what}: the model name must be a non-empty string, got {name!r}")
+    kwargs = {} if model_kwargs is None else model_kwargs
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{what}: model_kwargs must be a mapping, got a {type(kwargs).__name__}")
+    checked = {}
+    for key, value in kwargs.items():
+        if key in _IGNORED_ARGUMENTS:
+            if value not in (False, None):
+                log.warning("%s: ignoring model_kwargs %s=%r: the file's own weights are loaded", what, key, value)
+            continue
+        if key not in FILE_MODEL_ARGUMENTS:
+            raise ValueError(
+                f"{what}: model_kwargs {key!r} is not an architecture argument a file may set; "
+                f"allowed: {', '.join(FILE_MODEL_ARGUMENTS)}"
+            )
+        accepts, expected = FILE_MODEL_ARGUMENTS[key]
+        if not accepts(value):
+            raise ValueError(f"{what}: model_kwargs {key}={value!r} is invalid; it must be {expected}")
+        checked[key] = value
+    return ModelSpec(
+        name=name,
+        num_classes=check_size("num_classes", num_classes, what=what),
+        in_chans=check_size("in_chans", in_chans, what=what),
+        model_kwargs=checked,
+    )
+
+
+def spec_from_deploy_metadata(metadata: Mapping[str, str], *, what: str) -> ModelSpec:
+    """What the metadata of deploy-form weights (:func:`repblocks.checkpoint.deploy_metadata`) says to build.
+
+    Raises:
+        ValueError: A missing or malformed field; one line naming it.
+    """
+    if "num_classes" not in metadata:
+        raise ValueError(f"{what}: malformed deploy metadata (no num_classes)")
+    try:
+        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what}: malformed deploy metadata (model_kwargs is not JSON: {err})") from None
+    return model_spec(
+        metadata.get("model"),
+        num_classes=metadata["num_classes"],
+        in_chans=metadata.get("in_chans", "3"),
+        model_kwargs=kwargs,
+        what=what,
+    )
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """What a train.py checkpoint says about its network, and the network's own weights."""
+
+    path: Path
+    model_name: str  # registry name
+    num_classes: int
+    in_chans: int
+    model_kwargs: dict  # further create_model arguments (drop_rate, ...), architecture only (model_spec)
+    state_dict: StateDict  # the network's weights, prefix removed
+    weights_prefix: str = "model."  # where they sat in the LightningModule's state ("ema.module." with EMA)
+    image_size: int | None = None  # what it was trained at
+    data: dict | None = None  # the data config, to rebuild its validation images
+    # How images were prepared for it (input_size, mean, std, crop_pct, interpolation), when saved.
+    preprocessing: dict | None = None
+    hyper_parameters: dict = field(default_factory=dict)  # everything saved, for callers that need more
+
+    @property
+    def spec(self) -> ModelSpec:
+        """What to build for these weights."""
+        return ModelSpec(self.model_name, self.num_classes, self.in_chans, dict(self.model_kwargs))
+
+
+def resolve_run_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file; for a train.py run folder, its best checkpoint, else its last.
+
+    Raises:
+        FileNotFoundError: Nothing at ``path``.
+        ValueError: A folder that is not a train.py run.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    metrics = path / "metrics.json"
+    if metrics.is_file():
+        try:
+            best = json.loads(metrics.read_text()).get("best_ckpt")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            best = None
+        if isinstance(best, str) and best and Path(best).is_file():
+            return Path(best)
+    if (path / "checkpoints" / "last.ckpt").is_file():
+        return path / "checkpoints" / "last.ckpt"
+    raise ValueError(f"{path} is a folder but not a train.py run (no metrics.json best_ckpt, no checkpoints/last.ckpt)")
+
+
+def read_run_checkpoint(path: str | os.PathLike, checkpoint: object | None = None) -> RunCheckpoint | None:
+    """Read a train.py checkpoint (or run folder); None when the file is a checkpoint of another kind.
+
+    Its architecture passes :func:`model_spec` (architecture arguments only, sizes in range).
+
+    Args:
+        path: The checkpoint file or a train.py run folder.
+        checkpoint: Its contents, when the caller has already read them with :func:`read_checkpoint`.
+
+    Raises:
+        FileNotFoundError, ValueError: As :func:`read_checkpoint`, or a train.py checkpoint whose
+            hyper-parameters or weights are malformed.
+    """
+    path = resolve_run_checkpoint(path)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(hparams, Mapping) or "model_name" not in hparams:
+        return None
+    if not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ValueError(f"{path} is a train.py checkpoint without a state_dict")
+    what = f"{path} hyper_parameters"
+    if "num_classes" not in hparams:
+        raise ValueError(f"{what}: no num_classes")
+    spec = model_spec(
+        hparams["model_name"],
+        num_classes=hparams["num_classes"],
+        in_chans=hparams.get("in_chans", 3),
+        model_kwargs=hparams.get("model_kwargs"),
+        what=what,
+    )
+    image_size = hparams.get("image_size")
+    image_size = check_size("image_size", image_size, what=what) if image_size else None
+    prefix = hparams.get("weights_prefix", "model.")
+    if not isinstance(prefix, str):
+        raise ValueError(f"{what}: weights_prefix must be a string, got {prefix!r}")
+    # The LightningModule's state also holds loss buffers, an EMA copy, ...: keep the network's own weights.
+    state = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path} has no weights under its weights_prefix {prefix!r}")
+    return RunCheckpoint(
+        path=path,
+        model_name=spec.name,
+        num_classes=spec.num_classes,
+        in_chans=spec.in_chans,
+        model_kwargs=spec.model_kwargs,
+        state_dict=state,
+        weights_prefix=prefix,
+        image_size=image_size,
+        data=dict(hparams["data"]) if isinstance(hparams.get("data"), Mapping) else None,
+        preprocessing=dict(hparams["preprocessing"]) if isinstance(hparams.get("preprocessing"), Mapping) else None,
+        hyper_parameters=dict(hparams),
+    )
+
+
+def build_run_model(run: RunCheckpoint) -> nn.Module:
+    """The network of a train.py checkpoint (:func:`read_run_checkpoint`), with its weights, in eval mode.
+
+    Raises:
+        ValueError: The checkpoint names a model that is not registered, or its weights do not fit.
+    """
+    try:
+        model = run.spec.build()
+    except (TypeError, ValueError) as err:  # a name or model_kwargs this version does not know
+        raise ValueError(
+            f"{run.path}: cannot build {run.model_name} with model_kwargs {run.model_kwargs}: {err}"
+        ) from None
+    return load_weights(model, run.state_dict).eval()
