@@ -18,6 +18,7 @@ import repblocks
 from repblocks.blocks import RepBlock
 from repblocks.expand import Reason, branch_set_names, expand
 from repblocks.numerics import max_errors, randomize_bn_
+from repblocks.online import OnlineRepBlock
 
 BRANCH_SETS = branch_set_names()
 # Relative error of the collapsed model's outputs: float64 and float32 rounding, with room.
@@ -272,3 +273,27 @@ def test_detection_backbone_keeps_frozen_batch_norm_in_its_kxk_branch():
     plain = repblocks.switch_to_deploy(backbone)
     assert isinstance(plain.body.layer1[0].bn1, FrozenBatchNorm2d)
     _detection_backbone().load_state_dict(plain.state_dict(), strict=True)
+
+
+# --- online: OREPA's blocks in place of the convs ---
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(dtype):
+    original = randomize_bn_(Mixed()).to(dtype).eval()
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    expanded = expand(original, "repvgg", online=True).model.eval()
+    assert isinstance(expanded.seq[0], OnlineRepBlock)
+    with torch.no_grad():
+        assert max_errors(original(x), expanded(x))[1] < TOLERANCE[dtype]
+    trained = randomize_bn_(_trained(expanded, x), seed=1)
+    plain = repblocks.switch_to_deploy(trained)
+    fresh = Mixed().to(dtype)
+    fresh.rep.switch_to_deploy()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    assert max_errors(_outputs(trained, x)[0], _outputs(fresh, x)[0])[1] < TOLERANCE[dtype]
+
+
+def test_online_expansion_of_a_branch_set_it_has_no_form_for_is_one_line():
+    with pytest.raises(ValueError, match="online block does not support"):
+        expand(Mixed(), "acnet", online=True)
