@@ -12,6 +12,7 @@ from repblocks import models as _models  # noqa: F401  (registers the zoo)
 from repblocks.blocks import ConvBN, RepBlock, SqueezeExcite
 from repblocks.checkpoint import read_checkpoint, read_state_dict
 from repblocks.convert import fold_conv_bn, switch_to_deploy
+from repblocks.expand import Expansion, expand
 from repblocks.layouts import convert_layout
 from repblocks.online import OnlineRepBlock
 from repblocks.registry import create_model, get_pretrained_cfg, list_models, register_model
@@ -19,11 +20,13 @@ from repblocks.weights import load_weights, save_weights
 
 __all__ = [
     "ConvBN",
+    "Expansion",
     "OnlineRepBlock",
     "RepBlock",
     "SqueezeExcite",
     "convert_layout",
     "create_model",
+    "expand",
     "fold_conv_bn",
     "get_pretrained_cfg",
     "list_models",

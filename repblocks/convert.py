@@ -15,15 +15,15 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import sys
-from collections import Counter
 from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
 
 from repblocks.blocks import RepBlock
+from repblocks.expand import collapse_expanded
 from repblocks.fusion import fuse_conv_bn
+from repblocks.pairs import conv_bn_pairs, frozen_batch_norms, set_submodule
 
 __all__ = ["fold_conv_bn", "switch_to_deploy"]
 
@@ -39,7 +39,9 @@ def switch_to_deploy(model: nn.Module, inplace: bool = False, *, keep_post_bn: b
     Every ``RepBlock`` (any branch set) is fused into one conv, every other module exposing ``switch_to_deploy()``
     or ``reparameterize()`` without arguments (the official code's, mmpretrain's and timm's
     RepVGG/MobileOne blocks) is asked to fuse itself, and every remaining Conv->BatchNorm pair is
-    folded into the conv.
+    folded into the conv. A model that :func:`repblocks.expand` made is the exception: its expanded
+    blocks become the Conv+BatchNorm modules they replaced (fused weights inside), nothing is folded,
+    and the result has the original architecture (its state dict loads into the original class).
 
     Args:
         model: Any module.
@@ -49,8 +51,18 @@ def switch_to_deploy(model: nn.Module, inplace: bool = False, *, keep_post_bn: b
     """
     if not inplace:
         model = _copy_sharing_branches(model)
+    restored = collapse_expanded(model)  # before RepBlocks fuse: these go back to their own Conv+BN
     blocks = _reparameterize_blocks(model, keep_post_bn=keep_post_bn)
     model.eval()  # after fusing: until then the copy shares branch modules with the caller's model
+    if restored:
+        # Folding would change the architecture that expand() promised to give back.
+        log.info(
+            "deploy conversion: %d expanded convs restored to the original architecture, %d blocks fused; "
+            "Conv+BN pairs kept (fold_conv_bn folds them)",
+            restored,
+            blocks,
+        )
+        return model
     kept = {id(m.post_bn) for m in model.modules() if isinstance(m, RepBlock) and m.post_bn is not None}
     pairs = fold_conv_bn(model, keep=kept)
     log.info("deploy conversion: %d re-parameterizable blocks fused, %d Conv+BN pairs folded", blocks, pairs)
@@ -121,9 +133,7 @@ def fold_conv_bn(model: nn.Module, *, keep: Collection[int] = ()) -> int:
     """
     if not any(_foldable_bn(m) for m in model.modules()):
         return 0
-    pairs = _traced_pairs(model)
-    if pairs is None:
-        pairs = _sequential_pairs(model)
+    pairs = conv_bn_pairs(model, is_conv=_foldable_conv, is_bn=_foldable_bn)
     modules = dict(model.named_modules())
     pairs = [(conv_name, bn_name) for conv_name, bn_name in pairs if id(modules[bn_name]) not in keep]
     for conv_name, bn_name in pairs:
@@ -131,88 +141,16 @@ def fold_conv_bn(model: nn.Module, *, keep: Collection[int] = ()) -> int:
         kernel, bias = fuse_conv_bn(conv, bn)
         conv.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-        _set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, nn.Identity())
     return len(pairs)
 
 
 def _foldable_bn(module: nn.Module) -> bool:
-    if isinstance(module, _frozen_batch_norms()):
+    if isinstance(module, frozen_batch_norms()):
         return True  # always normalizes with its stored statistics
     # In training mode, or without running statistics, a BN uses batch statistics: not a fixed affine map.
     return isinstance(module, _BATCH_NORMS) and not module.training and module.running_mean is not None
 
 
-def _frozen_batch_norms() -> tuple[type, ...]:
-    # torchvision's detection models use FrozenBatchNorm2d. Importing torchvision costs ~1 s,
-    # and a model can only hold one if torchvision is already imported, so look, don't import.
-    misc = sys.modules.get("torchvision.ops.misc")
-    return (misc.FrozenBatchNorm2d,) if misc is not None else ()
-
-
 def _foldable_conv(module: nn.Module) -> bool:
     return isinstance(module, _CONVS)
-
-
-class _ConvBNTracer(torch.fx.Tracer):
-    """Keeps every conv and BN a single graph node, including subclasses defined outside torch.nn
-    (timm's ``Conv2dSame``, torchvision's ``FrozenBatchNorm2d``), which fx would otherwise trace into."""
-
-    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return _foldable_conv(module) or _foldable_bn(module) or super().is_leaf_module(module, qualified_name)
-
-
-def _traced_pairs(model: nn.Module) -> list[tuple[str, str]] | None:
-    try:
-        graph = _ConvBNTracer().trace(model)
-    except Exception as err:  # fx raises many kinds of errors on dynamic code; any of them means "untraceable"
-        log.info(
-            "torch.fx cannot trace %s (%s); folding only Conv+BN pairs inside nn.Sequential", type(model).__name__, err
-        )
-        return None
-    modules = dict(model.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    shared = _shared_module_ids(model)
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not _foldable_bn(modules[node.target]) or len(node.args) != 1:
-            continue
-        source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
-            continue
-        conv = modules[source.target]
-        if (
-            _foldable_conv(conv)
-            and len(source.users) == 1
-            and calls[source.target] == 1
-            and calls[node.target] == 1
-            and id(conv) not in shared
-            and id(modules[node.target]) not in shared
-        ):
-            pairs.append((source.target, node.target))
-    return pairs
-
-
-def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    shared = _shared_module_ids(model)
-    pairs = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Sequential):
-            continue
-        children = list(module.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:], strict=False):
-            if _foldable_conv(conv) and _foldable_bn(bn) and id(conv) not in shared and id(bn) not in shared:
-                prefix = f"{name}." if name else ""
-                pairs.append((prefix + conv_name, prefix + bn_name))
-    return pairs
-
-
-def _shared_module_ids(model: nn.Module) -> set[int]:
-    """Modules reachable under more than one name: folding one use would change the others."""
-    counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    return {key for key, count in counts.items() if count > 1}
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, module)

@@ -26,6 +26,7 @@ from torch import nn
 
 from repblocks.blocks import ACTIVATIONS
 from repblocks.checkpoint import StateDict, read_checkpoint
+from repblocks.expand import resolve_branches
 from repblocks.online import BLOCK_MODES
 from repblocks.registry import create_model
 from repblocks.weights import load_weights
@@ -54,6 +55,16 @@ def _number(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def _branch_set(value: object) -> bool:
+    if value is None:
+        return True
+    try:
+        resolve_branches(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _drop_rate(value: object) -> bool:
     return _number(value) and 0 <= value < 1
 
@@ -68,9 +79,13 @@ FILE_MODEL_ARGUMENTS = {
     "bn_eps": (lambda value: _number(value) and 0 < value < 1, "a number in (0, 1)"),
     # How the blocks were trained (OREPA's online form or the branches): the train-form weights' keys depend on it.
     "block_mode": (lambda value: value in BLOCK_MODES, f"one of {', '.join(BLOCK_MODES)}"),
+    # A torchvision classifier trained expanded (repblocks.expand): its branch set, and whether online.
+    "expand": (_branch_set, "null, a branch set name or a dict of branch keywords"),
+    "online": (lambda value: isinstance(value, bool), "true or false"),
 }
 # Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
-_IGNORED_ARGUMENTS = ("pretrained",)
+# ``weights`` (a tv_* model's starting file) likewise: it would open another file.
+_IGNORED_ARGUMENTS = ("pretrained", "weights")
 
 
 @dataclass(frozen=True)

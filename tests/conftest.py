@@ -1,4 +1,4 @@
-"""Shared fixtures: deterministic seeds and the registry split into tiny and large models."""
+"""Shared fixtures: deterministic seeds and the registry split into tiny, large and torchvision models."""
 
 import pytest
 import torch
@@ -6,7 +6,9 @@ import torch
 import repblocks
 
 TINY_MODELS = repblocks.list_models("*tiny*")
-LARGE_MODELS = [name for name in repblocks.list_models() if name not in TINY_MODELS]
+# torchvision's classifiers (tv_*) are no zoo models (no features_only, no RepBlocks of their own): tests/test_expand.py covers them.
+TORCHVISION_MODELS = repblocks.list_models("tv_*")
+LARGE_MODELS = [name for name in repblocks.list_models() if name not in TINY_MODELS + TORCHVISION_MODELS]
 
 
 @pytest.fixture(autouse=True)
