@@ -87,7 +87,7 @@ class _Clock:
 
 
 def test_other_load_counts_the_cpu_time_of_other_processes(monkeypatch):
-    import benchmarks.common as common
+    import repblocks.bench as common  # OtherLoad lives there; benchmarks.common re-exports it
 
     clock = _Clock()
     machine, own = iter([100.0, 103.0]), iter([10.0, 11.0])  # CPU seconds used: 3 by everyone, 1 by this process
@@ -101,7 +101,7 @@ def test_other_load_counts_the_cpu_time_of_other_processes(monkeypatch):
 
 
 def test_other_load_says_nothing_where_it_cannot_measure(monkeypatch):
-    import benchmarks.common as common
+    import repblocks.bench as common
 
     monkeypatch.setattr(common, "_machine_busy_seconds", lambda: None)  # no /proc/stat
     with OtherLoad() as load:

@@ -229,7 +229,10 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
         (["callbacks.deploy_check.atol=-1"], "error: deploy_check atol and rtol must be non-negative, got atol=-1"),
         (["trainer.max_epochs=abc"], "error: trainer.max_epochs must be an integer (default 30), got 'abc'"),
         (["rep_l2=yes"], "error: rep_l2 must be true or false (default false), got 'yes'"),
-        (["+model.foo=1"], "error: repvgg_tiny got unknown argument foo; it accepts: act, deploy, drop_rate, "),
+        (
+            ["+model.foo=1"],
+            "error: repvgg_tiny got unknown argument foo; it accepts: act, block_mode, bn_eps, deploy, drop_rate, ",
+        ),
         (["+model.act=swish_it"], "error: unknown activation 'swish_it'; known activations: relu, "),
         (["model.drop_rate=1.5"], "error: drop_rate must be in [0, 1), got 1.5"),
     ],
