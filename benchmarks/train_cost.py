@@ -32,7 +32,7 @@ from torch import nn
 
 import repblocks
 from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, write_results
-from benchmarks.train_throughput import NUM_CLASSES, recipe_optimizer, training_step
+from benchmarks.train_throughput import NUM_CLASSES, random_batch, recipe_optimizer, training_step
 from repblocks.bench import median, synchronizer, time_interleaved
 
 MODEL = "repvgg_a0"
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     models = {name: model.to(device, memory_format=memory_format) for name, model in build_models(args.seed).items()}
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)  # (B, 3, H, W)
-    images = images.to(device, memory_format=memory_format)
-    labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
+    images, labels = random_batch(args, device, memory_format)
     steps, memory = {}, {}
     for name, model in models.items():
         optimizer = recipe_optimizer(model)

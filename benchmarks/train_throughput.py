@@ -55,6 +55,14 @@ def build_models(seed: int) -> dict[str, nn.Module]:
     return {"ours": ours.train(), "timm": timm_model.train()}
 
 
+def random_batch(args: argparse.Namespace, device: torch.device, memory_format: torch.memory_format):
+    """Seeded random images ``(B, 3, H, W)`` and labels of ``args``' batch and image size, on ``device``."""
+    generator = torch.Generator().manual_seed(args.seed)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator)
+    return images.to(device, memory_format=memory_format), labels.to(device)
+
+
 def recipe_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """The SGD every benchmarked training step uses: momentum, weight decay by ``param_groups``."""
     return torch.optim.SGD(param_groups(model, 1e-4), lr=1e-3, momentum=0.9)
@@ -114,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     models = {name: model.to(device, memory_format=memory_format) for name, model in build_models(args.seed).items()}
-    generator = torch.Generator().manual_seed(args.seed)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)  # (B, 3, H, W)
-    images = images.to(device, memory_format=memory_format)
-    labels = torch.randint(NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
+    images, labels = random_batch(args, device, memory_format)
     steps = {name: training_step(model, images, labels) for name, model in models.items()}
 
     # The first step doubles as the check that both train the same network from the same weights.
