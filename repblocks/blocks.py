@@ -287,16 +287,6 @@ class RepBlock(nn.Module):
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
             )
-        _check_branch_values(
-            num_conv_branches=num_conv_branches,
-            scale_branch=scale_branch,
-            identity_branch=identity_branch,
-            avg_pool_branch=avg_pool_branch,
-            asym_branches=asym_branches,
-            seq_conv_branch=seq_conv_branch,
-            seq_avg_branch=seq_avg_branch,
-            post_bn=post_bn,
-        )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
@@ -313,6 +303,7 @@ class RepBlock(nn.Module):
             seq_avg_branch=seq_avg_branch,
             post_bn=post_bn,
         )
+        _check_branch_values(**self.branch_config)
         self.keep_post_bn = keep_post_bn
         self.bn_eps = check_bn_eps(bn_eps)
         norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
