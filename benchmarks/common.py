@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import repblocks
 from repblocks.bench import OtherLoad, median, p90, throughput
 from repblocks.files import atomic_path
 
@@ -88,3 +90,18 @@ def write_results(results: object, markdown: str, *, json_path: Path | None, mar
         if path:
             with atomic_path(path) as tmp:
                 tmp.write_text(text)
+
+
+def run_environment(**extra: str) -> dict:
+    """What a result was measured with: torch's threads, the versions of torch, timm and repblocks, the processor."""
+    import timm  # the training benchmarks compare with it; the int8 ones do not need it
+    import torch
+
+    return dict(
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        **extra,
+        repblocks=repblocks.__version__,
+        processor=platform.processor() or platform.machine(),
+    )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import repblocks
-from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from benchmarks.common import OtherLoad, parse_benchmark_args, run_environment, speed_ratio, summarize_samples
 from repblocks.bench import time_interleaved
 from repblocks.files import atomic_path
 from repblocks.numerics import max_errors, randomize_bn_
@@ -158,14 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json is not None:
         config = {key: value for key, value in vars(args).items() if key != "json"}
-        config.update(
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            timm=timm.__version__,
-            torchvision=torchvision.__version__,
-            repblocks=repblocks.__version__,
-            processor=platform.processor() or platform.machine(),
-        )
+        config.update(run_environment(torchvision=torchvision.__version__))
         errors_json = {pair: dict(abs=abs_err, rel=rel_err) for pair, (abs_err, rel_err) in errors.items()}
         write_json(args.json, dict(config=config, errors=errors_json, **summary))
         console.print(f"results written to {args.json}")

@@ -21,7 +21,6 @@ the running total of PyTorch's CPU allocator as its profiler reports it (``profi
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,14 @@ import torch
 from torch import nn
 
 import repblocks
-from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, write_results
+from benchmarks.common import (
+    OtherLoad,
+    parse_benchmark_args,
+    run_environment,
+    speed_ratio,
+    summarize_samples,
+    write_results,
+)
 from benchmarks.train_throughput import NUM_CLASSES, random_batch, recipe_optimizer, training_step
 from repblocks.bench import median, synchronizer, time_interleaved
 
@@ -199,13 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if load.warning():
         print(load.warning())
     config = {key: str(value) if key in ("json", "markdown") else value for key, value in vars(args).items()}
-    config.update(
-        threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        timm=timm.__version__,
-        repblocks=repblocks.__version__,
-        processor=platform.processor() or platform.machine(),
-    )
+    config.update(run_environment())
     summary.update(config=config, other_processes_cores=load.cores)
     write_results(summary, table, json_path=args.json, markdown_path=args.markdown)
     return 0

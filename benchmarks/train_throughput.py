@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Callable
 
@@ -28,7 +27,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 import repblocks
-from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples
+from benchmarks.common import OtherLoad, parse_benchmark_args, run_environment, speed_ratio, summarize_samples
 from repblocks.bench import synchronizer, time_interleaved
 from repblocks.files import atomic_path
 from repblocks.train.optim import param_groups
@@ -142,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json is not None:
         config = {key: value for key, value in vars(args).items() if key != "json"}
-        config.update(
-            threads=torch.get_num_threads(),
-            torch=torch.__version__,
-            timm=timm.__version__,
-            repblocks=repblocks.__version__,
-            processor=platform.processor() or platform.machine(),
-        )
+        config.update(run_environment())
         with atomic_path(args.json) as tmp:
             tmp.write_text(json.dumps(dict(config=config, **summary), indent=2))
         console.print(f"results written to {args.json}")
