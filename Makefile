@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[all,dev]"
+	$(PY) -m pip install --quiet -e ".[all,dev]" torch==2.14.1 torchvision==0.29.1  # the pins again: no extra may move torch
 	touch $(STAMP)
 
 # Each demo gets a folder of its own: train.py refuses a folder that already holds a run.
