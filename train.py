@@ -89,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         image_size=datamodule.image_size,
         data=_data_config(cfg.data, data.preprocessing),
         preprocessing=data.preprocessing,
+        class_names=data.class_names,
         loss=loss,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

@@ -14,7 +14,7 @@ import json
 import os
 import pickle
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -128,13 +128,20 @@ def read_checkpoint(path: str | os.PathLike) -> object:
 
 
 def deploy_metadata(
-    *, model: str, num_classes: int, in_chans: int, model_kwargs: Mapping, preprocessing: Mapping | None = None
+    *,
+    model: str,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: Mapping,
+    preprocessing: Mapping | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, str]:
     """The header metadata of deploy-form weights we write: what rebuilds the model, and how its images are prepared.
 
-    Training's end-of-run deploy weights and deploy.py's ``model.safetensors`` both carry it, so either
+    Training's end-of-run deploy weights and deploy.py's exports all carry it, so either
     file deploys again with nothing else (:func:`read_safetensors_metadata` reads it back). Values are
-    strings, as safetensors requires: numbers as text, everything else as JSON.
+    strings, as safetensors requires: numbers as text, everything else as JSON. ``class_names`` (the
+    name of each class, by index, when the training data named them) lets predictions say them.
     """
     metadata = {
         "model": model,
@@ -146,6 +153,8 @@ def deploy_metadata(
     for key in PREPROCESSING_KEYS:
         if preprocessing and key in preprocessing:
             metadata[key] = json.dumps(preprocessing[key])
+    if class_names:
+        metadata["class_names"] = json.dumps(list(class_names))
     return metadata
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "build_data",
     "eval_transform",
     "evaluation_loader",
+    "load_image",
     "sample_images",
 ]
 
@@ -47,6 +48,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_CROP_PCT = 0.875  # evaluation: resize to size / 0.875, then centre-crop size
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what a folder of images holds
 INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")  # torchvision's
 
@@ -95,6 +97,11 @@ class ClassificationData:
     def preprocessing(self) -> dict[str, object]:
         """How this data set prepares its images (:func:`preprocessing_dict`): what a model trained on it expects."""
         raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The name of each class, by index, recorded with the run so that predictions can say it; None: unnamed."""
+        return None
 
     def use_model_preprocessing(self, pretrained_cfg: Mapping) -> None:
         """Take the settings left open (None) from a model's ``pretrained_cfg``; before ``setup``.
@@ -304,6 +311,10 @@ class DigitsData(ClassificationData):
         log.info("digits: %d train / %d val images at %dx%d", len(train_idx), len(val_idx), *images.shape[-2:])
 
     @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
+
+    @property
     def preprocessing(self) -> dict[str, object]:
         # 0..16 scaled to 0..1, normalized to [-1, 1]; the 8x8 originals are enlarged, never cropped.
         return preprocessing_dict(
@@ -387,6 +398,10 @@ class Cifar10Data(ClassificationData):
             ) from None
 
     @property
+    def class_names(self) -> list[str]:
+        return list(CIFAR10_CLASSES)
+
+    @property
     def preprocessing(self) -> dict[str, object]:
         return preprocessing_dict(
             in_chans=3,
@@ -446,6 +461,11 @@ class ImageFolderData(ClassificationData):
         self.settings = {key: model_settings[key] if value is None else value for key, value in self.settings.items()}
 
     @property
+    def class_names(self) -> list[str]:
+        # The folder names, sorted: torchvision's ImageFolder numbers the classes in this order.
+        return list(self.classes)
+
+    @property
     def preprocessing(self) -> dict[str, object]:
         imagenet = {
             "mean": IMAGENET_MEAN,
@@ -491,13 +511,22 @@ def load_rgb_image(path: str | os.PathLike):
         ValueError: The file is not an image PIL can read, or is cut short; one line naming the file.
             (PIL's own errors do not say which file, and reach the user from a DataLoader worker.)
     """
+    return load_image(path, "RGB", what="data.root")
+
+
+def load_image(path: str | os.PathLike, mode: str, *, what: str):
+    """Read an image file as a ``PIL.Image`` in ``mode`` (``"RGB"``, ``"L"``); ``what`` starts the error message.
+
+    Raises:
+        ValueError: The file is not an image PIL can read, or is cut short; one line naming the file.
+    """
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
-        raise ValueError(f"data.root: cannot read image {path}: {err}") from None
+        raise ValueError(f"{what}: cannot read image {path}: {err}") from None
 
 
 def _check_preprocessing(settings: Mapping[str, object], where: str) -> dict[str, object]:

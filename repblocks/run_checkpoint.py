@@ -10,7 +10,9 @@ where both meet, so neither has to import the other. :class:`RunCheckpoint` read
 What such a file says to build is data, never instructions: :func:`model_spec` is the one gate
 every file-provided architecture passes. It admits only architecture arguments (no ``pretrained``,
 which would download or open another file) and sizes in a range that cannot exhaust memory, and
-says in one line which field was wrong.
+says in one line which field was wrong. Class names are descriptive, never needed to rebuild anything:
+:func:`check_class_names` keeps them only when they are one short printable string per class, and
+otherwise warns once and drops them, so a file with odd names still loads.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ from repblocks.weights import load_weights
 
 __all__ = [
     "FILE_MODEL_ARGUMENTS",
+    "MAX_CLASS_NAME",
     "SIZE_LIMITS",
     "ModelSpec",
     "RunCheckpoint",
     "build_run_model",
+    "check_class_names",
     "check_size",
+    "class_names_from_metadata",
     "model_spec",
     "read_run_checkpoint",
     "resolve_run_checkpoint",
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 # Inclusive ranges of the sizes a file may ask for: far beyond any real classifier, far below what
 # would exhaust memory at construction (num_classes=1e11 is a 400 GB classifier).
 SIZE_LIMITS = {"num_classes": (1, 100_000), "in_chans": (1, 1024), "image_size": (1, 4096)}
+MAX_CLASS_NAME = 256  # characters: a folder name's limit on most file systems
 
 
 def _number(value: object) -> bool:
@@ -182,6 +188,50 @@ def spec_from_deploy_metadata(metadata: Mapping[str, str], *, what: str) -> Mode
     )
 
 
+def check_class_names(names: object, *, num_classes: int, what: str) -> list[str] | None:
+    """``names`` as a list when it is one printable string of 1 to :data:`MAX_CLASS_NAME` characters per class.
+
+    Otherwise (a file's odd or stale names) one warning says why, and None is returned: predictions
+    then give class indices alone. Printable only, because the names are printed to a terminal,
+    where control characters would be obeyed.
+    """
+    if names is None:
+        return None
+    if not isinstance(names, list | tuple):
+        reason = f"a {type(names).__name__}, not a list of strings"
+    elif len(names) != num_classes:
+        reason = f"{len(names)} names for {num_classes} classes"
+    else:
+        bad = next((name for name in names if not _class_name(name)), None)
+        if bad is None:
+            return list(names)
+        reason = f"{_shorten(bad)} is not a printable string of 1 to {MAX_CLASS_NAME} characters"
+    log.warning("%s: ignoring class_names (%s); predictions will give class indices only", what, reason)
+    return None
+
+
+def class_names_from_metadata(metadata: Mapping[str, str], *, num_classes: int, what: str) -> list[str] | None:
+    """The ``class_names`` of deploy metadata (a JSON list), checked by :func:`check_class_names`; None when absent."""
+    text = metadata.get("class_names")
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as err:
+        log.warning("%s: ignoring class_names (not JSON: %s)", what, err)
+        return None
+    return check_class_names(names, num_classes=num_classes, what=what)
+
+
+def _class_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= MAX_CLASS_NAME and name.isprintable()
+
+
+def _shorten(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 @dataclass(frozen=True)
 class RunCheckpoint:
     """What a train.py checkpoint says about its network, and the network's own weights."""
@@ -197,6 +247,7 @@ class RunCheckpoint:
     data: dict | None = None  # the data config, to rebuild its validation images
     # How images were prepared for it (input_size, mean, std, crop_pct, interpolation), when saved.
     preprocessing: dict | None = None
+    class_names: list[str] | None = None  # by class index, when the run recorded them (check_class_names)
     hyper_parameters: dict = field(default_factory=dict)  # everything saved, for callers that need more
 
     @property
@@ -281,6 +332,7 @@ def read_run_checkpoint(path: str | os.PathLike, checkpoint: object | None = Non
         image_size=image_size,
         data=dict(hparams["data"]) if isinstance(hparams.get("data"), Mapping) else None,
         preprocessing=dict(hparams["preprocessing"]) if isinstance(hparams.get("preprocessing"), Mapping) else None,
+        class_names=check_class_names(hparams.get("class_names"), num_classes=spec.num_classes, what=what),
         hyper_parameters=dict(hparams),
     )
 

@@ -3,7 +3,8 @@ verify it, export it, time it and report. :mod:`repblocks.deploy.pipeline` reads
 bottom, one module each (``sources``, ``convert``, ``verify``, ``export``, ``speed``, ``report``), after
 the checks of ``config`` (settings), ``runtime`` (device) and ``outputs`` (out_dir, written all or
 nothing); ``preprocessing`` says how the model's images are prepared, ``engines`` what a backend runs.
-Entry point: ``deploy.py`` at the repository root.
+Entry point: ``deploy.py`` at the repository root. :class:`Predictor` (``predict``, entry point
+``predict.py``) classifies images with any file deploy.py wrote.
 
 Never imports :mod:`repblocks.train`; what both need (checkpoint reading, data sets, numerics) is in the core.
 Importing it turns off OpenVINO's and NNCF's usage telemetry in this process (:mod:`repblocks.offline`).
@@ -13,3 +14,12 @@ from repblocks.offline import disable_telemetry
 
 # OpenVINO and NNCF (the [openvino] extra, imported lazily below) would report usage to Google Analytics.
 disable_telemetry()
+
+
+def __getattr__(name: str):
+    # Imported when asked for: importing repblocks.deploy (for its config, say) loads no engine.
+    if name == "Predictor":
+        from repblocks.deploy.predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

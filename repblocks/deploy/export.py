@@ -237,13 +237,14 @@ def _version(package: str) -> str:
 
 
 def deploy_metadata(network: Network) -> dict[str, str]:
-    """What rebuilds the deploy form and prepares its images, as strings: model, classes, kwargs, preprocessing."""
+    """What rebuilds the deploy form and prepares its images, as strings: model, classes, kwargs, preprocessing, class names."""
     return checkpoint.deploy_metadata(
         model=network.name,
         num_classes=network.num_classes,
         in_chans=network.in_chans,
         model_kwargs=network.model_kwargs,
         preprocessing=network.preprocessing,
+        class_names=network.class_names,
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "installed",
     "load",
     "missing",
+    "read_metadata",
     "require",
     "runner",
     "save",
@@ -53,6 +54,14 @@ def set_metadata(ov_model, metadata: Mapping[str, str]) -> None:
     """Store ``metadata`` (model name, preprocessing, ...) in the model's runtime info, under ``repblocks``."""
     for key, value in metadata.items():
         ov_model.set_rt_info(value, ["repblocks", key])
+
+
+def read_metadata(ov_model) -> dict[str, str]:
+    """What :func:`set_metadata` stored in the model's runtime info, as strings (``{}`` when there is none)."""
+    if not ov_model.has_rt_info(["repblocks"]):
+        return {}
+    entries = ov_model.get_rt_info(["repblocks"]).astype(dict)
+    return {str(key): value.astype(str) for key, value in entries.items()}
 
 
 def runner(ov_model, *, mode: str, threads: int | None = None) -> Callable[[Tensor], Callable[[], object]]:

@@ -29,6 +29,7 @@ from repblocks.registry import create_model, list_models
 from repblocks.run_checkpoint import (
     RunCheckpoint,
     build_run_model,
+    class_names_from_metadata,
     read_run_checkpoint,
     resolve_run_checkpoint,
     spec_from_deploy_metadata,
@@ -54,6 +55,7 @@ class Network:
     model_kwargs: dict = field(default_factory=dict)
     data: Mapping | None = None  # the checkpoint's data config, for verification on real images
     form: str = "train"  # "deploy": the weights were already in deploy form, nothing to convert
+    class_names: list[str] | None = None  # by class index, when the training run recorded them
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -199,12 +201,22 @@ def _deployed_network(path: Path, metadata: Mapping[str, str], model: str | None
         raise UserError(f"{path} holds a {saved_classes}-class {name}, but num_classes={num_classes} was given")
     found = [(f"{path.name}'s metadata", preprocessing.from_metadata(metadata))]
     origin = f"{path}, written by deploy.py, already in deploy form"
+    names = class_names_from_metadata(metadata, num_classes=saved_classes, what=str(path))
     if name.startswith(TORCHVISION):
-        return _torchvision_network(name, saved_classes, seed=0, weights=path, found=found)
+        network = _torchvision_network(name, saved_classes, seed=0, weights=path, found=found)
+        network.class_names = names
+        return network
     plain = _build(name, num_classes=saved_classes, in_chans=in_chans, deploy=True, **kwargs)
     plain = load_weights(plain, path).eval()
     return _registry_network(
-        name, plain, origin=origin, found=found, form=DEPLOY_FORM, model_kwargs=kwargs, in_chans=in_chans
+        name,
+        plain,
+        origin=origin,
+        found=found,
+        form=DEPLOY_FORM,
+        model_kwargs=kwargs,
+        in_chans=in_chans,
+        class_names=names,
     )
 
 
@@ -225,6 +237,7 @@ def _run_network(run: RunCheckpoint, model: str | None) -> Network:
         model_kwargs=run.model_kwargs,
         in_chans=run.in_chans,
         data=run.data,
+        class_names=run.class_names,
     )
 
 

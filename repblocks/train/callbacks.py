@@ -175,6 +175,7 @@ class DeployCheck(L.Callback):
                 in_chans=hparams["in_chans"],
                 model_kwargs=hparams["model_kwargs"],
                 preprocessing=hparams.get("preprocessing"),
+                class_names=hparams.get("class_names"),
             ),
         )
         self.result = DeployResult(

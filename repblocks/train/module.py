@@ -48,6 +48,8 @@ class RepClassifier(L.LightningModule):
             verify on the same validation images.
         preprocessing: How the data prepares images (``input_size``, ``mean``, ``std``, ``crop_pct``,
             ``interpolation``: a data set's ``preprocessing``), saved so deployment prepares them the same way.
+        class_names: The name of each class, by index (a data set's ``class_names``), saved so that the
+            exports carry them and predictions say them; None when the data does not name its classes.
         loss: ``nn.CrossEntropyLoss`` (any ``(logits, target)`` loss) or :class:`RDropLoss`, which
             gets two forward passes of every batch.
         optimizer: Factory taking the parameter groups (default: SGD, lr 0.05, momentum 0.9). Its ``weight_decay`` keyword is applied
@@ -73,6 +75,7 @@ class RepClassifier(L.LightningModule):
         image_size: int = 224,
         data: Mapping[str, Any] | None = None,
         preprocessing: Mapping[str, Any] | None = None,
+        class_names: list[str] | None = None,
         loss: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
@@ -114,6 +117,7 @@ class RepClassifier(L.LightningModule):
                 "image_size": int(image_size),
                 "data": dict(data or {}),
                 "preprocessing": dict(preprocessing) if preprocessing is not None else None,
+                "class_names": [str(name) for name in class_names] if class_names is not None else None,
                 "weights_prefix": "ema.module." if self.ema is not None else "model.",
                 "ema_decay": ema_decay,
                 "rep_l2": rep_l2,

@@ -246,6 +246,7 @@ def _fine_tune(
         image_size=data.image_size,
         data=run.data,
         preprocessing=run.preprocessing,
+        class_names=run.class_names,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

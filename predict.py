@@ -1,0 +1,140 @@
+"""Classify images with a file deploy.py wrote, prepared as its metadata says; print the top-k, write a CSV.
+
+    python predict.py model=outputs/deploy/RUN/model.onnx images=cat.jpg
+    python predict.py model=outputs/deploy/RUN/model_int8.xml images=photos/ topk=3   # + photos_predictions.csv
+    python predict.py model=outputs/train/RUN/deploy/repvgg_a0_deploy.safetensors images=photos/ csv=out.csv
+
+Settings, each ``key=value`` (as deploy.py takes them): ``model`` (``.onnx``, ``.xml``, ``.safetensors``,
+``.pte``, ``.tflite``), ``images`` (an image file or a folder, searched recursively; files that are not
+images are skipped and counted), ``topk`` (default 5), ``csv`` (a file to write one row per image
+into; for a folder it defaults to ``<folder name>_predictions.csv`` in the working directory, never
+inside the deploy output, which deploy.py replaces whole), ``threads`` (default: the cores other
+processes leave free). ``repblocks.deploy.Predictor`` does the work; this script parses the
+settings, prints one line per image and turns bad input into one line on stderr and exit status 1
+(Ctrl-C and SIGTERM: one line and status 130). The CSV is written whole, at the end, or not at all.
+"""
+
+# ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: as deploy.py
+
+from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
+from repblocks.errors import UserError
+
+SETTINGS = ("model", "images", "topk", "csv", "threads")
+REQUIRED = ("model", "images")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """What the command line asks for, checked."""
+
+    model: Path
+    images: Path
+    topk: int = 5
+    csv: Path | None = None
+    threads: int | None = None
+
+    @classmethod
+    def parse(cls, argv: Sequence[str]) -> "PredictSettings":
+        """From ``key=value`` arguments.
+
+        Raises:
+            UserError: An argument that is not ``key=value``, an unknown or repeated key, a missing
+                required key, or a number that is not one.
+        """
+        given: dict[str, str] = {}
+        for arg in argv:
+            key, sep, value = arg.partition("=")
+            if not sep or not key:
+                raise UserError(f"arguments are key=value ({', '.join(SETTINGS)}), got {arg!r}")
+            if key not in SETTINGS:
+                raise UserError(f"unknown setting {key!r}; settings: {', '.join(SETTINGS)}")
+            if key in given:
+                raise UserError(f"{key} is given twice")
+            given[key] = value
+        missing = [key for key in REQUIRED if not given.get(key)]
+        if missing:
+            raise UserError(f"give {' and '.join(f'{key}=...' for key in missing)} (settings: {', '.join(SETTINGS)})")
+        return cls(
+            model=Path(given["model"]).expanduser(),
+            images=Path(given["images"]).expanduser(),
+            topk=_positive_int("topk", given.get("topk", "5")),
+            csv=Path(given["csv"]).expanduser() if given.get("csv") else None,
+            threads=_positive_int("threads", given["threads"]) if given.get("threads") else None,
+        )
+
+    def csv_path(self) -> Path | None:
+        """Where the CSV goes: ``csv``, else for a folder ``<folder name>_predictions.csv`` here, else nowhere."""
+        if self.csv is not None:
+            return self.csv
+        if self.images.is_dir():
+            return Path(f"{self.images.resolve().name or 'images'}_predictions.csv")
+        return None
+
+
+def _positive_int(key: str, value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"{key} must be an integer of at least 1, got {value!r}")
+    return int(value)
+
+
+def describe(prediction) -> str:
+    """``path: name [index] 97.12%, ...``: one line per image."""
+    parts = []
+    for rank, (index, probability) in enumerate(zip(prediction.classes, prediction.probabilities, strict=True)):
+        name = f"{prediction.names[rank]} " if prediction.names else ""
+        parts.append(f"{name}[{index}] {100 * probability:.2f}%")
+    return f"{prediction.image}: {', '.join(parts)}"
+
+
+def predict(settings: PredictSettings) -> list:
+    """Open the model, classify the images, print them and write the CSV; return the predictions."""
+    from repblocks.deploy.predict import Predictor, image_files, write_csv
+
+    csv_path = settings.csv_path()
+    if csv_path is not None and csv_path.is_dir():  # before any work: a mistake found after it wastes it
+        raise UserError(f"csv: {csv_path} is a folder; give a file name")
+    if csv_path is not None and not csv_path.resolve().parent.is_dir():
+        raise UserError(f"csv: the folder {csv_path.parent} does not exist")
+    if not settings.images.exists():
+        raise UserError(f"images: no image or folder at {settings.images}")
+    predictor = Predictor(settings.model, threads=settings.threads)
+    images: Path | list[Path] = settings.images
+    skipped = 0
+    if settings.images.is_dir():
+        images, skipped = image_files(settings.images)
+        if not images:
+            raise UserError(f"images: {settings.images} holds no image files")
+    predictions = predictor.predict(images, topk=settings.topk)
+    for prediction in predictions:
+        print(describe(prediction))
+    if skipped:
+        print(f"skipped {skipped} file{'' if skipped == 1 else 's'} in {settings.images} that are not images")
+    if csv_path is not None:
+        write_csv(predictions, csv_path)
+        print(f"wrote {len(predictions)} predictions to {csv_path}")
+    return predictions
+
+
+def main(argv: Sequence[str]) -> None:
+    """``predict.py`` without the process around it: user mistakes end in ``SystemExit("error: ...")``."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(__doc__)
+        return
+    # Library warnings (torch, onnx) go to the log, so that stderr carries only what went wrong.
+    logging.captureWarnings(True)
+    with exit_on_user_error():
+        predict(PredictSettings.parse(argv))
+
+
+if __name__ == "__main__":
+    # SIGTERM (a scheduler, `kill`, `timeout`) is handled as Ctrl-C: a CSV being written is removed on the way out.
+    with sigterm_as_interrupt():
+        main(sys.argv[1:])

@@ -1,0 +1,413 @@
+"""Predict with what deploy.py wrote: the file's own preprocessing, its own engine, top-k with class names.
+
+>>> predictor = Predictor("outputs/deploy/RUN/model.onnx")
+>>> predictor.predict("photos/", topk=3)  # a folder: its images, sorted; other files skipped and counted
+[Prediction(image='photos/cat.jpg', classes=[3, 5, 2], probabilities=[0.91, 0.05, 0.01], names=['cat', 'dog', 'bird'])]
+
+The engine is chosen by the file's suffix, never by anything the file says:
+
+* ``.onnx`` (``model.onnx``, ``model_int8.onnx``): onnxruntime on the CPU;
+* ``.xml`` (``model.xml``, ``model_int8.xml``, each with its ``.bin``): OpenVINO on the CPU (extra ``[openvino]``);
+* ``.safetensors``: deploy-form weights (deploy.py's ``model.safetensors``, train.py's
+  ``deploy/<model>_deploy.safetensors``), rebuilt in deploy form through the registry and run by torch;
+* ``.pte`` (ExecuTorch) and ``.tflite`` (LiteRT): through :mod:`repblocks.deploy.executorch` and
+  :mod:`repblocks.deploy.litert` (extras ``[executorch]``, ``[litert]``);
+* refused, in one line: ``.pt2`` (see :data:`REFUSED`) and ``.mlpackage`` (Core ML runs on macOS only).
+
+Every file deploy.py writes carries the deploy metadata (:func:`repblocks.checkpoint.deploy_metadata`):
+the model's classes and input channels, its preprocessing (input size, mean, std, crop, interpolation)
+and, when the training data named them, the class names. It is read as every file's metadata is
+(:func:`repblocks.run_checkpoint.spec_from_deploy_metadata`, :func:`~repblocks.run_checkpoint.check_class_names`),
+and one blank image goes through the engine when the file is opened: a model that disagrees with
+its metadata (another number of classes or channels) is one line before any image is read. Image
+files are prepared as train.py validates and deploy.py verifies (:func:`repblocks.datasets.eval_transform`:
+resize to size / crop_pct, centre crop, normalize); a prepared tensor is taken as it is.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from repblocks.bench import free_cores
+from repblocks.checkpoint import DEPLOY_FORM, read_safetensors_metadata
+from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image
+from repblocks.deploy import preprocessing
+from repblocks.deploy.runtime import threads as torch_threads
+from repblocks.errors import UserError
+from repblocks.files import atomic_path
+from repblocks.run_checkpoint import class_names_from_metadata, spec_from_deploy_metadata
+
+__all__ = ["BATCH_SIZE", "ENGINES", "REFUSED", "Prediction", "Predictor", "image_files", "write_csv"]
+
+log = logging.getLogger(__name__)
+
+# Suffix -> what runs it.
+ENGINES = {
+    ".onnx": "onnxruntime",
+    ".xml": "openvino",
+    ".safetensors": "torch",
+    ".pte": "executorch",
+    ".tflite": "litert",
+}
+# Suffixes deploy.py writes that predict does not run, and why.
+REFUSED = {
+    ".pt2": (
+        "torch.export.load unpickles the file (torch's own warning: never load one from an untrusted source), "
+        "and a .pt2 records no preprocessing; predict with model.onnx or model.safetensors of the same deploy output"
+    ),
+    ".mlpackage": "Core ML runs on macOS only",
+}
+BATCH_SIZE = 32  # images read, prepared and run at a time: a folder of any size fits in memory
+
+Runner = Callable[[np.ndarray], np.ndarray]  # float32 (B, C, H, W) -> logits (B, classes)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image, most likely first."""
+
+    image: str  # the file, or "image N" for the N-th PIL image or tensor row given
+    classes: list[int]  # class indices
+    probabilities: list[float]  # softmax of the logits, for those classes
+    names: list[str] | None = None  # their names, when the training run recorded them
+
+
+class Predictor:
+    """A model file deploy.py (or train.py) wrote, ready to classify images as it was trained to see them.
+
+    Args:
+        path: ``.onnx``, ``.xml``, ``.safetensors``, ``.pte`` or ``.tflite`` with deploy metadata.
+        threads: Threads of the engine; None: the cores other processes leave free, as deploy.py
+            chooses (:func:`repblocks.bench.free_cores`).
+        batch_size: Images read and run at a time.
+
+    Attributes:
+        engine: What runs the file (a value of :data:`ENGINES`).
+        metadata: The deploy metadata as the file holds it (strings).
+        num_classes, in_chans: What the metadata says, checked against the model when the file is opened.
+        preprocessing: ``input_size`` ``[C, H, W]``, ``mean``, ``std``, ``crop_pct``, ``interpolation``
+            and ``source`` (where each came from: the file's metadata, else ImageNet's defaults).
+        class_names: The name of each class, by index; None when the file records none (or odd ones).
+
+    Raises:
+        UserError: A missing file, a format predict does not run (the message lists those it runs),
+            a file that is not of its format or has no deploy metadata, an engine that is not
+            installed, or a model that disagrees with its metadata.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, batch_size: int = BATCH_SIZE):
+        self.path = Path(path)
+        suffix = _check_model_path(self.path)
+        if batch_size < 1:
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        self.engine = ENGINES[suffix]
+        self.threads = threads or free_cores()[0]
+        self.batch_size = batch_size
+        what = str(self.path)
+        self.metadata, self._runner = _OPENERS[self.engine](self.path, self.threads)
+        if self.metadata.get("form") != DEPLOY_FORM:
+            raise UserError(
+                f"{self.path} holds no repblocks deploy metadata (model, num_classes, preprocessing): "
+                "predict reads the files deploy.py writes"
+            )
+        try:
+            spec = spec_from_deploy_metadata(self.metadata, what=what)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        self.model_name, self.num_classes, self.in_chans = spec.name, spec.num_classes, spec.in_chans
+        self.preprocessing = preprocessing.resolve(
+            in_chans=spec.in_chans,
+            found=[(f"{self.path.name}'s metadata", preprocessing.from_metadata(self.metadata))],
+            what=what,
+        )
+        missing = [key for key in preprocessing.KEYS if key not in self.metadata]
+        if missing:
+            log.warning("%s records no %s: ImageNet's defaults are used", self.path, ", ".join(missing))
+        self.class_names = class_names_from_metadata(self.metadata, num_classes=spec.num_classes, what=what)
+        self._check_model()
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one prepared image."""
+        channels, height, width = self.preprocessing["input_size"]
+        return channels, height, width
+
+    def predict(self, images, *, topk: int = 5) -> list[Prediction]:
+        """The ``topk`` most likely classes of each image (fewer when the model has fewer classes).
+
+        Args:
+            images: An image file, a folder (its image files, sorted, searched recursively; other
+                files are skipped and counted in a warning), a ``PIL.Image``, a list of those, or a
+                prepared float tensor / array ``(B, C, H, W)`` or ``(C, H, W)``, taken as it is.
+
+        Raises:
+            UserError: A path that does not exist, a file that is not an image, a tensor of another
+                shape than the model's, or ``topk`` below 1.
+        """
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise UserError(f"topk must be an integer of at least 1, got {topk!r}")
+        count = min(topk, self.num_classes)
+        predictions = []
+        for labels, logits in self._logits_by_batch(images):
+            probabilities = _softmax(logits)
+            order = np.argsort(-probabilities, axis=1, kind="stable")[:, :count]
+            for label, classes, row in zip(labels, order, probabilities, strict=True):
+                names = [self.class_names[i] for i in classes] if self.class_names else None
+                predictions.append(Prediction(label, classes.tolist(), row[classes].tolist(), names))
+        return predictions
+
+    def logits(self, images) -> np.ndarray:
+        """The model's logits ``(N, classes)`` for ``images`` (anything :meth:`predict` takes), in order."""
+        batches = [logits for _, logits in self._logits_by_batch(images)]
+        return np.concatenate(batches) if batches else np.zeros((0, self.num_classes), np.float32)
+
+    def _logits_by_batch(self, images) -> Iterator[tuple[list[str], np.ndarray]]:
+        if isinstance(images, Tensor | np.ndarray):
+            prepared = self._check_prepared(images)
+            for start in range(0, len(prepared), self.batch_size):
+                batch = prepared[start : start + self.batch_size]
+                yield [f"image {start + i}" for i in range(len(batch))], self._run(batch)
+            return
+        sources = _sources(images)
+        transform = eval_transform(self.preprocessing)
+        for start in range(0, len(sources), self.batch_size):
+            chunk = sources[start : start + self.batch_size]
+            prepared = [transform(self._image(source)) for _, source in chunk]  # each (C, H, W)
+            yield [label for label, _ in chunk], self._run(torch.stack(prepared).numpy())
+
+    def _image(self, source):
+        mode = {3: "RGB", 1: "L"}.get(self.in_chans)
+        if mode is None:
+            raise UserError(
+                f"{self.path} takes {self.in_chans}-channel images; image files are read as RGB or grey: "
+                "pass prepared tensors (B, C, H, W) instead"
+            )
+        if isinstance(source, Path):
+            try:
+                return load_image(source, mode, what="images")
+            except ValueError as err:
+                raise UserError(str(err)) from None
+        return source.convert(mode)
+
+    def _check_prepared(self, images: Tensor | np.ndarray) -> np.ndarray:
+        array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or tuple(array.shape[1:]) != self.input_shape or not np.issubdtype(array.dtype, np.floating):
+            raise UserError(
+                f"prepared images must be floats of shape (B, {', '.join(map(str, self.input_shape))}) for {self.path}, "
+                f"got {array.dtype} {tuple(array.shape)}"
+            )
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        with torch_threads(self.threads), torch.inference_mode():
+            return np.asarray(self._runner(batch), dtype=np.float32)
+
+    def _check_model(self) -> None:
+        """One blank image through the engine: its input and output must be what the metadata says."""
+        shape = "x".join(map(str, self.input_shape))
+        try:
+            logits = self._run(np.zeros((1, *self.input_shape), np.float32))
+        except Exception as err:  # each engine raises its own types for an input of the wrong shape
+            raise UserError(
+                f"{self.path}: the model does not take the {shape} images its metadata describes "
+                f"(in_chans={self.in_chans}, input_size): {_one_line(err)}"
+            ) from None
+        if logits.ndim != 2 or logits.shape != (1, self.num_classes):
+            raise UserError(
+                f"{self.path}: the model gives outputs of shape {tuple(logits.shape)} for one image, but its metadata "
+                f"says num_classes={self.num_classes}: the model and its metadata do not belong together"
+            )
+
+
+def image_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
+    """The image files under ``folder`` (by suffix, searched recursively, sorted), and how many other files it holds."""
+    found = ImageFiles(folder)
+    return found.files, found.skipped
+
+
+def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Path:
+    """Write one row per image (image, then class, name when known, and probability per rank), atomically.
+
+    Raises:
+        UserError: ``path`` is a folder, or its folder does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"csv: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"csv: the folder {path.parent} does not exist")
+    ranks = max((len(p.classes) for p in predictions), default=0)
+    named = any(p.names for p in predictions)
+    header = ["image"]
+    for rank in range(1, ranks + 1):
+        header += [f"class_{rank}", *([f"name_{rank}"] if named else []), f"probability_{rank}"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for prediction in predictions:
+            row = [prediction.image]
+            for rank, (index, probability) in enumerate(zip(prediction.classes, prediction.probabilities, strict=True)):
+                name = [prediction.names[rank] if prediction.names else ""] if named else []
+                row += [index, *name, f"{probability:.6f}"]
+            writer.writerow(row)
+    return path
+
+
+def _check_model_path(path: Path) -> str:
+    """The suffix of a model file predict runs; one line for anything else."""
+    suffix = path.suffix.lower()
+    if suffix in REFUSED:
+        raise UserError(f"cannot predict with {path}: {REFUSED[suffix]}")
+    if not path.exists():
+        raise UserError(f"model file not found: {path}")
+    if suffix not in ENGINES or not path.is_file():
+        what = "a folder" if path.is_dir() else f"a {suffix or 'suffix-less'} file"
+        raise UserError(
+            f"cannot predict with {path}: it is {what}; predict runs {', '.join(ENGINES)} files (as deploy.py writes them)"
+        )
+    return suffix
+
+
+def _sources(images) -> list[tuple[str, object]]:
+    """``(label, Path or PIL image)`` of each image ``images`` names, folders expanded."""
+    from PIL import Image
+
+    if isinstance(images, str | os.PathLike | Image.Image):
+        images = [images]
+    sources: list[tuple[str, object]] = []
+    for index, item in enumerate(images):
+        if isinstance(item, Image.Image):
+            sources.append((f"image {index}", item))
+            continue
+        if not isinstance(item, str | os.PathLike):
+            raise UserError(f"images: expected paths, PIL images or a prepared tensor, got a {type(item).__name__}")
+        path = Path(item)
+        if path.is_dir():
+            files, skipped = image_files(path)
+            if skipped:
+                log.warning("%s: skipped %d file%s that are not images", path, skipped, "" if skipped == 1 else "s")
+            if not files:
+                raise UserError(f"images: {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            sources += [(str(file), file) for file in files]
+        elif path.is_file():
+            sources.append((str(path), path))
+        else:
+            raise UserError(f"images: no image or folder at {path}")
+    return sources
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)  # float64: no overflow, sums to 1
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+# ---- one opener per engine: (path, threads) -> (metadata, runner) --------------------------------------------
+
+
+def _open_onnx(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
+    import onnx
+
+    from repblocks.deploy.export import onnx_session
+
+    data = path.read_bytes()
+    try:
+        proto = onnx.load_from_string(data)
+    except Exception as err:  # protobuf's DecodeError and others, for a file that is not ONNX
+        raise UserError(f"cannot read {path}: not an ONNX model ({_one_line(err)})") from None
+    if _external_data(proto.graph):
+        # Its weights would be read from files the model names: a file from elsewhere opens no other file.
+        raise UserError(f"{path} keeps tensors in other files (ONNX external data); predict reads self-contained files")
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    try:
+        session = onnx_session(data, threads=threads)  # from the bytes read: what was checked is what runs
+    except Exception as err:  # onnxruntime's own exception types
+        raise UserError(f"onnxruntime cannot load {path}: {_one_line(err)}") from None
+    name = session.get_inputs()[0].name
+    return metadata, lambda images: session.run(None, {name: images})[0]
+
+
+def _external_data(graph) -> bool:
+    """Whether any tensor of ``graph`` (initializers, constants, subgraphs) lives in another file."""
+    import onnx
+
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            tensors += [attribute.t, *attribute.tensors]
+            if any(_external_data(subgraph) for subgraph in [attribute.g, *attribute.graphs]):
+                return True
+    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in tensors)
+
+
+def _open_openvino(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
+    from repblocks.deploy import openvino
+
+    openvino.require(f"predicting with {path.name}")
+    try:
+        model = openvino.load(path)
+    except Exception as err:  # OpenVINO's RuntimeError: not IR, no .bin beside it, truncated
+        raise UserError(f"OpenVINO cannot read {path} (and its .bin): {_one_line(err)}") from None
+    request = openvino.compile_model(model, threads=threads).create_infer_request()
+    # A copy: the request reuses its output buffer.
+    return openvino.read_metadata(model), lambda images: np.array(request.infer({0: images})[0])
+
+
+def _open_safetensors(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
+    from repblocks.deploy.sources import load_network
+
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("form") != DEPLOY_FORM:
+        return metadata, _no_runner  # refused by the caller, which names what is missing
+    model = load_network(ckpt=str(path)).model  # deploy form, as the metadata says: nothing to convert
+    return metadata, lambda images: model(torch.from_numpy(images)).numpy()
+
+
+def _no_runner(images: np.ndarray) -> np.ndarray:
+    raise AssertionError("a file without deploy metadata is refused before it runs")
+
+
+def _edge_opener(module_name: str, extra: str) -> Callable[[Path, int], tuple[dict[str, str], Runner]]:
+    """The opener of an engine whose module (``repblocks.deploy.executorch``, ``...litert``) reads and loads its files."""
+
+    def open_file(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
+        import importlib
+
+        try:
+            module = importlib.import_module(f"repblocks.deploy.{module_name}")
+        except ModuleNotFoundError:
+            raise UserError(f"cannot predict with {path}: this repblocks has no {extra} support") from None
+        reason = module.missing()
+        if reason:
+            raise UserError(f"cannot predict with {path}: {reason}")
+        metadata = module.read_metadata(path)
+        if metadata.get("form") != DEPLOY_FORM:
+            return metadata, _no_runner
+        return metadata, module.load(path, threads=threads)
+
+    return open_file
+
+
+_OPENERS = {
+    "onnxruntime": _open_onnx,
+    "openvino": _open_openvino,
+    "torch": _open_safetensors,
+    "executorch": _edge_opener("executorch", "ExecuTorch"),
+    "litert": _edge_opener("litert", "LiteRT"),
+}
