@@ -128,8 +128,12 @@ def main(argv: Sequence[str]) -> None:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return
-    # Library warnings (torch, onnx) go to the log, so that stderr carries only what went wrong.
+    # Python warnings of the libraries (torch's deprecations) are dropped, so that stderr carries what
+    # went wrong and what the user should know (class names a file records but that cannot be used).
     logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(logging.NullHandler())
+    logging.getLogger("py.warnings").propagate = False
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     with exit_on_user_error():
         predict(PredictSettings.parse(argv))
 

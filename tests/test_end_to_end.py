@@ -1,9 +1,13 @@
 """train.py's own checkpoint through deploy: the contract between the two, with nothing fabricated."""
 
+import json
+
 import onnxruntime
 import torch
 
 import repblocks
+from repblocks.checkpoint import read_safetensors_metadata
+from repblocks.deploy import Predictor
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.sources import load_network
 from repblocks.numerics import max_errors
@@ -41,3 +45,9 @@ def test_one_step_training_run_deploys_to_every_export(tmp_path):
     ours = repblocks.read_state_dict(metrics["deploy_weights"])
     exported = repblocks.read_state_dict(report["exports"]["safetensors"]["path"])
     assert ours.keys() == exported.keys() and all(torch.equal(ours[key], exported[key]) for key in ours)
+    # The digits' class names, recorded by train.py, ride in both files' metadata and come out of a prediction.
+    digits = [str(digit) for digit in range(10)]
+    for weights in (metrics["deploy_weights"], report["exports"]["safetensors"]["path"]):
+        assert json.loads(read_safetensors_metadata(weights)["class_names"]) == digits
+    prediction = Predictor(report["exports"]["onnx"]["path"], threads=1).predict(images[:1], topk=2)[0]
+    assert prediction.names == [digits[index] for index in prediction.classes]

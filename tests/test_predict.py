@@ -31,6 +31,7 @@ from tests.helpers import ROOT, digits_model, write_checkpoint
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # not the digits' own
 DIGITS = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}
+PREPROCESSING = DigitsData(image_size=32).preprocessing  # as train.py records it: mean and std 0.5, no crop
 OPENVINO = openvino.missing() is None
 FP32_FILES = ["model.safetensors", "model.onnx", "model.xml"]
 INT8_FILES = {"model_int8.onnx": "onnxruntime", "model_int8.xml": "openvino"}
@@ -50,7 +51,7 @@ class Deployed:
 def deployed(tmp_path_factory) -> Deployed:
     folder = tmp_path_factory.mktemp("predict")
     model = digits_model()
-    ckpt = write_checkpoint(folder / "last.ckpt", model, data=DIGITS, class_names=NAMES)
+    ckpt = write_checkpoint(folder / "last.ckpt", model, data=DIGITS, preprocessing=PREPROCESSING, class_names=NAMES)
     formats = ["safetensors", "onnx", *(["openvino"] if OPENVINO else [])]
     config = {
         "out_dir": str(folder / "out"),
@@ -154,7 +155,9 @@ def test_edge_formats_agree_with_the_fp32_model(deployed, tmp_path, engine):
     module = pytest.importorskip(f"repblocks.deploy.{engine}")
     if module.missing():
         pytest.skip(module.missing())
-    ckpt = write_checkpoint(tmp_path / "last.ckpt", deployed.model, data=DIGITS, class_names=NAMES)
+    ckpt = write_checkpoint(
+        tmp_path / "last.ckpt", deployed.model, data=DIGITS, preprocessing=PREPROCESSING, class_names=NAMES
+    )
     config = {"out_dir": str(tmp_path / "out"), "ckpt": str(ckpt), "bench": {"device": "cpu", "batch_sizes": []}}
     report = run_deploy(DeployConfig.from_dict({**config, "export": {"formats": [engine]}}))
     predictor = Predictor(report["exports"][engine]["path"], threads=1)

@@ -140,6 +140,7 @@ def test_short_digits_run_learns_and_deploys_exactly(tmp_path):
         torch.testing.assert_close(plain.eval()(images), trained(images), atol=1e-4, rtol=1e-4)
     assert hparams["data"]["_target_"] == "repblocks.datasets.DigitsData"
     assert hparams["preprocessing"] == DigitsData().preprocessing  # what deployment prepares images with
+    assert hparams["class_names"] == DigitsData().class_names == [str(digit) for digit in range(10)]
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "metrics.csv").is_file()
 
 
@@ -485,6 +486,7 @@ def test_image_folder_runs_use_and_save_the_models_preprocessing(tmp_path):
         key: expected[key] for key in ("mean", "std", "crop_pct", "interpolation")
     }  # the data config rebuilds the same images
     assert read_run_checkpoint(metrics["best_ckpt"]).preprocessing == expected
+    assert read_run_checkpoint(metrics["best_ckpt"]).class_names == ["cat", "dog"]  # the class folders, in order
 
 
 def test_deploy_check_compares_in_full_fp32(tmp_path, monkeypatch):

@@ -132,8 +132,8 @@ class Predictor:
         missing = [key for key in preprocessing.KEYS if key not in self.metadata]
         if missing:
             log.warning("%s records no %s: ImageNet's defaults are used", self.path, ", ".join(missing))
+        self._check_model()  # first: a file whose metadata is not its model's says only that
         self.class_names = class_names_from_metadata(self.metadata, num_classes=spec.num_classes, what=what)
-        self._check_model()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
