@@ -128,17 +128,24 @@ def main(argv: Sequence[str]) -> None:
     if any(arg in ("-h", "--help") for arg in argv):
         print(__doc__)
         return
-    # Python warnings of the libraries (torch's deprecations) are dropped, so that stderr carries what
-    # went wrong and what the user should know (class names a file records but that cannot be used).
-    logging.captureWarnings(True)
-    logging.getLogger("py.warnings").addHandler(logging.NullHandler())
-    logging.getLogger("py.warnings").propagate = False
-    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     with exit_on_user_error():
         predict(PredictSettings.parse(argv))
 
 
+def quiet_library_warnings() -> None:
+    """Drop the libraries' Python warnings (torch's deprecations); show the log's warnings as ``warning: ...`` lines.
+
+    So that stderr carries what went wrong and what the user should know (class names a file records
+    that cannot be used), and nothing else. For the process only: :func:`main` leaves logging alone.
+    """
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").addHandler(logging.NullHandler())
+    logging.getLogger("py.warnings").propagate = False
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+
+
 if __name__ == "__main__":
+    quiet_library_warnings()
     # SIGTERM (a scheduler, `kill`, `timeout`) is handled as Ctrl-C: a CSV being written is removed on the way out.
     with sigterm_as_interrupt():
         main(sys.argv[1:])

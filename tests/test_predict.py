@@ -217,6 +217,27 @@ def test_predict_py_one_image_and_an_explicit_csv(deployed, tmp_path, capsys, mo
     assert (work / "out.csv").read_text().count("\n") == 2  # header and one row, in the working directory
 
 
+@pytest.mark.slow
+def test_predict_py_warns_once_of_class_names_it_cannot_use_and_predicts_indices(deployed, tmp_path):
+    odd = tmp_path / "odd_names.onnx"
+    _edited_onnx(deployed.out / "model.onnx", odd, class_names=json.dumps(NAMES[:9]))
+    image = tmp_path / "one.png"
+    Image.new("RGB", (32, 32)).save(image)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "predict.py"), f"model={odd}", f"images={image}", "topk=2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        done.stderr
+        == f"warning: {odd}: ignoring class_names (9 names for 10 classes); predictions will give class indices only\n"
+    )
+    assert done.stdout.startswith(f"{image}: [") and done.stdout.count("%") == 2  # indices, no names
+
+
 def _bad_inputs(deployed: Deployed, folder: Path) -> dict[str, tuple[list[str], str]]:
     """name: (arguments, what the one line must say)."""
     onnx_file = deployed.out / "model.onnx"
