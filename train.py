@@ -9,7 +9,8 @@
 Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config.yaml``
 (resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
 ``deploy/<model>_deploy.safetensors`` and ``metrics.json``. A folder that holds a run is not
-reused by another one; resuming from a checkpoint inside it continues that run there.
+reused by another one; resuming from a checkpoint inside it continues that run there. A resumed
+run takes its checkpoint's model, loss, rep_l2, EMA and data settings (``repblocks/train/resume.py``).
 Settings, folders and the resumed checkpoint are checked before any data is read.
 """
 
