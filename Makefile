@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help demo test test-slow test-all test-core bench bench-train bench-train-cost bench-branches paper-speed lint clean
+.PHONY: help demo examples test test-slow test-all test-core bench bench-train bench-train-cost bench-branches paper-speed lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,6 +25,9 @@ demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify,
 	$(eval RUN := $(DEMO))
 	$(PY) train.py model=repvgg_a0 hydra.run.dir=$(RUN)/train
 	$(PY) deploy.py ckpt=$(RUN)/train quantize=int8 bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=$(RUN)/deploy
+
+examples: $(STAMP)  ## run every program in examples/ (each checks what it shows and exits non-zero if it does not hold)
+	for example in examples/*.py; do $(PY) $$example || exit 1; done
 
 test: $(STAMP)  ## the fast test suite (what a change must pass)
 	$(PY) -m pytest -m "not slow"

@@ -9,7 +9,8 @@
 Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config.yaml``
 (resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
 ``deploy/<model>_deploy.safetensors`` and ``metrics.json``. A folder that holds a run is not
-reused by another one; resuming from a checkpoint inside it continues that run there.
+reused by another one; resuming from a checkpoint inside it continues that run there. A resumed
+run takes its checkpoint's model, loss, rep_l2, EMA and data settings (``repblocks/train/resume.py``).
 Settings, folders and the resumed checkpoint are checked before any data is read.
 """
 
@@ -41,6 +42,7 @@ from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
+from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
 from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
@@ -303,6 +305,24 @@ def _summary(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _resume_as_trained(overrides: list[str], ckpt_path: str) -> tuple[list[str], DictConfig]:
+    """The command line with the resumed checkpoint's own settings (model, loss, rep_l2, EMA, data) put first.
+
+    Refuses, before anything is written, a command line that sets one of them otherwise.
+    """
+    _, run = _read_resume_checkpoint(ckpt_path)
+    recorded = recorded_overrides(run, CONFIG_DIR, overrides)
+    if recorded and _first_process():
+        shown = [
+            arg for arg in recorded if not arg.startswith("data.")
+        ]  # the data set's own settings: too many to read
+        print(f"resuming {run.path} as it was trained: {' '.join(shown)}", file=sys.stderr)
+    overrides = [*recorded, *overrides]
+    composed = check_overrides(overrides, CONFIG_DIR, "train")
+    check_resumed_as_trained(run, composed)
+    return overrides, composed
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Train; return the monitored metric (best ``val_acc``), which Hydra's sweepers optimize."""
@@ -318,6 +338,8 @@ if __name__ == "__main__":
     sys.argv[1:] = quote_path_values(sys.argv[1:], (*PATH_KEYS, "qat.init"))
     with exit_on_user_error():
         composed = check_overrides(sys.argv[1:], CONFIG_DIR, "train")
+        if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
+            sys.argv[1:], composed = _resume_as_trained(sys.argv[1:], composed.ckpt_path)
         if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder
             check_run_folder(composed.hydra.run.dir, ckpt_path=composed.ckpt_path, new_run=_first_process())
     main()

@@ -1,6 +1,6 @@
 """Train form to deploy form: build RepVGG-A0, convert it, check it computes the same, time both.
 
-python examples/convert_repvgg.py        # `make demo`
+python examples/convert_repvgg.py        # `make examples` runs it with the other examples
 """
 
 import sys

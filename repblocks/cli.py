@@ -33,6 +33,7 @@ __all__ = [
     "exit_on_user_error",
     "one_line",
     "quote_path_values",
+    "quoted",
     "sigterm_as_interrupt",
 ]
 
@@ -218,7 +219,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # quotes a meaning, so a path holding them (train.py's own "epoch=003-val_acc=0.9778.ckpt") fails
 # to parse or turns into a sweep; such values are quoted before Hydra reads the command line.
 PATH_KEYS = ("ckpt", "ckpt_path", "out_dir", "data.root", "paths.output_dir", "hydra.run.dir", "hydra.sweep.dir")
-_PLAIN_PATH = re.compile(r"[\w\-+./:@%~]*")
+_PLAIN_PATH = re.compile(r"[\w\-+./:@%]*")  # no "~": Hydra reads it as an operator, even inside a value
 
 
 def quote_path_values(argv: Sequence[str], keys: Sequence[str] = PATH_KEYS) -> list[str]:
@@ -226,13 +227,18 @@ def quote_path_values(argv: Sequence[str], keys: Sequence[str] = PATH_KEYS) -> l
 
     Values already quoted, and every other argument, pass unchanged.
     """
-    quoted = []
+    result = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+~") in keys and not _PLAIN_PATH.fullmatch(value) and value[:1] not in "'\"":
-            # Hydra unescapes backslashes only before a quote and at the end of a quoted value.
-            escaped = re.sub(r"(\\*)'", lambda m: 2 * m[1] + "\\'", value)
-            escaped = re.sub(r"(\\+)$", lambda m: 2 * m[1], escaped)
-            arg = f"{key}='{escaped}'"
-        quoted.append(arg)
-    return quoted
+            arg = f"{key}={quoted(value)}"
+        result.append(arg)
+    return result
+
+
+def quoted(value: str) -> str:
+    """``value`` as a single-quoted Hydra override value, read back as exactly this text."""
+    # Hydra unescapes backslashes only before a quote and at the end of a quoted value.
+    escaped = re.sub(r"(\\*)'", lambda m: 2 * m[1] + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: 2 * m[1], escaped)
+    return f"'{escaped}'"

@@ -38,11 +38,15 @@ def read_pretrained(name: str, pretrained: bool | str | os.PathLike, *, pretrain
 
 
 def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
-    """timm's published weights for ``name`` (train form, timm's layout), from timm's download cache or the Hub.
+    """timm's published weights for ``name`` (train form, timm's layout), from the Hugging Face download cache.
+
+    Nothing is downloaded: huggingface_hub retries a connection that fails for about a minute, so
+    where the weights are not in the cache this fails at once, saying how to fetch them.
 
     Raises:
-        ValueError: timm has no weights for this variant, timm is not installed, or the download
-            failed (offline, say): the message says where to get the file, to pass as ``pretrained=PATH``.
+        ValueError: timm has no weights for this variant, timm is not installed, the weights are not
+            in the cache, or they cannot be read: the message says where to get the file, to pass as
+            ``pretrained=PATH``.
     """
     hub_id = pretrained_cfg.get("hf_hub_id")
     if not hub_id:
@@ -50,18 +54,29 @@ def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
     where = f"https://huggingface.co/{hub_id} (model.safetensors)"
     try:
         import timm
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:
         raise ValueError(
-            f"pretrained=True downloads timm's weights and needs timm (pip install timm); "
+            f"pretrained=True reads timm's weights and needs timm (pip install timm); "
             f"or download {where} and pass pretrained=PATH"
         ) from None
-    try:
-        model = timm.create_model(f"{name}.{pretrained_cfg['tag']}", pretrained=True)
-    except Exception as err:  # offline, a proxy, a full disk, an older timm: each means "no weights from timm"
+    cached = [try_to_load_from_cache(hub_id, filename) for filename in ("model.safetensors", "pytorch_model.bin")]
+    cached = next((path for path in cached if isinstance(path, str)), None)  # reads the cache's folders only
+    if cached is None:
+        raise ValueError(
+            f"timm's weights for {name} are not in the download cache ({constants.HF_HUB_CACHE}) and repblocks "
+            f"downloads nothing: fetch them once with `hf download {hub_id} model.safetensors`, "
+            f"or download {where} and pass pretrained=PATH"
+        )
+    try:  # timm reads the cached file itself ("file" comes first among its sources), with its own key fixes
+        model = timm.create_model(
+            f"{name}.{pretrained_cfg['tag']}", pretrained=True, pretrained_cfg_overlay={"file": cached}
+        )
+    except Exception as err:  # a truncated file, an older timm: each means "no weights from timm"
         reason = (str(err).strip().splitlines() or [""])[0]
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise ValueError(
-            f"could not get timm's weights for {name} ({type(err).__name__}: {reason}); "
+            f"could not read timm's weights for {name} from {cached} ({type(err).__name__}: {reason}); "
             f"download {where} and pass pretrained=PATH"
         ) from None
     return model.state_dict()

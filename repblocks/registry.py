@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -18,8 +19,11 @@ from torch import nn
 
 from repblocks.pretrained import classifier_classes, load_pretrained, read_pretrained
 from repblocks.provenance import recorded_metadata
+from repblocks.weights import weights_form
 
 __all__ = ["create_model", "get_pretrained_cfg", "list_models", "register_model"]
+
+log = logging.getLogger(__name__)
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _PRETRAINED_CFGS: dict[str, dict[str, Any]] = {}
@@ -43,10 +47,31 @@ def register_model(
     _PRETRAINED_CFGS[name] = dict(pretrained_cfg or {})
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Registered model names, sorted; ``pattern`` filters with shell wildcards (``"repvgg_b*"``)."""
+def list_models(
+    filter: str | Sequence[str] = "",  # noqa: A002  (timm's name for it)
+    *,
+    pretrained: bool = False,
+    exclude_filters: str | Sequence[str] = "",
+) -> list[str]:
+    """Registered model names, sorted, taking timm's ``list_models`` arguments.
+
+    Args:
+        filter: Shell wildcards (``"repvgg_b*"``), or a list of them: names matching any are kept.
+        pretrained: Only the names ``create_model(name, pretrained=True)`` has weights for (timm
+            publishes them: their ``pretrained_cfg`` names a Hub repository). Nothing is downloaded or
+            looked up: whether the weights are in the local cache is not checked.
+        exclude_filters: Wildcards (or a list) whose matches are left out.
+    """
     names = sorted(_BUILDERS)
-    return fnmatch.filter(names, pattern) if pattern else names
+    if filter:
+        patterns = [filter] if isinstance(filter, str) else list(filter)
+        names = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    if exclude_filters:
+        excluded = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+        names = [name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in excluded)]
+    if pretrained:
+        names = [name for name in names if _PRETRAINED_CFGS[name].get("hf_hub_id")]
+    return names
 
 
 def get_pretrained_cfg(name: str) -> dict[str, Any]:
@@ -65,7 +90,7 @@ def create_model(
     pretrained: bool | str | os.PathLike = False,
     num_classes: int | None = None,
     in_chans: int = 3,
-    deploy: bool = False,
+    deploy: bool | None = None,
     features_only: bool = False,
     out_indices: int | Sequence[int] | None = None,
     **kwargs,
@@ -76,12 +101,14 @@ def create_model(
         name: A name from :func:`list_models`.
         pretrained: False for random weights; a path to load weights from, in any layout
             :func:`repblocks.load_weights` reads, train or deploy form; True for timm's published
-            weights of this variant (needs timm and a connection, or timm's download cache).
+            weights of this variant, read from the Hugging Face download cache (needs timm; nothing is downloaded).
         num_classes: Classifier outputs (0 for no classifier: ``forward`` returns pooled features).
             By default that of the weights loaded, else ``pretrained_cfg["num_classes"]`` (1000).
             Another number than the weights' loads everything but the classifier, which stays fresh.
         in_chans: Input image channels.
         deploy: Build the plain deploy form (one conv per block); train-form weights are fused on loading.
+            By default (None) the form of the weights: the deploy form for a file of deploy-form
+            weights (``save_weights`` of a converted model), else the train form.
         features_only: A backbone: ``forward`` returns a list of feature maps, for detection/segmentation
             necks; ``model.feature_info`` describes them. Weights of a classifier load without its head.
         out_indices: With ``features_only``, which feature levels to return (0 = stem, 1-4 = stages;
@@ -102,7 +129,7 @@ def create_model(
     pretrained_cfg = get_pretrained_cfg(name)
     weights = None
     if pretrained is True and not pretrained_cfg.get("hf_hub_id"):
-        published = [other for other in list_models() if _PRETRAINED_CFGS[other].get("hf_hub_id")]
+        published = list_models(pretrained=True)
         raise ValueError(
             f"timm publishes no weights for {name} (it has weights for {', '.join(published)}); "
             f"pass pretrained=PATH to load weights from a file"
@@ -113,6 +140,10 @@ def create_model(
             num_classes = classifier_classes(weights, pretrained_cfg.get("classifier"))
     if num_classes is None:
         num_classes = pretrained_cfg.get("num_classes", 1000)
+    if deploy is None:
+        deploy = weights is not None and pretrained is not True and weights_form(weights) == "deploy"
+        if deploy:
+            log.info("%s holds deploy-form weights: building %s in deploy form (deploy=True)", pretrained, name)
     model = builder(num_classes=num_classes, in_chans=in_chans, deploy=deploy, features_only=features_only, **kwargs)
     model.pretrained_cfg = pretrained_cfg
     if weights is not None:

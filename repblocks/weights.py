@@ -32,7 +32,7 @@ from repblocks.provenance import (
     weights_metadata,
 )
 
-__all__ = ["load_weights", "save_weights"]
+__all__ = ["load_weights", "save_weights", "weights_form"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,17 @@ def _wrapped_module(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def weights_form(state_dict: StateDict) -> str | None:
+    """``"deploy"`` (fused blocks only), ``"train"`` (branches only), ``"both"``, or None (no re-parameterizable blocks).
+
+    Any layout of :data:`repblocks.layouts.LAYOUTS` is read.
+    """
+    keys = to_repblocks_layout(state_dict).keys()
+    fused = any(_FUSED.search(key) for key in keys)
+    branches = any(_BRANCH.search(key) for key in keys)
+    return {(True, False): "deploy", (False, True): "train", (True, True): "both"}.get((fused, branches))
 
 
 def _form(state_dict: StateDict) -> str:

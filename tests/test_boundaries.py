@@ -17,8 +17,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "repblocks"
 SMOKE = Path(__file__).resolve().parent / "core_smoke.py"
 CORE_DEPENDENCIES = {"torch", "safetensors"}
-# Imported inside functions only, where the feature that needs them is used.
-CORE_LAZY = {"torchvision", "sklearn", "timm", "hydra", "omegaconf", "PIL"}
+# Imported inside functions only, where the feature that needs them is used (huggingface_hub: timm's download cache).
+CORE_LAZY = {"torchvision", "sklearn", "timm", "huggingface_hub", "hydra", "omegaconf", "PIL"}
 OPTIONAL = ["lightning", "torchmetrics", "hydra", "omegaconf", "onnx", "onnxruntime", "onnxscript", "timm"]
 # Engines of their own extras ([openvino], [tensorrt]): [train] and [deploy] alone must import without them.
 ENGINE_EXTRAS = {"openvino", "nncf", "tensorrt"}

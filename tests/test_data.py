@@ -185,3 +185,13 @@ def test_crafted_cifar_pickles_are_never_unpickled(tmp_path):
     ):
         Cifar10Data(root=root, num_workers=0).setup()
     assert not marker.exists()  # ... and torchvision's MD5 check kept it from being unpickled
+
+
+@pytest.mark.parametrize("root", ["~/nowhere", "'~/nowhere'"])
+def test_a_data_root_under_home_is_read_quoted_or_not(tmp_path, monkeypatch, root):
+    """Hydra's grammar has no unquoted '~': train.py quotes it, and the data set expands it."""
+    from tests.helpers import exit_message
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    printed = exit_message(tmp_path / "run", "model=repvgg_tiny", "data=imagefolder", f"data.root={root}")
+    assert printed.startswith(f"error: data.root: train/ folder not found at {tmp_path}/home/nowhere/train")

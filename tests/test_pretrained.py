@@ -96,6 +96,35 @@ def test_train_and_deploy_form_files_load_into_a_deploy_model(tmp_path):
 
 
 @torch.no_grad()
+def test_deploy_form_files_build_the_deploy_form_unless_told_otherwise(tmp_path):
+    """create_model(name, pretrained=PATH) loads either form, as the README says: the model takes the file's form."""
+    source = _trained(num_classes=10)
+    plain = repblocks.switch_to_deploy(source)
+    torch.save(plain.state_dict(), tmp_path / "deploy.pth")
+    for path in (repblocks.save_weights(plain, tmp_path / "deploy.safetensors"), tmp_path / "deploy.pth"):
+        model = repblocks.create_model("repvgg_tiny", pretrained=path).eval()
+        assert model.stem.deploy and max_errors(source(X), model(X))[1] < 1e-5, path.name
+    with pytest.raises(ValueError, match="these are deploy-form weights: build the model with deploy=True") as err:
+        repblocks.create_model("repvgg_tiny", pretrained=tmp_path / "deploy.pth", deploy=False)  # said outright
+    _one_line(err)
+    train_file = repblocks.save_weights(source, tmp_path / "train.safetensors")
+    assert not repblocks.create_model("repvgg_tiny", pretrained=train_file).stem.deploy
+
+
+def test_list_models_takes_timms_arguments():
+    published = repblocks.list_models(pretrained=True)
+    assert "repvgg_a0" in published and "mobileone_s0" in published
+    assert "repvgg_tiny" not in published and "qarepvgg_a0" not in published and "repvgg_b1g2" not in published
+    assert all(repblocks.get_pretrained_cfg(name).get("hf_hub_id") for name in published)
+    assert repblocks.list_models("repvgg_b3*", pretrained=True) == ["repvgg_b3", "repvgg_b3g4"]
+    assert repblocks.list_models(["repvgg_a*", "mobileone_s0"], exclude_filters="*a2") == [
+        "mobileone_s0",
+        "repvgg_a0",
+        "repvgg_a1",
+    ]
+
+
+@torch.no_grad()
 def test_a_file_of_the_official_layout_loads(tmp_path):
     official = randomize_bn_(OfficialRepVGG(num_blocks=(2, 2, 2, 1), widths=(0.25,) * 4, num_classes=7)).eval()
     torch.save(official.state_dict(), tmp_path / "official.pth")
@@ -200,11 +229,34 @@ def test_without_timm_pretrained_true_says_what_to_install_or_pass(monkeypatch):
 
 
 def test_offline_pretrained_true_fails_in_one_line_saying_where_to_get_the_file(offline_hub):
-    with pytest.raises(ValueError, match="could not get timm's weights for repvgg_a0") as err:
+    with pytest.raises(ValueError, match="timm's weights for repvgg_a0 are not in the download cache") as err:
         repblocks.create_model("repvgg_a0", pretrained=True)
     message = _one_line(err)
+    assert "hf download timm/repvgg_a0.rvgg_in1k model.safetensors" in message
     assert "download https://huggingface.co/timm/repvgg_a0.rvgg_in1k (model.safetensors)" in message
     assert message.endswith("and pass pretrained=PATH")
+
+
+def test_pretrained_true_without_cached_weights_opens_no_connection(monkeypatch, tmp_path):
+    """Not declared offline (HF_HUB_OFFLINE unset), network down: no download is tried, so no retry loop."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    file_download = pytest.importorskip("huggingface_hub.file_download")
+    pytest.importorskip("timm")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(file_download, "hf_hub_download", refuse)
+    with pytest.raises(ValueError, match="not in the download cache") as err:
+        repblocks.create_model("repvgg_a0", pretrained=True)
+    _one_line(err)
+    assert attempts == []
 
 
 @pytest.mark.slow  # builds each model four times

@@ -1,0 +1,133 @@
+"""Resuming a run as it was trained: ``python train.py ckpt_path=RUN/checkpoints/last.ckpt`` and nothing else.
+
+A run's optimizer state only fits the module it was saved from: ``rep_l2=true`` splits the parameter
+groups differently, EMA adds weights, ``loss=rdrop`` doubles every batch. So a resumed run takes the
+settings its checkpoint records (model and its architecture arguments, loss, ``rep_l2``,
+``ema_decay``, the data set) as Hydra overrides placed before the command line's own, and a command
+line that sets one of them otherwise is refused in one line, before anything is written.
+
+The checkpoint is data, never instructions: its architecture passes
+:func:`repblocks.run_checkpoint.model_spec`, and a name becomes a config choice (``model=NAME``,
+``loss=NAME``, ``data=NAME``) only where it names a file of ours in ``configs/``; a recorded
+``_target_`` is matched against our configs' own targets, never instantiated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from repblocks.cli import quoted
+from repblocks.run_checkpoint import RunCheckpoint
+
+__all__ = ["check_resumed_as_trained", "recorded_overrides"]
+
+# Keys of the model config that are no architecture argument (train.py leaves them out of model_kwargs).
+_MODEL_META_KEYS = ("_target_", "_partial_", "name", "pretrained")
+
+
+def recorded_overrides(run: RunCheckpoint, config_dir: str | Path, given: Sequence[str]) -> list[str]:
+    """The overrides that rebuild ``run``'s training setup, leaving out the keys ``given`` already sets.
+
+    Args:
+        run: The checkpoint to resume (read through :func:`repblocks.run_checkpoint.read_run_checkpoint`).
+        config_dir: train.py's ``configs/``: the only source of config choices.
+        given: The command line's overrides; their keys win (a conflict is refused afterwards by
+            :func:`check_resumed_as_trained`).
+    """
+    config_dir = Path(config_dir)
+    hparams = run.hyper_parameters
+    recorded: dict[str, object] = {}
+    if (config_dir / "model" / f"{run.model_name}.yaml").is_file():
+        recorded["model"] = run.model_name
+    for key, value in run.model_kwargs.items():  # architecture arguments only (model_spec)
+        recorded[f"++model.{key}"] = value
+    loss = _group_of_target(config_dir / "loss", hparams.get("loss"))
+    if loss is not None:
+        recorded["loss"] = loss
+    for key in ("rep_l2", "ema_decay"):
+        if key in hparams and (hparams[key] is None or isinstance(hparams[key], (bool, int, float))):
+            recorded[key] = hparams[key]
+    data = run.data or {}
+    data_group = _group_of_target(config_dir / "data", str(data.get("_target_", "")).rpartition(".")[2])
+    if data_group is not None:
+        recorded["data"] = data_group
+        own_keys = OmegaConf.load(config_dir / "data" / f"{data_group}.yaml").keys()
+        for key in own_keys:
+            if key != "_target_" and key in data and _plain(data[key]):
+                recorded[f"data.{key}"] = data[key]
+    given_keys = {_key(arg) for arg in given}
+    groups = ("model", "loss", "data")  # their values are file names of ours, checked above: never quoted
+    return [
+        f"{key}={value if key in groups else _hydra_value(value)}"
+        for key, value in recorded.items()
+        if _key(key) not in given_keys
+    ]
+
+
+def check_resumed_as_trained(run: RunCheckpoint, composed: DictConfig) -> None:
+    """Refuse a resumed run whose model, loss, ``rep_l2`` or ``ema_decay`` is not the one its checkpoint trained.
+
+    Raises:
+        ValueError: One line naming each setting, as recorded and as set now.
+    """
+    hparams = run.hyper_parameters
+    model = OmegaConf.to_container(composed.model, resolve=True)
+    ours = {key: value for key, value in model.items() if key not in _MODEL_META_KEYS}
+    differences = []
+    if model.get("name") != run.model_name:
+        differences.append(f"model={run.model_name} (this command: model={model.get('name')})")
+    for key in sorted(set(ours) | set(run.model_kwargs)):
+        if key in run.model_kwargs and ours.get(key) != run.model_kwargs[key]:
+            differences.append(f"model.{key}={_hydra_value(run.model_kwargs[key])} (this command: {ours.get(key)})")
+    loss = str(composed.loss.get("_target_", "")).rpartition(".")[2]
+    if hparams.get("loss") and loss != hparams["loss"]:
+        differences.append(f"loss {hparams['loss']} (this command: {loss})")
+    for key in ("rep_l2", "ema_decay"):
+        if key in hparams and composed.get(key) != hparams[key]:
+            differences.append(f"{key}={_hydra_value(hparams[key])} (this command: {_hydra_value(composed.get(key))})")
+    if differences:
+        raise ValueError(
+            f"ckpt_path: {run.path} was trained with {'; '.join(differences)}: a resumed run continues as it "
+            f"was trained (its optimizer state fits only that); drop the override, or start a new run without ckpt_path"
+        )
+
+
+def _group_of_target(group_dir: Path, class_name: object) -> str | None:
+    """The option of a config group whose ``_target_`` is the class ``class_name``, among our own config files."""
+    if not isinstance(class_name, str) or not class_name:
+        return None
+    for path in sorted(group_dir.glob("*.yaml")):
+        config = OmegaConf.load(path)  # a global-package option (loss/rdrop.yaml) nests its node under the group's name
+        target = config.get("_target_") or (config.get(group_dir.name) or {}).get("_target_")
+        if isinstance(target, str) and target.rpartition(".")[2] == class_name:
+            return path.stem
+    return None
+
+
+def _key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def _plain(value: object) -> bool:
+    """A value an override can carry as it is: a scalar, or a list of scalars (mean, std)."""
+    scalar = (str, int, float, bool, type(None))
+    return isinstance(value, scalar) or (isinstance(value, (list, tuple)) and all(isinstance(v, scalar) for v in value))
+
+
+def _hydra_value(value: object) -> str:
+    """``value`` in Hydra's override grammar; strings are quoted, so a path or a name is read as text."""
+    if isinstance(value, Mapping):
+        raise TypeError("mappings are not written as overrides")
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return quoted(str(value))
