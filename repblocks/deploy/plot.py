@@ -42,8 +42,9 @@ def throughput_figure(report: dict) -> Figure:
     log = any(_spread([row for row in rows if row["batch_size"] == size]) > LOG_SCALE_RANGE for size in batch_sizes)
     for axes, batch_size in zip(panels, batch_sizes, strict=True):
         _panel(axes, [row for row in rows if row["batch_size"] == batch_size], labels, colors, batch_size, log=log)
-    panels[0].set_yticks(range(len(labels)), [f"{backend} {dtype}" for backend, dtype in labels])
-    panels[0].set_ylim(len(labels) - 0.5, -0.5)  # the first row on top
+    if labels:
+        panels[0].set_yticks(range(len(labels)), [f"{backend} {dtype}" for backend, dtype in labels])
+        panels[0].set_ylim(len(labels) - 0.5, -0.5)  # the first row on top
     figure.suptitle(_title(report), fontsize="medium")
     figure.legend(
         handles=[

@@ -139,8 +139,8 @@ class TrainingCurves(L.Callback):
         folders = [Path(logger.log_dir) for logger in trainer.loggers if isinstance(logger, CSVLogger)]
         if not folders:
             return
-        for logger in trainer.loggers:
-            logger.save()  # the values of the last steps, still in memory
+        # Lightning saves the CSV after every logged value: the file is complete (a save here could, on a logger
+        # that has logged nothing yet, start a new file over the earlier one).
         csv_files = sorted(folders[0].glob("metrics.before-step-*.csv"), key=_resumed_step) + [
             path for path in [folders[0] / "metrics.csv"] if path.is_file()
         ]
