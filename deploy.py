@@ -49,7 +49,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
 # --help: deploy's settings, described by the comments in its yaml files (configs/deploy/deploy.yaml names the
 # resolver in hydra.help.template).
 OmegaConf.register_new_resolver(
-    "config_help",
+    "deploy_help",
     lambda: config_help(CONFIG_DIR, "deploy", usage="\n\n".join(__doc__.split("\n\n")[:2]), shown_as="configs/deploy"),
     replace=True,
 )

@@ -50,7 +50,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # --help: train.py's config groups and settings, described by the comments in their yaml files (configs/train.yaml
 # names the resolver in hydra.help.template); configs/deploy/ is deploy.py's own config root, not a group of train's.
 OmegaConf.register_new_resolver(
-    "config_help",
+    "train_help",
     lambda: config_help(CONFIG_DIR, "train", usage="\n\n".join(__doc__.split("\n\n")[:2]), skip=["deploy"]),
     replace=True,
 )
