@@ -208,3 +208,11 @@ def test_help_of_the_scripts(tmp_path, script, present, absent):
     assert done.returncode == 0, done.stderr
     assert present in done.stdout and absent not in done.stdout and "$" not in done.stdout.replace("${", "")
     assert not list(tmp_path.iterdir())  # --help makes no run folder
+
+
+def test_deploy_logging_keeps_torchs_trace_records_to_themselves():
+    """Configuring the `torch` logger makes its children propagate: the trace logger (DEBUG by design) must not."""
+    composed = check_overrides([], ROOT / "configs" / "deploy", "deploy")
+    loggers = composed.hydra.job_logging.loggers
+    assert loggers["torch"].level == "WARNING"
+    assert loggers["torch.__trace"].propagate is False

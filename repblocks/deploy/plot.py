@@ -51,7 +51,7 @@ def throughput_figure(report: dict) -> Figure:
             Patch(
                 facecolor="0.35",
                 edgecolor="0.35",
-                label="deploy form: images/s, speedup over the train form on the same backend and dtype",
+                label="deploy form: images/s and speedup over the train form (same backend and dtype)",
             ),
             Patch(facecolor="white", edgecolor="0.35", hatch="///", label="train form"),
         ],
