@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from hydra import compose, initialize_config_dir
 from lightning.pytorch.loggers import CSVLogger
 from matplotlib.patches import Rectangle
 from omegaconf import OmegaConf
@@ -17,7 +18,7 @@ from repblocks.config_help import config_help
 from repblocks.deploy.plot import throughput_figure, write_throughput_plot
 from repblocks.train.console import ModelSummaryLine
 from repblocks.train.curves import CURVES_FILE, TrainingCurves, read_history, write_training_curves
-from tests.helpers import ROOT
+from tests.helpers import ROOT, compose_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -216,3 +217,17 @@ def test_deploy_logging_keeps_torchs_trace_records_to_themselves():
     loggers = composed.hydra.job_logging.loggers
     assert loggers["torch"].level == "WARNING"
     assert loggers["torch.__trace"].propagate is False
+
+
+def test_tensorboard_is_asked_for_not_announced(tmp_path, monkeypatch):
+    """The default logs CSV and says nothing about TensorBoard; logger=tensorboard without it is one clear error."""
+    import train
+
+    with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
+        assert list(compose("train").logger) == ["csv"]
+    monkeypatch.setattr(train, "_tensorboard_installed", lambda: False)
+    config = compose_train(
+        tmp_path, "model=repvgg_tiny", "data=fake", "logger=tensorboard", "trainer.fast_dev_run=true"
+    )
+    with pytest.raises(ValueError, match="logger=tensorboard needs TensorBoard: pip install tensorboard"):
+        train.train(config)
