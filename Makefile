@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # Each demo gets a folder of its own: train.py refuses a folder that already holds a run.
 DEMO = outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, quantize to int8 (gated on accuracy), export and time it (outputs/demo/DATE/)
+demo: $(STAMP)  ## train repvgg_a0 on the embedded digits, then convert, verify, quantize to int8 (gated on accuracy), export and time it (outputs/demo/DATE/train/, outputs/demo/DATE/deploy/)
 	$(eval RUN := $(DEMO))
 	$(PY) train.py model=repvgg_a0 hydra.run.dir=$(RUN)/train
 	$(PY) deploy.py ckpt=$(RUN)/train quantize=int8 bench.batch_sizes=[1,16] bench.image_size=224 hydra.run.dir=$(RUN)/deploy

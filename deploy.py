@@ -39,12 +39,20 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values, sigterm_as_interrupt
+from repblocks.config_help import config_help
 from repblocks.deploy.outputs import check_out_dir
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.report import console_tables, speed_console_table
 from repblocks.files import check_writable_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
+# --help: deploy's settings, described by the comments in its yaml files (configs/deploy/deploy.yaml names the
+# resolver in hydra.help.template).
+OmegaConf.register_new_resolver(
+    "deploy_help",
+    lambda: config_help(CONFIG_DIR, "deploy", usage="\n\n".join(__doc__.split("\n\n")[:2]), shown_as="configs/deploy"),
+    replace=True,
+)
 RUN_DIR = "hydra.run.dir"
 # The run folder and its parents that are missing before Hydra makes them, deepest first (set before
 # main runs): only those are removed again, when the run leaves nothing in them.

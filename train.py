@@ -8,7 +8,7 @@
 
 Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config.yaml``
 (resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
-``deploy/<model>_deploy.safetensors`` and ``metrics.json``. A folder that holds a run is not
+``deploy_weights/<model>_deploy.safetensors``, ``metrics.json`` and ``training_curves.png``. A folder that holds a run is not
 reused by another one; resuming from a checkpoint inside it continues that run there. A resumed
 run takes its checkpoint's model, loss, rep_l2, EMA and data settings (``repblocks/train/resume.py``).
 Settings, folders and the resumed checkpoint are checked before any data is read.
@@ -21,7 +21,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from repblocks.checkpoint import read_checkpoint
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
+from repblocks.config_help import config_help
 from repblocks.files import atomic_path
 from repblocks.run_checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
+from repblocks.train.console import quiet_lightning
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.qat import quantization_aware_training
@@ -46,9 +47,15 @@ from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
 from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
-# The EMA copy of the weights is in eval mode on purpose (it is never trained): Lightning's warning about it is noise.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+quiet_lightning()  # Lightning's advice on every run (a cloud logger's tip, a deprecation inside it): no news about the run
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# --help: train.py's config groups and settings, described by the comments in their yaml files (configs/train.yaml
+# names the resolver in hydra.help.template); configs/deploy/ is deploy.py's own config root, not a group of train's.
+OmegaConf.register_new_resolver(
+    "train_help",
+    lambda: config_help(CONFIG_DIR, "train", usage="\n\n".join(__doc__.split("\n\n")[:2]), skip=["deploy"]),
+    replace=True,
+)
 # Config keys that are no architecture argument, left out of the checkpoint's model_kwargs: where the
 # weights started (pretrained=...) is no part of the network a checkpoint rebuilds, and reading it back would
 # download or open another file.
@@ -227,8 +234,7 @@ def _loggers(config: DictConfig | None) -> list:
     loggers = []
     for name, node in (config or {}).items():
         if name == "tensorboard" and not _tensorboard_installed():
-            log.info("tensorboard is not installed: logging to CSV only")
-            continue
+            raise ValueError("logger=tensorboard needs TensorBoard: pip install tensorboard (or leave logger at csv)")
         loggers.append(instantiate(node))
     return loggers or False
 

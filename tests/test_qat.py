@@ -190,7 +190,8 @@ def qat_run(tmp_path_factory, base_run):
 @needs_openvino
 def test_qat_writes_the_int8_ir_and_the_comparison(qat_run, base_run):
     folder, metrics, _ = qat_run
-    assert _written(folder) == ["config.yaml", "int8", "logs", "metrics.json"]  # no staging folder left
+    written = ["config.yaml", "int8", "logs", "metrics.json", "training_curves.png"]  # no staging folder left
+    assert _written(folder) == written
     assert _written(folder / "int8") == ["model.bin", "model.xml"]
     assert json.loads((folder / "metrics.json").read_text()) == metrics
     base = json.loads((base_run / "metrics.json").read_text())

@@ -369,6 +369,32 @@ def test_train_py_resumes_from_its_own_checkpoint_names_and_prints_summary(train
     assert Path(metrics["deploy_weights"]).is_file()
 
 
+# What every run printed and told a person nothing about it: Lightning's advice, a deprecation inside it, the
+# TensorBoard notice, a model summary whose FLOPs read 0, the deploy check as a raw dict, torch's trace records.
+NOISE = (
+    "litlogger",
+    "LeafSpec",
+    "ensorboard",
+    "Total FLOPs",
+    "deploy check: {",
+    "Trainer already configured",
+    "Loading `train_dataloader`",
+    "torch.__trace",
+)
+
+
+def test_train_py_output_is_what_the_run_did(train_py_runs):
+    _, results = train_py_runs
+    returncode, stdout, stderr, _, run_folder = results["resume from epoch=000-val_acc=....ckpt"]
+    assert returncode == 0, stderr
+    for noise in NOISE:
+        assert noise not in stdout + stderr, noise
+    output = stdout + stderr
+    assert "parameters: model (RepVGG)" in output and "deploy check on " in output  # one line each, in their place
+    assert (run_folder / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_folder / "deploy_weights" / "repvgg_tiny_deploy.safetensors").is_file()
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_data_files_are_one_line(tmp_path, num_workers):
     images = write_image_folder(tmp_path / "images")

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
 from rich.table import Table
 
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
 from repblocks.deploy.export import Export
 from repblocks.deploy.outputs import CONFIG_FILE
+from repblocks.deploy.plot import write_throughput_plot
 from repblocks.deploy.preprocessing import describe_sources
 from repblocks.deploy.runtime import ThreadChoice, describe_device, environment
 from repblocks.deploy.sources import Network
@@ -170,7 +170,7 @@ def write_reports(report: dict, into: str | Path, *, out_dir: str | Path, config
     into, out_dir = Path(into), Path(out_dir)
     files = {"config": _write(into, out_dir, CONFIG_FILE, lambda tmp: tmp.write_text(_config_json(config)))}
     if report["benchmark"]:
-        files["plot"] = _write(into, out_dir, "throughput.png", lambda tmp: _plot(report, tmp))
+        files["plot"] = _write(into, out_dir, "throughput.png", lambda tmp: write_throughput_plot(report, tmp))
     files["markdown"] = _write(into, out_dir, "report.md", lambda tmp: tmp.write_text(markdown_report(report)))
     files["json"] = str(out_dir / "report.json")
     _write(into, out_dir, "report.json", lambda tmp: tmp.write_text(json.dumps({**report, "files": files}, indent=2)))
@@ -411,44 +411,6 @@ def markdown_report(report: dict) -> str:
         lines += ["", "## Not timed", ""] + [f"- {item['what']}: {item['reason']}" for item in report["skipped"]]
     environment = ", ".join(f"{key} {value}" for key, value in report["environment"].items())
     return "\n".join([*lines, "", f"Environment: {environment}.", ""])
-
-
-def _plot(report: dict, path: Path) -> None:
-    # A bare Figure, not pyplot: no global backend or window state, and it renders PNG on any server.
-    figure = Figure(figsize=(7, 4.5))
-    axes = figure.subplots()
-    series: dict[tuple[str, str, str], list[tuple[int, float]]] = {}
-    for row in report["benchmark"]:
-        series.setdefault((row["backend"], row["dtype"], row["form"]), []).append(
-            (row["batch_size"], row["throughput"])
-        )
-    colors = {}
-    for (backend, dtype, form), points in sorted(series.items()):
-        color = colors.setdefault((backend, dtype), f"C{len(colors) % 10}")
-        sizes, speeds = zip(*sorted(points), strict=True)
-        # Filled circles and solid lines for the deploy form, hollow squares and dashes for the train form:
-        # told apart even where a single batch size leaves no line to draw.
-        deploy = form == "deploy"
-        axes.plot(
-            sizes,
-            speeds,
-            "-" if deploy else "--",
-            marker="o" if deploy else "s",
-            markerfacecolor=color if deploy else "none",
-            color=color,
-            label=f"{form}, {backend}, {dtype}",
-        )
-    batch_sizes = sorted({row["batch_size"] for row in report["benchmark"]})
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(batch_sizes, [str(size) for size in batch_sizes])
-    axes.minorticks_off()
-    axes.set_xlabel("batch size")
-    axes.set_ylabel("images / s")
-    axes.set_title(f"{report['model']} on {report['device']}: deploy (filled) vs train (hollow)")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)  # the temporary name has no .png suffix to go by
 
 
 def speed_console_table(report: dict) -> Table:

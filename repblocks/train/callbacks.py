@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import lightning as L
@@ -187,7 +187,16 @@ class DeployCheck(L.Callback):
             checkpoint=str(best),
             deploy_weights=str(path),
         )
-        log.info("deploy check: %s", asdict(self.result))
+        log.info(
+            "deploy check on %d validation images: top-1 agreement %.2f%%, max |logit diff| %.1e, val acc %.2f%% "
+            "(train form %.2f%%); deploy weights: %s",
+            self.result.num_images,
+            100 * self.result.top1_agreement,
+            self.result.max_abs_err,
+            100 * self.result.val_acc_deploy,
+            100 * self.result.val_acc_train_form,
+            self.result.deploy_weights,
+        )
 
 
 class NoCheckpointOnError(L.Callback):

@@ -1,6 +1,6 @@
 """Quantization-aware fine-tuning of a finished run, deployed as an int8 OpenVINO IR (``+experiment=qat``).
 
-    python train.py model=qarepvgg_a0 +experiment=qat qat.init=outputs/train/train/RUN
+    python train.py model=qarepvgg_a0 +experiment=qat qat.init=outputs/train/RUN
 
 It reads top to bottom:
 

@@ -1,6 +1,6 @@
 """The run folder of train.py: checked before any work, and never shared by two runs.
 
-A run writes ``config.yaml``, ``checkpoints/``, ``logs/``, ``deploy/`` and ``metrics.json`` into its
+A run writes ``config.yaml``, ``checkpoints/``, ``logs/``, ``deploy_weights/`` and ``metrics.json`` into its
 folder. A second run into a folder that holds a run would mix its checkpoints and metrics with the
 first one's (and overwrite its best checkpoint's record), so it is refused; the one exception is
 resuming that same run, from a checkpoint inside the folder: the run then continues where it stopped
