@@ -209,7 +209,7 @@ def test_bad_quantize_settings_are_one_line(accurate_ckpt, tmp_path, quantize, m
 
 
 def test_quantizing_without_the_runs_data_says_what_is_needed(tmp_path):
-    with pytest.raises(UserError, match="names no data set: deploy a train.py checkpoint or run folder"):
+    with pytest.raises(UserError, match="names no data set: pass quantize.validation=DIR"):
         _deploy(tmp_path / "out", model="repvgg_tiny", quantize="int8")
 
 
