@@ -15,14 +15,15 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import quantize
+from repblocks.deploy import openvino, quantize
 from repblocks.deploy.labelled_folder import class_indices
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.errors import UserError
 from repblocks.int8 import near_chance
 from repblocks.numerics import randomize_bn_
 from repblocks.train import qat
-from train import _summary, _val_acc_measured_on
+from tests.helpers import compose_train
+from train import _summary, _val_acc_measured_on, train
 
 NO_BENCH = {"device": "cpu", "batch_sizes": []}
 ANY_DROP = {"max_drop": 100.0}
@@ -145,15 +146,12 @@ def test_numbered_folders_are_output_indices_and_eval_images_draws_from_them(tmp
     assert set(forced_top1.labels[0].tolist()) <= {2, 7} and len(forced_top1.labels[0]) == 4
 
 
-def test_wnid_folders_need_the_class_names_file(tmp_path, forced_top1):
+def test_wnid_folders_map_through_the_class_names_file(tmp_path, forced_top1):
     weights = _weights(tmp_path / "w.pth", num_classes=10)
     validation = _write_folder(tmp_path / "val", ["n03", "n05"])
     names = tmp_path / "synsets.txt"
     names.write_text("".join(f"n{i:02d}\n" for i in range(10)))
     forced_top1(fp32=90.0, int8=90.0)
-    with pytest.raises(UserError, match="holds 2 named class folders .* pass quantize.class_names=FILE"):
-        _deploy(tmp_path, weights, validation=str(validation), calibration=str(validation))
-    assert not (tmp_path / "out").exists()
     settings = {"validation": str(validation), "calibration": str(validation), "class_names": str(names)}
     evaluation = _deploy(tmp_path, weights, **settings)["int8"]["evaluation"]
     assert evaluation["class_mapping"] == "folder names looked up in quantize.class_names"
@@ -223,23 +221,19 @@ def test_near_chance_is_under_twice_chance_and_within_ten_points(top1, num_class
     assert (near_chance(top1, num_classes) is not None) == near
 
 
-@pytest.mark.parametrize(("fp32", "warned"), [(35.0, True), (90.0, False)])
-def test_the_int8_gate_warns_when_fp32_is_near_chance(tmp_path, forced_top1, caplog, fp32, warned):
+def test_the_int8_gate_warns_when_fp32_is_near_chance(tmp_path, forced_top1, caplog):
+    """35% on 3 classes (chance 33.33%); 90% is not warned about (test_bare_weights_are_quantized_and_gated...)."""
     weights = _weights(tmp_path / "w.pth", num_classes=3)
     validation = _write_folder(tmp_path / "val", ["cat", "dog", "fox"])
-    forced_top1(fp32=fp32, int8=fp32)  # int8 keeps fp32's top-1 exactly: the gate passes either way
+    forced_top1(fp32=35.0, int8=35.0)  # int8 keeps fp32's top-1 exactly: the gate passes
     with caplog.at_level(logging.WARNING, logger="repblocks"):
         report = _deploy(tmp_path, weights, validation=str(validation), calibration=str(validation))
     evaluation = report["int8"]["evaluation"]
     assert report["int8"]["engines"]["onnxruntime"]["passed"]
     assert evaluation["chance_top1"] == pytest.approx(100 / 3)
-    written = (tmp_path / "out" / "report.md").read_text()
-    if warned:
-        assert evaluation["near_chance"].startswith("fp32 top-1 35.00% is near chance (33.33% for 3 classes")
-        assert f"- WARNING: {evaluation['near_chance']}" in written
-        assert "int8 gate: fp32 top-1 35.00% is near chance" in caplog.text
-    else:
-        assert evaluation["near_chance"] is None and "WARNING" not in written and "near chance" not in caplog.text
+    assert evaluation["near_chance"].startswith("fp32 top-1 35.00% is near chance (33.33% for 3 classes")
+    assert f"- WARNING: {evaluation['near_chance']}" in (tmp_path / "out" / "report.md").read_text()
+    assert "int8 gate: fp32 top-1 35.00% is near chance" in caplog.text
 
 
 def test_the_qat_summary_warns_when_fp32_is_near_chance():
@@ -289,3 +283,29 @@ def test_the_training_summary_says_what_each_accuracy_is_measured_on():
         "deploy check on 33 validation images, float32, one process: train form 16.94%, deploy form 16.94% "
         "(top-1 agreement 100.00%, max |logit diff| 1.00e-06)"
     )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(openvino.missing() is not None, reason="the [openvino] extra is not installed")
+def test_a_qat_run_warns_when_fp32_is_near_chance(tmp_path, monkeypatch, caplog):
+    """A fast_dev_run of QAT on an untrained run, its top-1 forced to chance: the log, the metrics and the summary say so."""
+    model = repblocks.create_model("qarepvgg_tiny", num_classes=10)
+    hyper_parameters = {
+        "model_name": "qarepvgg_tiny",
+        "num_classes": 10,
+        "in_chans": 3,
+        "model_kwargs": {},
+        "image_size": 32,
+        "data": {"_target_": "repblocks.datasets.DigitsData", "image_size": 32},
+        "weights_prefix": "model.",
+    }
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    run = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, run)
+    monkeypatch.setattr(qat, "top1", lambda logits, labels: 10.0)
+    overrides = (f"qat.init={run}", "qat.calibration_images=1", "trainer.fast_dev_run=true")
+    with caplog.at_level(logging.WARNING, logger="repblocks"):
+        metrics = train(compose_train(tmp_path / "out", "model=qarepvgg_tiny", "+experiment=qat", *overrides))
+    assert metrics["near_chance"].startswith("fp32 top-1 10.00% is near chance (10.00% for 10 classes")
+    assert "qat: fp32 top-1 10.00% is near chance" in caplog.text
+    assert qat.summary(metrics).splitlines()[-1] == f"WARNING: {metrics['near_chance']}"
