@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig, OmegaConf
 
 from repblocks.checkpoint import read_checkpoint
@@ -287,18 +288,19 @@ def _metrics(trainer: L.Trainer, callbacks: list, *, train_time_s: float) -> dic
 def _val_acc_measured_on(trainer: L.Trainer, *, best: bool) -> str:
     """What ``val_acc`` was measured on, so that it is not read against the deploy check's figures as a contradiction.
 
-    Lightning's figure is the one training validated and chose the best checkpoint by: at the trainer's
-    precision, and under DDP over every process, whose DistributedSampler repeats images to give each
-    process as many. The deploy check reruns the best checkpoint in float32 in one process.
+    Lightning's figure is the one training validated and chose the best checkpoint by, at the trainer's
+    precision; under DDP over every process, each validating its share of the images once
+    (:class:`repblocks.train.data.ClassificationDataModule`). The deploy check reruns the best
+    checkpoint in float32 in one process.
     """
     parts = [f"Lightning's val_acc of the {'best' if best else 'last'} epoch"]
     val_set = getattr(getattr(trainer.datamodule, "data", None), "val_set", None)
     images = len(val_set) if val_set is not None else None
     processes = trainer.world_size
     if processes > 1 and images is not None:
-        repeated = -images % processes
-        padding = f", {repeated} of them counted twice by DDP's sampler to give each as many" if repeated else ""
-        parts.append(f"over {processes} processes sharing the {images} validation images{padding}")
+        once = isinstance(getattr(trainer.val_dataloaders, "sampler", None), UnrepeatedDistributedSampler)
+        how = "each image once" if once else "some images counted twice by DDP's sampler to give each as many"
+        parts.append(f"over {processes} processes sharing the {images} validation images, {how}")
     elif images is not None:
         parts.append(f"over the {images} validation images")
     if trainer.limit_val_batches != 1.0:

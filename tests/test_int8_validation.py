@@ -6,15 +6,21 @@ functions are replaced): the tests assert what is reported and refused, never wh
 kernels make of a model.
 """
 
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DistributedSampler
 
 import repblocks
+from repblocks.datasets import DigitsData, FakeData
 from repblocks.deploy import openvino, quantize
 from repblocks.deploy.labelled_folder import class_indices
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
@@ -22,7 +28,8 @@ from repblocks.errors import UserError
 from repblocks.int8 import near_chance
 from repblocks.numerics import randomize_bn_
 from repblocks.train import qat
-from tests.helpers import compose_train
+from repblocks.train.data import ClassificationDataModule
+from tests.helpers import ROOT, compose_train
 from train import _summary, _val_acc_measured_on, train
 
 NO_BENCH = {"device": "cpu", "batch_sizes": []}
@@ -246,18 +253,27 @@ def test_the_qat_summary_warns_when_fp32_is_near_chance():
 # -- the end-of-training summary -----------------------------------------------------------------------------
 
 
-def _trainer(*, processes: int, images: int, precision: str = "32-true", limit=1.0) -> SimpleNamespace:
+def _trainer(*, processes: int, images: int, precision: str = "32-true", limit=1.0, sampler=None) -> SimpleNamespace:
     data = SimpleNamespace(val_set=range(images))
     return SimpleNamespace(
-        world_size=processes, datamodule=SimpleNamespace(data=data), limit_val_batches=limit, precision=precision
+        world_size=processes,
+        datamodule=SimpleNamespace(data=data),
+        val_dataloaders=SimpleNamespace(sampler=sampler),
+        limit_val_batches=limit,
+        precision=precision,
     )
 
 
 def test_the_training_summary_says_what_each_accuracy_is_measured_on():
-    ddp = _val_acc_measured_on(_trainer(processes=2, images=33, precision="bf16-mixed"), best=True)
+    once = UnrepeatedDistributedSampler(range(33), num_replicas=2, rank=0, shuffle=False)
+    ddp = _val_acc_measured_on(_trainer(processes=2, images=33, precision="bf16-mixed", sampler=once), best=True)
     assert ddp == (
-        "Lightning's val_acc of the best epoch, over 2 processes sharing the 33 validation images, "
-        "1 of them counted twice by DDP's sampler to give each as many, at precision bf16-mixed"
+        "Lightning's val_acc of the best epoch, over 2 processes sharing the 33 validation images, each image once, "
+        "at precision bf16-mixed"
+    )
+    repeated = DistributedSampler(range(33), num_replicas=2, rank=0, shuffle=False)
+    assert "some images counted twice by DDP's sampler" in _val_acc_measured_on(
+        _trainer(processes=2, images=33, sampler=repeated), best=True
     )
     assert _val_acc_measured_on(_trainer(processes=1, images=32, limit=2), best=False) == (
         "Lightning's val_acc of the last epoch, over the 32 validation images, "
@@ -309,3 +325,45 @@ def test_a_qat_run_warns_when_fp32_is_near_chance(tmp_path, monkeypatch, caplog)
     assert metrics["near_chance"].startswith("fp32 top-1 10.00% is near chance (10.00% for 10 classes")
     assert "qat: fp32 top-1 10.00% is near chance" in caplog.text
     assert qat.summary(metrics).splitlines()[-1] == f"WARNING: {metrics['near_chance']}"
+
+
+@pytest.mark.parametrize(
+    ("data", "batches"),
+    [
+        (FakeData(val_size=33, batch_size=16), 3),  # images shared out one by one: 17 and 16
+        (DigitsData(batch_size=50), 8),  # in-memory batches shared out whole: 4 and 4
+    ],
+)
+def test_under_ddp_each_process_validates_its_share_each_image_once(data, batches):
+    """Lightning's default sampler would repeat images (the digits': a whole batch) to give each process as many."""
+    data.setup("validate")
+    every = torch.cat([labels for _, labels in data.val_dataloader()])
+    shares = []
+    for rank in (0, 1):
+        module = ClassificationDataModule(data)
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = module.val_dataloader()
+        assert isinstance(loader.sampler, UnrepeatedDistributedSampler)  # Lightning leaves it in place
+        shares.append(torch.cat([labels for _, labels in loader]))
+    assert len(shares[0]) + len(shares[1]) == len(every) == len(data.val_set)
+    assert torch.equal(torch.cat(shares).bincount(), every.bincount())
+    assert len(data.val_dataloader()) == batches
+
+
+@pytest.mark.slow
+def test_a_ddp_runs_val_acc_is_the_deploy_checks_train_form(tmp_path):
+    """33 images on 2 processes: Lightning's default sampler would have counted one twice (k/34 against k/33)."""
+    overrides = ["model=repvgg_tiny", "data=fake", "data.val_size=33", "trainer=ddp", "trainer.accelerator=cpu"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["deploy_check_images"] == 33
+    assert metrics["val_acc"] == pytest.approx(metrics["val_acc_train_form"])
+    assert "sharing the 33 validation images, each image once" in metrics["val_acc_measured_on"]
+    assert f"best val acc {100 * metrics['val_acc']:.2f}% (Lightning's val_acc" in result.stdout
