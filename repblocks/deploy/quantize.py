@@ -136,10 +136,11 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
     gate = Gate.of(_eager(plain), images.batches, settings.max_drop)
     fp32_top1, labels = gate.fp32_top1, gate.labels
     log.info(
-        "int8: calibrating on %d images, gating on %d validation images of %s (fp32 top-1 %.2f%%)",
+        "int8: calibrating on %d images, gating on %d validation images of %s, prepared as: %s (fp32 top-1 %.2f%%)",
         len(calibration),
         len(labels),
         images.evaluation["source"],
+        images.evaluation["preprocessing"],
         fp32_top1,
     )
     useless = near_chance(fp32_top1, network.num_classes)
