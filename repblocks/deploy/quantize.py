@@ -257,24 +257,22 @@ def _data(network: Network, settings: QuantizeConfig):
             f"quantize=int8 calibrates on images, but {what} names no data set: pass quantize.calibration=DIR "
             "(a folder of images, unlabelled; not the validation folder, which the gate measures on)"
         )
-    why = "reads the run's images"
     try:
         data = build_data(network.data)
         data.setup("validate")
     except (FileNotFoundError, ValueError, ImportError) as err:
-        raise UserError(f"quantize=int8 {why}, but they cannot be read: {err}") from None
+        raise UserError(f"quantize=int8 reads the run's images, but they cannot be read: {err}") from None
     return data
 
 
 def _describe_preprocessing(preprocessing: dict) -> str:
     """``"shorter side to 256 (bilinear), centre crop 224x224, mean [...], std [...]"``: how the gate's images were prepared."""
-    size = preprocessing["input_size"][-1]
-    height = preprocessing["input_size"][-2]
+    size = preprocessing["input_size"][-1]  # the side eval_transform crops, square
     resize = round(size / preprocessing["crop_pct"])
     mean = ", ".join(f"{x:.3f}" for x in preprocessing["mean"])
     std = ", ".join(f"{x:.3f}" for x in preprocessing["std"])
     return (
-        f"shorter side to {resize} ({preprocessing['interpolation']}), centre crop {height}x{size}, "
+        f"shorter side to {resize} ({preprocessing['interpolation']}), centre crop {size}x{size}, "
         f"mean [{mean}], std [{std}]"
     )
 
