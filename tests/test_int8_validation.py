@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 import repblocks
 from repblocks.datasets import DigitsData, FakeData
 from repblocks.deploy import openvino, quantize
-from repblocks.deploy.labelled_folder import class_indices
+from repblocks.deploy.labelled_folder import class_indices, validation_folder
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.errors import UserError
 from repblocks.int8 import near_chance
@@ -367,3 +367,15 @@ def test_a_ddp_runs_val_acc_is_the_deploy_checks_train_form(tmp_path):
     assert metrics["val_acc"] == pytest.approx(metrics["val_acc_train_form"])
     assert "sharing the 33 validation images, each image once" in metrics["val_acc_measured_on"]
     assert f"best val acc {100 * metrics['val_acc']:.2f}% (Lightning's val_acc" in result.stdout
+
+
+def test_a_validation_folder_without_class_folders_is_one_line(tmp_path):
+    flat = _write_folder(tmp_path / "images", ["cat"]) / "cat"  # images, but no class folders
+    preprocessing = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}
+    preprocessing["interpolation"] = "bilinear"
+    with pytest.raises(UserError, match=f"^quantize.validation: {flat}: .*expected DIR/<class>/<image>") as err:
+        validation_folder(flat, preprocessing=preprocessing, num_classes=3)
+    assert "\n" not in str(err.value)
+    loader, info = validation_folder(tmp_path / "images", preprocessing=preprocessing, num_classes=1)
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 0] and info["images"] == 2
