@@ -29,6 +29,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig, OmegaConf
 
 from repblocks.checkpoint import read_checkpoint
@@ -275,6 +276,7 @@ def _metrics(trainer: L.Trainer, callbacks: list, *, train_time_s: float) -> dic
         "train_time_s": round(train_time_s, 1),
         "best_ckpt": getattr(checkpoint, "best_model_path", None) or None,
         "last_ckpt": getattr(checkpoint, "last_model_path", None) or None,
+        "val_acc_measured_on": _val_acc_measured_on(trainer, best=best_score is not None),
     }
     deploy_check = next((c for c in callbacks if isinstance(c, DeployCheck)), None)
     deploy = deploy_check.result if deploy_check is not None else None
@@ -286,9 +288,35 @@ def _metrics(trainer: L.Trainer, callbacks: list, *, train_time_s: float) -> dic
             val_acc_train_form=deploy.val_acc_train_form,
             top1_agreement=deploy.top1_agreement,
             max_abs_err=deploy.max_abs_err,
+            deploy_check_images=deploy.num_images,
             deploy_weights=deploy.deploy_weights,
         )
     return metrics
+
+
+def _val_acc_measured_on(trainer: L.Trainer, *, best: bool) -> str:
+    """What ``val_acc`` was measured on, so that it is not read against the deploy check's figures as a contradiction.
+
+    Lightning's figure is the one training validated and chose the best checkpoint by, at the trainer's
+    precision; under DDP over every process, each validating its share of the images once
+    (:class:`repblocks.train.data.ClassificationDataModule`). The deploy check reruns the best
+    checkpoint in float32 in one process.
+    """
+    parts = [f"Lightning's val_acc of the {'best' if best else 'last'} epoch"]
+    val_set = getattr(getattr(trainer.datamodule, "data", None), "val_set", None)
+    images = len(val_set) if val_set is not None else None
+    processes = trainer.world_size
+    if processes > 1 and images is not None:
+        once = isinstance(getattr(trainer.val_dataloaders, "sampler", None), UnrepeatedDistributedSampler)
+        how = "each image once" if once else "some images counted twice by DDP's sampler to give each as many"
+        parts.append(f"over {processes} processes sharing the {images} validation images, {how}")
+    elif images is not None:
+        parts.append(f"over the {images} validation images")
+    if trainer.limit_val_batches != 1.0:
+        parts.append(f"limited to trainer.limit_val_batches={trainer.limit_val_batches} per process")
+    if not str(trainer.precision).startswith(("32", "64")):
+        parts.append(f"at precision {trainer.precision}")
+    return ", ".join(parts)
 
 
 def _logged(trainer: L.Trainer, name: str) -> float | None:
@@ -301,9 +329,15 @@ def _summary(metrics: dict[str, Any]) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}%"
 
     skipped = metrics.get("deploy_check_skipped")
-    lines = [
-        f"best val acc {pct(metrics['val_acc'])}, deploy form {pct(metrics.get('val_acc_deploy'))} "
-        f"(top-1 agreement {pct(metrics.get('top1_agreement'))}, max |logit diff| {metrics.get('max_abs_err', float('nan')):.2e})",
+    measured_on = metrics.get("val_acc_measured_on")
+    lines = [f"best val acc {pct(metrics['val_acc'])}" + (f" ({measured_on})" if measured_on else "")]
+    if "val_acc_deploy" in metrics:  # train and deploy form on the same images: these two are the ones to compare
+        lines.append(
+            f"deploy check on {metrics.get('deploy_check_images', '?')} validation images, float32, one process: "
+            f"train form {pct(metrics.get('val_acc_train_form'))}, deploy form {pct(metrics['val_acc_deploy'])} "
+            f"(top-1 agreement {pct(metrics.get('top1_agreement'))}, max |logit diff| {metrics['max_abs_err']:.2e})"
+        )
+    lines += [
         f"{metrics['epochs']} epochs, {metrics['global_step']} steps in {metrics['train_time_s']:.0f} s",
         f"best checkpoint: {metrics['best_ckpt']}",
         f"deploy weights:  {metrics.get('deploy_weights') or f'none (deploy check skipped: {skipped})'}",

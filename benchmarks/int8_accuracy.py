@@ -50,7 +50,8 @@ def compare(run: Path, *, calibration_images: int, seed: int) -> list[dict]:
     network = load_network(ckpt=str(run))
     plain = convert(network).plain
     settings = QuantizeConfig(precision="int8", calibration_images=calibration_images)
-    calibration, batches, _ = gate_images(network, settings, seed=seed)
+    images = gate_images(network, settings, seed=seed)
+    calibration, batches = images.calibration, images.batches
     gate = Gate.of(torch.inference_mode()(plain), batches, max_drop=settings.max_drop)
     rows = []
     with tempfile.TemporaryDirectory(prefix="repblocks-int8-accuracy-") as tmp:

@@ -80,6 +80,9 @@ def test_int8_files_reproduce_the_reported_accuracy(accurate_ckpt, tmp_path):
     report = _deploy(out, ckpt=str(accurate_ckpt), quantize={"precision": "int8", **FAST, **ANY_DROP})
     int8 = report["int8"]
     assert int8["evaluation"]["images"] == 120 and int8["calibration"]["images"] == 64
+    assert int8["evaluation"]["source"] == "the run's validation images (DigitsData)"
+    assert int8["evaluation"]["preprocessing"].startswith("shorter side to 32 (bilinear), centre crop 32x32, mean [0.5")
+    assert int8["evaluation"]["near_chance"] is None  # three epochs: far above chance
     for engine in ("openvino", "onnxruntime"):
         result = int8["engines"][engine]
         assert result["passed"] and result["drop"] == pytest.approx(int8["evaluation"]["fp32_top1"] - result["top1"])
@@ -209,7 +212,7 @@ def test_bad_quantize_settings_are_one_line(accurate_ckpt, tmp_path, quantize, m
 
 
 def test_quantizing_without_the_runs_data_says_what_is_needed(tmp_path):
-    with pytest.raises(UserError, match="names no data set: deploy a train.py checkpoint or run folder"):
+    with pytest.raises(UserError, match="names no data set: pass quantize.validation=DIR"):
         _deploy(tmp_path / "out", model="repvgg_tiny", quantize="int8")
 
 

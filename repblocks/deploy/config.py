@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import onnx.defs
 
+from repblocks.checkpoint import PREPROCESSING_KEYS
 from repblocks.deploy.formats import (
     BACKENDS,
     DEFAULT_BACKENDS,
@@ -143,6 +144,10 @@ class QuantizeConfig(_Checked):
     # None: the run's own training images (as prepared for evaluation); else a folder of images, searched recursively.
     calibration: str | None = None
     calibration_images: int = field(default=300, metadata=_range(1, 100_000))  # drawn at random, seeded
+    # None: the run's own validation images; else a folder of labelled images, DIR/<class>/<image> (ImageFolder).
+    validation: str | None = None
+    # With validation: a text file of the class folder names in output order (line 1 = output 0), e.g. ImageNet wnids.
+    class_names: str | None = None
     eval_images: int | None = field(default=None, metadata=_range(1))  # validation images for the gate; None: all
     # NNCF's accuracy-control mode, when plain int8 fails the gate: it keeps the layers that cost most in fp32.
     accuracy_control: bool = True
@@ -162,10 +167,18 @@ class DeployConfig(_Checked):
     num_classes: int | None = field(default=None, metadata=_range(1))  # None: from the weights, else 1000
     out_dir: str = "deploy_out"  # replaced whole at the end of a run; never left half-written
     seed: int = 0  # random BN statistics and inputs
+    # input_size, mean, std, crop_pct, interpolation: each one set (not None) replaces what the weights or the model say
+    preprocessing: dict | None = None
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = sorted(set(self.preprocessing or {}) - set(PREPROCESSING_KEYS), key=str)
+        if unknown:
+            raise UserError(f"unknown setting preprocessing.{unknown[0]}; known: {', '.join(PREPROCESSING_KEYS)}")
 
     @classmethod
     def from_dict(cls, config: Mapping) -> DeployConfig:

@@ -42,7 +42,7 @@ from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, Qua
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
 from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_killed_runs_staging, staged_output
-from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE
+from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE, override
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
 from repblocks.deploy.runtime import ThreadChoice, check_memory, choose_threads, resolve_device, threads
@@ -81,6 +81,7 @@ def run_deploy(config: DeployConfig) -> dict:
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
         )
+        network.preprocessing = override(network.preprocessing, config.preprocessing, in_chans=network.in_chans)
         # The two input sizes of the run, the timed one and the model's own: each must fit and go through the model.
         timed_shape = _timed_shape(network, bench)
         check_memory(batch_sizes=[*bench.batch_sizes, config.verify.batch_size], image_shape=timed_shape, device=device)
@@ -156,10 +157,16 @@ def run_speed_table(config: DeployConfig) -> dict:
 
 
 def _check_extras(config: DeployConfig) -> None:
-    """Settings that cannot be met stop here, before anything is loaded: OpenVINO not installed, no calibration folder."""
-    calibration = config.quantize.calibration
-    if config.quantize.precision and calibration is not None and not Path(calibration).expanduser().is_dir():
-        raise UserError(f"quantize.calibration: {calibration} is not a folder of images")
+    """Settings that cannot be met stop here, before anything is loaded: OpenVINO not installed, no such image folder."""
+    settings = config.quantize
+    for name, path in (("calibration", settings.calibration), ("validation", settings.validation)):
+        if settings.precision and path is not None and not Path(path).expanduser().is_dir():
+            raise UserError(f"quantize.{name}: {path} is not a folder of images")
+    if settings.precision and settings.class_names is not None:
+        if settings.validation is None:
+            raise UserError("quantize.class_names maps the class folders of quantize.validation=DIR: pass that too")
+        if not Path(settings.class_names).expanduser().is_file():
+            raise UserError(f"quantize.class_names: {settings.class_names} is not a file")
     reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
     if reason is None:
         return

@@ -9,6 +9,9 @@ that has it, and the result says where each came from (``source``):
    (and its ``image_size``), or the metadata of a deploy.py ``model.safetensors``;
 2. the model's own ``pretrained_cfg``, or for a torchvision model the transforms of its weights;
 3. ImageNet's defaults at 224x224, said so in ``source``.
+
+deploy.py's ``preprocessing.KEY=VALUE`` settings come before all of them (:func:`override`): for
+weights whose file says nothing and whose model's defaults are not how they were trained.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ __all__ = [
     "describe_sources",
     "from_metadata",
     "model_config",
+    "override",
     "resolve",
     "torchvision_preprocessing",
 ]
@@ -80,6 +84,24 @@ def resolve(*, in_chans: int, found: list[tuple[str, Mapping | None]], what: str
         raise UserError(f"malformed preprocessing in {what}: {err}") from None
     result["source"] = sources
     return result
+
+
+def override(resolved: Mapping, settings: Mapping | None, *, in_chans: int) -> dict:
+    """``resolved`` (what :func:`resolve` gave) with the keys ``settings`` sets (not None) taken from it instead.
+
+    Raises:
+        UserError: An unknown key, or a malformed value.
+    """
+    given = {key: value for key, value in (settings or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(KEYS))
+    if unknown:
+        raise UserError(f"unknown setting preprocessing.{unknown[0]}; known: {', '.join(KEYS)}")
+    if not given:
+        return dict(resolved)
+    kept = [(where, {key: resolved[key]}) for key, where in resolved["source"].items()]
+    return resolve(
+        in_chans=in_chans, found=[("deploy.py's preprocessing settings", given), *kept], what="preprocessing"
+    )
 
 
 def describe_sources(preprocessing: Mapping) -> str:

@@ -3,15 +3,19 @@
 The stage reads top to bottom:
 
 1. images: calibration images (the run's own training images, prepared as for evaluation and
-   drawn at random, or ``quantize.calibration=DIR``) and a loader of the run's validation images
-   with labels, read a batch at a time;
+   drawn at random, or ``quantize.calibration=DIR``) and a loader of labelled validation images,
+   read a batch at a time: the run's own, or ``quantize.validation=DIR`` (ImageFolder layout,
+   :mod:`repblocks.deploy.labelled_folder`), so that weights from anywhere can be gated. Without
+   either, int8 is refused: an int8 model nobody measured is not shipped;
 2. each engine of ``quantize.engines`` quantizes the deploy form on its own: NNCF into OpenVINO
    (:func:`repblocks.int8.nncf_int8`, the same int8 as QAT's baseline) and onnxruntime's static
    QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`);
 3. the gate: top-1 of fp32 and int8 on the validation images. An engine whose int8 model loses
    more than ``quantize.max_drop`` points fails; for OpenVINO, NNCF's accuracy-control mode then
    tries again, keeping the layers that cost most in fp32. When no engine passes, the run stops
-   with one line naming the drops, before anything is written;
+   with one line naming the drops, before anything is written. An fp32 top-1 near chance
+   (:func:`repblocks.int8.near_chance`) is warned about in the log and the report: a gate passed
+   by a model that learned nothing says nothing;
 4. per-layer quantization error of the worst layers (onnxruntime's QDQ debugger: the SQNR of each
    layer's output in the int8 model against the fp32 model on the same images).
 
@@ -36,15 +40,27 @@ from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_tran
 from repblocks.deploy import openvino
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.export import export_onnx, onnx_session
+from repblocks.deploy.labelled_folder import validation_folder
+from repblocks.deploy.preprocessing import describe_sources
 from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
-from repblocks.int8 import NNCF_OPTIONS, agreement, example_batch, nncf_dataset, nncf_int8, predict_batches
+from repblocks.int8 import (
+    NNCF_OPTIONS,
+    agreement,
+    chance_top1,
+    example_batch,
+    near_chance,
+    nncf_dataset,
+    nncf_int8,
+    predict_batches,
+)
 from repblocks.int8 import top1 as _top1
 from repblocks.int8.accuracy import BATCH as _BATCH
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "Gate",
+    "GateImages",
     "Int8Model",
     "Quantization",
     "gate_images",
@@ -77,7 +93,7 @@ class Quantization:
     """What ``quantize=int8`` found: the images it used, fp32 top-1, and each engine's int8 model."""
 
     calibration: dict  # source and number of images
-    evaluation: dict  # number of validation images, fp32 top-1
+    evaluation: dict  # what the gate measured on (source, images, preprocessing), fp32 top-1, near_chance
     models: dict[str, Int8Model]
     skipped: list[dict]  # engines not run, and why
 
@@ -115,20 +131,33 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
             not installed), or no engine's int8 model is within ``settings.max_drop`` of fp32.
     """
     engines, skipped = _engines(settings)
-    calibration, batches, calibration_info = gate_images(network, settings, seed=seed)
-    gate = Gate.of(_eager(plain), batches, settings.max_drop)
+    images = gate_images(network, settings, seed=seed)
+    calibration = images.calibration
+    gate = Gate.of(_eager(plain), images.batches, settings.max_drop)
     fp32_top1, labels = gate.fp32_top1, gate.labels
     log.info(
-        "int8: calibrating on %d images, gating on %d validation images (fp32 top-1 %.2f%%)",
+        "int8: calibrating on %d images, gating on %d validation images of %s, prepared as: %s (fp32 top-1 %.2f%%)",
         len(calibration),
         len(labels),
+        images.evaluation["source"],
+        images.evaluation["preprocessing"],
         fp32_top1,
     )
+    useless = near_chance(fp32_top1, network.num_classes)
+    if useless:
+        log.warning("int8 gate: %s", useless)
     quantizers = {"openvino": _openvino, "onnxruntime": _onnxruntime}
     models = {engine: quantizers[engine](plain, calibration, gate, settings) for engine in engines}
     quantization = Quantization(
-        calibration=calibration_info,
-        evaluation={"images": len(labels), "fp32_top1": fp32_top1, "max_drop": settings.max_drop},
+        calibration=images.calibration_info,
+        evaluation={
+            **images.evaluation,
+            "images": len(labels),
+            "fp32_top1": fp32_top1,
+            "max_drop": settings.max_drop,
+            "chance_top1": chance_top1(network.num_classes),
+            "near_chance": useless,  # None, or the warning
+        },
         models=models,
         skipped=skipped,
     )
@@ -136,7 +165,7 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
         drops = ", ".join(f"{m.engine} {m.top1:.2f}% ({m.drop:+.2f} points)" for m in models.values())
         raise UserError(
             f"int8 loses more top-1 than quantize.max_drop={settings.max_drop:g} allows: fp32 {fp32_top1:.2f}%, "
-            f"int8 {drops} on {len(labels)} validation images; nothing was written"
+            f"int8 {drops} on {len(labels)} validation images of {images.evaluation['source']}; nothing was written"
         )
     return quantization
 
@@ -158,6 +187,29 @@ def _engines(settings: QuantizeConfig) -> tuple[list[str], list[dict]]:
 # -- images ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class GateImages:
+    """What ``quantize=int8`` reads: calibration images, labelled validation batches, and where each came from."""
+
+    calibration: Tensor  # (N, C, H, W), prepared as the model expects
+    batches: Iterable[tuple[Tensor, Tensor]]  # (images, output index) a batch at a time
+    calibration_info: dict  # source, images
+    evaluation: dict  # source, images, preprocessing (and the class mapping of a folder)
+
+
+def gate_images(network: Network, settings: QuantizeConfig, *, seed: int = 0) -> GateImages:
+    """The calibration images and the validation batches of the gate (the run's own, or the folders given).
+
+    Raises:
+        UserError: Nothing to gate on (no run data and no ``quantize.validation``), nothing to
+            calibrate on, or images that cannot be read.
+    """
+    data = _data(network, settings)
+    calibration, calibration_info = _calibration_images(data, network, settings, seed)
+    batches, evaluation = _validation_batches(data, network, settings, seed)
+    return GateImages(calibration, batches, calibration_info, evaluation)
+
+
 def _calibration_images(data, network: Network, settings: QuantizeConfig, seed: int) -> tuple[Tensor, dict]:
     if settings.calibration is not None:
         return _folder_images(Path(settings.calibration).expanduser(), network, settings.calibration_images, seed)
@@ -165,27 +217,64 @@ def _calibration_images(data, network: Network, settings: QuantizeConfig, seed: 
     return images, {"source": "the run's training images (no augmentation)", "images": len(images)}
 
 
-def _validation_batches(data, settings: QuantizeConfig, seed: int):
-    """The validation images and labels the gate reads, a batch at a time (``quantize.eval_images`` of them)."""
+def _validation_batches(data, network: Network, settings: QuantizeConfig, seed: int) -> tuple[object, dict]:
+    """The labelled images the gate reads, a batch at a time (``quantize.eval_images`` of them), and what they are."""
+    if settings.validation is not None:
+        batches, info = validation_folder(
+            settings.validation,
+            preprocessing=network.preprocessing,
+            num_classes=network.num_classes,
+            class_names=settings.class_names,
+            count=settings.eval_images,
+            seed=seed,
+        )
+        where = describe_sources(network.preprocessing)
+        return batches, {**info, "preprocessing": f"{_describe_preprocessing(network.preprocessing)} ({where})"}
     if not len(data.val_set):
         raise UserError("quantize=int8 checks int8 top-1 on validation images, but the run's validation set is empty")
-    return evaluation_loader(data, settings.eval_images, seed=seed)
+    name = str(network.data.get("_target_", "")).rpartition(".")[2]
+    root = network.data.get("root")
+    info = {
+        "source": f"the run's validation images ({name}{f' in {root}' if root else ''})",
+        "preprocessing": f"{_describe_preprocessing(data.preprocessing)} (the run's data set)",
+    }
+    return evaluation_loader(data, settings.eval_images, seed=seed), info
 
 
-def _data(network: Network):
-    """The run's data set, set up: its validation images gate int8, its training images calibrate it."""
-    why = "checks int8 top-1 on the run's validation images"
+def _data(network: Network, settings: QuantizeConfig):
+    """The run's data set, set up, when the gate or calibration reads it; None when the folders given are enough."""
+    if settings.validation is not None and settings.calibration is not None:
+        return None
     if network.data is None:
+        what = network.origin or network.name
+        if settings.validation is None:
+            raise UserError(
+                f"quantize=int8 gates int8 on labelled validation images, but {what} names no data set: pass "
+                "quantize.validation=DIR (one subfolder of images per class) and quantize.calibration=DIR "
+                "(any images), or deploy a train.py checkpoint or run folder"
+            )
         raise UserError(
-            f"quantize=int8 {why}, but {network.origin or network.name} names no data set: "
-            "deploy a train.py checkpoint or run folder (they record their data)"
+            f"quantize=int8 calibrates on images, but {what} names no data set: pass quantize.calibration=DIR "
+            "(a folder of images, unlabelled; not the validation folder, which the gate measures on)"
         )
     try:
         data = build_data(network.data)
         data.setup("validate")
     except (FileNotFoundError, ValueError, ImportError) as err:
-        raise UserError(f"quantize=int8 {why}, but they cannot be read: {err}") from None
+        raise UserError(f"quantize=int8 reads the run's images, but they cannot be read: {err}") from None
     return data
+
+
+def _describe_preprocessing(preprocessing: dict) -> str:
+    """``"shorter side to 256 (bilinear), centre crop 224x224, mean [...], std [...]"``: how the gate's images were prepared."""
+    size = preprocessing["input_size"][-1]  # the side eval_transform crops, square
+    resize = round(size / preprocessing["crop_pct"])
+    mean = ", ".join(f"{x:.3f}" for x in preprocessing["mean"])
+    std = ", ".join(f"{x:.3f}" for x in preprocessing["std"])
+    return (
+        f"shorter side to {resize} ({preprocessing['interpolation']}), centre crop {size}x{size}, "
+        f"mean [{mean}], std [{std}]"
+    )
 
 
 def _folder_images(folder: Path, network: Network, count: int, seed: int) -> tuple[Tensor, dict]:
@@ -237,13 +326,6 @@ def onnxruntime_int8(
         weight_type=QuantType.QInt8,
     )
     return prepared, int8_path
-
-
-def gate_images(network: Network, settings: QuantizeConfig, *, seed: int = 0) -> tuple[Tensor, object, dict]:
-    """What ``quantize=int8`` reads: ``(calibration images, a loader of the validation batches, calibration info)``."""
-    data = _data(network)
-    calibration, info = _calibration_images(data, network, settings, seed)
-    return calibration, _validation_batches(data, settings, seed), info
 
 
 def int8_runner(

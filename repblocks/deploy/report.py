@@ -240,7 +240,7 @@ def _int8_table(int8: dict) -> Table:
     table = Table(
         title=f"int8 on {evaluation['images']} validation images: fp32 top-1 {evaluation['fp32_top1']:.2f}%, "
         f"gate: at most {evaluation['max_drop']:g} points lost",
-        caption=f"calibrated on {int8['calibration']['images']} images: {int8['calibration']['source']}",
+        caption="\n".join(_int8_measured_on(int8)),
     )
     for column in ("engine", "top-1", "drop", "agreement", "gate", "method"):
         table.add_column(column, justify="left" if column in ("engine", "gate", "method") else "right")
@@ -262,15 +262,29 @@ def _int8_cells(engine: str, result: dict) -> list[str]:
     ]
 
 
+def _int8_measured_on(int8: dict) -> list[str]:
+    """What the gate measured on and what calibrated, and the near-chance warning: lines for the table and report.md."""
+    evaluation = int8["evaluation"]
+    mapping = f"; classes: {evaluation['class_mapping']}" if evaluation.get("class_mapping") else ""
+    lines = [
+        f"gated on {evaluation['images']} images of {evaluation.get('source', 'the validation set')}{mapping}",
+        f"prepared as: {evaluation['preprocessing']}" if evaluation.get("preprocessing") else "",
+        f"calibrated on {int8['calibration']['images']} images: {int8['calibration']['source']}",
+        f"WARNING: {evaluation['near_chance']}" if evaluation.get("near_chance") else "",
+    ]
+    return [line for line in lines if line]
+
+
 def _int8_markdown(int8: dict) -> list[str]:
     evaluation = int8["evaluation"]
     lines = [
         "",
         "## int8",
         "",
-        f"Calibrated on {int8['calibration']['images']} images ({int8['calibration']['source']}); gated on "
-        f"{evaluation['images']} validation images: fp32 top-1 {evaluation['fp32_top1']:.2f}%, an engine's int8 "
-        f"model is exported only if it loses at most {evaluation['max_drop']:g} points.",
+        f"fp32 top-1 {evaluation['fp32_top1']:.2f}%; an engine's int8 model is exported only if it loses at most "
+        f"{evaluation['max_drop']:g} points.",
+        "",
+        *[f"- {line}" for line in _int8_measured_on(int8)],
         "",
         "| engine | top-1 | drop (points) | top-1 agreement with fp32 | gate | method |",
         "|---|---:|---:|---:|---|---|",

@@ -17,7 +17,7 @@ may not, and it imports neither of them. OpenVINO and NNCF are imported inside t
 use them, so ``import repblocks.int8`` works without them.
 """
 
-from repblocks.int8.accuracy import agreement, predict, predict_batches, top1
+from repblocks.int8.accuracy import agreement, chance_top1, near_chance, predict, predict_batches, top1
 from repblocks.int8.openvino import (
     INSTALL,
     compile_model,
@@ -34,12 +34,14 @@ __all__ = [
     "INSTALL",
     "NNCF_OPTIONS",
     "agreement",
+    "chance_top1",
     "compile_model",
     "dynamic_axes",
     "example_batch",
     "fake_quantize",
     "infer",
     "missing",
+    "near_chance",
     "nncf_dataset",
     "nncf_int8",
     "predict",

@@ -135,7 +135,9 @@ class DeployCheck(L.Callback):
             return
         datamodule = trainer.datamodule
         datamodule.setup("validate")
-        batches = _validated_batches(datamodule.val_dataloader(), trainer.limit_val_batches)
+        # Every validation image, in this one process: the datamodule's hook gives a process its DDP share.
+        loader = datamodule.data.val_dataloader() if hasattr(datamodule, "data") else datamodule.val_dataloader()
+        batches = _validated_batches(loader, trainer.limit_val_batches)
         if batches is None:
             self.skipped = (
                 f"no validation batches to compare on (trainer.limit_val_batches={trainer.limit_val_batches})"

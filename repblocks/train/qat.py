@@ -19,7 +19,9 @@ It reads top to bottom:
    ``qat.min_agreement``; the largest logit difference is reported);
 6. the comparison, on the run's validation images: top-1 (percent) of the fused fp32 network, of
    NNCF's post-training int8 of it (same calibration images; :func:`repblocks.int8.nncf_int8`, the
-   int8 ``deploy.py quantize=int8`` ships), and of the QAT int8 IR.
+   int8 ``deploy.py quantize=int8`` ships), and of the QAT int8 IR. An fp32 top-1 near chance
+   (:func:`repblocks.int8.near_chance`) is warned about in the log, ``metrics.json`` and the summary:
+   int8 "keeping" the accuracy of a model that learned nothing proves nothing.
 
 The run's own data config is used (its training images, its validation split), whatever ``data=``
 says. Outputs go into this command's run folder, only once every check has passed: ``int8/``
@@ -48,7 +50,17 @@ from repblocks.convert import switch_to_deploy
 from repblocks.datasets import ClassificationData, build_data, sample_images
 from repblocks.errors import Interrupted, UserError
 from repblocks.files import atomic_path, staged_folder
-from repblocks.int8 import agreement, compile_model, fake_quantize, infer, nncf_int8, predict_batches, to_openvino, top1
+from repblocks.int8 import (
+    agreement,
+    compile_model,
+    fake_quantize,
+    infer,
+    near_chance,
+    nncf_int8,
+    predict_batches,
+    to_openvino,
+    top1,
+)
 from repblocks.int8.accuracy import Predictor
 from repblocks.numerics import max_errors
 from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint
@@ -135,6 +147,9 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     fp32_logits, labels = _logits(_torch_predictor(plain), data)
     ptq = _ov_predictor(nncf_int8(plain, calibration))  # what deploy.py quantize=int8 would ship
     accuracy = {"fp32": top1(fp32_logits, labels), "ptq_int8": top1(_logits(ptq, data)[0], labels)}
+    useless = near_chance(accuracy["fp32"], run.num_classes)
+    if useless:
+        log.warning("qat: %s", useless)
     quantized = fake_quantize(switch_to_deploy(trained, keep_post_bn=True), calibration)
     accuracy["qat_start"] = top1(_logits(_torch_predictor(quantized), data)[0], labels)
 
@@ -145,7 +160,7 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
     fake_quant_logits = _logits(_torch_predictor(quantized), data)[0]
     accuracy["qat_fake_quant"] = top1(fake_quant_logits, labels)
     if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
-        return {"fast_dev_run": True, "top1": accuracy, "val_images": len(labels)}
+        return {"fast_dev_run": True, "top1": accuracy, "val_images": len(labels), "near_chance": useless}
 
     with staged_folder(output_dir / INT8_DIR) as staging:
         ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration, folder=staging)), data)[0]
@@ -160,6 +175,7 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
         "model": run.model_name,
         "calibration_images": len(calibration),
         "val_images": len(labels),
+        "near_chance": useless,  # None, or why the comparison says little
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "train_time_s": round(train_time_s, 1),
@@ -174,9 +190,11 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
 def summary(metrics: dict[str, Any]) -> str:
     """What train.py prints at the end of a QAT run."""
     accuracy = metrics["top1"]
+    warning = [f"WARNING: {metrics['near_chance']}"] if metrics.get("near_chance") else []
     if metrics.get("fast_dev_run"):
         shown = ", ".join(f"{name} {value:.2f}%" for name, value in accuracy.items())
-        return f"fast_dev_run: top-1 on {metrics['val_images']} validation images {shown}; nothing exported or written"
+        first = f"fast_dev_run: top-1 on {metrics['val_images']} validation images {shown}; nothing exported or written"
+        return "\n".join([first, *warning])
     check = metrics["ir_check"]
     return "\n".join(
         [
@@ -187,6 +205,7 @@ def summary(metrics: dict[str, Any]) -> str:
             f"int8 IR vs fake-quantized torch: top-1 agreement {100 * check['top1_agreement']:.2f}%, "
             f"max |logit diff| {check['max_abs_err']:.2e}",
             f"int8 IR: {metrics['int8_ir']}",
+            *warning,
         ]
     )
 
