@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repblocks.deploy import openvino
+from repblocks.deploy import coreml, litert, openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
@@ -160,6 +160,9 @@ def _check_extras(config: DeployConfig) -> None:
     calibration = config.quantize.calibration
     if config.quantize.precision and calibration is not None and not Path(calibration).expanduser().is_dir():
         raise UserError(f"quantize.calibration: {calibration} is not a folder of images")
+    for fmt, engine in (("litert", litert), ("coreml", coreml)):
+        if fmt in config.export.formats:
+            engine.require(f"export.formats=[{fmt}]")
     reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
     if reason is None:
         return
