@@ -145,9 +145,9 @@ def version() -> str:
 
 
 def _spec(path: Path):
-    ct = _coremltools()
     if not (path / "Manifest.json").is_file():
         raise ValueError(f"{path} is not a Core ML package (a folder with a Manifest.json)")
+    ct = _coremltools()
     try:
         with _quiet():
             return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
