@@ -22,6 +22,7 @@ import contextlib
 import io
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -179,6 +180,8 @@ class _NoiseFilter(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Inside, coremltools' progress bars (tqdm, on stderr) go nowhere; its log records still reach the log."""
-    with contextlib.redirect_stderr(io.StringIO()):
+    """Inside, coremltools' progress bars (tqdm, on stderr) and its warnings about its own deprecated names
+    (one per op converted) go nowhere; its log records still reach the log."""
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"coremltools\.")
         yield
