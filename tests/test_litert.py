@@ -133,3 +133,25 @@ def test_the_converter_neither_floods_deploys_log_nor_takes_it_over():
     lines = result.stdout.splitlines()
     assert lines[-1] == "AFTER 1 INFO None 0"  # deploy's one handler, its level, nothing left set
     assert [line for line in lines[:-1] if not line.startswith("LOG repblocks")] == []  # no progress, no op notes
+
+
+@pytest.mark.slow
+@needs_litert
+def test_int8_through_litert_is_gated_and_its_file_reproduces_the_gated_model(tmp_path):
+    from repblocks.deploy.pipeline import DeployConfig, run_deploy
+    from tests.helpers import trained_model, write_checkpoint
+
+    digits = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}
+    ckpt = write_checkpoint(tmp_path / "last.ckpt", trained_model(), data=digits)
+    quantize = {"precision": "int8", "engines": ["litert"], "calibration_images": 16, "eval_images": 40}
+    config = {"out_dir": str(tmp_path / "out"), "ckpt": str(ckpt), "bench": {"device": "cpu", "batch_sizes": []}}
+    config |= {"export": {"formats": ["litert"]}, "quantize": {**quantize, "max_drop": 100.0, "worst_layers": 0}}
+    report = run_deploy(DeployConfig.from_dict(config))
+    gated = report["int8"]["engines"]["litert"]
+    assert gated["passed"] and "PT2E" in gated["method"]
+    saved = report["exports"]["litert_int8"]  # read back and run, equal to the gated int8 model's outputs
+    assert saved["path"].endswith("model_int8.tflite") and saved["max_abs_err"] == 0.0
+    path = tmp_path / "out" / "model_int8.tflite"
+    assert litert.read_metadata(path)["precision"] == "int8"
+    logits = litert.load(path)(np.zeros((2, 3, 32, 32), dtype=np.float32))  # float32 in and out, as every export
+    assert logits.dtype == np.float32 and logits.shape == (2, 10)

@@ -182,6 +182,9 @@ def export_int8(
                     int8.run, reloaded, example, verify.atol, verify.rtol, f"OpenVINO reading {name}"
                 )
                 runtime = f"openvino {_version('openvino')}"
+            elif engine == "litert":
+                errors = _write_tflite_bytes(int8.model, path, metadata, int8.run, example, verify)
+                runtime = litert.version()
             else:
                 errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = f"onnxruntime {onnxruntime.__version__}"
@@ -295,6 +298,22 @@ def _write_onnx_bytes(
             verify.atol,
             verify.rtol,
             f"onnxruntime reading {path.name}",
+        )
+
+
+def _write_tflite_bytes(
+    model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
+) -> dict:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(litert.with_metadata(model_bytes, metadata))
+        run = litert.load(tmp)
+        return _check_outputs(
+            reference,
+            lambda x: torch.from_numpy(run(x.numpy())),
+            example,
+            verify.atol,
+            verify.rtol,
+            f"LiteRT reading {path.name}",
         )
 
 

@@ -35,7 +35,11 @@ FILE_NAMES = {
 }
 COREML_FP16_FILE = "model_fp16.mlpackage"
 OPT_IN_EXPORTS = ("litert", "coreml")  # not exported unless asked for: a phone's formats, with extras of their own
-INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}  # model_int8.bin beside the .xml
+INT8_FILE_NAMES = {
+    "openvino": "model_int8.xml",
+    "onnxruntime": "model_int8.onnx",
+    "litert": "model_int8.tflite",
+}  # model_int8.bin beside the .xml
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")

@@ -28,7 +28,18 @@ from torch import Tensor, nn
 
 from repblocks.errors import UserError
 
-__all__ = ["INSTALL", "METADATA_NAME", "convert", "load", "missing", "read_metadata", "require", "version"]
+__all__ = [
+    "INSTALL",
+    "METADATA_NAME",
+    "convert",
+    "int8",
+    "load",
+    "missing",
+    "read_metadata",
+    "require",
+    "version",
+    "with_metadata",
+]
 
 INSTALL = "pip install 'repblocks[litert]'"
 METADATA_NAME = "repblocks"  # one entry of the flatbuffer's metadata list: the deploy metadata as a JSON object
@@ -71,7 +82,35 @@ def convert(model: nn.Module, example: Tensor, metadata: Mapping[str, str]) -> b
         import litert_torch
 
         flatbuffer = litert_torch.convert(model.eval(), (example[:1],)).model_content()
-    return _with_metadata(bytes(flatbuffer), metadata)
+    return with_metadata(bytes(flatbuffer), metadata)
+
+
+def int8(model: nn.Module, calibration: Tensor) -> bytes:
+    """``model`` quantized to int8 by the converter's PT2E quantizer, as a ``.tflite`` flatbuffer (no metadata).
+
+    Static, symmetric, per-channel weights (litert_torch's ``get_symmetric_quantization_config``),
+    calibrated on ``calibration`` ``(N, C, H, W)`` an image at a time (the program has batch 1). The
+    file's input and output are int8 too; :func:`load` quantizes and dequantizes them with the file's
+    own scales, so its callers give float32 images and get float32 logits as from every export.
+    """
+    require("int8 through LiteRT")
+    import torch
+
+    with _quiet_converter():
+        import litert_torch
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+        from litert_torch.quantize.quant_config import QuantConfig
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+        quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+        example = calibration[:1]  # (1, C, H, W)
+        prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(), quantizer)
+        with torch.no_grad():
+            for image in calibration.split(1):  # observers record each image's ranges
+                prepared(image)
+        quantized = convert_pt2e(prepared, fold_quantize=False)
+        converted = litert_torch.convert(quantized, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer))
+        return bytes(converted.model_content())
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -116,6 +155,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np
         raise ValueError(f"LiteRT cannot load {path}: {_first_line(err)}") from None
     (source,), (target,) = interpreter.get_input_details(), interpreter.get_output_details()
     shape = tuple(int(n) for n in source["shape"])  # (1, C, H, W)
+    quantize, dequantize = _io_conversions(source, target)
 
     def run(images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(images, dtype=np.float32)
@@ -123,15 +163,32 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Callable[[np
             raise ValueError(f"{path.name} takes images of {shape[1:]} (C, H, W); got a batch of {images.shape}")
         logits = []
         for image in images:  # (C, H, W)
-            interpreter.set_tensor(source["index"], image[None])
+            interpreter.set_tensor(source["index"], quantize(image[None]))
             interpreter.invoke()
-            logits.append(interpreter.get_tensor(target["index"])[0].copy())
+            logits.append(dequantize(interpreter.get_tensor(target["index"])[0]))
         return np.stack(logits)  # (B, classes)
 
     return run
 
 
-def _with_metadata(flatbuffer: bytes, metadata: Mapping[str, str]) -> bytes:
+def _io_conversions(source: dict, target: dict) -> tuple[Callable, Callable]:
+    """float32 -> the input's type, and the output's type -> float32: the identity for a float32 file,
+    the file's own scale and zero point for an int8 one."""
+    if source["dtype"] == np.float32 and target["dtype"] == np.float32:
+        return np.asarray, np.array  # np.array copies: the interpreter reuses its output buffer
+    (in_scale, in_zero), (out_scale, out_zero) = source["quantization"], target["quantization"]
+    info = np.iinfo(source["dtype"])
+
+    def quantize(images: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(images / in_scale) + in_zero, info.min, info.max).astype(source["dtype"])
+
+    def dequantize(logits: np.ndarray) -> np.ndarray:
+        return ((logits.astype(np.float32) - out_zero) * out_scale).astype(np.float32)
+
+    return quantize, dequantize
+
+
+def with_metadata(flatbuffer: bytes, metadata: Mapping[str, str]) -> bytes:
     """``flatbuffer`` rewritten with one more metadata entry: a buffer holding ``metadata`` as JSON."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
