@@ -23,8 +23,9 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
   (:mod:`repblocks.deploy.coreml`).
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
-(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO) and ``model_int8.onnx``
-(onnxruntime QDQ), each read back and checked against the int8 model that was gated.
+(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO), ``model_int8.onnx``
+(onnxruntime QDQ) and ``model_int8.tflite`` (LiteRT), each read back and checked against the int8
+model that was gated.
 """
 
 from __future__ import annotations
