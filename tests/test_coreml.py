@@ -102,7 +102,8 @@ def test_coremltools_import_noise_is_kept_out_of_the_log(caplog):
     logger.warning("Failed to load _MLModelProxy: No module named 'coremltools.libcoremlpython'")
     logger.info('Removing op "conv2d_cast_fp16_to_fp32" (type: cast)')
     logger.warning("a warning about the model")
-    assert [record.getMessage() for record in caplog.records] == ["a warning about the model"]
+    kept = [record.getMessage() for record in caplog.records if record.name.startswith("coremltools")]
+    assert kept == ["a warning about the model"]
 
 
 def _deploy(out: Path, **settings) -> dict:
