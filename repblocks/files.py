@@ -55,29 +55,38 @@ class DiskFullError(UserError):
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, durable: bool = True, folder: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on failure removed.
 
     Args:
         path: The final name. Its folder is created if missing.
         durable: Flush the file (and then the folder entry) to disk before and after the rename, so
             that a power cut cannot leave a renamed but empty file. Costs a disk flush per file.
+        folder: ``path`` is a folder (a Core ML ``.mlpackage``): the temporary path is an empty
+            folder to fill, named with ``path``'s suffix last (``.model.mlpackage.<random>.tmp.mlpackage``:
+            writers check it), and a previous folder at ``path`` is moved aside, replaced, then deleted.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    os.close(fd)
+    if folder:
+        tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX + path.suffix)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, default_mode())  # mkstemp makes it owner-only; the result should read like any new file
+        # mkstemp and mkdtemp make it owner-only; the result should read like any new file or folder
+        os.chmod(tmp, 0o777 & ~umask() if folder else default_mode())
         if durable:
+            for item in Path(tmp).rglob("*") if folder else ():  # a folder's files, then the folder
+                fsync(item)
             fsync(tmp)
-        os.replace(tmp, path)
+        _replace(Path(tmp), path)
         if durable:
             fsync(path.parent)
     except BaseException as err:
         written = _size(Path(tmp))
-        Path(tmp).unlink(missing_ok=True)
+        _remove_if_there(Path(tmp))
         if isinstance(err, Exception) and not isinstance(err, UserError) and _disk_full(err, path.parent):
             raise DiskFullError(_disk_full_message(path.parent, path.name, written, exact=False)) from None
         raise
@@ -302,6 +311,28 @@ def _publish_into(staging: Path, folder: Path, replace: Callable[[Path], None] |
             shutil.rmtree(target)
         os.replace(entry, target)
     staging.rmdir()
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``: atomic for a file; a folder already at ``path`` is moved aside first, then deleted."""
+    if not tmp.is_dir() or not path.is_dir() or path.is_symlink():
+        os.replace(tmp, path)  # a folder onto a missing name is atomic too
+        return
+    previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".replaced"))
+    os.replace(path, previous)  # onto the empty folder just made: atomic
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(previous, path)  # keep the previous one where it was
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _remove_if_there(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _remove(path: Path) -> None:

@@ -51,3 +51,18 @@ def test_staging_folder_records_its_owner_while_it_is_written(tmp_path):
         pid = (staging / ".staging-owner").read_text().split()[0]
     assert int(pid) == os.getpid()
     assert not list(Path(tmp_path).glob(".out.*"))
+
+
+def test_an_atomic_folder_replaces_a_previous_one_whole_and_a_failure_leaves_it(tmp_path):
+    package = tmp_path / "model.mlpackage"
+    for version in ("first", "second"):
+        with atomic_path(package, folder=True) as tmp:
+            assert tmp.is_dir() and tmp.name.endswith(".tmp.mlpackage")  # converters check the suffix
+            (tmp / "Data").mkdir()
+            (tmp / "Data" / "weights.bin").write_text(version)
+    assert (package / "Data" / "weights.bin").read_text() == "second"
+    with pytest.raises(RuntimeError), atomic_path(package, folder=True) as tmp:
+        (tmp / "half").write_text("half a package")
+        raise RuntimeError("the check failed")
+    assert [path.name for path in tmp_path.iterdir()] == ["model.mlpackage"]  # nothing moved aside or half-written
+    assert sorted(path.name for path in package.rglob("*")) == ["Data", "weights.bin"]

@@ -17,6 +17,7 @@ import torch
 
 import repblocks
 from repblocks import pretrained
+from repblocks.deploy import coreml, litert
 from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
@@ -312,6 +313,18 @@ def test_deploy_py_with_openvino_opens_no_network_socket(tmp_path):
     out = tmp_path / "out"
     calls = _network_calls(tmp_path, "deploy.py", f"ckpt={ckpt}", f"out_dir={out}", f"hydra.run.dir={out}", *settings)
     assert (out / "model.xml").is_file()  # OpenVINO did convert (which is when it reports usage)
+    assert calls == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(litert.missing() or coreml.missing(), reason=f"{litert.missing() or coreml.missing()}")
+def test_deploy_py_with_litert_and_coreml_opens_no_network_socket(tmp_path):
+    # litert_torch imports JAX (which looks for a TPU) and coremltools may import transformers and kagglehub.
+    settings = ["model=repvgg_tiny", "bench.device=cpu", "bench.batch_sizes=[1]", "bench.backends=[litert]"]
+    settings += ["bench.rounds=2", "bench.warmup=1", "bench.image_size=32", "export.formats=[litert,coreml]"]
+    out = tmp_path / "out"
+    calls = _network_calls(tmp_path, "deploy.py", f"out_dir={out}", f"hydra.run.dir={out}", *settings)
+    assert (out / "model.tflite").is_file() and (out / "model_fp16.mlpackage").is_dir()  # both converters did run
     assert calls == []
 
 

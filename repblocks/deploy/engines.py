@@ -3,7 +3,8 @@
 Backends: ``eager`` and ``channels_last`` (PyTorch), ``compile`` (``torch.compile``),
 ``onnxruntime`` (the model exported to ONNX, run by onnxruntime's CPU or CUDA provider),
 ``openvino`` and ``openvino_throughput`` (extra ``[openvino]``: the CPU in latency or throughput
-mode, :mod:`repblocks.deploy.openvino`), and on NVIDIA GPUs ``tensorrt`` (extra ``[tensorrt]``,
+mode, :mod:`repblocks.deploy.openvino`), ``litert`` (extra ``[litert]``: the ``.tflite`` export in
+LiteRT's interpreter, batch 1 per call, :mod:`repblocks.deploy.litert`), and on NVIDIA GPUs ``tensorrt`` (extra ``[tensorrt]``,
 :mod:`repblocks.deploy.tensorrt`) and ``onnxruntime_trt`` (onnxruntime's TensorRT provider).
 A backend that cannot run here is listed as skipped with the reason (:func:`applicable`). Each
 runner turns a float32 CPU batch into a zero-argument callable, which
@@ -18,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
 import torch
 from torch import Tensor, nn
 
-from repblocks.deploy import openvino, tensorrt
+from repblocks.deploy import litert, openvino, tensorrt
 from repblocks.deploy.export import export_onnx, onnx_session
 from repblocks.deploy.formats import BACKENDS, DEFAULT_BACKENDS, DTYPE_NAMES
 from repblocks.numerics import max_errors
@@ -34,6 +36,7 @@ __all__ = [
     "Candidate",
     "RunnerSpec",
     "applicable",
+    "array_runner",
     "build_runner",
     "one_line",
 ]
@@ -72,6 +75,10 @@ def applicable(backend: str, dtype: str, device: torch.device) -> str | None:
         if "TensorrtExecutionProvider" not in _ort_providers():
             return f"this onnxruntime has no TensorrtExecutionProvider (it has {', '.join(_ort_providers())})"
         return None if dtype in ("fp32", "fp16") else "onnxruntime's TensorRT provider builds fp32 and fp16 engines"
+    if backend == "litert":
+        if device.type != "cpu":
+            return "LiteRT is timed on the CPU; this run times the GPU"
+        return litert.missing() or (None if dtype == "fp32" else "the LiteRT export is float32")
     if dtype == "fp16" and device.type == "cpu":
         return "fp16 convolutions on the CPU are slow emulations, not a deployment setting (bf16 is timed on the CPU)"
     if backend == "onnxruntime" and dtype != "fp32":
@@ -98,6 +105,12 @@ def build_runner(
     example = torch.randn(2, *image_shape)  # (2, C, H, W): the exports' example batch
     if spec.backend in OPENVINO_MODES:
         return openvino.runner(openvino.to_openvino(model, example), mode=OPENVINO_MODES[spec.backend])
+    if spec.backend == "litert":
+        path = workdir / f"{spec.form}.tflite"
+        path.write_bytes(litert.convert(model, example, {}))
+        built = array_runner(litert.load(path, threads=torch.get_num_threads()))
+        _check_engine(model, built, example, spec)
+        return built
     if spec.backend in ("onnxruntime", "tensorrt", "onnxruntime_trt"):
         path = workdir / f"{spec.form}.onnx"
         if not path.exists():  # one export per form, shared by the backends that read ONNX
@@ -149,6 +162,16 @@ def ort_runner(session) -> Callable[[Tensor], Candidate]:
         return lambda: session.run(None, feed)
 
     return ort_candidate
+
+
+def array_runner(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensor], Candidate]:
+    """A numpy-in, numpy-out engine (``litert.load``) as a runner."""
+
+    def array_candidate(images: Tensor) -> Candidate:
+        batch = images.numpy()  # (B, C, H, W) float32
+        return lambda: run(batch)
+
+    return array_candidate
 
 
 def _providers(spec: RunnerSpec, device: torch.device) -> list | None:

@@ -15,11 +15,17 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
   (``torch.jit``) is deprecated in torch 2.x; ``torch.export`` is its successor and what
   AOTInductor, ExecuTorch and the ONNX exporter above consume;
 * ``openvino`` (extra ``[openvino]``, a default when installed): ``model.xml`` + ``model.bin``,
-  float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`).
+  float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`);
+* ``litert`` (extra ``[litert]``, opt-in): ``model.tflite``, batch 1, run by LiteRT's interpreter
+  (:mod:`repblocks.deploy.litert`);
+* ``coreml`` (extra ``[coreml]``, opt-in): ``model.mlpackage`` (fp32) and ``model_fp16.mlpackage``,
+  ML Program folders; Core ML runs on Apple systems only, so their spec is validated instead
+  (:mod:`repblocks.deploy.coreml`).
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
-(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO) and ``model_int8.onnx``
-(onnxruntime QDQ), each read back and checked against the int8 model that was gated.
+(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO), ``model_int8.onnx``
+(onnxruntime QDQ) and ``model_int8.tflite`` (LiteRT), each read back and checked against the int8
+model that was gated.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ import torch
 from torch import Tensor, nn
 
 from repblocks import checkpoint
-from repblocks.deploy import openvino
-from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
+from repblocks.deploy import coreml, litert, openvino
+from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 from repblocks.files import atomic_path
@@ -54,7 +60,9 @@ __all__ = [
     "Export",
     "deploy_metadata",
     "export_all",
+    "export_coreml",
     "export_int8",
+    "export_litert",
     "export_openvino",
     "export_onnx",
     "export_safetensors",
@@ -134,9 +142,20 @@ def export_all(
                 )
             elif fmt == "openvino":
                 info = export_openvino(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
+            elif fmt == "litert":
+                info = export_litert(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
+            elif fmt == "coreml":
+                info = export_coreml(plain, path, example, precision="fp32", metadata=metadata)
+                fp16 = export_coreml(
+                    plain, path.with_name(COREML_FP16_FILE), example, precision="fp16", metadata=metadata
+                )
             else:
                 info = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
         exports[fmt] = Export.from_info(info, path=Path(out_dir) / FILE_NAMES[fmt], input_shape=network.input_shape)
+        if fmt == "coreml":
+            exports["coreml_fp16"] = Export.from_info(
+                fp16, path=Path(out_dir) / COREML_FP16_FILE, input_shape=network.input_shape
+            )
     return exports
 
 
@@ -164,6 +183,9 @@ def export_int8(
                     int8.run, reloaded, example, verify.atol, verify.rtol, f"OpenVINO reading {name}"
                 )
                 runtime = f"openvino {_version('openvino')}"
+            elif engine == "litert":
+                errors = _write_tflite_bytes(int8.model, path, metadata, int8.run, example, verify)
+                runtime = litert.version()
             else:
                 errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = f"onnxruntime {onnxruntime.__version__}"
@@ -208,6 +230,56 @@ def export_openvino(
     return {"path": str(path), "format": "openvino", "runtime": f"openvino {_version('openvino')}", **errors}
 
 
+def export_litert(
+    model: nn.Module, path: str | Path, example: Tensor, *, atol: float, rtol: float, metadata: Mapping[str, str]
+) -> dict:
+    """Convert ``model`` to a ``.tflite`` (batch 1, ``metadata`` inside); LiteRT's interpreter must reproduce it.
+
+    Raises:
+        ValueError: The interpreter cannot load the file, or its outputs differ from the model's.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(litert.convert(model, example, metadata))
+        run = litert.load(tmp)
+        errors = _check_outputs(
+            model, lambda x: torch.from_numpy(run(x.numpy())), example, atol, rtol, "LiteRT's interpreter"
+        )
+        if litert.read_metadata(tmp) != dict(metadata):
+            raise ValueError(f"{path.name} does not read back the metadata written into it")
+    return {
+        "path": str(path),
+        "format": "litert",
+        "runtime": f"{litert.version()} (batch fixed at 1; a larger batch runs image by image)",
+        **errors,
+    }
+
+
+def export_coreml(
+    model: nn.Module, path: str | Path, example: Tensor, *, precision: str, metadata: Mapping[str, str]
+) -> dict:
+    """Convert ``model`` to a Core ML ML Program in ``precision``, saved as the package (folder) ``path``.
+
+    Core ML cannot run on Linux: the package is read back and its spec validated instead
+    (:func:`repblocks.deploy.coreml.validate`).
+
+    Raises:
+        ValueError: The package's inputs, outputs, metadata, weights or convolutions are not the model's.
+    """
+    path = Path(path)
+    with atomic_path(path, folder=True) as tmp:
+        coreml.export(model, tmp, example, precision=precision, metadata=metadata)
+        check = coreml.validate(
+            tmp,
+            input_shape=tuple(example.shape[1:]),
+            num_classes=model(example[:1]).shape[-1],
+            convs=sum(isinstance(module, nn.Conv2d) for module in model.modules()),
+            precision=precision,
+            metadata=metadata,
+        )
+    return {"path": str(path), "format": f"coreml {precision}", "runtime": coreml.version(), "check": check}
+
+
 def _write_onnx_bytes(
     model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
 ) -> dict:
@@ -227,6 +299,22 @@ def _write_onnx_bytes(
             verify.atol,
             verify.rtol,
             f"onnxruntime reading {path.name}",
+        )
+
+
+def _write_tflite_bytes(
+    model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
+) -> dict:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(litert.with_metadata(model_bytes, metadata))
+        run = litert.load(tmp)
+        return _check_outputs(
+            reference,
+            lambda x: torch.from_numpy(run(x.numpy())),
+            example,
+            verify.atol,
+            verify.rtol,
+            f"LiteRT reading {path.name}",
         )
 
 

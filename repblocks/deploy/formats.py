@@ -12,6 +12,7 @@ import importlib.util
 
 __all__ = [
     "BACKENDS",
+    "COREML_FP16_FILE",
     "DEFAULT_BACKENDS",
     "DEFAULT_EXPORTS",
     "DTYPE_NAMES",
@@ -19,17 +20,26 @@ __all__ = [
     "FILE_NAMES",
     "INT8_FILE_NAMES",
     "MIN_ONNX_OPSET",
+    "OPT_IN_EXPORTS",
     "openvino_installed",
 ]
 
-EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino")
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino", "litert", "coreml")
 FILE_NAMES = {
     "safetensors": "model.safetensors",
     "onnx": "model.onnx",
     "torch_export": "model.pt2",
     "openvino": "model.xml",  # and model.bin beside it
+    "litert": "model.tflite",
+    "coreml": "model.mlpackage",  # a folder; fp32, and COREML_FP16_FILE beside it
 }
-INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}  # model_int8.bin beside the .xml
+COREML_FP16_FILE = "model_fp16.mlpackage"
+OPT_IN_EXPORTS = ("litert", "coreml")  # not exported unless asked for: a phone's formats, with extras of their own
+INT8_FILE_NAMES = {
+    "openvino": "model_int8.xml",
+    "onnxruntime": "model_int8.onnx",
+    "litert": "model_int8.tflite",
+}  # model_int8.bin beside the .xml
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -42,6 +52,7 @@ BACKENDS = (
     "openvino_throughput",
     "tensorrt",
     "onnxruntime_trt",
+    "litert",
 )
 # compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
 DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
@@ -55,4 +66,6 @@ def openvino_installed() -> bool:
         return False
 
 
-DEFAULT_EXPORTS = tuple(f for f in EXPORT_FORMATS if f != "openvino" or openvino_installed())
+DEFAULT_EXPORTS = tuple(
+    f for f in EXPORT_FORMATS if f not in OPT_IN_EXPORTS and (f != "openvino" or openvino_installed())
+)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
+from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
 from repblocks.errors import UserError
 from repblocks.files import check_free_space, check_writable_dir, remove_dead_staging, staged_folder
 
@@ -36,7 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"  # the run's settings, as resolved: which run made these files, and how to make them again
-_EXPORTS = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values()}
+_EXPORTS = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values(), COREML_FP16_FILE}
 # Every name a deploy run writes: the exports (OpenVINO's .bin beside each .xml), the reports, and what Hydra
 # put in the run folder before deploy turned that off.
 DEPLOY_FILES = frozenset(
@@ -47,7 +47,7 @@ DEPLOY_FILES = frozenset(
 )
 _REPORTS = ("report.json", "speed_table.json")  # a deploy output has one of them
 STAGING_SUFFIX = ".deploy-staging"
-_TEMPORARY = re.compile(r"^\..+\.tmp(\.xml|\.bin)?$")  # an atomic write interrupted by an older version
+_TEMPORARY = re.compile(r"^\..+\.tmp(\.xml|\.bin|\.mlpackage)?$")  # an atomic write interrupted by an older version
 _STAGING = re.compile(rf"^\..+{re.escape(STAGING_SUFFIX)}$")
 _REPORT_BYTES = 2**19  # reports, plot and config: well under half a megabyte
 

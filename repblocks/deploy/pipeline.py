@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repblocks.deploy import openvino
+from repblocks.deploy import coreml, litert, openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
@@ -157,7 +157,7 @@ def run_speed_table(config: DeployConfig) -> dict:
 
 
 def _check_extras(config: DeployConfig) -> None:
-    """Settings that cannot be met stop here, before anything is loaded: OpenVINO not installed, no such image folder."""
+    """Settings that cannot be met stop here, before anything is loaded: OpenVINO, LiteRT or Core ML not installed, no such image folder."""
     settings = config.quantize
     for name, path in (("calibration", settings.calibration), ("validation", settings.validation)):
         if settings.precision and path is not None and not Path(path).expanduser().is_dir():
@@ -167,6 +167,9 @@ def _check_extras(config: DeployConfig) -> None:
             raise UserError("quantize.class_names maps the class folders of quantize.validation=DIR: pass that too")
         if not Path(settings.class_names).expanduser().is_file():
             raise UserError(f"quantize.class_names: {settings.class_names} is not a file")
+    for fmt, engine in (("litert", litert), ("coreml", coreml)):
+        if fmt in config.export.formats:
+            engine.require(f"export.formats=[{fmt}]")
     reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
     if reason is None:
         return

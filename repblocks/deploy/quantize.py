@@ -8,8 +8,9 @@ The stage reads top to bottom:
    :mod:`repblocks.deploy.labelled_folder`), so that weights from anywhere can be gated. Without
    either, int8 is refused: an int8 model nobody measured is not shipped;
 2. each engine of ``quantize.engines`` quantizes the deploy form on its own: NNCF into OpenVINO
-   (:func:`repblocks.int8.nncf_int8`, the same int8 as QAT's baseline) and onnxruntime's static
-   QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`);
+   (:func:`repblocks.int8.nncf_int8`, the same int8 as QAT's baseline), onnxruntime's static
+   QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`), and (opt-in, extra
+   ``[litert]``) litert_torch's PT2E quantizer into a ``.tflite`` (:func:`repblocks.deploy.litert.int8`);
 3. the gate: top-1 of fp32 and int8 on the validation images. An engine whose int8 model loses
    more than ``quantize.max_drop`` points fails; for OpenVINO, NNCF's accuracy-control mode then
    tries again, keeping the layers that cost most in fp32. When no engine passes, the run stops
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_transform, evaluation_loader, sample_images
-from repblocks.deploy import openvino
+from repblocks.deploy import litert, openvino
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.export import export_onnx, onnx_session
 from repblocks.deploy.labelled_folder import validation_folder
@@ -146,7 +147,7 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
     useless = near_chance(fp32_top1, network.num_classes)
     if useless:
         log.warning("int8 gate: %s", useless)
-    quantizers = {"openvino": _openvino, "onnxruntime": _onnxruntime}
+    quantizers = {"openvino": _openvino, "onnxruntime": _onnxruntime, "litert": _litert}
     models = {engine: quantizers[engine](plain, calibration, gate, settings) for engine in engines}
     quantization = Quantization(
         calibration=images.calibration_info,
@@ -171,17 +172,21 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
 
 
 def _engines(settings: QuantizeConfig) -> tuple[list[str], list[dict]]:
-    """The engines to run; OpenVINO is skipped with the reason when not installed and another engine is listed."""
-    reason = openvino.missing()
+    """The engines to run; one not installed is skipped with the reason when another engine is listed."""
     engines = list(dict.fromkeys(settings.engines))
     if not engines:
-        raise UserError("quantize.engines is empty; known: openvino, onnxruntime")
-    if "openvino" in engines and reason:
-        if engines == ["openvino"]:
-            raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
-        engines.remove("openvino")
-        return engines, [{"what": "openvino int8", "reason": reason}]
-    return engines, []
+        raise UserError("quantize.engines is empty; known: openvino, onnxruntime, litert")
+    skipped = []
+    for engine, (what, reason) in {
+        "openvino": ("OpenVINO", openvino.missing()),
+        "litert": ("LiteRT", litert.missing()),
+    }.items():
+        if engine in engines and reason:
+            if engines == [engine]:
+                raise UserError(f"quantize.engines=[{engine}] needs {what}, but {reason}")
+            engines.remove(engine)
+            skipped.append({"what": f"{engine} int8", "reason": reason})
+    return engines, skipped
 
 
 # -- images ------------------------------------------------------------------------------------------------
@@ -421,6 +426,17 @@ def _onnxruntime(plain: nn.Module, calibration: Tensor, gate: Gate, settings: Qu
         if settings.worst_layers:
             result.worst_layers = _worst_layers(prepared, int8_path, calibration[: 2 * _BATCH], settings.worst_layers)
     return result
+
+
+def _litert(plain: nn.Module, calibration: Tensor, gate: Gate, settings: QuantizeConfig) -> Int8Model:
+    """litert_torch's PT2E quantizer (static, per-channel weights) into a ``.tflite``, run by LiteRT's interpreter."""
+    model_bytes = litert.int8(plain, calibration)
+    with tempfile.TemporaryDirectory(prefix="repblocks-int8-") as tmp:
+        path = Path(tmp) / "int8.tflite"
+        path.write_bytes(model_bytes)
+        run = litert.load(path)  # the interpreter keeps what it read: the folder may go
+    method = "litert_torch PT2E static, per-channel weights, LiteRT"
+    return gate.judge("litert", method, model_bytes, lambda batch: torch.from_numpy(run(batch.numpy())))
 
 
 def _reader(images: Tensor):
