@@ -42,7 +42,9 @@ __all__ = [
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 4096
 PRECISIONS = ("int8",)
-QUANT_ENGINES = ("openvino", "onnxruntime")  # NNCF into OpenVINO; onnxruntime's static QDQ quantizer
+# NNCF into OpenVINO; onnxruntime's static QDQ quantizer; PT2E into ExecuTorch (added when export.formats has it)
+QUANT_ENGINES = ("openvino", "onnxruntime", "executorch")
+DEFAULT_QUANT_ENGINES = ("openvino", "onnxruntime")
 
 
 def _range(low: float, high: float | None = None, *, why_high=None) -> dict:
@@ -137,7 +139,7 @@ class QuantizeConfig(_Checked):
     precision: str | None = field(default=None, metadata={"known": PRECISIONS, "what": "quantize.precision"})
     # Each engine quantizes on its own; an engine's int8 model is exported only if it passes the gate.
     engines: tuple[str, ...] = field(
-        default=QUANT_ENGINES, metadata={"known": QUANT_ENGINES, "what": "quantize engine"}
+        default=DEFAULT_QUANT_ENGINES, metadata={"known": QUANT_ENGINES, "what": "quantize engine"}
     )
     max_drop: float = field(default=1.0, metadata=_range(0, 100))  # top-1 points int8 may lose against fp32
     # None: the run's own training images (as prepared for evaluation); else a folder of images, searched recursively.

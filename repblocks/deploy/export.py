@@ -15,11 +15,14 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
   (``torch.jit``) is deprecated in torch 2.x; ``torch.export`` is its successor and what
   AOTInductor, ExecuTorch and the ONNX exporter above consume;
 * ``openvino`` (extra ``[openvino]``, a default when installed): ``model.xml`` + ``model.bin``,
-  float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`).
+  float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`);
+* ``executorch`` (extra ``[executorch]``, asked for by name): ``model.pte``, lowered to XNNPACK in
+  float32, batch 1 to 8, run back by ExecuTorch's runtime (:mod:`repblocks.deploy.executorch`).
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
-(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO) and ``model_int8.onnx``
-(onnxruntime QDQ), each read back and checked against the int8 model that was gated.
+(:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO), ``model_int8.onnx``
+(onnxruntime QDQ) and ``model_int8.pte`` (ExecuTorch, PT2E), each read back and checked against the
+int8 model that was gated.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks import checkpoint
-from repblocks.deploy import openvino
+from repblocks.deploy import executorch, openvino
 from repblocks.deploy.formats import FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
@@ -54,11 +57,13 @@ __all__ = [
     "Export",
     "deploy_metadata",
     "export_all",
+    "export_executorch",
     "export_int8",
     "export_openvino",
     "export_onnx",
     "export_safetensors",
     "export_torch_export",
+    "int8_metadata",
     "onnx_session",
 ]
 
@@ -80,6 +85,7 @@ class Export:
     max_abs_err: float | None = None  # its outputs against the model's, at checked_batch_sizes
     max_rel_err: float | None = None
     checked_batch_sizes: list[int] | None = None
+    max_batch: int | None = None  # the largest batch one call takes, where the format plans for one (ExecuTorch)
 
     @classmethod
     def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
@@ -134,6 +140,8 @@ def export_all(
                 )
             elif fmt == "openvino":
                 info = export_openvino(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
+            elif fmt == "executorch":
+                info = export_executorch(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
             else:
                 info = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
         exports[fmt] = Export.from_info(info, path=Path(out_dir) / FILE_NAMES[fmt], input_shape=network.input_shape)
@@ -149,7 +157,7 @@ def export_int8(
     engine, same graph: within ``verify``'s tolerance), so what was measured is what is shipped.
     """
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
-    metadata = {**deploy_metadata(network), "precision": "int8"}
+    metadata = int8_metadata(network)
     exports = {}
     for engine, int8 in quantization.passed.items():
         name = INT8_FILE_NAMES[engine]
@@ -164,6 +172,9 @@ def export_int8(
                     int8.run, reloaded, example, verify.atol, verify.rtol, f"OpenVINO reading {name}"
                 )
                 runtime = f"openvino {_version('openvino')}"
+            elif engine == "executorch":  # its metadata went in when it was lowered, before the gate
+                errors = _write_pte(int8.model, path, int8.run, example, verify.atol, verify.rtol)
+                runtime = executorch.version()
             else:
                 errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = f"onnxruntime {onnxruntime.__version__}"
@@ -208,6 +219,35 @@ def export_openvino(
     return {"path": str(path), "format": "openvino", "runtime": f"openvino {_version('openvino')}", **errors}
 
 
+def export_executorch(
+    model: nn.Module,
+    path: str | Path,
+    example: Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    metadata: Mapping[str, str] | None = None,
+) -> dict:
+    """Lower ``model`` to XNNPACK (float32, batch 1 to ``executorch.MAX_BATCH``), write the ``.pte``, run it back, check.
+
+    Raises:
+        ValueError: ExecuTorch's outputs from the written file differ from the model's (no file is left).
+    """
+    path = Path(path)
+    program = executorch.lower(model, example, metadata=metadata)
+    info = _write_pte(program, path, model, example, atol, rtol)
+    return {"path": str(path), "format": "executorch", "runtime": executorch.version(), **info}
+
+
+def _write_pte(program: bytes, path: Path, reference, example: Tensor, atol: float, rtol: float) -> dict:
+    """Write ``program`` at ``path`` once ExecuTorch, reading the file back, reproduces ``reference``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program)
+        run = executorch.runner(tmp, name=path.name)
+        errors = _check_outputs(reference, run, example, atol, rtol, f"ExecuTorch reading {path.name}")
+    return {**errors, "max_batch": run.planned_batch}
+
+
 def _write_onnx_bytes(
     model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
 ) -> dict:
@@ -245,6 +285,11 @@ def deploy_metadata(network: Network) -> dict[str, str]:
         model_kwargs=network.model_kwargs,
         preprocessing=network.preprocessing,
     )
+
+
+def int8_metadata(network: Network) -> dict[str, str]:
+    """The deploy metadata of an int8 export: :func:`deploy_metadata` and ``precision``."""
+    return {**deploy_metadata(network), "precision": "int8"}
 
 
 def export_safetensors(

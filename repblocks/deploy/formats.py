@@ -19,17 +19,28 @@ __all__ = [
     "FILE_NAMES",
     "INT8_FILE_NAMES",
     "MIN_ONNX_OPSET",
+    "OPT_IN_EXPORTS",
     "openvino_installed",
 ]
 
-EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino")
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino", "executorch", "litert", "coreml")
 FILE_NAMES = {
     "safetensors": "model.safetensors",
     "onnx": "model.onnx",
     "torch_export": "model.pt2",
     "openvino": "model.xml",  # and model.bin beside it
+    "executorch": "model.pte",  # XNNPACK, fp32
+    "litert": "model.tflite",
+    "coreml": "model.mlpackage",  # a folder; model_fp16.mlpackage beside it
 }
-INT8_FILE_NAMES = {"openvino": "model_int8.xml", "onnxruntime": "model_int8.onnx"}  # model_int8.bin beside the .xml
+INT8_FILE_NAMES = {
+    "openvino": "model_int8.xml",  # model_int8.bin beside it
+    "onnxruntime": "model_int8.onnx",
+    "executorch": "model_int8.pte",
+}
+# The phone and edge formats are asked for by name (export.formats=[...,executorch]): each converts for its own
+# device, which most runs do not target, and ExecuTorch's lowering alone takes seconds to tens of seconds.
+OPT_IN_EXPORTS = ("executorch", "litert", "coreml")
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -42,9 +53,11 @@ BACKENDS = (
     "openvino_throughput",
     "tensorrt",
     "onnxruntime_trt",
+    "executorch",
 )
-# compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
-DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
+# compile is opt-in (minutes to build on a small CPU), and so is executorch (a lowering per model form, tens of
+# seconds for RepVGG-A0 on 2 cores); the engines of the other device are listed as skipped.
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b not in ("compile", "executorch"))
 
 
 def openvino_installed() -> bool:
@@ -55,4 +68,6 @@ def openvino_installed() -> bool:
         return False
 
 
-DEFAULT_EXPORTS = tuple(f for f in EXPORT_FORMATS if f != "openvino" or openvino_installed())
+DEFAULT_EXPORTS = tuple(
+    f for f in EXPORT_FORMATS if f not in OPT_IN_EXPORTS and (f != "openvino" or openvino_installed())
+)
