@@ -51,9 +51,9 @@ def tiny_pte(tmp_path_factory) -> tuple[Path, dict]:
 @torch.inference_mode()
 def _check_round_trip(name: str, path: Path, info: dict) -> None:
     assert info["format"] == "executorch" and info["checked_batch_sizes"] == [1, 3] and info["max_rel_err"] < 1e-4
-    assert info["max_batch"] == executorch.MAX_BATCH
+    assert info["max_batch"] == executorch.BATCH
     run = executorch.load(path)
-    for batch_size in (1, executorch.MAX_BATCH + 3):  # the second is split into calls of the planned batch
+    for batch_size in (1, 5):  # five images: five calls of the program
         images = torch.randn(batch_size, 3, 32, 32)
         logits = run(images.numpy())
         assert isinstance(logits, np.ndarray) and logits.shape == (batch_size, 10) and logits.dtype == np.float32
@@ -116,7 +116,7 @@ def test_deploy_writes_the_pte_and_times_the_backend(accurate_ckpt, tmp_path):
     settings = {"ckpt": str(accurate_ckpt), "out_dir": str(out), "export": {"formats": ["executorch"]}, "bench": bench}
     report = run_deploy(DeployConfig.from_dict(settings))
     export = report["exports"]["executorch"]
-    assert export["path"] == str(out / "model.pte") and export["max_batch"] == executorch.MAX_BATCH
+    assert export["path"] == str(out / "model.pte") and export["max_batch"] == executorch.BATCH
     assert executorch.read_metadata(out / "model.pte")["model"] == "repvgg_tiny"
     timed = {(row["form"], row["backend"], row["dtype"]) for row in report["benchmark"]}
     assert {("deploy", "executorch", "fp32"), ("train", "executorch", "fp32")} <= timed

@@ -162,7 +162,7 @@ def ort_runner(session) -> Callable[[Tensor], Candidate]:
 def et_runner(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Candidate]:
     """An ExecuTorch program (:func:`repblocks.deploy.executorch.runner`) as a runner.
 
-    A batch larger than the program's planned one (``executorch.MAX_BATCH``) is timed as calls of that size.
+    A batch of more than one image is timed as one call per image (the ``.pte`` takes one: ``executorch.BATCH``).
     """
 
     def et_candidate(images: Tensor) -> Candidate:

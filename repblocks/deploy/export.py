@@ -17,7 +17,7 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
 * ``openvino`` (extra ``[openvino]``, a default when installed): ``model.xml`` + ``model.bin``,
   float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`);
 * ``executorch`` (extra ``[executorch]``, asked for by name): ``model.pte``, lowered to XNNPACK in
-  float32, batch 1 to 8, run back by ExecuTorch's runtime (:mod:`repblocks.deploy.executorch`).
+  float32, a batch of one image, run back by ExecuTorch's runtime (:mod:`repblocks.deploy.executorch`).
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
 (:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO), ``model_int8.onnx``
@@ -85,7 +85,7 @@ class Export:
     max_abs_err: float | None = None  # its outputs against the model's, at checked_batch_sizes
     max_rel_err: float | None = None
     checked_batch_sizes: list[int] | None = None
-    max_batch: int | None = None  # the largest batch one call takes, where the format plans for one (ExecuTorch)
+    max_batch: int | None = None  # the largest batch one call takes, where the format fixes it (ExecuTorch: 1)
 
     @classmethod
     def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
@@ -228,7 +228,7 @@ def export_executorch(
     rtol: float,
     metadata: Mapping[str, str] | None = None,
 ) -> dict:
-    """Lower ``model`` to XNNPACK (float32, batch 1 to ``executorch.MAX_BATCH``), write the ``.pte``, run it back, check.
+    """Lower ``model`` to XNNPACK (float32, one image a call), write the ``.pte``, run it back by ExecuTorch, check.
 
     Raises:
         ValueError: ExecuTorch's outputs from the written file differ from the model's (no file is left).
