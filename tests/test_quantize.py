@@ -179,7 +179,7 @@ def test_one_calibration_image_is_enough(accurate_ckpt, tmp_path, monkeypatch, s
         ({"precision": "int4"}, "unknown quantize.precision 'int4'; known: int8"),
         (
             {"precision": "int8", "engines": ["tflite"]},
-            "unknown quantize engine 'tflite'; known: openvino, onnxruntime",
+            "unknown quantize engine 'tflite'; known: openvino, onnxruntime, executorch",
         ),
         ({"precision": "int8", "max_drop": -1}, "quantize.max_drop must be at least 0"),
         ({"precision": "int8", "calibration": "/nonexistent/images"}, "/nonexistent/images is not a folder of images"),

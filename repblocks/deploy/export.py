@@ -142,8 +142,10 @@ def export_all(
                 info = export_openvino(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
             elif fmt == "executorch":
                 info = export_executorch(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
-            else:
+            elif fmt == "torch_export":
                 info = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
+            else:  # a name known to the config whose exporter is not in this build (litert, coreml)
+                raise ValueError(f"export.formats=[{fmt}] has no exporter in this version of repblocks")
         exports[fmt] = Export.from_info(info, path=Path(out_dir) / FILE_NAMES[fmt], input_shape=network.input_shape)
     return exports
 
