@@ -120,6 +120,7 @@ def test_deploy_writes_the_pte_and_times_the_backend(accurate_ckpt, tmp_path):
     assert executorch.read_metadata(out / "model.pte")["model"] == "repvgg_tiny"
     timed = {(row["form"], row["backend"], row["dtype"]) for row in report["benchmark"]}
     assert {("deploy", "executorch", "fp32"), ("train", "executorch", "fp32")} <= timed
+    assert report["environment"]["executorch_threads"] == report["environment"]["threads"]  # as onnxruntime's
     assert not [name for name in (p.name for p in out.iterdir()) if name.endswith(".tmp")]
 
 

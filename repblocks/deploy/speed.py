@@ -133,7 +133,8 @@ def timer_note(bench: BenchConfig) -> str:
     return (
         f"time.perf_counter around each call, between device synchronizations (repblocks.bench.time_interleaved); "
         f"median and p90 of {bench.rounds} rounds after {bench.warmup} warm-up calls, every runner of a batch size "
-        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads"
+        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads, "
+        "ExecuTorch's thread pool on torch's count, one image per call"
     )
 
 
