@@ -30,6 +30,28 @@ def trained_model(seed: int = 0) -> torch.nn.Module:
     return randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=seed).eval()
 
 
+def accurate_model() -> torch.nn.Module:
+    """repvgg_tiny trained for three epochs on the digits (under 2 s on 2 cores: about 90% top-1).
+
+    Accurate enough that an int8 model made to predict the least likely class fails any accuracy gate.
+    """
+    from repblocks.datasets import DigitsData
+
+    torch.manual_seed(0)
+    data = DigitsData(image_size=32, augment=False)
+    data.setup()
+    images, labels = data.calibration_set.images, data.calibration_set.labels
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for batch in torch.randperm(len(labels)).split(64):
+            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 def write_checkpoint(
     path: Path, model: torch.nn.Module, *, prefix: str = "model.", data: dict | None = None, **extra
 ) -> Path:

@@ -25,7 +25,7 @@ from repblocks.deploy import openvino, quantize
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
-from tests.helpers import ROOT, write_checkpoint
+from tests.helpers import ROOT, accurate_model, write_checkpoint
 
 pytestmark = pytest.mark.skipif(openvino.missing() is not None, reason="the [openvino] extra is not installed")
 
@@ -35,26 +35,9 @@ ANY_DROP = {"max_drop": 100.0}  # the gate passes whatever the CPU's int8 kernel
 NO_BENCH = {"device": "cpu", "batch_sizes": []}
 
 
-def _accurate_model() -> torch.nn.Module:
-    """repvgg_tiny trained for three epochs on the digits (under 2 s on 2 cores: about 90% top-1)."""
-    torch.manual_seed(0)
-    data = DigitsData(image_size=32, augment=False)
-    data.setup()
-    images, labels = data.calibration_set.images, data.calibration_set.labels
-    model = repblocks.create_model("repvgg_tiny", num_classes=10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for batch in torch.randperm(len(labels)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def accurate_ckpt(tmp_path_factory) -> Path:
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.ckpt", _accurate_model(), data=DIGITS)
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.ckpt", accurate_model(), data=DIGITS)
 
 
 def _deploy(out_dir: Path, **settings) -> dict:
@@ -199,7 +182,7 @@ def test_one_calibration_image_is_enough(accurate_ckpt, tmp_path, monkeypatch, s
         ({"precision": "int4"}, "unknown quantize.precision 'int4'; known: int8"),
         (
             {"precision": "int8", "engines": ["tflite"]},
-            "unknown quantize engine 'tflite'; known: openvino, onnxruntime",
+            "unknown quantize engine 'tflite'; known: openvino, onnxruntime, executorch",
         ),
         ({"precision": "int8", "max_drop": -1}, "quantize.max_drop must be at least 0"),
         ({"precision": "int8", "calibration": "/nonexistent/images"}, "/nonexistent/images is not a folder of images"),

@@ -92,7 +92,9 @@ def why_not_run(command: str) -> str | None:
 
 def test_every_readme_command_is_run_or_skipped_with_a_reason():
     blocks = readme_blocks()
-    assert {block.language for block in blocks} <= {"bash", "python", "text"}, "a block without a language is not tested"
+    assert {block.language for block in blocks} <= {"bash", "python", "text"}, (
+        "a block without a language is not tested"
+    )
     for block in blocks:
         assert block.marker == "" or block.marker.startswith("skip: "), f"README line {block.line}: {block.marker}"
     for line, command in readme_commands():

@@ -329,6 +329,18 @@ def test_deploy_py_with_litert_and_coreml_opens_no_network_socket(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not importlib.util.find_spec("executorch"), reason="needs pip install repblocks[executorch]")
+def test_deploy_py_with_executorch_opens_no_network_socket(tmp_path):
+    ckpt = _run_checkpoint(tmp_path / "last.ckpt")
+    settings = ["bench.device=cpu", "bench.batch_sizes=[1]", "bench.backends=[executorch]", "bench.rounds=2"]
+    settings += ["bench.warmup=1", "export.formats=[executorch]", "verify.real_batches=0"]
+    out = tmp_path / "out"
+    calls = _network_calls(tmp_path, "deploy.py", f"ckpt={ckpt}", f"out_dir={out}", f"hydra.run.dir={out}", *settings)
+    assert (out / "model.pte").is_file()  # lowered, run back and timed by ExecuTorch
+    assert calls == []
+
+
+@pytest.mark.slow
 @needs_openvino
 def test_qat_opens_no_network_socket(tmp_path):
     data = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}

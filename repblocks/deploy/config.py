@@ -43,8 +43,10 @@ __all__ = [
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 4096
 PRECISIONS = ("int8",)
-QUANT_ENGINES = ("openvino", "onnxruntime", "litert")  # NNCF into OpenVINO; onnxruntime's static QDQ; LiteRT PT2E
-DEFAULT_QUANT_ENGINES = ("openvino", "onnxruntime")  # litert is opt-in, as its export is
+# NNCF into OpenVINO; onnxruntime's static QDQ quantizer; PT2E into ExecuTorch (added when export.formats has it)
+# and into LiteRT (opt-in, as its export is)
+QUANT_ENGINES = ("openvino", "onnxruntime", "executorch", "litert")
+DEFAULT_QUANT_ENGINES = ("openvino", "onnxruntime")
 
 
 def _range(low: float, high: float | None = None, *, why_high=None) -> dict:

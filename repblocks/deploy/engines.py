@@ -3,8 +3,10 @@
 Backends: ``eager`` and ``channels_last`` (PyTorch), ``compile`` (``torch.compile``),
 ``onnxruntime`` (the model exported to ONNX, run by onnxruntime's CPU or CUDA provider),
 ``openvino`` and ``openvino_throughput`` (extra ``[openvino]``: the CPU in latency or throughput
-mode, :mod:`repblocks.deploy.openvino`), ``litert`` (extra ``[litert]``: the ``.tflite`` export in
-LiteRT's interpreter, batch 1 per call, :mod:`repblocks.deploy.litert`), and on NVIDIA GPUs ``tensorrt`` (extra ``[tensorrt]``,
+mode, :mod:`repblocks.deploy.openvino`), ``executorch`` (extra ``[executorch]``, opt-in: the model
+lowered to XNNPACK and run by ExecuTorch's runtime, :mod:`repblocks.deploy.executorch`), ``litert``
+(extra ``[litert]``, opt-in: the ``.tflite`` export in LiteRT's interpreter, :mod:`repblocks.deploy.litert`);
+both take one image per call, so a larger batch is timed as one call per image. On NVIDIA GPUs ``tensorrt`` (extra ``[tensorrt]``,
 :mod:`repblocks.deploy.tensorrt`) and ``onnxruntime_trt`` (onnxruntime's TensorRT provider).
 A backend that cannot run here is listed as skipped with the reason (:func:`applicable`). Each
 runner turns a float32 CPU batch into a zero-argument callable, which
@@ -24,7 +26,7 @@ import onnxruntime
 import torch
 from torch import Tensor, nn
 
-from repblocks.deploy import litert, openvino, tensorrt
+from repblocks.deploy import executorch, litert, openvino, tensorrt
 from repblocks.deploy.export import export_onnx, onnx_session
 from repblocks.deploy.formats import BACKENDS, DEFAULT_BACKENDS, DTYPE_NAMES
 from repblocks.numerics import max_errors
@@ -65,6 +67,10 @@ def applicable(backend: str, dtype: str, device: torch.device) -> str | None:
         if device.type != "cpu":
             return "OpenVINO is timed on the CPU; this run times the GPU"
         return openvino.missing() or (None if dtype == "fp32" else "OpenVINO is compiled with its fp32 precision hint")
+    if backend == "executorch":
+        if device.type != "cpu":
+            return "ExecuTorch's XNNPACK backend is timed on the CPU; this run times the GPU"
+        return executorch.missing() or (None if dtype == "fp32" else "the ExecuTorch export is float32")
     if backend == "tensorrt":
         return tensorrt.missing(device) or (
             None if dtype in ("fp32", "fp16") else "TensorRT builds fp32 and fp16 engines"
@@ -111,6 +117,8 @@ def build_runner(
         built = array_runner(litert.load(path, threads=torch.get_num_threads()))
         _check_engine(model, built, example, spec)
         return built
+    if spec.backend == "executorch":
+        return et_runner(executorch.runner(executorch.lower(model, example)))
     if spec.backend in ("onnxruntime", "tensorrt", "onnxruntime_trt"):
         path = workdir / f"{spec.form}.onnx"
         if not path.exists():  # one export per form, shared by the backends that read ONNX
@@ -172,6 +180,19 @@ def array_runner(run: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensor], 
         return lambda: run(batch)
 
     return array_candidate
+
+
+def et_runner(run: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Candidate]:
+    """An ExecuTorch program (:func:`repblocks.deploy.executorch.runner`) as a runner.
+
+    A batch of more than one image is timed as one call per image (the ``.pte`` takes one: ``executorch.BATCH``).
+    """
+
+    def et_candidate(images: Tensor) -> Candidate:
+        batch = images.float().contiguous()
+        return lambda: run(batch)
+
+    return et_candidate
 
 
 def _providers(spec: RunnerSpec, device: torch.device) -> list | None:

@@ -16,6 +16,8 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
   AOTInductor, ExecuTorch and the ONNX exporter above consume;
 * ``openvino`` (extra ``[openvino]``, a default when installed): ``model.xml`` + ``model.bin``,
   float32 weights, read back and compiled by OpenVINO (:mod:`repblocks.deploy.openvino`);
+* ``executorch`` (extra ``[executorch]``, opt-in): ``model.pte``, lowered to XNNPACK in
+  float32, a batch of one image, run back by ExecuTorch's runtime (:mod:`repblocks.deploy.executorch`);
 * ``litert`` (extra ``[litert]``, opt-in): ``model.tflite``, batch 1, run by LiteRT's interpreter
   (:mod:`repblocks.deploy.litert`);
 * ``coreml`` (extra ``[coreml]``, opt-in): ``model.mlpackage`` (fp32) and ``model_fp16.mlpackage``,
@@ -24,8 +26,8 @@ the model's own input size (``Network.input_shape``), whatever size is timed:
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
 (:func:`export_int8`): ``model_int8.xml``/``.bin`` (NNCF, OpenVINO), ``model_int8.onnx``
-(onnxruntime QDQ) and ``model_int8.tflite`` (LiteRT), each read back and checked against the int8
-model that was gated.
+(onnxruntime QDQ), ``model_int8.pte`` (ExecuTorch, PT2E) and ``model_int8.tflite`` (LiteRT, PT2E),
+each read back and checked against the int8 model that was gated.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks import checkpoint
-from repblocks.deploy import coreml, litert, openvino
+from repblocks.deploy import coreml, executorch, litert, openvino
 from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
@@ -61,12 +63,14 @@ __all__ = [
     "deploy_metadata",
     "export_all",
     "export_coreml",
+    "export_executorch",
     "export_int8",
     "export_litert",
     "export_openvino",
     "export_onnx",
     "export_safetensors",
     "export_torch_export",
+    "int8_metadata",
     "onnx_session",
 ]
 
@@ -88,6 +92,7 @@ class Export:
     max_abs_err: float | None = None  # its outputs against the model's, at checked_batch_sizes
     max_rel_err: float | None = None
     checked_batch_sizes: list[int] | None = None
+    max_batch: int | None = None  # the largest batch one call takes, where the format fixes it (ExecuTorch: 1)
 
     @classmethod
     def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
@@ -149,8 +154,12 @@ def export_all(
                 fp16 = export_coreml(
                     plain, path.with_name(COREML_FP16_FILE), example, precision="fp16", metadata=metadata
                 )
-            else:
+            elif fmt == "executorch":
+                info = export_executorch(plain, path, example, atol=verify.atol, rtol=verify.rtol, metadata=metadata)
+            elif fmt == "torch_export":
                 info = export_torch_export(plain, path, example, atol=verify.atol, rtol=verify.rtol)
+            else:  # a name known to the config with no exporter here: a programming error, not a user one
+                raise ValueError(f"export.formats=[{fmt}] has no exporter in this version of repblocks")
         exports[fmt] = Export.from_info(info, path=Path(out_dir) / FILE_NAMES[fmt], input_shape=network.input_shape)
         if fmt == "coreml":
             exports["coreml_fp16"] = Export.from_info(
@@ -168,7 +177,7 @@ def export_int8(
     engine, same graph: within ``verify``'s tolerance), so what was measured is what is shipped.
     """
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
-    metadata = {**deploy_metadata(network), "precision": "int8"}
+    metadata = int8_metadata(network)
     exports = {}
     for engine, int8 in quantization.passed.items():
         name = INT8_FILE_NAMES[engine]
@@ -186,6 +195,9 @@ def export_int8(
             elif engine == "litert":
                 errors = _write_tflite_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = litert.version()
+            elif engine == "executorch":  # its metadata went in when it was lowered, before the gate
+                errors = _write_pte(int8.model, path, int8.run, example, verify.atol, verify.rtol)
+                runtime = executorch.version()
             else:
                 errors = _write_onnx_bytes(int8.model, path, metadata, int8.run, example, verify)
                 runtime = f"onnxruntime {onnxruntime.__version__}"
@@ -280,6 +292,35 @@ def export_coreml(
     return {"path": str(path), "format": f"coreml {precision}", "runtime": coreml.version(), "check": check}
 
 
+def export_executorch(
+    model: nn.Module,
+    path: str | Path,
+    example: Tensor,
+    *,
+    atol: float,
+    rtol: float,
+    metadata: Mapping[str, str] | None = None,
+) -> dict:
+    """Lower ``model`` to XNNPACK (float32, one image a call), write the ``.pte``, run it back by ExecuTorch, check.
+
+    Raises:
+        ValueError: ExecuTorch's outputs from the written file differ from the model's (no file is left).
+    """
+    path = Path(path)
+    program = executorch.lower(model, example, metadata=metadata)
+    info = _write_pte(program, path, model, example, atol, rtol)
+    return {"path": str(path), "format": "executorch", "runtime": executorch.version(), **info}
+
+
+def _write_pte(program: bytes, path: Path, reference, example: Tensor, atol: float, rtol: float) -> dict:
+    """Write ``program`` at ``path`` once ExecuTorch, reading the file back, reproduces ``reference``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program)
+        run = executorch.runner(tmp, name=path.name)
+        errors = _check_outputs(reference, run, example, atol, rtol, f"ExecuTorch reading {path.name}")
+    return {**errors, "max_batch": run.planned_batch}
+
+
 def _write_onnx_bytes(
     model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
 ) -> dict:
@@ -334,6 +375,11 @@ def deploy_metadata(network: Network) -> dict[str, str]:
         preprocessing=network.preprocessing,
         class_names=network.class_names,
     )
+
+
+def int8_metadata(network: Network) -> dict[str, str]:
+    """The deploy metadata of an int8 export: :func:`deploy_metadata` and ``precision``."""
+    return {**deploy_metadata(network), "precision": "int8"}
 
 
 def export_safetensors(

@@ -24,22 +24,26 @@ __all__ = [
     "openvino_installed",
 ]
 
-EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino", "litert", "coreml")
+EXPORT_FORMATS = ("safetensors", "onnx", "torch_export", "openvino", "executorch", "litert", "coreml")
 FILE_NAMES = {
     "safetensors": "model.safetensors",
     "onnx": "model.onnx",
     "torch_export": "model.pt2",
     "openvino": "model.xml",  # and model.bin beside it
+    "executorch": "model.pte",  # XNNPACK, fp32
     "litert": "model.tflite",
     "coreml": "model.mlpackage",  # a folder; fp32, and COREML_FP16_FILE beside it
 }
 COREML_FP16_FILE = "model_fp16.mlpackage"
-OPT_IN_EXPORTS = ("litert", "coreml")  # not exported unless asked for: a phone's formats, with extras of their own
 INT8_FILE_NAMES = {
-    "openvino": "model_int8.xml",
+    "openvino": "model_int8.xml",  # model_int8.bin beside it
     "onnxruntime": "model_int8.onnx",
+    "executorch": "model_int8.pte",
     "litert": "model_int8.tflite",
-}  # model_int8.bin beside the .xml
+}
+# The phone and edge formats are asked for by name (export.formats=[...,executorch]): each converts for its own
+# device, which most runs do not target, and each conversion takes seconds to minutes.
+OPT_IN_EXPORTS = ("executorch", "litert", "coreml")
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter's lowest; asked for less, it writes 18 and says so in a log
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -52,10 +56,13 @@ BACKENDS = (
     "openvino_throughput",
     "tensorrt",
     "onnxruntime_trt",
+    "executorch",
     "litert",
 )
-# compile is opt-in (minutes to build on a small CPU); the engines of the other device are listed as skipped.
-DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b != "compile")
+# compile is opt-in (minutes to build on a small CPU), and so are executorch and litert (a conversion per model
+# form: tens of seconds to two minutes for RepVGG-A0 on 2 cores); the engines of the other device are listed as skipped.
+OPT_IN_BACKENDS = ("compile", "executorch", "litert")
+DEFAULT_BACKENDS = tuple(b for b in BACKENDS if b not in OPT_IN_BACKENDS)
 
 
 def openvino_installed() -> bool:

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repblocks.deploy import coreml, litert, openvino
+from repblocks.deploy import coreml, executorch, litert, openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.export import export_all, export_int8
@@ -75,6 +75,7 @@ def run_deploy(config: DeployConfig) -> dict:
     out_dir = check_out_dir(config.out_dir)
     remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     bench = config.bench.for_device(device.type)
+    config = _with_executorch_int8(config)
     _check_extras(config)
     choice = _choose_threads(bench)
     with threads(choice.threads):
@@ -156,6 +157,14 @@ def run_speed_table(config: DeployConfig) -> dict:
     return report
 
 
+def _with_executorch_int8(config: DeployConfig) -> DeployConfig:
+    """With ``export.formats=[...,executorch]`` and ``quantize=int8``, ExecuTorch is one of the int8 engines too."""
+    engines = config.quantize.engines
+    if not config.quantize.precision or "executorch" not in config.export.formats or "executorch" in engines:
+        return config
+    return dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, engines=(*engines, "executorch")))
+
+
 def _check_extras(config: DeployConfig) -> None:
     """Settings that cannot be met stop here, before anything is loaded: OpenVINO, LiteRT or Core ML not installed, no such image folder."""
     settings = config.quantize
@@ -170,6 +179,9 @@ def _check_extras(config: DeployConfig) -> None:
     for fmt, engine in (("litert", litert), ("coreml", coreml)):
         if fmt in config.export.formats:
             engine.require(f"export.formats=[{fmt}]")
+    reason = executorch.missing()
+    if reason and "executorch" in config.export.formats:
+        raise UserError(f"export.formats=[executorch] needs ExecuTorch, but {reason}")
     reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
     if reason is None:
         return

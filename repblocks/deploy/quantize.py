@@ -9,7 +9,9 @@ The stage reads top to bottom:
    either, int8 is refused: an int8 model nobody measured is not shipped;
 2. each engine of ``quantize.engines`` quantizes the deploy form on its own: NNCF into OpenVINO
    (:func:`repblocks.int8.nncf_int8`, the same int8 as QAT's baseline), onnxruntime's static
-   QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`), and (opt-in, extra
+   QDQ quantizer with per-channel weights (:func:`onnxruntime_int8`), (with
+   ``export.formats=[...,executorch]``, or by name) PT2E with XNNPACK's quantizer, lowered to a ``.pte``
+   and judged as ExecuTorch runs it (:func:`repblocks.deploy.executorch.quantize_int8`), and (opt-in, extra
    ``[litert]``) litert_torch's PT2E quantizer into a ``.tflite`` (:func:`repblocks.deploy.litert.int8`);
 3. the gate: top-1 of fp32 and int8 on the validation images. An engine whose int8 model loses
    more than ``quantize.max_drop`` points fails; for OpenVINO, NNCF's accuracy-control mode then
@@ -27,6 +29,7 @@ quantized apart and summed (``benchmarks/int8_accuracy.py`` measures both).
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from collections.abc import Callable, Iterable
@@ -38,9 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_transform, evaluation_loader, sample_images
-from repblocks.deploy import litert, openvino
-from repblocks.deploy.config import QuantizeConfig
-from repblocks.deploy.export import export_onnx, onnx_session
+from repblocks.deploy import executorch, litert, openvino
+from repblocks.deploy.config import QUANT_ENGINES, QuantizeConfig
+from repblocks.deploy.export import export_onnx, int8_metadata, onnx_session
 from repblocks.deploy.labelled_folder import validation_folder
 from repblocks.deploy.preprocessing import describe_sources
 from repblocks.deploy.sources import Network
@@ -77,9 +80,9 @@ log = logging.getLogger(__name__)
 class Int8Model:
     """One engine's int8 model and how it did at the gate."""
 
-    engine: str  # "openvino" or "onnxruntime"
+    engine: str  # "openvino", "onnxruntime" or "executorch"
     method: str  # how it was quantized, for the report
-    model: object  # an openvino.Model, or the QDQ ONNX file's bytes
+    model: object  # an openvino.Model, the QDQ ONNX file's bytes, or the .pte's bytes
     run: Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
     top1: float  # percent
     drop: float  # fp32 top-1 minus int8 top-1, in points
@@ -147,7 +150,13 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
     useless = near_chance(fp32_top1, network.num_classes)
     if useless:
         log.warning("int8 gate: %s", useless)
-    quantizers = {"openvino": _openvino, "onnxruntime": _onnxruntime, "litert": _litert}
+    quantizers = {
+        "openvino": _openvino,
+        "onnxruntime": _onnxruntime,
+        # The .pte carries its metadata inside: it goes in when lowered, so the program gated is the file written.
+        "executorch": functools.partial(_executorch, metadata=int8_metadata(network)),
+        "litert": _litert,
+    }
     models = {engine: quantizers[engine](plain, calibration, gate, settings) for engine in engines}
     quantization = Quantization(
         calibration=images.calibration_info,
@@ -173,20 +182,20 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
 
 def _engines(settings: QuantizeConfig) -> tuple[list[str], list[dict]]:
     """The engines to run; one not installed is skipped with the reason when another engine is listed."""
-    engines = list(dict.fromkeys(settings.engines))
+    engines, skipped = list(dict.fromkeys(settings.engines)), []
     if not engines:
-        raise UserError("quantize.engines is empty; known: openvino, onnxruntime, litert")
-    skipped = []
-    for engine, (what, reason) in {
-        "openvino": ("OpenVINO", openvino.missing()),
-        "litert": ("LiteRT", litert.missing()),
-    }.items():
-        if engine in engines and reason:
+        raise UserError(f"quantize.engines is empty; known: {', '.join(QUANT_ENGINES)}")
+    for engine, package in (("openvino", openvino), ("executorch", executorch), ("litert", litert)):
+        reason = package.missing() if engine in engines else None
+        if reason:
             if engines == [engine]:
-                raise UserError(f"quantize.engines=[{engine}] needs {what}, but {reason}")
+                raise UserError(f"quantize.engines=[{engine}] needs {_NAMES[engine]}, but {reason}")
             engines.remove(engine)
             skipped.append({"what": f"{engine} int8", "reason": reason})
     return engines, skipped
+
+
+_NAMES = {"openvino": "OpenVINO", "executorch": "ExecuTorch", "litert": "LiteRT"}
 
 
 # -- images ------------------------------------------------------------------------------------------------
@@ -336,9 +345,11 @@ def onnxruntime_int8(
 def int8_runner(
     engine: str, model: nn.Module, calibration: Tensor, workdir: Path, **options
 ) -> Callable[[Tensor], Tensor]:
-    """``model`` quantized by ``engine`` (``openvino``, ``onnxruntime``), as images -> logits; for comparisons."""
+    """``model`` quantized by ``engine`` (``openvino``, ``onnxruntime``, ``executorch``), as images -> logits."""
     if engine == "openvino":
         return _ov_run(nncf_int8(model, calibration))
+    if engine == "executorch":
+        return _et_run(executorch.quantize_int8(model, calibration))
     _, int8_path = onnxruntime_int8(model, calibration, workdir, **options)
     return _ort_run(onnx_session(int8_path.read_bytes()))
 
@@ -439,6 +450,15 @@ def _litert(plain: nn.Module, calibration: Tensor, gate: Gate, settings: Quantiz
     return gate.judge("litert", method, model_bytes, lambda batch: torch.from_numpy(run(batch.numpy())))
 
 
+def _executorch(
+    plain: nn.Module, calibration: Tensor, gate: Gate, settings: QuantizeConfig, *, metadata: dict[str, str]
+) -> Int8Model:
+    """PT2E with XNNPACK's quantizer, lowered to a ``.pte``; judged as ExecuTorch runs that program."""
+    program = executorch.quantize_int8(plain, calibration, metadata=metadata)
+    method = "PT2E XNNPACKQuantizer (per-channel weights), ExecuTorch XNNPACK"
+    return gate.judge("executorch", method, program, _et_run(program))
+
+
 def _reader(images: Tensor):
     """onnxruntime's calibration data reader over ``images``, a batch at a time."""
     from onnxruntime.quantization import CalibrationDataReader
@@ -465,6 +485,10 @@ def _quantized(op) -> bool:
 
 def _ov_run(ov_model) -> Callable[[Tensor], Tensor]:
     return openvino.infer(openvino.compile_model(ov_model))
+
+
+def _et_run(program: bytes) -> Callable[[Tensor], Tensor]:
+    return executorch.runner(program, name="the int8 ExecuTorch program")
 
 
 def _ort_run(session) -> Callable[[Tensor], Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -134,6 +135,9 @@ def environment(device: torch.device, *, tf32: bool) -> dict:
     import onnxruntime
 
     found = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "threads": torch.get_num_threads()}
+    executorch = sys.modules.get("executorch.extension.pybindings.portable_lib")
+    if executorch is not None:  # its own CPU thread pool, set to torch's count by the runs that load a .pte
+        found["executorch_threads"] = executorch._threadpool_get_thread_count()
     if device.type == "cuda":
         # "tf32": fp32 convs ran in TF32 on Ampere and later, as PyTorch does by default (the paper's 1080Ti cannot).
         found["fp32_conv_precision"] = torch.backends.cudnn.conv.fp32_precision if tf32 else "ieee"

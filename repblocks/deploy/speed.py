@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.bench import SKEW_THRESHOLD, OtherLoad, median, p90, synchronizer, throughput, time_interleaved
-from repblocks.deploy import openvino, tensorrt
+from repblocks.deploy import executorch, openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
 from repblocks.deploy.engines import (
     OPENVINO_MODES,
@@ -32,6 +32,7 @@ from repblocks.deploy.engines import (
     RunnerSpec,
     applicable,
     build_runner,
+    et_runner,
     one_line,
     ort_runner,
 )
@@ -132,7 +133,8 @@ def timer_note(bench: BenchConfig) -> str:
     return (
         f"time.perf_counter around each call, between device synchronizations (repblocks.bench.time_interleaved); "
         f"median and p90 of {bench.rounds} rounds after {bench.warmup} warm-up calls, every runner of a batch size "
-        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads"
+        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads, "
+        "ExecuTorch's thread pool on torch's count, one image per call"
     )
 
 
@@ -211,6 +213,9 @@ def int8_runners(quantization: Quantization, *, device: torch.device, backends: 
                 prepared[RunnerSpec("deploy", backend, "int8")] = lambda _, m=model, mode=mode: openvino.runner(
                     m, mode=mode
                 )
+    if device.type == "cpu" and "executorch" in passed and "executorch" in backends:
+        program = passed["executorch"].model  # the .pte's bytes
+        prepared[RunnerSpec("deploy", "executorch", "int8")] = lambda _: et_runner(executorch.runner(program))
     if "onnxruntime" in passed:
         qdq = passed["onnxruntime"].model  # the QDQ ONNX file's bytes
         if device.type == "cpu" and "onnxruntime" in backends:
