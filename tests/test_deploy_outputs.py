@@ -160,7 +160,14 @@ def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, m
 # holding one is a deploy output. Written by hand so that a name added to the exports must be added here too.
 EXPORT_FILES = ["model.safetensors", "model.onnx", "model.pt2", "model.xml", "model.bin"]
 EXPORT_FILES += ["model_int8.xml", "model_int8.bin", "model_int8.onnx"]
-EXPORT_FILES += ["model.tflite", "model_int8.tflite", "model.mlpackage", "model_fp16.mlpackage"]  # .mlpackage: folders
+EXPORT_FILES += [
+    "model.pte",
+    "model_int8.pte",
+    "model.tflite",
+    "model_int8.tflite",
+    "model.mlpackage",
+    "model_fp16.mlpackage",
+]  # .mlpackage: folders
 
 
 def test_every_file_an_export_writes_is_a_deploy_file():
