@@ -42,7 +42,9 @@ def test_a_setting_then_omp_num_threads_choose_before_any_measurement(four_cores
     assert choice.threads == 1 and choice.note.startswith("1 thread (OMP_NUM_THREADS")
     assert choose_threads(5).threads == 5  # the setting wins over the environment
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
-    with pytest.raises(ValueError, match=r"^OMP_NUM_THREADS must be a whole number of threads, at least 1, got 'many'$"):
+    with pytest.raises(
+        ValueError, match=r"^OMP_NUM_THREADS must be a whole number of threads, at least 1, got 'many'$"
+    ):
         choose_threads(None)
 
 
@@ -84,7 +86,12 @@ def test_without_a_terminal_the_bar_gives_way_to_a_line_per_epoch(tmp_path, monk
 
     monkeypatch.setattr(progress, "output_is_terminal", lambda: False)
     with caplog.at_level(logging.INFO, logger="repblocks.train.progress"):
-        overrides = ["trainer.max_epochs=2", "trainer.limit_train_batches=1", "callbacks.deploy_check=null", "threads=1"]
+        overrides = [
+            "trainer.max_epochs=2",
+            "trainer.limit_train_batches=1",
+            "callbacks.deploy_check=null",
+            "threads=1",
+        ]
         train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", *overrides))
     lines = [r.getMessage() for r in caplog.records if r.name == "repblocks.train.progress"]
     assert len(lines) == 2, lines
@@ -113,7 +120,9 @@ def test_train_py_to_a_log_prints_its_threads_once_and_a_line_per_epoch(tmp_path
 @pytest.mark.slow  # a deploy.py process that exports and times: 20 s on an idle machine
 def test_deploy_py_to_a_log_prints_a_line_per_stage_and_what_it_times(tmp_path):
     settings = ["bench.device=cpu", "bench.batch_sizes=[1,2]", "bench.backends=[eager]", "bench.rounds=3"]
-    done = _run("deploy.py", "model=repvgg_tiny", f"out_dir={tmp_path / 'out'}", "export.formats=[safetensors]", *settings)
+    done = _run(
+        "deploy.py", "model=repvgg_tiny", f"out_dir={tmp_path / 'out'}", "export.formats=[safetensors]", *settings
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
     for stage in ("load", "convert", "verify", "export", "time", "report"):
