@@ -11,8 +11,8 @@ deploy.py therefore run on as many threads as the cores other processes leave fr
 
 OpenMP's idle threads should also sleep rather than spin (``OMP_WAIT_POLICY=PASSIVE``): a spinning
 thread on a core another process uses steals it at every barrier. OpenMP reads that setting once, when
-torch loads it, so each entry script sets it (:data:`WAIT_POLICY` to :data:`PASSIVE`, unless the
-environment already does) before its first import of torch; :class:`ThreadChoice` reports what was in force.
+torch loads it, so each entry script sets it (unless the environment already does) before its first
+import of torch, which any import of ``repblocks`` brings; :class:`ThreadChoice` reports what was in force.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from repblocks.bench import available_cores, free_cores
+from repblocks.errors import UserError
 
-__all__ = ["PASSIVE", "WAIT_POLICY", "ThreadChoice", "choose_threads", "loader_workers", "use_threads"]
+__all__ = ["ThreadChoice", "choose_threads", "loader_workers", "use_threads"]
 
-WAIT_POLICY = "OMP_WAIT_POLICY"  # the variable the entry scripts set before torch loads OpenMP
-PASSIVE = "PASSIVE"  # idle OpenMP threads sleep instead of spinning
 MAX_LOADER_WORKERS = 8  # beyond this, more data-loading processes rarely feed a model faster
 
 
@@ -68,18 +67,19 @@ def choose_threads(requested: int | None, *, setting: str = "threads", processes
         processes: Processes of this run sharing the machine (DDP on the CPU): each gets its share.
 
     Raises:
-        ValueError: ``OMP_NUM_THREADS`` is set but is not a whole number of at least 1.
+        UserError: ``OMP_NUM_THREADS`` is set but is not a whole number of at least 1.
     """
-    policy = os.environ.get(WAIT_POLICY, "unset (OpenMP spins)")
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP spins)")
     cores, processes = available_cores(), max(1, processes)
     share = max(1, cores // processes)
     if requested:
         return ThreadChoice(requested, cores, None, policy, setting, "setting", share)
     from_environment = os.environ.get("OMP_NUM_THREADS", "").strip()
     if from_environment:
-        if not from_environment.isdigit() or int(from_environment) < 1:
-            raise ValueError(f"OMP_NUM_THREADS must be a whole number of threads, at least 1, got {from_environment!r}")
-        return ThreadChoice(int(from_environment), cores, None, policy, setting, "OMP_NUM_THREADS", share)
+        outermost = from_environment.split(",")[0].strip()  # "4,2": 4 threads, then 2 in nested regions
+        if not outermost.isdigit() or int(outermost) < 1:
+            raise UserError(f"OMP_NUM_THREADS must be a whole number of threads, at least 1, got {from_environment!r}")
+        return ThreadChoice(int(outermost), cores, None, policy, setting, "OMP_NUM_THREADS", share)
     free, load = free_cores()
     share = max(1, free // processes)
     return ThreadChoice(share, cores, load or 0.0, policy, setting, "measured", share)

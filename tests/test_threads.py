@@ -41,6 +41,8 @@ def test_a_setting_then_omp_num_threads_choose_before_any_measurement(four_cores
     choice = choose_threads(None)
     assert choice.threads == 1 and choice.note.startswith("1 thread (OMP_NUM_THREADS")
     assert choose_threads(5).threads == 5  # the setting wins over the environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # nested regions: the outer count
+    assert choose_threads(None).threads == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
     with pytest.raises(
         ValueError, match=r"^OMP_NUM_THREADS must be a whole number of threads, at least 1, got 'many'$"
