@@ -96,7 +96,7 @@ def run_deploy(config: DeployConfig) -> dict:
         stages.done("load", network.name)
 
         conversion = convert(network)
-        stages.done("convert", conversion.note)
+        stages.done("convert")
         needed = _output_bytes(conversion.plain, config)
         check_out_dir_space(out_dir, needed)  # a full disk: one line now, not a C++ stream error after the work
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
