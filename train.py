@@ -12,9 +12,19 @@ Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config
 reused by another one; resuming from a checkpoint inside it continues that run there. A resumed
 run takes its checkpoint's model, loss, rep_l2, EMA and data settings (``repblocks/train/resume.py``).
 Settings, folders and the resumed checkpoint are checked before any data is read.
+
+On a machine other processes use, training runs on as many threads as the cores they leave free
+(``threads=N`` to choose), with as many data-loading workers as fit beside them, and OpenMP's idle
+threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it):
+see :mod:`repblocks.threads`. Written to a log or a pipe, progress is a line per epoch.
 """
 
+# ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP (repblocks/threads.py)
 
 import functools
 import json
@@ -37,11 +47,13 @@ from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_
 from repblocks.config_help import config_help
 from repblocks.files import atomic_path
 from repblocks.run_checkpoint import RunCheckpoint, read_run_checkpoint
+from repblocks.threads import ThreadChoice, choose_threads, loader_workers
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
 from repblocks.train.console import quiet_lightning
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
+from repblocks.train.progress import progress_callbacks
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
 from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
@@ -70,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         The metrics written to ``metrics.json`` (best ``val_acc``, ``val_acc_deploy``,
         ``max_abs_err``, ``best_ckpt``, ``deploy_weights``, ...).
     """
+    choice = _use_free_cores(cfg)
     if cfg.get("qat") is not None:  # +experiment=qat: fine-tune a finished run with fake quantization, export int8
         return quantization_aware_training(cfg, loggers=functools.partial(_loggers, cfg.get("logger")))
     output_dir = Path(cfg.paths.output_dir)
@@ -78,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     resume = _read_resume_checkpoint(cfg.ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
 
-    data = instantiate(cfg.data)
+    data = _data(cfg.data, choice)
+    if _first_process():
+        log.info("%s; %d data-loading workers; OMP_WAIT_POLICY %s", choice.note, data.num_workers, choice.wait_policy)
     datamodule = ClassificationDataModule(data)
     model_kwargs = {
         k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in _MODEL_META_KEYS
@@ -113,7 +128,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         _check_resume_fits(cfg.ckpt_path, *resume, module)
     if not cfg.trainer.get("fast_dev_run"):  # a full disk: one line now, not after the first epoch
         check_run_space(output_dir, module)
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks, progress = progress_callbacks(
+        [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    )
     loggers = _loggers(cfg.get("logger"))
     if resume is not None and _first_process():
         _keep_earlier_csv_logs(loggers, step=resume[0].get("global_step", 0))
@@ -123,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=loggers,
         plugins=[AtomicCheckpointIO()],  # a kill while saving never leaves half a last.ckpt
         **_sync_batchnorm(cfg),
+        **progress,  # a line per epoch instead of a bar, when the output is not a terminal
     )
 
     if trainer.is_global_zero:
@@ -145,6 +163,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         with atomic_path(output_dir / "metrics.json") as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _use_free_cores(cfg: DictConfig) -> ThreadChoice:
+    """Run torch on ``threads`` threads, else as many as the cores other processes leave free (each DDP process its share)."""
+    processes = _processes(cfg.trainer)
+    choice = choose_threads(cfg.get("threads"), setting="threads", processes=processes)
+    torch.set_num_threads(choice.threads)
+    if processes > 1:  # the processes Lightning starts read it, and Lightning then leaves their threads alone
+        os.environ["OMP_NUM_THREADS"] = str(choice.threads)
+    return choice
+
+
+def _processes(trainer: DictConfig) -> int:
+    """Training processes on this machine: ``trainer.devices`` under a DDP strategy, else one."""
+    devices = trainer.get("devices")
+    if "ddp" in str(trainer.get("strategy") or "") and isinstance(devices, int):
+        return devices
+    return 1
+
+
+def _data(config: DictConfig, choice: ThreadChoice):
+    """The data set; ``num_workers: null`` becomes as many loading workers as fit beside the threads."""
+    if "num_workers" in config and config.num_workers is None:
+        return instantiate(config, num_workers=loader_workers(None, choice))
+    return instantiate(config)
 
 
 def _release_folder_if_nothing_saved(output_dir: Path) -> None:

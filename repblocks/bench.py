@@ -10,6 +10,7 @@ session, anything that does one unit of work per call.
 
 >>> samples = time_interleaved({"train": lambda: model(x), "deploy": lambda: plain(x)})
 >>> throughput(x.shape[0], median(samples["deploy"]))  # images per second
+>>> paired_ratio(samples["deploy"], samples["train"]).value  # how many times faster, paired round by round
 
 Other processes on the cores skew every timing, and more than their share: :class:`OtherLoad`
 measures them while a block runs, and :func:`free_cores` says how many cores they leave, to run
@@ -25,6 +26,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,13 +34,17 @@ from torch import Tensor
 
 __all__ = [
     "SKEW_THRESHOLD",
+    "SPREAD_LIMIT",
     "OtherLoad",
+    "PairedRatio",
     "available_cores",
     "free_cores",
     "median",
     "p90",
+    "paired_ratio",
     "percentile",
     "round_order",
+    "spread",
     "synchronizer",
     "throughput",
     "time_interleaved",
@@ -48,6 +54,8 @@ log = logging.getLogger(__name__)
 
 Candidate = Callable[[], object]
 SKEW_THRESHOLD = 0.1  # cores other processes may keep busy before timings count as skewed
+# A runner whose p90 exceeds its fastest call by more than this was disturbed in many rounds: its ratios are unsteady.
+SPREAD_LIMIT = 1.5
 
 
 def time_interleaved(
@@ -91,13 +99,23 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
     with torch.inference_mode(inference):
-        devices = set()
+        devices, last_warmup = set(), {}
         for name in names:
             for _ in range(warmup):
+                started = time.perf_counter()
                 devices.update(_devices(candidates[name]()))
+                last_warmup[name] = time.perf_counter() - started
         if sync is None:
             sync = synchronizer(*devices)
         sync()
+        if last_warmup:  # a long timing says how long, before it starts
+            log.info(
+                "timing %d candidate%s x %d rounds: about %.1f s (from their last warm-up calls)",
+                len(names),
+                "s" if len(names) != 1 else "",
+                rounds,
+                rounds * sum(last_warmup.values()),
+            )
         gc.collect()
         gc.disable()
         try:
@@ -207,6 +225,75 @@ def throughput(batch_size: int, seconds: float) -> float:
     if seconds <= 0:
         raise ValueError(f"seconds per batch must be positive, got {seconds}")
     return batch_size / seconds
+
+
+def spread(samples: Sequence[float]) -> float:
+    """How unsteady a runner's times were: their p90 over the fastest (1.0: every call took as long).
+
+    Against the fastest call, not the median: a runner slowed down in most rounds has a median far
+    above its fastest call and a p90 close to its median, and is no steadier for that.
+    """
+    return p90(samples) / min(samples)
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """How many times faster a candidate ran than a reference, from the rounds in which both were timed.
+
+    :func:`time_interleaved` runs every candidate once per round, so the two calls of a round met
+    the same conditions: their ratio is free of whatever drifted between rounds, and its median over
+    the rounds is the estimate (:attr:`value`), with the spread of the rounds beside it (:attr:`low`,
+    :attr:`high`). A runner whose p90 is far above its fastest call was disturbed in many rounds (an
+    eager model whose OpenMP threads stalled whenever another process woke up: p90 9x its median,
+    measured): a ratio to it says more about the disturbance than about the runners, and
+    :attr:`steady` is False.
+    """
+
+    value: float  # median over rounds of reference seconds / candidate seconds; above 1: the candidate is faster
+    low: float  # 10th percentile of the per-round ratios
+    high: float  # 90th percentile of the per-round ratios
+    of_medians: float  # the reference's median over the candidate's: what a table of medians implies
+    candidate_spread: float  # the candidate's p90 over its fastest call (:func:`spread`)
+    reference_spread: float  # the reference's p90 over its fastest call
+    rounds: int
+    limit: float = SPREAD_LIMIT  # the widest spread either runner may have for the ratio to count as steady
+
+    @property
+    def steady(self) -> bool:
+        """Both runners' times were steady enough (spread within :attr:`limit`) for the ratio to mean what it says."""
+        return max(self.candidate_spread, self.reference_spread) <= self.limit
+
+    def unsteady_reason(self, candidate: str = "the candidate", reference: str = "the reference") -> str | None:
+        """``"the reference's p90 was 9.1x its fastest call ..."`` (the wider of the two), or None when steady."""
+        if self.steady:
+            return None
+        name, wider = max((reference, self.reference_spread), (candidate, self.candidate_spread), key=lambda x: x[1])
+        return f"{name}'s p90 was {wider:.1f}x its fastest call (over {self.limit:g}x: unsteady timings)"
+
+
+def paired_ratio(candidate: Sequence[float], reference: Sequence[float], *, limit: float = SPREAD_LIMIT) -> PairedRatio:
+    """Throughput of ``candidate`` over ``reference`` from their samples of the same rounds, in round order.
+
+    Args:
+        candidate, reference: Seconds per call, one per round, as :func:`time_interleaved` returns them.
+        limit: The widest spread (:func:`spread`) either may have for the ratio to count as steady.
+
+    Raises:
+        ValueError: The two hold different numbers of rounds, or none.
+    """
+    if len(candidate) != len(reference) or not candidate:
+        raise ValueError(f"paired samples need the same rounds, got {len(candidate)} and {len(reference)}")
+    per_round = [ref / cand for cand, ref in zip(candidate, reference, strict=True)]
+    return PairedRatio(
+        value=median(per_round),
+        low=percentile(per_round, 10),
+        high=percentile(per_round, 90),
+        of_medians=median(reference) / median(candidate),
+        candidate_spread=spread(candidate),
+        reference_spread=spread(reference),
+        rounds=len(per_round),
+        limit=limit,
+    )
 
 
 class OtherLoad:

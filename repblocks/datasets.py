@@ -25,6 +25,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 
+from repblocks.threads import choose_threads, loader_workers
+
 __all__ = [
     "DATASETS",
     "ClassificationData",
@@ -80,14 +82,16 @@ class ClassificationData:
     num_classes: int
     in_chans: int = 3
 
-    def __init__(self, *, image_size: int, batch_size: int, num_workers: int, pin_memory: bool = False):
+    def __init__(self, *, image_size: int, batch_size: int, num_workers: int | None, pin_memory: bool = False):
         if image_size < 8:
             raise ValueError(f"data.image_size must be at least 8, got {image_size}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be at least 1, got {batch_size}")
         self.image_size = image_size
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers must be at least 0 (or null: as many as fit), got {num_workers}")
+        self.num_workers = num_workers  # None: as many as fit beside the training loop, chosen when first needed
         self.pin_memory = pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -122,6 +126,8 @@ class ClassificationData:
         if isinstance(dataset, InMemoryBatches):
             sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
             return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, self.batch_size, drop_last))
+        if self.num_workers is None:  # the cores other processes leave free, measured once
+            self.num_workers = loader_workers(None, choose_threads(None))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -360,7 +366,7 @@ class Cifar10Data(ClassificationData):
         download: bool = False,
         image_size: int = 32,
         batch_size: int = 128,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         pin_memory: bool = False,
     ):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
@@ -437,7 +443,7 @@ class ImageFolderData(ClassificationData):
         crop_pct: float | None = None,
         interpolation: str | None = None,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         pin_memory: bool = False,
     ):
         super().__init__(image_size=image_size, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)

@@ -310,3 +310,42 @@ def test_branch_accuracy_refuses_an_unknown_variant_naming_the_known_ones(capsys
         _run_main("benchmarks.branch_accuracy", "--variants", "repvgg", "dbbx")
     assert exit_info.value.code == 2
     assert "unknown variant dbbx; known variants: plain, repvgg, acnet, dbb, online" in capsys.readouterr().err
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_with_their_spread():
+    from repblocks.bench import paired_ratio
+
+    # The machine slowed down in rounds 3 and 4, for both runners alike: each round's ratio is still 4.
+    ratio = paired_ratio(candidate=[1.0, 1.0, 1.1, 1.2, 1.0], reference=[4.0, 4.0, 4.4, 4.8, 4.0])
+    assert ratio.value == pytest.approx(4.0) and (ratio.low, ratio.high) == pytest.approx((4.0, 4.0))
+    assert ratio.rounds == 5 and ratio.steady and ratio.unsteady_reason() is None
+    with pytest.raises(ValueError, match="same rounds"):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_a_ratio_to_a_reference_that_collapsed_is_unsteady_and_says_which_runner():
+    from repblocks.bench import SPREAD_LIMIT, paired_ratio, spread
+
+    # The reference ran in 10 ms once and in 90 ms the other four rounds: its median alone looks steady.
+    collapsed = [0.010, 0.090, 0.091, 0.090, 0.092]
+    assert spread(collapsed) > SPREAD_LIMIT and p90(collapsed) / median(collapsed) < 1.1
+    ratio = paired_ratio(candidate=[0.005] * 5, reference=collapsed)
+    assert ratio.value == pytest.approx(18.0) and ratio.low == pytest.approx(2.0 + 0.4 * 16.0)
+    assert not ratio.steady
+    assert ratio.unsteady_reason("deploy", "train eager") == (
+        "train eager's p90 was 9.2x its fastest call (over 1.5x: unsteady timings)"
+    )
+
+
+def test_time_interleaved_says_how_long_it_will_take_before_it_starts(monkeypatch, caplog):
+    import logging
+
+    import repblocks.bench as bench
+
+    clock = _Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    candidates = {"fast": lambda: clock.advance(0.5), "slow": lambda: clock.advance(2.0)}
+    with caplog.at_level(logging.INFO, logger="repblocks.bench"):
+        time_interleaved(candidates, rounds=4, warmup=1, sync=lambda: None)
+    first = caplog.records[0].getMessage()
+    assert first == "timing 2 candidates x 4 rounds: about 10.0 s (from their last warm-up calls)"

@@ -304,7 +304,8 @@ def other_processes_busy(monkeypatch):
 
     monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: bench._own_busy_seconds() + 1.3 * time.perf_counter())
     monkeypatch.setattr(bench, "available_cores", lambda: 4)
-    monkeypatch.setattr("repblocks.deploy.runtime.available_cores", lambda: 4)
+    monkeypatch.setattr("repblocks.threads.available_cores", lambda: 4)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # set, it would choose the threads instead
 
 
 TIMED = dict(device="cpu", batch_sizes=[1], backends=["eager"], rounds=2, warmup=0)

@@ -32,6 +32,8 @@ The library never imports Hydra; ``deploy.py`` turns its config into the plain d
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from pathlib import Path
 
 import torch
@@ -45,11 +47,12 @@ from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE, override
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
-from repblocks.deploy.runtime import ThreadChoice, check_memory, choose_threads, resolve_device, threads
+from repblocks.deploy.runtime import check_memory, resolve_device
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
 from repblocks.deploy.speed import int8_runners, time_forms, time_models
 from repblocks.deploy.verify import Verification, check_inputs, not_compared, verify
 from repblocks.errors import UserError
+from repblocks.threads import ThreadChoice, choose_threads, use_threads
 
 __all__ = [
     "BenchConfig",
@@ -60,6 +63,8 @@ __all__ = [
     "run_deploy",
     "run_speed_table",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def run_deploy(config: DeployConfig) -> dict:
@@ -78,7 +83,9 @@ def run_deploy(config: DeployConfig) -> dict:
     config = _with_executorch_int8(config)
     _check_extras(config)
     choice = _choose_threads(bench)
-    with threads(choice.threads):
+    log.info("threads: %s", choice.note)
+    stages = _Stages()
+    with use_threads(choice.threads):
         network = load_network(
             ckpt=config.ckpt, model=config.model, source=config.source, num_classes=config.num_classes, seed=config.seed
         )
@@ -88,12 +95,17 @@ def run_deploy(config: DeployConfig) -> dict:
         check_memory(batch_sizes=[*bench.batch_sizes, config.verify.batch_size], image_shape=timed_shape, device=device)
         check_memory(batch_sizes=[config.verify.batch_size], image_shape=network.input_shape, device=device)
         check_inputs(network, [timed_shape, network.input_shape], setting="bench.image_size")
+        stages.done("load", network.name)
 
         conversion = convert(network)
+        stages.done("convert")
         needed = _output_bytes(conversion.plain, config)
         check_out_dir_space(out_dir, needed)  # a full disk: one line now, not a C++ stream error after the work
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
+        stages.done("verify")
         quantization = _quantize(network, conversion, config)
+        if quantization is not None:
+            stages.done("quantize")
 
         with staged_output(out_dir, needed=needed) as staging:
             exports = export_all(
@@ -111,9 +123,11 @@ def run_deploy(config: DeployConfig) -> dict:
                     network, quantization, into=staging, out_dir=out_dir, verify=config.verify, seed=config.seed
                 )
                 prepared = int8_runners(quantization, device=device, backends=bench.backends)
+            stages.done("export", ", ".join(exports) or "nothing")
             timing = time_forms(
                 _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
             )
+            stages.done("time", f"{len(timing.rows)} figures")
             report = deploy_report(
                 network=network,
                 conversion=conversion,
@@ -128,6 +142,7 @@ def run_deploy(config: DeployConfig) -> dict:
             )
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
             report["files"] = write_reports(report, staging, out_dir=out_dir, config=resolved)
+        stages.done("report")
     return report
 
 
@@ -145,11 +160,15 @@ def run_speed_table(config: DeployConfig) -> dict:
     image_shape = (3, image_size, image_size)
     check_memory(batch_sizes=bench.batch_sizes, image_shape=image_shape, device=device)
     choice = _choose_threads(bench)
-    with threads(choice.threads):
+    log.info("threads: %s", choice.note)
+    stages = _Stages()
+    with use_threads(choice.threads):
         models = {}
         for name in config.models:
             models.update(_speed_table_entries(name, image_shape, config))
+        stages.done("load, convert and verify", f"{len(models)} models")
         timing = time_models(models, device=device, bench=bench, image_shape=image_shape)
+        stages.done("time", f"{len(timing.rows)} figures")
         report = speed_report(timing=timing, device=device, bench=bench, image_shape=image_shape, threads=choice)
         with staged_output(out_dir) as staging:
             resolved = dataclasses.replace(config, bench=bench, out_dir=str(out_dir))
@@ -163,6 +182,18 @@ def _with_executorch_int8(config: DeployConfig) -> DeployConfig:
     if not config.quantize.precision or "executorch" not in config.export.formats or "executorch" in engines:
         return config
     return dataclasses.replace(config, quantize=dataclasses.replace(config.quantize, engines=(*engines, "executorch")))
+
+
+class _Stages:
+    """Logs a line as each stage ends, with its seconds: progress that a log file or a pipe shows too."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def done(self, stage: str, what: str = "") -> None:
+        now = time.perf_counter()
+        log.info("%s done in %.1f s%s", stage, now - self._last, f": {what}" if what else "")
+        self._last = now
 
 
 def _check_extras(config: DeployConfig) -> None:
@@ -194,8 +225,8 @@ def _check_extras(config: DeployConfig) -> None:
 def _choose_threads(bench: BenchConfig) -> ThreadChoice:
     """``bench.threads``, else (on the CPU, when anything is timed) as many as the cores other processes leave free."""
     if bench.threads or not bench.batch_sizes or bench.device.startswith("cuda"):
-        return choose_threads(bench.threads or torch.get_num_threads())
-    return choose_threads(None)
+        return choose_threads(bench.threads or torch.get_num_threads(), setting="bench.threads")
+    return choose_threads(None, setting="bench.threads")
 
 
 def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 from rich.table import Table
 
+from repblocks.bench import SPREAD_LIMIT
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
 from repblocks.deploy.export import Export
 from repblocks.deploy.outputs import CONFIG_FILE
 from repblocks.deploy.plot import write_throughput_plot
 from repblocks.deploy.preprocessing import describe_sources
-from repblocks.deploy.runtime import ThreadChoice, describe_device, environment
+from repblocks.deploy.runtime import describe_device, environment
 from repblocks.deploy.sources import Network
 from repblocks.deploy.speed import Timing, fastest_deploy, timer_note
 from repblocks.deploy.verify import Verification
@@ -30,6 +31,7 @@ from repblocks.deploy.verify import Verification
 if TYPE_CHECKING:
     from repblocks.deploy.quantize import Quantization
 from repblocks.files import atomic_path
+from repblocks.threads import ThreadChoice
 
 __all__ = [
     "console_tables",
@@ -48,6 +50,9 @@ MALLOC_NOTE = (
     "page-faults them in again on the next; raising `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` in the "
     "environment (or preloading jemalloc or tcmalloc) avoids that: an earlier measurement took RepVGG-A0's deploy "
     "form from 151 to 112 ms per batch of 16."
+)
+UNSTEADY_NOTE = (
+    "* a runner of this ratio had its p90 over {limit:g}x its fastest call: unsteady, not quoted in the headline"
 )
 _BENCH_COLUMNS = ("form", "backend", "dtype", "batch", "img/s", "ms/batch", "p90 ms", "vs train", "vs train eager")
 
@@ -225,7 +230,7 @@ def console_tables(report: dict) -> list[Table]:
         title = "Train vs deploy form (ratios: throughput over the train form's)"
         if report["already_deployed"]:
             title = "Deploy form (loaded in deploy form: no train form to time)"
-        caption = "\n".join(filter(None, [_fastest(report), load_warning(report)]))
+        caption = "\n".join(filter(None, [_fastest(report), _unsteady_note(report), load_warning(report)]))
         bench = Table(title=title, caption=caption)
         for column in _BENCH_COLUMNS:
             bench.add_column(column, justify="left" if column in _BENCH_COLUMNS[:3] else "right")
@@ -339,16 +344,27 @@ def _preprocessing(report: dict) -> str:
 
 
 def _fastest(report: dict) -> str:
-    parts = [
-        f"batch {best['batch_size']}: {best['backend']} {best['dtype']}"
-        + (
-            ""
-            if best["ratio_to_train_eager"] is None
-            else f", {best['ratio_to_train_eager']:.2f}x the train form eager fp32"
-        )
-        for best in report["fastest_deploy"]
-    ]
-    return "Fastest deploy form: " + "; ".join(parts)
+    return "Fastest deploy form: " + "; ".join(_fastest_part(best) for best in report["fastest_deploy"])
+
+
+def _fastest_part(best: dict) -> str:
+    """``batch 16: openvino fp32, 2.49x the train form eager fp32 (rounds 2.41x-2.55x)``, or why the ratio is withheld."""
+    part = f"batch {best['batch_size']}: {best['backend']} {best['dtype']}"
+    rounds = best.get("ratio_range")
+    spread = f"rounds {rounds[0]:.2f}x-{rounds[1]:.2f}x" if rounds else None
+    if best.get("withheld"):
+        return f"{part}, its ratio to the train form eager fp32 withheld: {best['withheld']}; {spread}"
+    if best["ratio_to_train_eager"] is None:
+        return part
+    return f"{part}, {best['ratio_to_train_eager']:.2f}x the train form eager fp32" + (f" ({spread})" if spread else "")
+
+
+def _unsteady_note(report: dict) -> str | None:
+    """What * means, when a ratio of the report was unsteady; else None."""
+    rows = report.get("benchmark") or report.get("rows") or []
+    if any(row.get("ratio_to_train_eager_unsteady") or row.get("ratio_to_resnet18_unsteady") for row in rows):
+        return UNSTEADY_NOTE.format(limit=SPREAD_LIMIT)
+    return None
 
 
 def _real_summary(real: dict) -> str:
@@ -367,6 +383,7 @@ def _bench_cells(row: dict) -> list[str]:
     def ratio(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}x"
 
+    unsteady = "*" if row.get("ratio_to_train_eager_unsteady") else ""  # see UNSTEADY_NOTE
     return [
         row["form"],
         row["backend"],
@@ -376,7 +393,7 @@ def _bench_cells(row: dict) -> list[str]:
         f"{row['latency_ms']:.2f}",
         f"{row['latency_p90_ms']:.2f}",
         ratio(row["ratio_to_train"]),
-        ratio(row["ratio_to_train_eager"]),
+        ratio(row["ratio_to_train_eager"]) + unsteady,
     ]
 
 
@@ -418,7 +435,8 @@ def markdown_report(report: dict) -> str:
     if report["benchmark"]:
         lines += ["", "## Benchmark", "", "| " + " | ".join(_BENCH_COLUMNS) + " |", "|---|---|---|" + "---:|" * 6]
         lines += ["| " + " | ".join(_bench_cells(row)) + " |" for row in report["benchmark"]]
-        lines += ["", _fastest(report) + ".", "", f"Timer: {report['timer']}; {report['load']['threads_chosen']}."]
+        lines += ["", _fastest(report) + "."] + (["", _unsteady_note(report)] if _unsteady_note(report) else [])
+        lines += ["", f"Timer: {report['timer']}; {report['load']['threads_chosen']}."]
         lines += ["", f"**{load_warning(report)}**"] if load_warning(report) else []
         lines += ["", MALLOC_NOTE]
     if report["skipped"]:
@@ -429,7 +447,9 @@ def markdown_report(report: dict) -> str:
 
 def speed_console_table(report: dict) -> Table:
     """The speed table as a rich table."""
-    table = Table(title=_speed_title(report), caption=load_warning(report))
+    table = Table(
+        title=_speed_title(report), caption="\n".join(filter(None, [_unsteady_note(report), load_warning(report)]))
+    )
     for column in ("model", "batch", "img/s", "ms/batch", "vs resnet18"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in report["rows"]:
@@ -445,12 +465,13 @@ def _speed_title(report: dict) -> str:
 
 def _speed_cells(row: dict) -> list[str]:
     ratio = row["ratio_to_resnet18"]
+    unsteady = "*" if row.get("ratio_to_resnet18_unsteady") else ""
     return [
         row["model"],
         str(row["batch_size"]),
         f"{row['throughput']:.1f}",
         f"{row['latency_ms']:.1f}",
-        "" if ratio is None else f"{ratio:.2f}x",
+        "" if ratio is None else f"{ratio:.2f}x{unsteady}",
     ]
 
 
@@ -465,5 +486,6 @@ def _speed_markdown(report: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     lines += ["| " + " | ".join(_speed_cells(row)) + " |" for row in report["rows"]]
+    lines += ["", _unsteady_note(report)] if _unsteady_note(report) else []
     lines += ["", f"**{load_warning(report)}**"] if load_warning(report) else []
     return "\n".join([*lines, "", f"Timer: {report['timer']}.", ""])

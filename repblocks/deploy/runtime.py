@@ -1,4 +1,7 @@
-"""Where and how a deploy run computes: the device, torch's threads, cuDNN's kernel choice, and a description of it all."""
+"""Where and how a deploy run computes: the device, cuDNN's kernel choice, and a description of it all.
+
+How many threads it computes on is the core's choice, the same as training's (:mod:`repblocks.threads`).
+"""
 
 from __future__ import annotations
 
@@ -7,22 +10,17 @@ import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from repblocks.bench import available_cores, free_cores
 from repblocks.errors import UserError
 
 __all__ = [
-    "ThreadChoice",
     "check_memory",
-    "choose_threads",
     "cudnn_benchmark",
     "describe_device",
     "environment",
     "resolve_device",
-    "threads",
     "total_memory",
 ]
 
@@ -69,47 +67,6 @@ def total_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system
         return None
-
-
-@dataclass(frozen=True)
-class ThreadChoice:
-    """How many intra-op threads a run uses, and why: the setting, or the cores other processes left free."""
-
-    threads: int
-    cores: int  # cores this process may run on
-    other_load: float | None  # cores other processes kept busy when the choice was made; None: set, not measured
-    wait_policy: str  # OMP_WAIT_POLICY: how OpenMP's idle threads wait (deploy.py sets PASSIVE unless told)
-
-    @property
-    def note(self) -> str:
-        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
-        if self.other_load is None:
-            return f"{threads} (bench.threads)"
-        return (
-            f"{threads}: {self.cores} cores, {self.other_load:.2f} kept busy by other processes "
-            "when the run started (bench.threads=N to choose)"
-        )
-
-
-def choose_threads(requested: int | None) -> ThreadChoice:
-    """``requested`` threads, or (None) as many as the cores other processes leave free, measured now."""
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset (OpenMP spins)")
-    if requested:
-        return ThreadChoice(requested, available_cores(), None, policy)
-    count, load = free_cores()
-    return ThreadChoice(count, available_cores(), load or 0.0, policy)
-
-
-@contextlib.contextmanager
-def threads(count: int | None) -> Iterator[None]:
-    """Inside, torch uses ``count`` intra-op threads (None: leave torch's choice)."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,11 @@ Each runner is called once before timing; one that fails there (no compiler for
 the others are timed. Other processes' load is measured while timing (:class:`repblocks.bench.OtherLoad`)
 and goes with the figures (:class:`Timing`): above :data:`repblocks.bench.SKEW_THRESHOLD` cores, they
 are flagged as skewed.
+
+A ratio between two runners is the median of their per-round ratios (:func:`repblocks.bench.paired_ratio`):
+the two calls of a round met the same conditions. A ratio to a runner whose times spread widely (p90 over
+the fastest call above :data:`repblocks.bench.SPREAD_LIMIT`) is marked unsteady, and the headline
+(:func:`fastest_deploy`) withholds it rather than quote a ratio to a reference that collapsed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,18 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from repblocks.bench import SKEW_THRESHOLD, OtherLoad, median, p90, synchronizer, throughput, time_interleaved
+from repblocks.bench import (
+    SKEW_THRESHOLD,
+    OtherLoad,
+    PairedRatio,
+    median,
+    p90,
+    paired_ratio,
+    spread,
+    synchronizer,
+    throughput,
+    time_interleaved,
+)
 from repblocks.deploy import executorch, openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
 from repblocks.deploy.engines import (
@@ -133,8 +149,8 @@ def timer_note(bench: BenchConfig) -> str:
     return (
         f"time.perf_counter around each call, between device synchronizations (repblocks.bench.time_interleaved); "
         f"median and p90 of {bench.rounds} rounds after {bench.warmup} warm-up calls, every runner of a batch size "
-        "interleaved in one process; onnxruntime with torch's thread count and without spinning idle threads, "
-        "ExecuTorch's thread pool on torch's count, one image per call"
+        "interleaved in one process; ratios are medians of per-round ratios; onnxruntime with torch's thread count "
+        "and without spinning idle threads, ExecuTorch's thread pool on torch's count, one image per call"
     )
 
 
@@ -178,6 +194,14 @@ def benchmark_forms(
                 skipped.append({"what": f"{backend} {dtype}", "reason": reason})
                 continue
             specs.extend(RunnerSpec(form, backend, dtype) for form in forms)
+    log.info(
+        "time: %d runners x batch sizes %s x %d rounds after %d warm-up calls, at %s; building the runners first",
+        len(specs) + len(prepared or {}),
+        list(batch_sizes),
+        rounds,
+        warmup,
+        "x".join(map(str, image_shape)),
+    )
     with tempfile.TemporaryDirectory(prefix="repblocks-bench-") as workdir:
         runners = {}
         for spec in specs:
@@ -239,14 +263,29 @@ def _input_shape(onnx_bytes: bytes) -> tuple[int, int, int]:
 
 
 def fastest_deploy(rows: list[dict]) -> list[dict]:
-    """Per batch size, the fastest deploy-form runner of ``rows`` and its throughput over the train form, eager fp32."""
+    """Per batch size, the fastest deploy-form runner of ``rows`` and its throughput over the train form, eager fp32.
+
+    The headline of a report. Its ratio is the paired one, with the middle 80% of the rounds
+    (``ratio_range``); when either runner's times were unsteady, ``ratio_to_train_eager`` is None and
+    ``withheld`` says why: a ratio to a reference that collapsed is no figure to quote.
+    """
     best: dict[int, dict] = {}
     for row in rows:
         current = best.get(row["batch_size"])
         if row["form"] == "deploy" and (current is None or row["throughput"] > current["throughput"]):
             best[row["batch_size"]] = row
-    keys = ("batch_size", "backend", "dtype", "throughput", "ratio_to_train_eager")
-    return [{key: row[key] for key in keys} for _, row in sorted(best.items())]
+    headline = []
+    for _, row in sorted(best.items()):
+        withheld = row.get("ratio_to_train_eager_unsteady")
+        headline.append(
+            {
+                **{key: row[key] for key in ("batch_size", "backend", "dtype", "throughput")},
+                "ratio_to_train_eager": None if withheld else row["ratio_to_train_eager"],
+                "ratio_range": row.get("ratio_to_train_eager_range"),
+                "withheld": withheld,
+            }
+        )
+    return headline
 
 
 def speed_table(
@@ -274,11 +313,13 @@ def speed_table(
     if failed:
         raise RuntimeError(f"cannot time {failed[0]['what']}: {failed[0]['reason']}")
     rows = [dict(model=spec.form, **_row(spec, batch_size, times)) for spec, times in samples.items()]
-    baseline = next((row["throughput"] for row in rows if row["model"] == PAPER_BASELINE), None)
-    for row in rows:
+    baseline = next((times for spec, times in samples.items() if spec.form == PAPER_BASELINE), None)
+    for row, times in zip(rows, samples.values(), strict=True):
         for key in ("form", "backend", "dtype"):
             row.pop(key)
-        row["ratio_to_resnet18"] = row["throughput"] / baseline if baseline else None
+        paired = paired_ratio(times, baseline) if baseline else None
+        row["ratio_to_resnet18"] = paired.value if paired else None
+        row["ratio_to_resnet18_unsteady"] = paired.unsteady_reason(row["model"], PAPER_BASELINE) if paired else None
     return rows
 
 
@@ -324,13 +365,31 @@ def _row(spec: RunnerSpec, batch_size: int, times: list[float]) -> dict:
         "throughput": throughput(batch_size, median(times)),
         "latency_ms": 1e3 * median(times),
         "latency_p90_ms": 1e3 * p90(times),
+        "spread": spread(times),  # p90 over the fastest call: how steady its times were
+        "latency_rounds_ms": [round(1e3 * t, 4) for t in times],  # in round order: what the ratios pair
     }
 
 
 def _add_ratios(rows: list[dict]) -> None:
+    """Each row's throughput over the train form's (same backend and dtype; eager fp32), paired round by round."""
     by_key = {(row["form"], row["backend"], row["dtype"], row["batch_size"]): row for row in rows}
     for row in rows:
-        train = by_key.get(("train", row["backend"], row["dtype"], row["batch_size"]))
-        train_eager = by_key.get(("train", "eager", "fp32", row["batch_size"]))
-        row["ratio_to_train"] = row["throughput"] / train["throughput"] if train else None
-        row["ratio_to_train_eager"] = row["throughput"] / train_eager["throughput"] if train_eager else None
+        train = _paired(row, by_key.get(("train", row["backend"], row["dtype"], row["batch_size"])))
+        train_eager = _paired(row, by_key.get(("train", "eager", "fp32", row["batch_size"])))
+        row["ratio_to_train"] = train.value if train else None
+        row["ratio_to_train_eager"] = train_eager.value if train_eager else None
+        row["ratio_to_train_eager_range"] = [train_eager.low, train_eager.high] if train_eager else None
+        row["ratio_to_train_eager_unsteady"] = (
+            train_eager.unsteady_reason(_name(row), "the train form eager fp32") if train_eager else None
+        )
+
+
+def _paired(row: dict, reference: dict | None) -> PairedRatio | None:
+    """``row`` over ``reference``, timed in the same rounds (one ``time_interleaved`` call per batch size)."""
+    if reference is None:
+        return None
+    return paired_ratio(row["latency_rounds_ms"], reference["latency_rounds_ms"])  # a ratio: the unit cancels
+
+
+def _name(row: dict) -> str:
+    return f"the {row['form']} form {row['backend']} {row['dtype']}"

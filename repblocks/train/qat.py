@@ -66,6 +66,7 @@ from repblocks.numerics import max_errors
 from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
+from repblocks.train.progress import progress_callbacks
 from repblocks.train.run_folder import check_run_folder
 
 __all__ = ["INT8_DIR", "QATSettings", "quantization_aware_training", "summary"]
@@ -270,9 +271,11 @@ def _fine_tune(
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
-    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    callbacks, progress = progress_callbacks(
+        [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
+    )
     # No checkpoints: the result is the IR, and a checkpoint of NNCF's hooks would need NNCF to read back.
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=False, **progress)
     quantized.train()  # NNCF hands it over in eval mode, which Lightning keeps: the kept BatchNorms would not train
     try:
         trainer.fit(module, datamodule=ClassificationDataModule(data))
