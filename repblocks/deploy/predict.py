@@ -41,10 +41,10 @@ from repblocks.bench import free_cores
 from repblocks.checkpoint import DEPLOY_FORM, read_safetensors_metadata
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image
 from repblocks.deploy import preprocessing
-from repblocks.deploy.runtime import threads as torch_threads
 from repblocks.errors import UserError
 from repblocks.files import atomic_path
 from repblocks.run_checkpoint import class_names_from_metadata, spec_from_deploy_metadata
+from repblocks.threads import use_threads
 
 __all__ = ["BATCH_SIZE", "ENGINES", "REFUSED", "Prediction", "Predictor", "image_files", "write_csv"]
 
@@ -210,7 +210,7 @@ class Predictor:
         return np.ascontiguousarray(array, dtype=np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        with torch_threads(self.threads), torch.inference_mode():
+        with use_threads(self.threads), torch.inference_mode():
             return np.asarray(self._runner(batch), dtype=np.float32)
 
     def _check_model(self) -> None:
