@@ -84,7 +84,8 @@ def describe_device(device: torch.device) -> str:
     """``"cpu (2 threads)"`` or ``"cuda:0 (NVIDIA H100 80GB HBM3)"``."""
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    count = torch.get_num_threads()
+    return f"cpu ({count} thread{'s' if count != 1 else ''})"
 
 
 def environment(device: torch.device, *, tf32: bool) -> dict:
