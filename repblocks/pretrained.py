@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Mapping
 
 from torch import Tensor, nn
@@ -38,10 +40,11 @@ def read_pretrained(name: str, pretrained: bool | str | os.PathLike, *, pretrain
 
 
 def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
-    """timm's published weights for ``name`` (train form, timm's layout), from the Hugging Face download cache.
+    """timm's published weights for ``name`` (train form, timm's layout): from the Hugging Face cache, else downloaded.
 
-    Nothing is downloaded: huggingface_hub retries a connection that fails for about a minute, so
-    where the weights are not in the cache this fails at once, saying how to fetch them.
+    A download starts only after one connection to the Hub has succeeded: offline, huggingface_hub
+    retries a failing connection for about a minute, so without the Hub (or with ``HF_HUB_OFFLINE=1``)
+    this fails at once, saying how to fetch the file.
 
     Raises:
         ValueError: timm has no weights for this variant, timm is not installed, the weights are not
@@ -62,21 +65,21 @@ def timm_state_dict(name: str, *, pretrained_cfg: Mapping) -> StateDict:
         ) from None
     cached = [try_to_load_from_cache(hub_id, filename) for filename in ("model.safetensors", "pytorch_model.bin")]
     cached = next((path for path in cached if isinstance(path, str)), None)  # reads the cache's folders only
-    if cached is None:
+    if cached is None and (unreachable := _hub_unreachable(constants)):
         raise ValueError(
-            f"timm's weights for {name} are not in the download cache ({constants.HF_HUB_CACHE}) and repblocks "
-            f"downloads nothing: fetch them once with `hf download {hub_id} model.safetensors`, "
+            f"timm's weights for {name} are not in the download cache ({constants.HF_HUB_CACHE}) and {unreachable}: "
+            f"fetch them once with `hf download {hub_id} model.safetensors`, "
             f"or download {where} and pass pretrained=PATH"
         )
-    try:  # timm reads the cached file itself ("file" comes first among its sources), with its own key fixes
-        model = timm.create_model(
-            f"{name}.{pretrained_cfg['tag']}", pretrained=True, pretrained_cfg_overlay={"file": cached}
-        )
+    # timm reads the cached file itself ("file" comes first among its sources), with its own key fixes; else it downloads
+    overlay = {"file": cached} if cached else None
+    try:
+        model = timm.create_model(f"{name}.{pretrained_cfg['tag']}", pretrained=True, pretrained_cfg_overlay=overlay)
     except Exception as err:  # a truncated file, an older timm: each means "no weights from timm"
         reason = (str(err).strip().splitlines() or [""])[0]
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise ValueError(
-            f"could not read timm's weights for {name} from {cached} ({type(err).__name__}: {reason}); "
+            f"could not get timm's weights for {name} from {cached or hub_id} ({type(err).__name__}: {reason}); "
             f"download {where} and pass pretrained=PATH"
         ) from None
     return model.state_dict()
@@ -147,3 +150,19 @@ def _fit_classifier(state_dict: StateDict, expected: Mapping[str, Tensor], class
     )
     state_dict = {key: value for key, value in state_dict.items() if not key.startswith(prefix)}
     return {**state_dict, **ours}
+
+
+HUB_PROBE_TIMEOUT_S = 3.0  # one connection attempt; a reachable Hub answers in well under a second
+
+
+def _hub_unreachable(constants) -> str | None:
+    """Why the Hub cannot be downloaded from (offline mode, or one connection attempt failed), or None."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)  # HF_ENDPOINT: the Hub or a mirror
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{endpoint.hostname} cannot be reached ({type(err).__name__}: {err})"
+    return None

@@ -101,7 +101,8 @@ def create_model(
         name: A name from :func:`list_models`.
         pretrained: False for random weights; a path to load weights from, in any layout
             :func:`repblocks.load_weights` reads, train or deploy form; True for timm's published
-            weights of this variant, read from the Hugging Face download cache (needs timm; nothing is downloaded).
+            weights of this variant, from the Hugging Face download cache, else downloaded (needs timm;
+            offline, it fails at once).
         num_classes: Classifier outputs (0 for no classifier: ``forward`` returns pooled features).
             By default that of the weights loaded, else ``pretrained_cfg["num_classes"]`` (1000).
             Another number than the weights' loads everything but the classifier, which stays fresh.

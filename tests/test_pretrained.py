@@ -237,26 +237,63 @@ def test_offline_pretrained_true_fails_in_one_line_saying_where_to_get_the_file(
     assert message.endswith("and pass pretrained=PATH")
 
 
-def test_pretrained_true_without_cached_weights_opens_no_connection(monkeypatch, tmp_path):
-    """Not declared offline (HF_HUB_OFFLINE unset), network down: no download is tried, so no retry loop."""
+def test_pretrained_true_offline_fails_after_one_connection_attempt(monkeypatch, tmp_path):
+    """Not declared offline (HF_HUB_OFFLINE unset), network down: one attempt, no download, so no retry loop."""
     constants = pytest.importorskip("huggingface_hub.constants")
     file_download = pytest.importorskip("huggingface_hub.file_download")
-    pytest.importorskip("timm")
+    timm = pytest.importorskip("timm")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    attempts = []
+    attempts, downloads = [], []
 
     def refuse(*args, **kwargs):
         attempts.append(args)
         raise OSError("the network is blocked by the test")
 
+    def download(*args, **kwargs):
+        downloads.append(args)
+        raise OSError("the network is blocked by the test")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(file_download, "hf_hub_download", refuse)
-    with pytest.raises(ValueError, match="not in the download cache") as err:
+    monkeypatch.setattr(file_download, "hf_hub_download", download)
+    monkeypatch.setattr(timm, "create_model", download)
+    with pytest.raises(
+        ValueError, match=r"not in the download cache \(.*\) and huggingface.co cannot be reached"
+    ) as err:
         repblocks.create_model("repvgg_a0", pretrained=True)
-    _one_line(err)
-    assert attempts == []
+    assert "hf download timm/repvgg_a0.rvgg_in1k model.safetensors" in _one_line(err)
+    assert len(attempts) == 1 and downloads == []
+
+
+def test_pretrained_true_online_without_cached_weights_downloads_through_timm(monkeypatch, tmp_path):
+    """The Hub answers: timm is asked for its pretrained weights (it downloads them), with no cached file named."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    timm = pytest.importorskip("timm")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    probed, asked = [], []
+
+    class Connection:
+        def close(self):
+            pass
+
+    def connect(address, timeout=None):
+        probed.append(address)
+        return Connection()
+
+    create_model = timm.create_model
+
+    def downloading(name, pretrained=False, pretrained_cfg_overlay=None, **kwargs):
+        asked.append((name, pretrained, pretrained_cfg_overlay))
+        return create_model(name, pretrained=False, **kwargs)  # stands in for the download: timm's own random weights
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    monkeypatch.setattr(timm, "create_model", downloading)
+    model = repblocks.create_model("repvgg_a0", pretrained=True)
+    assert probed == [("huggingface.co", 443)]
+    assert asked == [("repvgg_a0.rvgg_in1k", True, None)]
+    assert model.num_classes == 1000
 
 
 @pytest.mark.slow  # builds each model four times
