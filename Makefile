@@ -11,11 +11,11 @@ help:  ## list the targets
 
 # torch and torchvision come first, pinned: they lie on this machine's disk, and letting
 # another package pull torch in would fetch a different multi-GB build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[all,dev]" torch==2.14.1 torchvision==0.29.1  # the pins again: no extra may move torch
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,dev]"  # every version pinned: see constraints.txt
 	touch $(STAMP)
 
 # Each demo gets a folder of its own: train.py refuses a folder that already holds a run.
@@ -41,11 +41,11 @@ test-all: $(STAMP)  ## every test
 # The core alone (torch, safetensors, numpy), in a venv of its own: `pip install repblocks` must give
 # working blocks and zoo without Lightning, Hydra or any inference engine.
 CORE_VENV := .venv-core
-$(CORE_VENV)/.installed: pyproject.toml
+$(CORE_VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(CORE_VENV)/bin/python || $(PYTHON) -m venv $(CORE_VENV)
 	$(CORE_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(CORE_VENV)/bin/python -m pip install --quiet torch==2.14.1
-	$(CORE_VENV)/bin/python -m pip install --quiet -e .
+	$(CORE_VENV)/bin/python -m pip install --quiet -c constraints.txt -e .
 	touch $@
 
 test-core: $(CORE_VENV)/.installed  ## the core library in a venv with only its own dependencies (CI runs this too)
