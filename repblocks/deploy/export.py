@@ -193,7 +193,7 @@ def export_int8(
                 )
                 runtime = f"openvino {_version('openvino')}"
             elif engine == "litert":
-                errors = _write_tflite_bytes(int8.model, path, metadata, int8.run, example, verify)
+                errors = _write_tflite(int8.model, path, metadata, int8.run, example, verify.atol, verify.rtol)
                 runtime = litert.version()
             elif engine == "executorch":  # its metadata went in when it was lowered, before the gate
                 errors = _write_pte(int8.model, path, int8.run, example, verify.atol, verify.rtol)
@@ -251,14 +251,7 @@ def export_litert(
         ValueError: The interpreter cannot load the file, or its outputs differ from the model's.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(litert.convert(model, example, metadata))
-        run = litert.load(tmp)
-        errors = _check_outputs(
-            model, lambda x: torch.from_numpy(run(x.numpy())), example, atol, rtol, "LiteRT's interpreter"
-        )
-        if litert.read_metadata(tmp) != dict(metadata):
-            raise ValueError(f"{path.name} does not read back the metadata written into it")
+    errors = _write_tflite(litert.convert(model, example, {}), path, metadata, model, example, atol, rtol)
     return {
         "path": str(path),
         "format": "litert",
@@ -343,20 +336,25 @@ def _write_onnx_bytes(
         )
 
 
-def _write_tflite_bytes(
-    model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, verify: VerifyConfig
+def _write_tflite(
+    model_bytes: bytes,
+    path: Path,
+    metadata: Mapping[str, str],
+    reference,
+    example: Tensor,
+    atol: float,
+    rtol: float,
 ) -> dict:
+    """Write ``model_bytes`` with ``metadata`` inside at ``path``, once LiteRT, reading the file, reproduces ``reference``."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(litert.with_metadata(model_bytes, metadata))
         run = litert.load(tmp)
-        return _check_outputs(
-            reference,
-            lambda x: torch.from_numpy(run(x.numpy())),
-            example,
-            verify.atol,
-            verify.rtol,
-            f"LiteRT reading {path.name}",
+        errors = _check_outputs(
+            reference, lambda x: torch.from_numpy(run(x.numpy())), example, atol, rtol, f"LiteRT reading {path.name}"
         )
+        if litert.read_metadata(tmp) != dict(metadata):
+            raise ValueError(f"{path.name} does not read back the metadata written into it")
+    return errors
 
 
 def _version(package: str) -> str:

@@ -76,13 +76,13 @@ def version() -> str:
 
 
 def convert(model: nn.Module, example: Tensor, metadata: Mapping[str, str]) -> bytes:
-    """The ``.tflite`` flatbuffer of ``model`` for ``example``'s shape (batch 1: ``(1, C, H, W)``), metadata inside."""
+    """The ``.tflite`` flatbuffer of ``model`` for ``example``'s shape (batch 1: ``(1, C, H, W)``), metadata inside if any."""
     require("the LiteRT export")
     with _quiet_converter():
         import litert_torch
 
         flatbuffer = litert_torch.convert(model.eval(), (example[:1],)).model_content()
-    return with_metadata(bytes(flatbuffer), metadata)
+    return with_metadata(bytes(flatbuffer), metadata) if metadata else bytes(flatbuffer)
 
 
 def int8(model: nn.Module, calibration: Tensor) -> bytes:
