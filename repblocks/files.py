@@ -282,15 +282,7 @@ def _publish(staging: Path, folder: Path, replace: Callable[[Path], None] | None
         if replace is None or not folder.is_dir() or folder.is_symlink():
             raise
     replace(folder)  # raises to refuse: something else may have been put there while the outputs were written
-    # Move the previous folder aside, the new one in, then delete the old: each rename is atomic.
-    previous = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".replaced"))
-    os.rename(folder, previous)
-    try:
-        os.rename(staging, folder)
-    except BaseException:
-        os.rename(previous, folder)  # keep the previous outputs where they were
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+    _swap_folder(staging, folder)
 
 
 def _publish_into(staging: Path, folder: Path, replace: Callable[[Path], None] | None) -> None:
@@ -318,12 +310,20 @@ def _replace(tmp: Path, path: Path) -> None:
     if not tmp.is_dir() or not path.is_dir() or path.is_symlink():
         os.replace(tmp, path)  # a folder onto a missing name is atomic too
         return
-    previous = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".replaced"))
-    os.replace(path, previous)  # onto the empty folder just made: atomic
+    _swap_folder(tmp, path)
+
+
+def _swap_folder(new: Path, folder: Path) -> None:
+    """Put the folder ``new`` in the place of the existing ``folder``: the old one aside, the new one in, the old deleted.
+
+    Each rename is atomic; if the second fails, the previous folder goes back where it was.
+    """
+    previous = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".replaced"))
+    os.replace(folder, previous)  # onto the empty folder just made: atomic
     try:
-        os.replace(tmp, path)
+        os.replace(new, folder)
     except BaseException:
-        os.replace(previous, path)  # keep the previous one where it was
+        os.replace(previous, folder)  # keep the previous one where it was
         raise
     shutil.rmtree(previous, ignore_errors=True)
 
