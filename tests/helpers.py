@@ -30,10 +30,11 @@ def trained_model(seed: int = 0) -> torch.nn.Module:
     return randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=seed).eval()
 
 
-def accurate_model() -> torch.nn.Module:
-    """repvgg_tiny trained for three epochs on the digits (under 2 s on 2 cores: about 90% top-1).
+def accurate_model(epochs: int = 3) -> torch.nn.Module:
+    """repvgg_tiny trained for a few epochs on the digits at 32x32 (3: under 2 s on 2 cores, about 90% top-1), eval mode.
 
-    Accurate enough that an int8 model made to predict the least likely class fails any accuracy gate.
+    Accurate enough that an int8 model made to predict the least likely class fails any accuracy gate, and
+    that agreement between exports means something.
     """
     from repblocks.datasets import DigitsData
 
@@ -43,7 +44,7 @@ def accurate_model() -> torch.nn.Module:
     images, labels = data.calibration_set.images, data.calibration_set.labels
     model = repblocks.create_model("repvgg_tiny", num_classes=10)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
+    for _ in range(epochs):
         for batch in torch.randperm(len(labels)).split(64):
             loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
             optimizer.zero_grad()
@@ -208,25 +209,3 @@ def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
-
-
-def digits_model(epochs: int = 3) -> torch.nn.Module:
-    """repvgg_tiny trained for a few epochs on the digits at 32x32 (under 2 s on 2 cores: about 90% top-1), eval mode.
-
-    For what needs predictions far from chance: int8 gates, agreement between exports.
-    """
-    from repblocks.datasets import DigitsData
-
-    torch.manual_seed(0)
-    data = DigitsData(image_size=32, augment=False)
-    data.setup()
-    images, labels = data.calibration_set.images, data.calibration_set.labels
-    model = repblocks.create_model("repvgg_tiny", num_classes=10)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(labels)).split(64):
-            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()

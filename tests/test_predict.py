@@ -27,7 +27,7 @@ from repblocks.deploy.predict import REFUSED, write_csv
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors
 from repblocks.run_checkpoint import MAX_CLASS_NAME, check_class_names, class_names_from_metadata
-from tests.helpers import ROOT, digits_model, write_checkpoint
+from tests.helpers import ROOT, accurate_model, write_checkpoint
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # not the digits' own
 DIGITS = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}
@@ -50,7 +50,7 @@ class Deployed:
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory) -> Deployed:
     folder = tmp_path_factory.mktemp("predict")
-    model = digits_model()
+    model = accurate_model()
     ckpt = write_checkpoint(folder / "last.ckpt", model, data=DIGITS, preprocessing=PREPROCESSING, class_names=NAMES)
     formats = ["safetensors", "onnx", *(["openvino"] if OPENVINO else [])]
     config = {
