@@ -209,3 +209,20 @@ def small_disk(path: Path, size: str = "2m") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def write_untrained_run(path: Path, model_name: str) -> Path:
+    """A checkpoint shaped as train.py writes them (hyper-parameters, weights under ``model.``), without training."""
+    model = repblocks.create_model(model_name, num_classes=10)
+    hyper_parameters = {
+        "model_name": model_name,
+        "num_classes": 10,
+        "in_chans": 3,
+        "model_kwargs": {},
+        "image_size": 32,
+        "data": {"_target_": "repblocks.datasets.DigitsData", "image_size": 32},
+        "weights_prefix": "model.",
+    }
+    state = {f"model.{key}": value for key, value in model.state_dict().items()}
+    torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, path)
+    return path

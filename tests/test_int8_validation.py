@@ -29,7 +29,7 @@ from repblocks.int8 import near_chance
 from repblocks.numerics import randomize_bn_
 from repblocks.train import qat
 from repblocks.train.data import ClassificationDataModule
-from tests.helpers import ROOT, compose_train
+from tests.helpers import ROOT, compose_train, write_untrained_run
 from train import _summary, _val_acc_measured_on, train
 
 NO_BENCH = {"device": "cpu", "batch_sizes": []}
@@ -305,19 +305,7 @@ def test_the_training_summary_says_what_each_accuracy_is_measured_on():
 @pytest.mark.skipif(openvino.missing() is not None, reason="the [openvino] extra is not installed")
 def test_a_qat_run_warns_when_fp32_is_near_chance(tmp_path, monkeypatch, caplog):
     """A fast_dev_run of QAT on an untrained run, its top-1 forced to chance: the log, the metrics and the summary say so."""
-    model = repblocks.create_model("qarepvgg_tiny", num_classes=10)
-    hyper_parameters = {
-        "model_name": "qarepvgg_tiny",
-        "num_classes": 10,
-        "in_chans": 3,
-        "model_kwargs": {},
-        "image_size": 32,
-        "data": {"_target_": "repblocks.datasets.DigitsData", "image_size": 32},
-        "weights_prefix": "model.",
-    }
-    state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    run = tmp_path / "last.ckpt"
-    torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, run)
+    run = write_untrained_run(tmp_path / "last.ckpt", "qarepvgg_tiny")
     monkeypatch.setattr(qat, "top1", lambda logits, labels: 10.0)
     overrides = (f"qat.init={run}", "qat.calibration_images=1", "trainer.fast_dev_run=true")
     with caplog.at_level(logging.WARNING, logger="repblocks"):

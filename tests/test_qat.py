@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import repblocks
 from repblocks.datasets import DigitsData
 from repblocks.errors import UserError
 from repblocks.train import qat
-from tests.helpers import ROOT, compose_train, exit_message
+from tests.helpers import ROOT, compose_train, exit_message, write_untrained_run
 from train import train
 
 TINY = "qarepvgg_tiny"
@@ -31,21 +30,7 @@ def _written(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def untrained_run(tmp_path_factory) -> Path:
-    """A checkpoint shaped as train.py writes them (hyper-parameters, weights under ``model.``), without training."""
-    model = repblocks.create_model(TINY, num_classes=10)
-    path = tmp_path_factory.mktemp("untrained") / "last.ckpt"
-    hyper_parameters = {
-        "model_name": TINY,
-        "num_classes": 10,
-        "in_chans": 3,
-        "model_kwargs": {},
-        "image_size": 32,
-        "data": {"_target_": "repblocks.datasets.DigitsData", "image_size": 32},
-        "weights_prefix": "model.",
-    }
-    state = {f"model.{key}": value for key, value in model.state_dict().items()}
-    torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, path)
-    return path
+    return write_untrained_run(tmp_path_factory.mktemp("untrained") / "last.ckpt", TINY)
 
 
 @pytest.mark.parametrize(
