@@ -29,6 +29,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from repblocks.folds import DeployForm, checked_fold, conv_probe
 from repblocks.fusion import equivalent_kernel_bias, fold_bn, fused_kernel_bias
 from repblocks.sequences import AvgSequence, ConvSequence
 
@@ -410,6 +411,21 @@ class RepBlock(nn.Module):
         avg_pool = self.kernel_size if self.avg_pool is not None else None
         options = {"kernel_size": self.kernel_size, "avg_pool": avg_pool, "post_bn": post_bn, "sequences": sequences}
         return conv_branches, self.identity, options
+
+    def deploy_form(self, *, keep_post_bn: bool | None = None, verify: bool | None = None) -> DeployForm:
+        """This block fused in place (:meth:`switch_to_deploy`), checked against its train form: the fold protocol.
+
+        The check (:func:`repblocks.folds.checked_fold`) runs the block before and after on a small float64
+        probe and raises :class:`~repblocks.errors.FoldError` if they differ; ``verify=False`` skips it.
+        """
+        keep = self.keep_post_bn if keep_post_bn is None else keep_post_bn
+        if self.reparam is not None and (self.post_bn is None or keep):
+            return DeployForm(self)  # nothing to fold
+        weight = next(self.parameters())
+        probe = conv_probe(self.in_channels, (self.kernel_size,) * 2, (self.stride,) * 2, device=weight.device)
+        with checked_fold(self, verify=verify, probe=probe):
+            self.switch_to_deploy(keep_post_bn)
+        return DeployForm(self)
 
     @torch.no_grad()
     def switch_to_deploy(self, keep_post_bn: bool | None = None) -> RepBlock:
