@@ -219,15 +219,20 @@ def _fold_pairs(model: nn.Module, *, keep: Collection[int], verify: bool) -> tup
             continue
         replacement = after_fold(bn)
         try:
-            with checked_fold(nn.Sequential(conv, bn), verify=verify, after=lambda: nn.Sequential(conv, replacement)):
-                kernel, bias = fuse_conv_bn(conv, bn)
-                conv.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
-                conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+            _fold_pair(conv, bn, replacement, verify=verify)
         except FoldError as err:
             pair = f"{type(conv).__name__} + {type(bn).__name__}"
             raise FoldError(f"{conv_name} + {bn_name}", pair, err.error, err.tolerance, err.detail) from None
         set_submodule(model, bn_name, replacement)
     return len(pairs) - len(left), left
+
+
+def _fold_pair(conv: nn.Module, bn: nn.Module, replacement: nn.Module, *, verify: bool) -> None:
+    """Fold ``bn`` into ``conv`` in place, checked against the pair; ``replacement`` is what will stand in ``bn``'s place."""
+    with checked_fold(nn.Sequential(conv, bn), verify=verify, after=lambda: nn.Sequential(conv, replacement)):
+        kernel, bias = fuse_conv_bn(conv, bn)
+        conv.weight = nn.Parameter(kernel, requires_grad=conv.weight.requires_grad)
+        conv.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
 
 
 def _log_left(left: list[LeftNorm]) -> None:

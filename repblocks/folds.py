@@ -141,7 +141,9 @@ def checked_fold(
     try:
         got = _run_wide(folded, probe)
     except Exception as err:  # the original ran on this input: failing now is the fold's fault
-        raise FoldError("", type(module).__name__, math.inf, 0.0, f"the folded module fails on its input ({err})")
+        raise FoldError(
+            "", type(module).__name__, math.inf, 0.0, f"the folded module fails on its input ({err})"
+        ) from err
     error = _relative_error(got, expected)
     tolerance = fold_tolerance(_weight_dtype(folded))
     if not error <= tolerance:  # a NaN fails too
