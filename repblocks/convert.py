@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -136,7 +136,7 @@ def _fold_modules(model: nn.Module, *, keep_post_bn: bool, verify: bool) -> tupl
     """The one walker: every module that folds itself does, children before parents. Returns the model (a bare
     block's deploy form may be another module), how many folded, and whether one restored expand()'s architecture."""
     folded, restores = 0, False
-    for name, module in reversed(list(model.named_modules())):  # a parent's own fusion finds its children done
+    for name, module in list(_children_first(model)):  # a parent's own fusion finds its children done
         try:
             if callable(getattr(module, "deploy_form", None)):
                 folded += not getattr(module, "deploy", False)
@@ -154,6 +154,16 @@ def _fold_modules(model: nn.Module, *, keep_post_bn: bool, verify: bool) -> tupl
         except FoldError as err:
             raise err.within(name) from None
     return model, folded, restores
+
+
+def _children_first(module: nn.Module, name: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules()`` with every module after its children (in order), each module once."""
+    seen = set() if seen is None else seen
+    seen.add(id(module))
+    for child_name, child in module.named_children():
+        if id(child) not in seen:
+            yield from _children_first(child, f"{name}.{child_name}" if name else child_name, seen)
+    yield name, module
 
 
 def _put(model: nn.Module, name: str, form: DeployForm) -> None:
