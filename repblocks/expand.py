@@ -16,9 +16,10 @@ fused bias. Its ``state_dict()`` loads with ``strict=True`` into the original cl
 
 What is taken: an ``nn.Conv2d`` (the class itself: a subclass may compute something else, such as
 weight standardization) with a square odd kernel of at least 3, dilation 1, zero padding of
-``k // 2``, any stride and groups, whose output only a BatchNorm reads (``nn.BatchNorm2d``,
-``nn.SyncBatchNorm`` or torchvision's ``FrozenBatchNorm2d``, with running statistics), both sitting
-in the same parent module and each called once. Which conv feeds which BatchNorm is read from the
+``k // 2``, any stride and groups, whose output only a BatchNorm reads (a class :mod:`repblocks.norms` knows:
+``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d``, timm's ``BatchNormAct2d``
+family, whose drop and activation stay where the BatchNorm was and follow the branch sum; with running
+statistics), both sitting in the same parent module and each called once. Which conv feeds which BatchNorm is read from the
 ``torch.fx`` graph (:mod:`repblocks.pairs`); untraceable networks give only the pairs that sit next
 to each other in an ``nn.Sequential``. What is left, and why, is in the returned :class:`Expansion`:
 
@@ -26,7 +27,8 @@ to each other in an ``nn.Sequential``. What is left, and why, is in the returned
 * convs no BatchNorm follows: a new branch would bring its own BatchNorm (and a bias) into a place
   that trained without one, and the fused bias would have nowhere to go in the original architecture;
 * dilated, even, non-square, 'same'/other padding, non-zero padding modes, Conv1d/3d, transposed convs;
-* convs inside blocks that re-parameterize themselves already (``RepBlock``, timm's MobileOne, ...).
+* convs inside blocks that re-parameterize themselves already (``RepBlock``, timm's MobileOne, ...);
+* convs followed by a BatchNorm subclass no fold knows (its forward may do more than normalize).
 """
 
 from __future__ import annotations
@@ -44,7 +46,13 @@ from torch.nn.modules.conv import _ConvNd
 
 from repblocks.blocks import BRANCH_SETS, RepBlock, resolve_branch_set
 from repblocks.folds import DeployForm, checked_fold, conv_probe
-from repblocks.norms import frozen_batch_norms, is_batch_norm_like, unknown_reason
+from repblocks.norms import (
+    DropAct,
+    after_fold,
+    is_batch_norm_like,
+    normalization_only,
+    unknown_reason,
+)
 from repblocks.online import OnlineRepBlock, online_block_from_conv
 from repblocks.pairs import conv_bn_pairs, set_submodule
 
@@ -132,7 +140,6 @@ class Reason(str, enum.Enum):
     NO_BATCH_NORM = "no BatchNorm alone reads its output in the same parent (or one of them is called twice)"
     BATCH_NORM_KIND = "its BatchNorm has no affine parameters or keeps no running statistics"
     UNKNOWN_BATCH_NORM = "its BatchNorm's class is not one the fold knows (its forward may do more than normalize)"
-    BATCH_NORM_ACT = "its BatchNorm applies an activation (timm's BatchNormAct2d): the branches would sum after it"
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,9 @@ class Replaced:
     conv_bias: bool  # the conv had a bias of its own
     batch_norm: str  # the BatchNorm's attribute name in the block's parent (an nn.Identity while expanded)
     bn_template: nn.Module  # an empty (meta) copy of that BatchNorm: its class and settings, no memory
+    # What stands in the BatchNorm's place while expanded: nn.Identity, or timm's drop and activation
+    # (repblocks.norms.DropAct), which follow the branch sum and go back into the restored BatchNorm.
+    after: nn.Module = field(default_factory=nn.Identity)
 
 
 def expand(
@@ -220,10 +230,11 @@ def expand(
             conv_bias=conv.bias is not None,
             batch_norm=bn_name.rpartition(".")[2],
             bn_template=copy.deepcopy(modules[bn_name]).to("meta"),
+            after=after_fold(modules[bn_name]),
         )
         block = make_block(conv, modules[bn_name], kwargs, replaced=replaced)
         set_submodule(model, name, block)
-        set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, replaced.after)
         expansion.taken.append(TakenConv(name, bn_name, conv.kernel_size[0], conv.stride[0], conv.groups))
     log.info("%s", expansion.summary())
     return expansion
@@ -274,7 +285,8 @@ def block_from_conv(conv: nn.Conv2d, bn: nn.Module, branches: Mapping, *, replac
         raise ValueError("a block with a BatchNorm after the sum cannot start as the original conv and BatchNorm")
     kxk = block.conv_kxk[0] if isinstance(block.conv_kxk, nn.ModuleList) else block.conv_kxk
     kxk.conv.weight.copy_(conv.weight)
-    kxk.bn = copy.deepcopy(bn)  # its class (FrozenBatchNorm2d stays frozen), settings and statistics
+    # Its class (FrozenBatchNorm2d stays frozen), settings and statistics; an activation it applies follows the sum.
+    kxk.bn = normalization_only(bn)
     if conv.bias is not None:
         kxk.bn.running_mean.sub_(conv.bias.to(kxk.bn.running_mean.dtype))
     for branch in block.branches():
@@ -325,10 +337,8 @@ def _why_left(
     if bn_name is None or bn_name.rpartition(".")[0] != name.rpartition(".")[0]:
         return Reason.NO_BATCH_NORM
     bn = modules[bn_name]
-    if unknown_reason(bn) is not None:
+    if unknown_reason(bn) is not None or isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm3d)):
         return Reason.UNKNOWN_BATCH_NORM
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm, *frozen_batch_norms()):
-        return Reason.BATCH_NORM_ACT  # the only other classes the fold knows: timm's BatchNormAct2d family
     if bn.running_mean is None:
         return Reason.BATCH_NORM_KIND
     if getattr(bn, "weight", None) is None:
@@ -376,6 +386,8 @@ class _Collapses:
             self.switch_to_deploy(keep_post_bn=False)  # any block class that fuses itself into one conv, `reparam`
             restored += _restored(self.reparam, self.replaced)
         conv, bn = restored
+        if isinstance(self.replaced.after, DropAct):  # checked without them: the block's sum comes before them
+            bn.drop, bn.act = self.replaced.after.drop, self.replaced.after.act
         return DeployForm(conv, siblings={self.replaced.batch_norm: bn}, restores_architecture=True)
 
 
@@ -405,6 +417,8 @@ def _restored(fused: nn.Conv2d, replaced: Replaced) -> tuple[nn.Conv2d, nn.Modul
         conv.bias = nn.Parameter(bias, requires_grad=weight.requires_grad)
         shift = torch.zeros_like(bias)
     bn = copy.deepcopy(replaced.bn_template).to_empty(device=weight.device).to(weight.dtype)
+    if isinstance(replaced.after, DropAct):  # until the live ones come back, its drop and activation do nothing
+        bn.drop, bn.act = nn.Identity(), nn.Identity()
     bn.running_var.copy_(_unit_variance(bn.eps, weight.dtype).expand_as(bn.running_var))
     bn.running_mean.zero_()
     bn.weight.fill_(1)

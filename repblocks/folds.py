@@ -93,11 +93,13 @@ def conv_probe(
 ) -> Tensor:
     """A random float64 input of one image for a conv: ``in_channels``, and a few pixels per side.
 
-    Each side is (kernel - 1) * dilation + 2 * stride + 1 pixels: every output reads padding or interior,
-    and there are at least three outputs per side. The same probe every time, so a failure can be rerun.
+    Each side is (kernel - 1) * dilation + stride pixels: the smallest input on which every tap of the
+    kernel is tested, and padded borders too (a 3x3 conv, stride 1, padded by 1: 3 outputs per side, two
+    of them reading the padding). The check costs as much as the block's forward on this input, so it
+    is kept that small. The same probe every time, so a failure can be rerun.
     """
     dilation = dilation or [1] * len(kernel_size)
-    sides = [(k - 1) * d + 2 * s + 1 for k, d, s in zip(kernel_size, dilation, stride, strict=True)]
+    sides = [(k - 1) * d + s for k, d, s in zip(kernel_size, dilation, stride, strict=True)]
     generator = torch.Generator().manual_seed(0)
     return torch.randn(1, in_channels, *sides, generator=generator, dtype=torch.float64).to(device)
 

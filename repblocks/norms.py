@@ -10,13 +10,23 @@ are already imported: a model can hold one only then, and the core imports neith
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["DropAct", "after_fold", "frozen_batch_norms", "is_batch_norm_like", "known_batch_norms", "unknown_reason"]
+__all__ = [
+    "DropAct",
+    "after_fold",
+    "frozen_batch_norms",
+    "is_batch_norm_like",
+    "known_batch_norms",
+    "normalization_only",
+    "unknown_reason",
+]
 
 # What takes a BatchNorm's place once folded into its conv, by the BatchNorm's exact class.
 AfterFold = Callable[[nn.Module], nn.Module]
@@ -88,3 +98,27 @@ def unknown_reason(bn: nn.Module) -> str | None:
         f"{type(bn).__module__}.{type(bn).__qualname__} is not a BatchNorm class the fold knows "
         "(its forward may do more than normalize, e.g. apply an activation)"
     )
+
+
+@torch.no_grad()
+def normalization_only(bn: nn.Module) -> nn.Module:
+    """A copy of a known BatchNorm without what its forward does after normalizing (timm's drop and activation).
+
+    Of ``bn``'s own class when it only normalizes; timm's ``BatchNormAct2d`` family becomes ``nn.BatchNorm2d``
+    (``FrozenBatchNormAct2d``: torchvision's ``FrozenBatchNorm2d``), with the same settings, statistics and
+    affine parameters: what :func:`repblocks.expand` puts in a branch, whose sum the activation must follow.
+    """
+    if known_batch_norms()[type(bn)] is _identity:
+        return copy.deepcopy(bn)
+    if isinstance(bn, _BatchNorm):
+        plain = nn.BatchNorm2d(
+            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device=bn.running_mean.device
+        )
+    else:
+        plain = frozen_batch_norms()[0](len(bn.running_mean), eps=bn.eps)
+    plain.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype).requires_grad_(
+        any(p.requires_grad for p in bn.parameters())
+    )
+    own = plain.state_dict()
+    plain.load_state_dict({key: value for key, value in bn.state_dict().items() if key in own}, strict=False)
+    return plain.train(bn.training)
