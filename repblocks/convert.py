@@ -148,12 +148,23 @@ def _fold_modules(model: nn.Module, *, keep_post_bn: bool, verify: bool) -> tupl
                     _put(model, name, form)
             elif module is not model and (fuse := _own_fusion(module)) is not None:
                 # The root is skipped: its own switch_to_deploy may be this very function's caller.
-                with checked_fold(module, verify=verify):
+                # A container (a backbone with its own switch_to_deploy) is not checked as one: its blocks
+                # were, and checking it would be a forward of the whole network.
+                with checked_fold(module, verify=verify and not _holds_folds(module)):
                     fuse()
                 folded += 1
         except FoldError as err:
             raise err.within(name) from None
     return model, folded, restores
+
+
+def _holds_folds(module: nn.Module) -> bool:
+    """Whether a module below ``module`` folds itself (``deploy_form()``, or its own fusion method)."""
+    return any(
+        callable(getattr(m, "deploy_form", None)) or _own_fusion(m) is not None
+        for m in module.modules()
+        if m is not module
+    )
 
 
 def _children_first(module: nn.Module, name: str = "", seen: set[int] | None = None) -> Iterator[tuple[str, nn.Module]]:

@@ -53,7 +53,8 @@ def _identity(bn: nn.Module) -> nn.Module:
 
 def _drop_act(bn: nn.Module) -> nn.Module:
     # timm's SyncBatchNormAct gets drop and act only when converted from a BatchNormAct2d (hasattr in its forward).
-    return DropAct(getattr(bn, "drop", None) or nn.Identity(), getattr(bn, "act", None) or nn.Identity())
+    drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+    return DropAct(nn.Identity() if drop is None else drop, nn.Identity() if act is None else act)
 
 
 def frozen_batch_norms() -> tuple[type, ...]:

@@ -228,3 +228,42 @@ def test_switch_to_deploy_changes_no_input_and_fuses_a_bare_block(name, model):
 def test_inplace_converts_the_bare_block_itself():
     block = randomize_bn_(RepBlock(4, 4, **BRANCH_SETS["dbb"]))
     assert repblocks.switch_to_deploy(block, inplace=True) is block and block.deploy
+
+
+def test_third_party_block_fusing_itself_is_checked(monkeypatch):
+    from timm.models.byobnet import MobileOneBlock
+
+    real = MobileOneBlock.reparameterize
+
+    def sabotaged(self):
+        real(self)
+        with torch.no_grad():
+            self.reparam_conv.bias.add_(0.1)
+
+    monkeypatch.setattr(MobileOneBlock, "reparameterize", sabotaged)
+    model = randomize_bn_(nn.Sequential(nn.Identity(), MobileOneBlock(4, 4, num_conv_branches=2))).eval()
+    with pytest.raises(FoldError, match=r"^folding 1 \(MobileOneBlock\) changed its output"):
+        repblocks.switch_to_deploy(model)
+    assert isinstance(repblocks.switch_to_deploy(model, verify=False)[1].reparam_conv, nn.Conv2d)
+
+
+class _Backbone(nn.Module):
+    """A container with a switch_to_deploy of its own (a detector's backbone): its blocks fold, it is not run whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(RepBlock(4, 4), RepBlock(4, 4))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.blocks(x)
+
+    def switch_to_deploy(self):
+        for block in self.blocks:
+            block.switch_to_deploy()
+
+
+def test_a_container_that_fuses_itself_is_not_run_whole():
+    deployed = repblocks.switch_to_deploy(nn.Sequential(randomize_bn_(_Backbone())))
+    assert deployed[0].calls == 0 and all(block.deploy for block in deployed[0].blocks)
