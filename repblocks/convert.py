@@ -28,7 +28,7 @@ from torch import nn
 from repblocks.blocks import RepBlock
 from repblocks.errors import FoldError
 from repblocks.expand import Expansion
-from repblocks.folds import DeployForm, checked_fold, verify_default
+from repblocks.folds import DeployForm, Reparameterizable, checked_fold, verify_default
 from repblocks.fusion import fuse_conv_bn
 from repblocks.norms import after_fold, is_batch_norm_like, unknown_reason
 from repblocks.pairs import conv_bn_pairs, set_submodule
@@ -138,7 +138,7 @@ def _fold_modules(model: nn.Module, *, keep_post_bn: bool, verify: bool) -> tupl
     folded, restores = 0, False
     for name, module in list(_children_first(model)):  # a parent's own fusion finds its children done
         try:
-            if callable(getattr(module, "deploy_form", None)):
+            if isinstance(module, Reparameterizable):
                 folded += not getattr(module, "deploy", False)
                 form: DeployForm = module.deploy_form(keep_post_bn=keep_post_bn, verify=verify)
                 restores |= form.restores_architecture
@@ -161,9 +161,7 @@ def _fold_modules(model: nn.Module, *, keep_post_bn: bool, verify: bool) -> tupl
 def _holds_folds(module: nn.Module) -> bool:
     """Whether a module below ``module`` folds itself (``deploy_form()``, or its own fusion method)."""
     return any(
-        callable(getattr(m, "deploy_form", None)) or _own_fusion(m) is not None
-        for m in module.modules()
-        if m is not module
+        isinstance(m, Reparameterizable) or _own_fusion(m) is not None for m in module.modules() if m is not module
     )
 
 

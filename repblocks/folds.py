@@ -22,16 +22,19 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from repblocks.errors import FoldError
+from repblocks.fusion import wide_dtype
 from repblocks.threads import use_threads
 
 __all__ = [
     "VERIFY_ENV",
     "DeployForm",
+    "Reparameterizable",
     "checked_fold",
     "conv_probe",
     "fold_tolerance",
@@ -48,8 +51,8 @@ VERIFY_ENV = "REPBLOCKS_VERIFY_FOLDS"
 class DeployForm:
     """What a re-parameterizable module becomes in deploy form, said by the module itself (its ``deploy_form()``).
 
-    The fold protocol: a module with a ``deploy_form(*, keep_post_bn, verify)`` method folds itself
-    (checked, see :func:`checked_fold`) and returns this; the one walker (:func:`repblocks.convert.reparameterize`)
+    The fold protocol (:class:`Reparameterizable`): a module's ``deploy_form()`` folds it (checked, see
+    :func:`checked_fold`) and returns this; the one walker (:func:`repblocks.convert.reparameterize`)
     puts the modules in place.
     """
 
@@ -58,6 +61,17 @@ class DeployForm:
     siblings: Mapping[str, nn.Module] = field(default_factory=dict)
     # The result is the architecture repblocks.expand() was given: no other Conv+BN pair is folded.
     restores_architecture: bool = False
+
+
+@runtime_checkable
+class Reparameterizable(Protocol):
+    """A module that says how it folds: RepBlock, the online block, the blocks repblocks.expand makes.
+
+    ``deploy_form()`` folds the module (in place where it stays itself), checks the fold unless
+    ``verify`` is False, and returns what takes its place. Calling it again folds nothing more.
+    """
+
+    def deploy_form(self, *, keep_post_bn: bool | None = None, verify: bool | None = None) -> DeployForm: ...
 
 
 def verify_default() -> bool:
@@ -101,7 +115,8 @@ def conv_probe(
     dilation = dilation or [1] * len(kernel_size)
     sides = [(k - 1) * d + s for k, d, s in zip(kernel_size, dilation, stride, strict=True)]
     generator = torch.Generator().manual_seed(0)
-    return torch.randn(1, in_channels, *sides, generator=generator, dtype=torch.float64).to(device)
+    probe = torch.randn(1, in_channels, *sides, generator=generator, dtype=torch.float64)
+    return probe.to(device=device, dtype=wide_dtype(torch.device(device or "cpu")))  # MPS has no float64
 
 
 @contextlib.contextmanager
