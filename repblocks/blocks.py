@@ -24,20 +24,24 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from repblocks.folds import DeployForm, checked_fold, conv_probe
 from repblocks.fusion import equivalent_kernel_bias, fold_bn, fused_kernel_bias
 from repblocks.sequences import AvgSequence, ConvSequence
 
 __all__ = [
     "ACTIVATIONS",
+    "BRANCHES",
     "BRANCH_KINDS",
     "BRANCH_MODULES",
     "BRANCH_SETS",
     "DEFAULT_BN_EPS",
+    "BranchKind",
     "ConvBN",
     "RepBlock",
     "SqueezeExcite",
@@ -152,17 +156,35 @@ class SqueezeExcite(nn.Module):
         return x * torch.sigmoid(scale)
 
 
-# The kinds each optional branch may be (None: the branch is absent).
-BRANCH_KINDS = {
-    "scale_branch": ("bn", "conv"),  # the 1x1 branch: Conv+BN (RepVGG, MobileOne) or a plain conv (QARepVGG)
-    "identity_branch": ("bn", "plain"),  # the identity: a BatchNorm (RepVGG, MobileOne) or the input as is (QARepVGG)
-}
-# Branch switches that are on or off.
-_BRANCH_FLAGS = ("avg_pool_branch", "post_bn", "asym_branches", "seq_conv_branch", "seq_avg_branch")
+@dataclass(frozen=True)
+class BranchKind:
+    """A kind of branch RepBlock may have: the keyword that asks for it, what it takes, and the modules it adds."""
+
+    arg: str  # RepBlock's keyword argument, and a key of a branch set
+    values: tuple  # the values that turn it on (None and False turn it off); () for num_conv_branches, an int
+    modules: tuple[str, ...]  # attribute names of the modules it adds: its state-dict keys, in summation order
+    same_shape: bool = False  # exists only where shapes allow: stride 1 and in_channels == out_channels
+
+
+# Every branch of RepBlock, in the order the forward sums them: the one place branches are named.
+BRANCHES = (
+    # The kxk Conv+BN: one held as `conv_kxk` itself (None: RepVGG's keys), or a list of n (MobileOne's).
+    BranchKind("num_conv_branches", (), ("conv_kxk",)),
+    BranchKind("scale_branch", ("bn", "conv"), ("conv_1x1",)),  # 1x1: Conv+BN (RepVGG) or a plain conv (QARepVGG)
+    BranchKind("asym_branches", (True,), ("conv_1xk", "conv_kx1")),  # ACNet's 1xk and kx1 Conv+BN
+    BranchKind("seq_conv_branch", (True,), ("conv_1x1_kxk",)),  # DBB's 1x1 -> kxk
+    BranchKind("seq_avg_branch", (True,), ("conv_1x1_avg",)),  # DBB's 1x1 -> average pool
+    BranchKind("identity_branch", ("bn", "plain"), ("identity",), same_shape=True),  # a BN (RepVGG) or as is (QARepVGG)
+    BranchKind("avg_pool_branch", (True,), ("avg_pool",), same_shape=True),  # QARepVGG v2's kxk average pool
+    BranchKind("post_bn", (True,), ()),  # a BatchNorm after the sum: no branch, so it may stay in deploy form
+)
 # The keyword arguments of RepBlock that say which branches it has: what a branch set may hold.
-_BRANCH_ARGS = ("num_conv_branches", *BRANCH_KINDS, *_BRANCH_FLAGS)
-# A RepBlock's modules that fusion turns into ``reparam`` and that hold weights (post_bn may stay).
-BRANCH_MODULES = ("conv_kxk", "conv_1x1", "conv_1xk", "conv_kx1", "conv_1x1_kxk", "conv_1x1_avg", "identity")
+_BRANCH_ARGS = tuple(kind.arg for kind in BRANCHES)
+# The values each optional branch with more than one form may take (None: the branch is absent).
+BRANCH_KINDS = {kind.arg: kind.values for kind in BRANCHES if any(isinstance(v, str) for v in kind.values)}
+# A RepBlock's modules that fusion turns into ``reparam`` and that hold weights (RepBlock's pool has none).
+BRANCH_MODULES = tuple(name for kind in BRANCHES for name in kind.modules if name != "avg_pool")
+_BRANCH_ATTRS = tuple(name for kind in BRANCHES for name in kind.modules)
 
 # The branches of each family's block (RepBlock's keyword arguments): the families differ in nothing else.
 BRANCH_SETS: dict[str, dict] = {
@@ -206,15 +228,16 @@ def resolve_branch_set(branches: str | dict) -> dict:
 
 
 def _check_branch_values(**branches: object) -> None:
-    if branches.get("num_conv_branches") is not None:
-        check_int(branches["num_conv_branches"], "num_conv_branches", minimum=1)
-    for arg in BRANCH_KINDS:
-        value = branches.get(arg)
-        if value is not None and value not in BRANCH_KINDS[arg]:
-            raise ValueError(f"{arg} must be one of {', '.join(BRANCH_KINDS[arg])} or None, got {value!r}")
-    for arg in _BRANCH_FLAGS:
-        if not isinstance(branches.get(arg, False), bool):
-            raise ValueError(f"{arg} must be True or False, got {branches[arg]!r}")
+    for kind in BRANCHES:
+        value = branches.get(kind.arg)
+        if kind.arg == "num_conv_branches":
+            if value is not None:
+                check_int(value, kind.arg, minimum=1)
+        elif kind.values == (True,):
+            if not isinstance(value if value is not None else False, bool):
+                raise ValueError(f"{kind.arg} must be True or False, got {value!r}")
+        elif value is not None and value not in kind.values:
+            raise ValueError(f"{kind.arg} must be one of {', '.join(kind.values)} or None, got {value!r}")
 
 
 class RepBlock(nn.Module):
@@ -292,7 +315,8 @@ class RepBlock(nn.Module):
         self.stride = stride
         self.groups = groups
         self.kernel_size = kernel_size
-        # What the branches are: enough to rebuild this block's train form (loading fuses through such a twin).
+        # What the branches are (RepBlock's keywords, named in BRANCHES): enough to rebuild this block's
+        # train form (loading fuses through such a twin).
         self.branch_config = dict(
             num_conv_branches=num_conv_branches,
             scale_branch=scale_branch,
@@ -306,40 +330,56 @@ class RepBlock(nn.Module):
         _check_branch_values(**self.branch_config)
         self.keep_post_bn = keep_post_bn
         self.bn_eps = check_bn_eps(bn_eps)
-        norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
         shapes_allow = in_channels == out_channels and stride == 1
         self.has_identity = shapes_allow and identity_branch is not None
 
-        self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = self.reparam = None
-        self.conv_1xk = self.conv_kx1 = self.conv_1x1_kxk = self.conv_1x1_avg = None
+        self.reparam = None
+        self._drop_branches()
         if deploy:
             self.reparam = self._fused_conv()
         else:
-            shape = dict(stride=stride, groups=groups, bn_eps=self.bn_eps)
-            conv_bn = partial(ConvBN, in_channels, out_channels, kernel_size, **shape)
-            if num_conv_branches is None:
-                self.conv_kxk = conv_bn()
-            else:
-                self.conv_kxk = nn.ModuleList(conv_bn() for _ in range(num_conv_branches))
-            if scale_branch == "bn":
-                self.conv_1x1 = ConvBN(in_channels, out_channels, 1, **shape)
-            elif scale_branch == "conv":
-                self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, groups=groups, bias=False)
-            if self.has_identity:
-                self.identity = norm(in_channels) if identity_branch == "bn" else nn.Identity()
-            if avg_pool_branch and shapes_allow:
-                self.avg_pool = nn.AvgPool2d(kernel_size, stride=1, padding=kernel_size // 2)
-            if asym_branches:
-                self.conv_1xk = ConvBN(in_channels, out_channels, (1, kernel_size), **shape)
-                self.conv_kx1 = ConvBN(in_channels, out_channels, (kernel_size, 1), **shape)
-            if seq_conv_branch:
-                self.conv_1x1_kxk = ConvSequence(in_channels, out_channels, kernel_size, **shape)
-            if seq_avg_branch:
-                self.conv_1x1_avg = AvgSequence(in_channels, out_channels, kernel_size, **shape)
+            for kind in BRANCHES:
+                value = self.branch_config[kind.arg]
+                wanted = kind.arg == "num_conv_branches" or value not in (None, False)
+                if wanted and kind.modules and (shapes_allow or not kind.same_shape):
+                    for name, module in zip(kind.modules, self._build_branch(kind.arg, value), strict=True):
+                        setattr(self, name, module)
+        norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
         self.post_bn = norm(out_channels) if post_bn and (keep_post_bn or not deploy) else None
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
         act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
+
+    def _build_branch(self, arg: str, value: object) -> tuple[nn.Module, ...]:
+        """The modules of the branch that keyword ``arg`` asks for with ``value`` (``BranchKind.modules``, in order)."""
+        shape = dict(stride=self.stride, groups=self.groups, bn_eps=self.bn_eps)
+        conv_bn = partial(ConvBN, self.in_channels, self.out_channels, **shape)
+        k = self.kernel_size
+        if arg == "num_conv_branches":
+            return (conv_bn(k) if value is None else nn.ModuleList(conv_bn(k) for _ in range(value)),)
+        if arg == "scale_branch":
+            if value == "bn":
+                return (conv_bn(1),)
+            plain = nn.Conv2d(
+                self.in_channels, self.out_channels, 1, stride=self.stride, groups=self.groups, bias=False
+            )
+            return (plain,)
+        if arg == "asym_branches":
+            return conv_bn((1, k)), conv_bn((k, 1))
+        if arg == "seq_conv_branch":
+            return (ConvSequence(self.in_channels, self.out_channels, k, **shape),)
+        if arg == "seq_avg_branch":
+            return (AvgSequence(self.in_channels, self.out_channels, k, **shape),)
+        if arg == "identity_branch":
+            return (nn.BatchNorm2d(self.in_channels, eps=self.bn_eps) if value == "bn" else nn.Identity(),)
+        if arg == "avg_pool_branch":
+            return (nn.AvgPool2d(k, stride=1, padding=k // 2),)
+        raise ValueError(f"RepBlock builds no branch for {arg!r}")  # a BranchKind added without its modules here
+
+    def _drop_branches(self) -> None:
+        """Set every branch module to None (none built yet, or fused into ``reparam``)."""
+        for name in _BRANCH_ATTRS:
+            setattr(self, name, None)
 
     @property
     def deploy(self) -> bool:
@@ -350,9 +390,11 @@ class RepBlock(nn.Module):
         """The train-form branches summed over the input, in order (empty in deploy form)."""
         if self.reparam is not None:
             return []
-        convs = list(self.conv_kxk) if isinstance(self.conv_kxk, nn.ModuleList) else [self.conv_kxk]
-        others = (self.conv_1x1, self.conv_1xk, self.conv_kx1, self.conv_1x1_kxk, self.conv_1x1_avg)
-        return [branch for branch in (*convs, *others, self.identity, self.avg_pool) if branch is not None]
+        found = []
+        for name in _BRANCH_ATTRS:
+            module = getattr(self, name)
+            found += list(module) if isinstance(module, nn.ModuleList) else [module] if module is not None else []
+        return found
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam is not None:
@@ -411,6 +453,21 @@ class RepBlock(nn.Module):
         options = {"kernel_size": self.kernel_size, "avg_pool": avg_pool, "post_bn": post_bn, "sequences": sequences}
         return conv_branches, self.identity, options
 
+    def deploy_form(self, *, keep_post_bn: bool | None = None, verify: bool | None = None) -> DeployForm:
+        """This block fused in place (:meth:`switch_to_deploy`), checked against its train form: the fold protocol.
+
+        The check (:func:`repblocks.folds.checked_fold`) runs the block before and after on a small float64
+        probe and raises :class:`~repblocks.errors.FoldError` if they differ; ``verify=False`` skips it.
+        """
+        keep = self.keep_post_bn if keep_post_bn is None else keep_post_bn
+        if self.reparam is not None and (self.post_bn is None or keep):
+            return DeployForm(self)  # nothing to fold
+        weight = next(self.parameters())
+        probe = conv_probe(self.in_channels, (self.kernel_size,) * 2, (self.stride,) * 2, device=weight.device)
+        with checked_fold(self, verify=verify, probe=probe):
+            self.switch_to_deploy(keep_post_bn)
+        return DeployForm(self)
+
     @torch.no_grad()
     def switch_to_deploy(self, keep_post_bn: bool | None = None) -> RepBlock:
         """Replace the branches by one fused conv, in place. Calling it again does nothing.
@@ -438,8 +495,7 @@ class RepBlock(nn.Module):
         fused.weight = nn.Parameter(kernel, requires_grad=requires_grad)
         fused.bias = nn.Parameter(bias, requires_grad=requires_grad)
         self.reparam = fused
-        self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = None
-        self.conv_1xk = self.conv_kx1 = self.conv_1x1_kxk = self.conv_1x1_avg = None
+        self._drop_branches()
         if not keep:
             self.post_bn = None
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["Interrupted", "UserError", "user_errors"]
+__all__ = ["FoldError", "Interrupted", "UserError", "user_errors"]
 
 
 class UserError(ValueError):
@@ -35,3 +35,31 @@ def user_errors() -> Iterator[None]:
         raise
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
+
+
+class FoldError(UserError):
+    """A fold (Conv+BN pair, re-parameterizable block, collapsed expansion) whose result differs from what it replaced.
+
+    Raised where the fold happens, on a small float64 probe, so a wrong network is never returned.
+    ``path`` is the module's name in the network ("" for the module a fold was called on).
+    """
+
+    def __init__(self, path: str, module_type: str, error: float, tolerance: float, detail: str = ""):
+        self.path, self.module_type, self.error, self.tolerance, self.detail = (
+            path,
+            module_type,
+            error,
+            tolerance,
+            detail,
+        )
+        where = f"{path} ({module_type})" if path else module_type
+        how = detail or f"relative error {error:.3g} on a float64 probe, tolerance {tolerance:.1g}"
+        super().__init__(
+            f"folding {where} changed its output: {how}; "
+            "this is a bug in the fold, please report it (switch_to_deploy(..., verify=False) skips the check)"
+        )
+
+    def within(self, prefix: str) -> FoldError:
+        """The same error, for a module found at ``prefix`` + this one's path (a walker adds where it found it)."""
+        path = ".".join(part for part in (prefix, self.path) if part)
+        return FoldError(path, self.module_type, self.error, self.tolerance, self.detail)

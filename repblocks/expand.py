@@ -16,9 +16,10 @@ fused bias. Its ``state_dict()`` loads with ``strict=True`` into the original cl
 
 What is taken: an ``nn.Conv2d`` (the class itself: a subclass may compute something else, such as
 weight standardization) with a square odd kernel of at least 3, dilation 1, zero padding of
-``k // 2``, any stride and groups, whose output only a BatchNorm reads (``nn.BatchNorm2d``,
-``nn.SyncBatchNorm`` or torchvision's ``FrozenBatchNorm2d``, with running statistics), both sitting
-in the same parent module and each called once. Which conv feeds which BatchNorm is read from the
+``k // 2``, any stride and groups, whose output only a BatchNorm reads (a class :mod:`repblocks.norms` knows:
+``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, torchvision's ``FrozenBatchNorm2d``, timm's ``BatchNormAct2d``
+family, whose drop and activation stay where the BatchNorm was and follow the branch sum; with running
+statistics), both sitting in the same parent module and each called once. Which conv feeds which BatchNorm is read from the
 ``torch.fx`` graph (:mod:`repblocks.pairs`); untraceable networks give only the pairs that sit next
 to each other in an ``nn.Sequential``. What is left, and why, is in the returned :class:`Expansion`:
 
@@ -26,7 +27,8 @@ to each other in an ``nn.Sequential``. What is left, and why, is in the returned
 * convs no BatchNorm follows: a new branch would bring its own BatchNorm (and a bias) into a place
   that trained without one, and the fused bias would have nowhere to go in the original architecture;
 * dilated, even, non-square, 'same'/other padding, non-zero padding modes, Conv1d/3d, transposed convs;
-* convs inside blocks that re-parameterize themselves already (``RepBlock``, timm's MobileOne, ...).
+* convs inside blocks that re-parameterize themselves already (``RepBlock``, timm's MobileOne, ...);
+* convs followed by a BatchNorm subclass no fold knows (its forward may do more than normalize).
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from repblocks.blocks import BRANCH_SETS, RepBlock, resolve_branch_set
-from repblocks.online import online_block_from_conv
-from repblocks.pairs import conv_bn_pairs, frozen_batch_norms, set_submodule
+from repblocks.folds import DeployForm, checked_fold, conv_probe
+from repblocks.norms import (
+    DropAct,
+    after_fold,
+    is_batch_norm_like,
+    normalization_only,
+    unknown_reason,
+)
+from repblocks.online import OnlineRepBlock, online_block_from_conv
+from repblocks.pairs import conv_bn_pairs, set_submodule
 
 __all__ = [
+    "ExpandedOnlineRepBlock",
+    "ExpandedRepBlock",
     "Expansion",
     "LeftConv",
     "Reason",
@@ -54,7 +66,6 @@ __all__ = [
     "TakenConv",
     "block_from_conv",
     "branch_set_names",
-    "collapse_expanded",
     "expand",
     "resolve_branches",
 ]
@@ -127,7 +138,8 @@ class Reason(str, enum.Enum):
     PADDING = "padding is not zeros of kernel_size // 2 on every side"
     INSIDE_BLOCK = "inside a block that re-parameterizes itself already"
     NO_BATCH_NORM = "no BatchNorm alone reads its output in the same parent (or one of them is called twice)"
-    BATCH_NORM_KIND = "its BatchNorm is a subclass, has no affine parameters or keeps no running statistics"
+    BATCH_NORM_KIND = "its BatchNorm has no affine parameters or keeps no running statistics"
+    UNKNOWN_BATCH_NORM = "its BatchNorm's class is not one the fold knows (its forward may do more than normalize)"
 
 
 @dataclass(frozen=True)
@@ -171,11 +183,14 @@ class Expansion:
 
 @dataclass(frozen=True)
 class Replaced:
-    """What an expanded block replaced, so that :func:`collapse_expanded` can give those very modules back."""
+    """What an expanded block replaced, so that its deploy form gives those very modules back."""
 
     conv_bias: bool  # the conv had a bias of its own
     batch_norm: str  # the BatchNorm's attribute name in the block's parent (an nn.Identity while expanded)
     bn_template: nn.Module  # an empty (meta) copy of that BatchNorm: its class and settings, no memory
+    # What stands in the BatchNorm's place while expanded: nn.Identity, or timm's drop and activation
+    # (repblocks.norms.DropAct), which follow the branch sum and go back into the restored BatchNorm.
+    after: nn.Module = field(default_factory=nn.Identity)
 
 
 def expand(
@@ -211,14 +226,15 @@ def expand(
             expansion.left.append(LeftConv(name, reason))
             continue
         bn_name = followers[name]
-        block = make_block(conv, modules[bn_name], kwargs)
-        block.expanded_from = Replaced(
+        replaced = Replaced(
             conv_bias=conv.bias is not None,
             batch_norm=bn_name.rpartition(".")[2],
             bn_template=copy.deepcopy(modules[bn_name]).to("meta"),
+            after=after_fold(modules[bn_name]),
         )
+        block = make_block(conv, modules[bn_name], kwargs, replaced=replaced)
         set_submodule(model, name, block)
-        set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, replaced.after)
         expansion.taken.append(TakenConv(name, bn_name, conv.kernel_size[0], conv.stride[0], conv.groups))
     log.info("%s", expansion.summary())
     return expansion
@@ -228,14 +244,17 @@ def _block_for(*, online: bool):
     """The function that builds one training block from a conv and its BatchNorm: the one place the block class is chosen.
 
     A block class fits when its builder has :func:`block_from_conv`'s signature (computing ``bn(conv(x))``
-    at first, new branches at zero) and its ``switch_to_deploy()`` leaves one fused conv in ``reparam``:
-    :func:`collapse_expanded` needs nothing else.
+    at first, new branches at zero) and builds a class with :class:`_Collapses`'s ``deploy_form()``.
     """
-    return online_block_from_conv if online else block_from_conv
+    if online:
+        return lambda conv, bn, branches, *, replaced: online_block_from_conv(
+            conv, bn, branches, block_class=ExpandedOnlineRepBlock, replaced=replaced
+        )
+    return block_from_conv
 
 
 @torch.no_grad()
-def block_from_conv(conv: nn.Conv2d, bn: nn.Module, branches: Mapping) -> RepBlock:
+def block_from_conv(conv: nn.Conv2d, bn: nn.Module, branches: Mapping, *, replaced: Replaced | None = None) -> RepBlock:
     """A training RepBlock that computes ``bn(conv(x))``: both in its kxk branch, every other branch at zero.
 
     ``conv`` and ``bn`` are not changed (the block holds copies). A conv bias moves into the BatchNorm's
@@ -245,11 +264,14 @@ def block_from_conv(conv: nn.Conv2d, bn: nn.Module, branches: Mapping) -> RepBlo
         conv: A square, odd, zero-padded ``nn.Conv2d`` (any stride and groups).
         bn: The BatchNorm that reads its output, with running statistics.
         branches: RepBlock's branch keywords (:func:`resolve_branches`).
+        replaced: What the block stands for in the network (:func:`expand`'s): the block is then an
+            :class:`ExpandedRepBlock`, whose deploy form is that conv and BatchNorm again.
 
     Raises:
         ValueError: A branch that cannot start at zero (no BatchNorm and no weight of its own).
     """
-    block = RepBlock(
+    extra = {} if replaced is None else {"replaced": replaced}
+    block = (RepBlock if replaced is None else ExpandedRepBlock)(
         conv.in_channels,
         conv.out_channels,
         stride=conv.stride[0],
@@ -257,12 +279,14 @@ def block_from_conv(conv: nn.Conv2d, bn: nn.Module, branches: Mapping) -> RepBlo
         kernel_size=conv.kernel_size[0],
         act=None,
         **branches,
+        **extra,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     if block.post_bn is not None:
         raise ValueError("a block with a BatchNorm after the sum cannot start as the original conv and BatchNorm")
     kxk = block.conv_kxk[0] if isinstance(block.conv_kxk, nn.ModuleList) else block.conv_kxk
     kxk.conv.weight.copy_(conv.weight)
-    kxk.bn = copy.deepcopy(bn)  # its class (FrozenBatchNorm2d stays frozen), settings and statistics
+    # Its class (FrozenBatchNorm2d stays frozen), settings and statistics; an activation it applies follows the sum.
+    kxk.bn = normalization_only(bn)
     if conv.bias is not None:
         kxk.bn.running_mean.sub_(conv.bias.to(kxk.bn.running_mean.dtype))
     for branch in block.branches():
@@ -291,7 +315,7 @@ def _start_at_zero(branch: nn.Module) -> None:
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
-    return isinstance(module, (_BatchNorm, *frozen_batch_norms()))
+    return is_batch_norm_like(module)
 
 
 def _why_left(
@@ -313,7 +337,9 @@ def _why_left(
     if bn_name is None or bn_name.rpartition(".")[0] != name.rpartition(".")[0]:
         return Reason.NO_BATCH_NORM
     bn = modules[bn_name]
-    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm, *frozen_batch_norms()) or bn.running_mean is None:
+    if unknown_reason(bn) is not None or isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm3d)):
+        return Reason.UNKNOWN_BATCH_NORM
+    if bn.running_mean is None:
         return Reason.BATCH_NORM_KIND
     if getattr(bn, "weight", None) is None:
         return Reason.BATCH_NORM_KIND  # affine=False: the collapsed BatchNorm would have no bias to carry the fused one
@@ -333,27 +359,44 @@ def _inside_blocks(model: nn.Module) -> set[str]:
     return inside
 
 
-@torch.no_grad()
-def collapse_expanded(model: nn.Module) -> int:
-    """Turn every block :func:`expand` made back into the conv and BatchNorm it replaced, in place.
+class _Collapses:
+    """What a block :func:`expand` made says about its deploy form: the conv and BatchNorm it replaced, fused weights inside.
 
     The conv holds the block's fused kernel (and, if it had a bias, the fused bias); the BatchNorm,
     of the original class and settings, divides by exactly 1 (running variance ``v`` with
     ``v + eps == 1`` in its dtype, mean 0, weight 1) and adds the fused bias as its bias. A conv that
-    had a bias gets the fused bias itself, and its BatchNorm adds 0. Returns how many blocks were collapsed.
+    had a bias gets the fused bias itself, and its BatchNorm adds 0.
     """
-    collapsed = 0
-    for name, block in list(model.named_modules()):
-        replaced = getattr(block, "expanded_from", None)
-        if not isinstance(replaced, Replaced) or not name:
-            continue
-        block.switch_to_deploy()  # any block class that fuses itself into one conv, `reparam`
-        conv, bn = _restored(block.reparam, replaced)
-        parent = name.rpartition(".")[0]
-        set_submodule(model, name, conv)
-        set_submodule(model, f"{parent}.{replaced.batch_norm}" if parent else replaced.batch_norm, bn)
-        collapsed += 1
-    return collapsed
+
+    def __init__(self, *args, replaced: Replaced, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replaced = replaced
+
+    @torch.no_grad()
+    def deploy_form(self, *, keep_post_bn: bool | None = None, verify: bool | None = None) -> DeployForm:
+        """The conv in this block's place and the BatchNorm in its BatchNorm's: the original architecture.
+
+        Checked as one fold: the restored conv and BatchNorm against the block's train form.
+        ``keep_post_bn`` is ignored: the architecture given to expand() had no BatchNorm after a sum.
+        """
+        restored: list[nn.Module] = []
+        weight = next(self.parameters())
+        probe = conv_probe(self.in_channels, (self.kernel_size,) * 2, (self.stride,) * 2, device=weight.device)
+        with checked_fold(self, verify=verify, probe=probe, after=lambda: nn.Sequential(*restored)):
+            self.switch_to_deploy(keep_post_bn=False)  # any block class that fuses itself into one conv, `reparam`
+            restored += _restored(self.reparam, self.replaced)
+        conv, bn = restored
+        if isinstance(self.replaced.after, DropAct):  # checked without them: the block's sum comes before them
+            bn.drop, bn.act = self.replaced.after.drop, self.replaced.after.act
+        return DeployForm(conv, siblings={self.replaced.batch_norm: bn}, restores_architecture=True)
+
+
+class ExpandedRepBlock(_Collapses, RepBlock):
+    """A RepBlock that :func:`expand` put in place of a Conv+BatchNorm; its deploy form is that pair again."""
+
+
+class ExpandedOnlineRepBlock(_Collapses, OnlineRepBlock):
+    """An online block that :func:`expand` put in place of a Conv+BatchNorm; its deploy form is that pair again."""
 
 
 def _restored(fused: nn.Conv2d, replaced: Replaced) -> tuple[nn.Conv2d, nn.Module]:
@@ -374,6 +417,8 @@ def _restored(fused: nn.Conv2d, replaced: Replaced) -> tuple[nn.Conv2d, nn.Modul
         conv.bias = nn.Parameter(bias, requires_grad=weight.requires_grad)
         shift = torch.zeros_like(bias)
     bn = copy.deepcopy(replaced.bn_template).to_empty(device=weight.device).to(weight.dtype)
+    if isinstance(replaced.after, DropAct):  # until the live ones come back, its drop and activation do nothing
+        bn.drop, bn.act = nn.Identity(), nn.Identity()
     bn.running_var.copy_(_unit_variance(bn.eps, weight.dtype).expand_as(bn.running_var))
     bn.running_mean.zero_()
     bn.weight.fill_(1)

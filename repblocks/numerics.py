@@ -12,7 +12,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from repblocks.norms import is_batch_norm_like
 
 __all__ = ["compare_forms", "ieee_fp32", "max_errors", "randomize_bn_", "within_tolerance"]
 
@@ -31,11 +32,13 @@ def randomize_bn_(model: nn.Module, *, seed: int = 0) -> nn.Module:
         tensor.copy_(values)
 
     for module in model.modules():
-        if isinstance(module, _BatchNorm) and module.running_mean is not None:
+        # Frozen BatchNorms (torchvision's, timm's FrozenBatchNormAct2d) too: their statistics are buffers.
+        if is_batch_norm_like(module) and getattr(module, "running_mean", None) is not None:
             uniform_(module.running_mean, -0.5, 0.5)
             uniform_(module.running_var, 0.5, 2.0)
-            if module.affine:
+            if getattr(module, "weight", None) is not None:
                 uniform_(module.weight, 0.5, 1.5)
+            if getattr(module, "bias", None) is not None:
                 uniform_(module.bias, -0.5, 0.5)
     return model
 

@@ -275,7 +275,12 @@ def resolve_block_mode(block_mode: str) -> type[RepBlock]:
 
 @torch.no_grad()
 def online_block_from_conv(
-    conv: nn.Conv2d, bn: nn.BatchNorm2d | None, branches: Mapping[str, object] | None = None
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d | None,
+    branches: Mapping[str, object] | None = None,
+    *,
+    block_class: type[OnlineRepBlock] = OnlineRepBlock,
+    **block_kwargs: object,
 ) -> OnlineRepBlock:
     """An online block computing what ``bn(conv(x))`` computes, with new branches that start at zero.
 
@@ -294,6 +299,8 @@ def online_block_from_conv(
         branches: RepBlock keyword arguments saying which branches to add (a branch set such as
             RepVGG's, ``{}``); the online block supports ``num_conv_branches``, ``scale_branch``,
             ``identity_branch``, ``avg_pool_branch`` and ``post_bn``.
+        block_class, block_kwargs: The class built and its own further keywords (repblocks.expand's
+            subclass, which says what the block replaced).
 
     Raises:
         ValueError: A conv the block cannot stand for, or a branch kind it does not support.
@@ -318,7 +325,7 @@ def online_block_from_conv(
         raise ValueError(
             f"an online block stands only for a square odd conv padded by k // 2 with dilation 1, got {conv}"
         )
-    block = OnlineRepBlock(
+    block = block_class(
         conv.in_channels,
         conv.out_channels,
         stride=conv.stride[0],
@@ -326,6 +333,7 @@ def online_block_from_conv(
         kernel_size=kernel_size,
         act=None,
         **branches,
+        **block_kwargs,
     ).to(device=conv.weight.device, dtype=conv.weight.dtype)
     first = block.conv_kxk[0] if isinstance(block.conv_kxk, nn.ModuleList) else block.conv_kxk
     first.weight.copy_(conv.weight)

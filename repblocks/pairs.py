@@ -10,14 +10,13 @@ where the data flow is certain.
 from __future__ import annotations
 
 import logging
-import sys
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-__all__ = ["conv_bn_pairs", "frozen_batch_norms", "set_submodule", "shared_module_ids"]
+__all__ = ["conv_bn_pairs", "set_submodule", "shared_module_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +37,6 @@ def shared_module_ids(model: nn.Module) -> set[int]:
     """Modules reachable under more than one name: folding or replacing one use would change the others."""
     counts = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
     return {key for key, count in counts.items() if count > 1}
-
-
-def frozen_batch_norms() -> tuple[type, ...]:
-    """torchvision's ``FrozenBatchNorm2d`` (detection backbones) when torchvision is loaded, else nothing.
-
-    Importing torchvision costs ~1 s, and a model can only hold one if torchvision is already
-    imported, so look, don't import.
-    """
-    misc = sys.modules.get("torchvision.ops.misc")
-    return (misc.FrozenBatchNorm2d,) if misc is not None else ()
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -184,5 +184,5 @@ class RepNet(nn.Module):
         """Fuse every block in place (idempotent) and return the model; see :meth:`RepBlock.switch_to_deploy`."""
         for module in self.modules():
             if isinstance(module, RepBlock):
-                module.switch_to_deploy(keep_post_bn=keep_post_bn)
+                module.deploy_form(keep_post_bn=keep_post_bn)  # fused in place, checked
         return self
