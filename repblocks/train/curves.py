@@ -50,6 +50,14 @@ class History:
     def empty(self) -> bool:
         return not (self.train_loss or self.val_loss or self.val_acc)
 
+    def best_epoch(self) -> int | None:
+        """The first epoch of the highest finite ``val_acc``: the one ModelCheckpoint kept (it saves only on a gain)."""
+        finite = {epoch: value for epoch, value in self.val_acc.items() if math.isfinite(value)}
+        if not finite:
+            return None
+        best = max(finite.values())
+        return min(epoch for epoch, value in finite.items() if value == best)
+
 
 def read_history(csv_files: list[str | os.PathLike]) -> History:
     """The epoch-level values in Lightning ``CSVLogger`` files, earlier files first (a later value wins)."""
@@ -91,7 +99,7 @@ def training_curves_figure(history: History, *, title: str, ema_decay: float | N
     _curve(acc_axes, {k: 100 * v for k, v in history.val_acc.items()}, "top-1", "C2")
     _curve(acc_axes, {k: 100 * v for k, v in history.val_acc_top5.items()}, "top-5", "C2", dashed=True)
     acc_axes.set_ylim(0, 105)
-    best = _best_epoch(history.val_acc)
+    best = history.best_epoch()
     accuracy = f"validation accuracy (%){on_ema}"
     if best is None:
         acc_axes.set_title(accuracy, fontsize="medium")
@@ -179,15 +187,6 @@ def _curve(axes, values: dict[int, float], label: str, color: str, *, dashed: bo
     if all(math.isnan(point) for point in points):
         label += " (not finite)"
     axes.plot(epochs, points, "--" if dashed else "-", marker="o", markersize=3, color=color, label=label)
-
-
-def _best_epoch(val_acc: dict[int, float]) -> int | None:
-    """The first epoch with the highest finite accuracy: the one ModelCheckpoint kept (it saves only on a gain)."""
-    finite = {epoch: value for epoch, value in val_acc.items() if math.isfinite(value)}
-    if not finite:
-        return None
-    best = max(finite.values())
-    return min(epoch for epoch, value in finite.items() if value == best)
 
 
 def _resumed_step(path: Path) -> int:
