@@ -262,7 +262,7 @@ class NoCheckpointOnError(L.Callback):
 
     Ctrl-C and SIGTERM (Lightning's ``SIGTERMException``) stop a healthy run, whose ``last.ckpt``
     resumes it. An error (a corrupt image, a NaN loss) stops a run in the middle of an epoch:
-    a checkpoint of it would be named like a result (``epoch=000-val_acc=0.0000.ckpt``), claim the
+    a checkpoint of it would be named like a result (``epoch=001-val_acc=0.0000.ckpt``), claim the
     run folder, and Lightning would print the error's whole message, a worker's traceback
     included, beside the one line train.py prints. Lightning calls checkpoint callbacks last, so
     this one runs before them.
