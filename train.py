@@ -56,7 +56,7 @@ from repblocks.train.module import RepClassifier
 from repblocks.train.progress import progress_callbacks
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
-from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
+from repblocks.train.resume import check_resumed_as_trained, finished_run, recorded_overrides
 from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
@@ -315,6 +315,7 @@ def _metrics(trainer: L.Trainer, callbacks: list, *, train_time_s: float) -> dic
         "val_acc": float(best_score) if best_score is not None else _logged(trainer, "val_acc"),
         "val_acc_last": _logged(trainer, "val_acc"),
         "epochs": trainer.current_epoch,
+        "best_epoch": getattr(checkpoint, "best_epoch", None),  # from 1, as in the log and the checkpoint's name
         "global_step": trainer.global_step,
         "train_time_s": round(train_time_s, 1),
         "best_ckpt": getattr(checkpoint, "best_model_path", None) or None,
@@ -373,7 +374,8 @@ def _summary(metrics: dict[str, Any]) -> str:
 
     skipped = metrics.get("deploy_check_skipped")
     measured_on = metrics.get("val_acc_measured_on")
-    lines = [f"best val acc {pct(metrics['val_acc'])}" + (f" ({measured_on})" if measured_on else "")]
+    at_epoch = f" at epoch {metrics['best_epoch']}" if metrics.get("best_epoch") else ""
+    lines = [f"best val acc {pct(metrics['val_acc'])}{at_epoch}" + (f" ({measured_on})" if measured_on else "")]
     if "val_acc_deploy" in metrics:  # train and deploy form on the same images: these two are the ones to compare
         lines.append(
             f"deploy check on {metrics.get('deploy_check_images', '?')} validation images, float32, one process: "
@@ -422,6 +424,9 @@ if __name__ == "__main__":
     with exit_on_user_error():
         composed = check_overrides(sys.argv[1:], CONFIG_DIR, "train")
         if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
+            if (finished := finished_run(composed.ckpt_path, composed.trainer)) is not None:
+                print(finished)  # one line, exit 0: a finished run is no error, and is not trained again
+                sys.exit(0)
             sys.argv[1:], composed = _resume_as_trained(sys.argv[1:], composed.ckpt_path)
         if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder
             check_run_folder(composed.hydra.run.dir, ckpt_path=composed.ckpt_path, new_run=_first_process())

@@ -17,7 +17,13 @@ from repblocks.cli import check_overrides
 from repblocks.config_help import config_help
 from repblocks.deploy.plot import throughput_figure, write_throughput_plot
 from repblocks.train.console import ModelSummaryLine
-from repblocks.train.curves import CURVES_FILE, TrainingCurves, read_history, write_training_curves
+from repblocks.train.curves import (
+    CURVES_FILE,
+    TrainingCurves,
+    read_history,
+    training_curves_figure,
+    write_training_curves,
+)
 from tests.helpers import ROOT, compose_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -122,6 +128,24 @@ def test_training_curves_of_a_run_a_single_epoch_and_nan_losses(tmp_path):
     header_only.write_text("epoch,step,train_loss_step\n")
     assert not write_training_curves([header_only], tmp_path / "none.png", title="t")
     assert not (tmp_path / "none.png").exists()
+
+
+def _texts(figure) -> str:
+    """Every title and legend label of a figure, one per line."""
+    axes = figure.axes
+    titles = [figure.get_suptitle(), *(a.get_title() for a in axes)]
+    return "\n".join([*titles, *(label for a in axes for label in a.get_legend_handles_labels()[1])])
+
+
+def test_training_curves_mark_the_checkpoints_best_epoch_and_say_when_validation_ran_on_the_ema(tmp_path):
+    # 0.9 twice: ModelCheckpoint kept the second epoch (it saves only on a gain), so the plot marks that one.
+    history = read_history([_lightning_csv(tmp_path / "a.csv", [(2.0, 1.5, 0.3), (1.0, 0.8, 0.9), (0.5, 0.6, 0.9)])])
+    assert history.best_epoch() == 2
+    on_ema = _texts(training_curves_figure(history, title="t", ema_decay=0.99))
+    assert "best top-1 90.00% at epoch 2" in on_ema
+    assert "validation accuracy (%) on EMA weights (decay 0.99)" in on_ema
+    assert "validation on EMA weights (decay 0.99)" in on_ema  # the validation loss too; the train loss is not
+    assert "EMA" not in _texts(training_curves_figure(history, title="t", ema_decay=None))
 
 
 def test_a_resumed_runs_earlier_log_is_drawn_too(tmp_path):

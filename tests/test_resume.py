@@ -3,22 +3,33 @@
 R-Drop and RepVGG's custom L2 are the cases that broke: the command line without ``loss=rdrop`` trained on
 with cross-entropy, and without ``rep_l2=true`` Lightning failed to restore the optimizer's groups after
 writing a new run folder.
+
+And it resumes where the run stopped: ``last.ckpt`` holds the last epoch trained (Lightning 2.6 rewrote it
+only with a new best, so a run killed at epoch 20 whose best was epoch 14 went back to 15), a run killed
+with SIGKILL in epoch N resumes at epoch N, and a finished run is not trained again.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from repblocks.cli import check_overrides
 from repblocks.run_checkpoint import RunCheckpoint
-from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
+from repblocks.train.curves import read_history
+from repblocks.train.resume import check_resumed_as_trained, finished_run, recorded_overrides, trained_so_far
 
-from .helpers import ROOT
+from .helpers import ROOT, compose_train
 
 CONFIG_DIR = ROOT / "configs"
 TINY = ("trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "callbacks.progress_bar=null")
@@ -108,4 +119,166 @@ def test_resume_with_only_ckpt_path_continues_as_trained(tmp_path, setting):
         assert config["loss"]["_target_"].endswith("RDropLoss") and config["model"]["drop_rate"] == 0.2
     else:
         assert config["rep_l2"] is True
-    assert any(path.name.startswith("epoch=001") for path in (tmp_path / "second" / "checkpoints").iterdir())
+    assert any(path.name.startswith("epoch=002") for path in (tmp_path / "second" / "checkpoints").iterdir())
+
+
+def test_last_ckpt_is_the_last_epoch_when_the_monitored_metric_stopped_improving(tmp_path):
+    from train import train
+
+    # The lowest step is the best: the monitored value improves in the first epoch only, on any machine.
+    worsening = ["callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=min"]
+    metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=3", *worsening))
+    steps_per_epoch = metrics["global_step"] // 3
+    last = torch.load(metrics["last_ckpt"], map_location="cpu", weights_only=True)
+    assert trained_so_far(last) == (3, metrics["global_step"]), "last.ckpt must hold the end of the third epoch"
+    best = torch.load(metrics["best_ckpt"], map_location="cpu", weights_only=True)
+    assert trained_so_far(best) == (1, steps_per_epoch)
+    # Epochs from 1, as the log counts them: the best checkpoint of the first epoch is epoch=001.
+    assert Path(metrics["best_ckpt"]).name.startswith("epoch=001-") and metrics["best_epoch"] == 1
+
+
+def _lightning_checkpoint(path: Path, *, epochs: int, steps: int) -> Path:
+    """The part of a Lightning checkpoint that says how far its run trained."""
+    loops = {"fit_loop": {"epoch_progress": {"current": {"processed": epochs}}}}
+    torch.save({"epoch": epochs - 1, "global_step": steps, "loops": loops, "state_dict": {}}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("trainer", "said"),
+    [
+        ({"max_epochs": 3, "max_steps": -1}, "3 epochs, 66 steps trained, trainer.max_epochs=3 reached"),
+        ({"max_epochs": 2, "max_steps": -1}, "trainer.max_epochs=2 reached; nothing to resume"),
+        ({"max_epochs": 30, "max_steps": 66}, "trainer.max_steps=66 reached"),
+        ({"max_epochs": 4, "max_steps": -1}, None),  # goes on with the fourth epoch
+        ({"max_epochs": 30, "max_steps": 100}, None),
+        ({"max_epochs": -1, "max_steps": -1}, None),  # no end
+    ],
+)
+def test_a_finished_run_is_told_in_one_line(tmp_path, trainer, said):
+    path = _lightning_checkpoint(tmp_path / "last.ckpt", epochs=3, steps=66)
+    line = finished_run(path, trainer)
+    if said is None:
+        assert line is None
+    else:
+        assert line.startswith(f"{path} has finished: ") and said in line and "\n" not in line
+
+
+def test_a_checkpoint_that_cannot_say_how_far_it_trained_is_left_to_the_resume(tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    weights = tmp_path / "weights.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, weights)
+    for path in (junk, weights, tmp_path / "missing.ckpt"):
+        assert finished_run(path, {"max_epochs": 1, "max_steps": -1}) is None  # the resume says what is wrong
+
+
+# The run that is killed, and the same run unbroken: digits, so that the final accuracy means something.
+DIGITS_RUN = ("model=repvgg_tiny", "data=digits", "trainer=cpu", "threads=1", "callbacks.progress_bar=null")
+EPOCHS = 4
+
+
+def _epoch_lines(output: str) -> list[tuple[int, float]]:
+    """(epoch, val acc %) of each ``epoch N/M: ..., val acc A%`` line train.py logged."""
+    return [(int(n), float(a)) for n, a in re.findall(rf"epoch (\d+)/{EPOCHS}: .*val acc ([\d.]+)%", output)]
+
+
+def _start(*overrides: str, cwd: Path) -> subprocess.Popen:
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _killed_in_an_epoch(folder: Path, *, after_epochs: int, cwd: Path) -> int:
+    """Start the run into ``folder``, SIGKILL it once its last.ckpt holds ``after_epochs`` epochs: the epochs it holds."""
+    process = _start(*DIGITS_RUN, f"trainer.max_epochs={EPOCHS}", f"hydra.run.dir={folder}", cwd=cwd)
+    last = folder / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600  # a guard against a hang: the kill waits for the checkpoint, however slow
+    while True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"train.py ended before the kill (exit {process.poll()}): {process.communicate()[0][-3000:]}")
+        trained = trained_so_far(torch.load(last, map_location="cpu", weights_only=True)) if last.is_file() else None
+        if trained is not None and trained[0] >= after_epochs:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)  # no handler runs: what is on disk is all a resume has
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    # The epochs last.ckpt holds now (a slow poll may have let one more epoch end before the kill).
+    return trained_so_far(torch.load(last, map_location="cpu", weights_only=True))[0]
+
+
+@pytest.fixture(scope="module")
+def unbroken_and_killed(tmp_path_factory):
+    """A 4-epoch digits run, and the same run SIGKILLed in its third epoch (or later); the two run side by side."""
+    folder = tmp_path_factory.mktemp("resume")
+    unbroken = _start(*DIGITS_RUN, f"trainer.max_epochs={EPOCHS}", "hydra.run.dir=unbroken", cwd=folder)
+    held = _killed_in_an_epoch(folder / "killed", after_epochs=2, cwd=folder)
+    output = _finish(unbroken)
+    return folder, output, json.loads((folder / "unbroken" / "metrics.json").read_text()), held
+
+
+@pytest.mark.slow  # three train.py processes of 4 short digits epochs: about a minute on 2 busy cores
+def test_a_run_killed_in_epoch_n_resumes_at_epoch_n_and_ends_as_an_unbroken_one(unbroken_and_killed):
+    folder, _, theirs, held = unbroken_and_killed
+    assert 2 <= held < EPOCHS, f"the kill came after the last epoch ({held} held)"
+    killed_in = held + 1  # epochs count from 1: last.ckpt after epoch 2 means the kill came in epoch 3
+
+    # The README's resume command, with the run's own length, continuing in its own folder.
+    last = folder / "killed" / "checkpoints" / "last.ckpt"
+    resumed = _finish(
+        _start(f"ckpt_path={last}", *DIGITS_RUN[2:], f"trainer.max_epochs={EPOCHS}", "hydra.run.dir=killed", cwd=folder)
+    )
+    epochs = [epoch for epoch, _ in _epoch_lines(resumed)]
+    assert epochs == list(range(killed_in, EPOCHS + 1)), resumed[-3000:]
+
+    ours = json.loads((folder / "killed" / "metrics.json").read_text())
+    assert (ours["epochs"], ours["global_step"]) == (
+        theirs["epochs"],
+        theirs["global_step"],
+    )  # no epoch lost or repeated
+    # Within noise: the resumed epochs see the images in another order. Five seeds of this run end within 2.2 points.
+    assert abs(ours["val_acc_last"] - theirs["val_acc_last"]) <= 0.04, (ours, theirs)
+    assert ours["val_acc_last"] > 0.8 and theirs["val_acc_last"] > 0.8  # both learned: the comparison means something
+
+
+@pytest.mark.slow  # two train.py processes after the fixture's
+def test_a_finished_run_says_so_and_a_longer_one_goes_on(unbroken_and_killed):
+    folder, unbroken_output, metrics, _ = unbroken_and_killed
+    run = folder / "unbroken"
+    last = run / "checkpoints" / "last.ckpt"
+    # One numbering: the log's best epoch (the first of the highest accuracy), the checkpoint's name,
+    # metrics.json and the plot's data.
+    logged = _epoch_lines(unbroken_output)
+    best_logged = min(epoch for epoch, acc in logged if acc == max(acc for _, acc in logged))
+    assert metrics["best_epoch"] == best_logged
+    assert Path(metrics["best_ckpt"]).name.startswith(f"epoch={best_logged:03d}-")
+    assert read_history([run / "logs" / "metrics.csv"]).best_epoch() == best_logged
+    assert f"best val acc {100 * metrics['val_acc']:.2f}% at epoch {best_logged}" in unbroken_output
+
+    before = sorted((path.name, path.stat().st_mtime_ns) for path in run.rglob("*"))
+    finished = _start(f"ckpt_path={last}", f"trainer.max_epochs={EPOCHS}", "hydra.run.dir=unbroken", cwd=folder)
+    output = _finish(finished)
+    assert output.strip() == (
+        f"{last} has finished: {EPOCHS} epochs, {metrics['global_step']} steps trained, "
+        f"trainer.max_epochs={EPOCHS} reached; nothing to resume (to train on, set trainer.max_epochs above {EPOCHS})"
+    )
+    assert sorted((path.name, path.stat().st_mtime_ns) for path in run.rglob("*")) == before  # nothing written
+
+    longer = _finish(
+        _start(
+            f"ckpt_path={last}",
+            *DIGITS_RUN[2:],
+            f"trainer.max_epochs={EPOCHS + 1}",
+            "hydra.run.dir=unbroken",
+            cwd=folder,
+        )
+    )
+    assert [epoch for epoch, _ in re.findall(r"epoch (\d+)/(\d+): ", longer)] == [str(EPOCHS + 1)], longer[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == EPOCHS + 1

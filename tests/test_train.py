@@ -649,4 +649,4 @@ def test_an_error_in_the_middle_of_a_run_saves_no_checkpoint_and_prints_one_line
     printed = exit_message(tmp_path / "run", "model=repvgg_tiny", "data=imagefolder", "trainer.max_epochs=1", *data)
     assert printed.startswith(f"error: data.root: cannot read image {broken}"), printed
     assert "Original Traceback" not in caplog.text  # Lightning's save_on_exception message carried the worker's
-    assert run_files(tmp_path / "run") == []  # no epoch=000 checkpoint or last.ckpt claims the folder
+    assert run_files(tmp_path / "run") == []  # no epoch=001 checkpoint or last.ckpt claims the folder

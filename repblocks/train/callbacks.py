@@ -1,7 +1,8 @@
 """Lightning callbacks: checkpoints confined to their run's folder, and the end-of-training deploy check.
 
-:class:`RunModelCheckpoint` is Lightning's ``ModelCheckpoint`` that treats the paths a resumed
-checkpoint names as data: it only ever removes a regular file inside its own checkpoints folder.
+:class:`RunModelCheckpoint` is Lightning's ``ModelCheckpoint`` that writes ``last.ckpt`` after every
+epoch, numbers epochs from 1 as the log and the plot do, and treats the paths a resumed checkpoint
+names as data: it only ever removes a regular file inside its own checkpoints folder.
 :class:`DeployCheck` closes every training run with the question a user asks next: does the
 plain network give the same answers? It reloads the best checkpoint the way deploy.py does
 (``weights_only=True``, from the saved hyperparameters), converts it with ``switch_to_deploy``,
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from repblocks.checkpoint import deploy_metadata
@@ -52,19 +55,70 @@ def inside_folder(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 
 
 class RunModelCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, which removes only regular files inside its own ``dirpath``.
+    """Lightning's ``ModelCheckpoint``, with ``last.ckpt`` written every epoch and epochs counted from 1.
 
-    A checkpoint resumed from carries this callback's state: the paths of the last and best
-    checkpoints, which Lightning later removes as they are replaced. Lightning checks that they lie
-    in ``dirpath`` without resolving ``..`` and removes recursively, so a crafted checkpoint could
-    name any folder. Here the paths restored from a checkpoint are kept only when they name a file
-    inside ``dirpath`` (the rest are logged and forgotten), and a removal is refused otherwise.
+    ``last.ckpt`` after every epoch: Lightning 2.6 rewrites it only when it saves a new best, so a
+    run whose monitored metric stopped improving at epoch 15 of 30 kept epoch 15 there, and a
+    resume (after a kill, or of the finished run) started over from epoch 16. Here it holds the
+    end of the last epoch trained, whatever the metric did, and a run killed in epoch N resumes at
+    epoch N.
+
+    Epochs from 1: ``{epoch}`` in ``filename`` is the epoch as the log (``epoch 3/30``),
+    ``metrics.json`` (``best_epoch``) and ``training_curves.png`` count it, so the best checkpoint
+    of the third epoch is ``epoch=003-...``. :attr:`best_epoch` is that epoch of the best checkpoint.
+
+    Removes only regular files inside its own ``dirpath``: a checkpoint resumed from carries this
+    callback's state, the paths of the last and best checkpoints, which Lightning later removes as
+    they are replaced. Lightning checks that they lie in ``dirpath`` without resolving ``..`` and
+    removes recursively, so a crafted checkpoint could name any folder. Here the paths restored from
+    a checkpoint are kept only when they name a file inside ``dirpath`` (the rest are logged and
+    forgotten), and a removal is refused otherwise.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.best_epoch: int | None = None  # the epoch (from 1) of best_model_path
+        self._last_saved_at_step: int | None = None
 
     @property
     def state_key(self) -> str:
         # Lightning's own name for the state: checkpoints written with ModelCheckpoint resume here, and back.
         return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # After Lightning's own saving, on both of its paths (here, or at the validation just before): the end
+        # of every epoch is the moment a resume starts the next one from.
+        if self.save_last and self._saving_allowed(trainer) and self._last_saved_at_step != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _saving_allowed(self, trainer: L.Trainer) -> bool:
+        """Lightning's conditions for saving at all (its own check also skips a step it saved at)."""
+        return (
+            not trainer.fast_dev_run
+            and trainer.state.fn == TrainerFn.FITTING
+            and not trainer.sanity_checking
+            and trainer.global_step > 0
+        )
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        if self.save_last:
+            self._last_saved_at_step = trainer.global_step
+
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict:
+        candidates = super()._monitor_candidates(trainer)
+        # Lightning's current_epoch counts finished epochs: during (and at the end of) the third epoch it is 2.
+        candidates["epoch"] = torch.tensor(trainer.current_epoch + 1)
+        return candidates
+
+    def _update_best_and_save(self, current, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._update_best_and_save(current, trainer, monitor_candidates)
+        if self.best_model_path and self.best_model_path == self._last_checkpoint_saved:  # this save is the best
+            self.best_epoch = int(monitor_candidates["epoch"])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "best_epoch": self.best_epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -76,6 +130,8 @@ class RunModelCheckpoint(ModelCheckpoint):
             worst = min if self.mode == "max" else max
             self.kth_best_model_path = worst(self.best_k_models, key=lambda path: self.best_k_models[path])
             self.kth_value = self.best_k_models[self.kth_best_model_path]
+        best_epoch = state_dict.get("best_epoch")  # absent from checkpoints written before it was recorded
+        self.best_epoch = best_epoch if self.best_model_path and isinstance(best_epoch, int) else None
 
     def _own(self, path: str) -> bool:
         if self.dirpath is not None and inside_folder(path, self.dirpath):
@@ -206,7 +262,7 @@ class NoCheckpointOnError(L.Callback):
 
     Ctrl-C and SIGTERM (Lightning's ``SIGTERMException``) stop a healthy run, whose ``last.ckpt``
     resumes it. An error (a corrupt image, a NaN loss) stops a run in the middle of an epoch:
-    a checkpoint of it would be named like a result (``epoch=000-val_acc=0.0000.ckpt``), claim the
+    a checkpoint of it would be named like a result (``epoch=001-val_acc=0.0000.ckpt``), claim the
     run folder, and Lightning would print the error's whole message, a worker's traceback
     included, beside the one line train.py prints. Lightning calls checkpoint callbacks last, so
     this one runs before them.

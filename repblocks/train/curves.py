@@ -4,7 +4,9 @@
 interrupted (Ctrl-C, SIGTERM) after at least one logged value. The data is the CSV logger's
 ``metrics.csv`` (and the ``metrics.before-step-N.csv`` that train.py keeps when a run resumes in its
 folder), so a finished run can be drawn again with :func:`write_training_curves`. Values that are
-not finite (a loss that became NaN) leave a gap, never a broken figure.
+not finite (a loss that became NaN) leave a gap, never a broken figure. Epochs count from 1, as the
+log and the checkpoint names do; the best epoch marked is the checkpoint's (the first to reach the best
+accuracy), and when validation ran on an EMA of the weights the figure says so.
 """
 
 from __future__ import annotations
@@ -48,6 +50,14 @@ class History:
     def empty(self) -> bool:
         return not (self.train_loss or self.val_loss or self.val_acc)
 
+    def best_epoch(self) -> int | None:
+        """The first epoch of the highest finite ``val_acc``: the one ModelCheckpoint kept (it saves only on a gain)."""
+        finite = {epoch: value for epoch, value in self.val_acc.items() if math.isfinite(value)}
+        if not finite:
+            return None
+        best = max(finite.values())
+        return min(epoch for epoch, value in finite.items() if value == best)
+
 
 def read_history(csv_files: list[str | os.PathLike]) -> History:
     """The epoch-level values in Lightning ``CSVLogger`` files, earlier files first (a later value wins)."""
@@ -71,25 +81,32 @@ def read_history(csv_files: list[str | os.PathLike]) -> History:
     return history
 
 
-def training_curves_figure(history: History, *, title: str) -> Figure:
-    """Loss (train and validation) and validation accuracy per epoch, side by side."""
+def training_curves_figure(history: History, *, title: str, ema_decay: float | None = None) -> Figure:
+    """Loss (train and validation) and validation accuracy per epoch, side by side.
+
+    Args:
+        history: The values to draw (:func:`read_history`).
+        title: The figure's title.
+        ema_decay: The decay of the weights' EMA that validation ran on; None: it ran on the weights.
+    """
     # A bare Figure, not pyplot: no global backend or window state, and it renders PNG on any server.
     figure = Figure(figsize=(10, 3.8), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
     _curve(loss_axes, history.train_loss, "train", "C0")
-    _curve(loss_axes, history.val_loss, "validation", "C1")
+    on_ema = f" on EMA weights (decay {ema_decay:g})" if ema_decay else ""  # not the weights train loss was on
+    _curve(loss_axes, history.val_loss, f"validation{on_ema}", "C1")
     loss_axes.set_title("loss", fontsize="medium")
     _curve(acc_axes, {k: 100 * v for k, v in history.val_acc.items()}, "top-1", "C2")
     _curve(acc_axes, {k: 100 * v for k, v in history.val_acc_top5.items()}, "top-5", "C2", dashed=True)
     acc_axes.set_ylim(0, 105)
-    best = max(((v, k) for k, v in history.val_acc.items() if math.isfinite(v)), default=None)
+    best = history.best_epoch()
+    accuracy = f"validation accuracy (%){on_ema}"
     if best is None:
-        acc_axes.set_title("validation accuracy (%)", fontsize="medium")
+        acc_axes.set_title(accuracy, fontsize="medium")
     else:
-        acc_axes.plot(best[1], 100 * best[0], "*", color="C3", markersize=11, zorder=3)
-        acc_axes.set_title(
-            f"validation accuracy (%): best top-1 {100 * best[0]:.2f}% at epoch {best[1]}", fontsize="medium"
-        )
+        best_acc = 100 * history.val_acc[best]
+        acc_axes.plot(best, best_acc, "*", color="C3", markersize=11, zorder=3)
+        acc_axes.set_title(f"{accuracy}\nbest top-1 {best_acc:.2f}% at epoch {best}", fontsize="medium")
     for axes in (loss_axes, acc_axes):
         axes.set_xlabel("epoch")
         axes.grid(True, alpha=0.3)
@@ -104,13 +121,18 @@ def training_curves_figure(history: History, *, title: str) -> Figure:
     return figure
 
 
-def write_training_curves(csv_files: list[str | os.PathLike], path: str | os.PathLike, *, title: str) -> bool:
-    """Draw the values of ``csv_files`` into ``path`` (written atomically); False when they hold none."""
+def write_training_curves(
+    csv_files: list[str | os.PathLike], path: str | os.PathLike, *, title: str, ema_decay: float | None = None
+) -> bool:
+    """Draw the values of ``csv_files`` into ``path`` (written atomically); False when they hold none.
+
+    ``ema_decay``: as in :func:`training_curves_figure`.
+    """
     history = read_history(csv_files)
     if history.empty():
         return False
     with atomic_path(Path(path)) as tmp:
-        training_curves_figure(history, title=title).savefig(tmp, format="png", dpi=110)
+        training_curves_figure(history, title=title, ema_decay=ema_decay).savefig(tmp, format="png", dpi=110)
     return True
 
 
@@ -145,8 +167,11 @@ class TrainingCurves(L.Callback):
             path for path in [folders[0] / "metrics.csv"] if path.is_file()
         ]
         name = pl_module.hparams.get("model_name", type(pl_module).__name__)
+        ema_decay = pl_module.hparams.get("ema_decay")  # RepClassifier validates on its EMA when there is one
         try:
-            written = write_training_curves(csv_files, self.output_dir / CURVES_FILE, title=f"{name}: training curves")
+            written = write_training_curves(
+                csv_files, self.output_dir / CURVES_FILE, title=f"{name}: training curves", ema_decay=ema_decay
+            )
         except (OSError, ValueError) as err:  # a plot is no reason to fail a finished run
             log.warning("training curves not written: %s", err)
             return

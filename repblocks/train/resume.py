@@ -10,20 +10,26 @@ The checkpoint is data, never instructions: its architecture passes
 :func:`repblocks.run_checkpoint.model_spec`, and a name becomes a config choice (``model=NAME``,
 ``loss=NAME``, ``data=NAME``) only where it names a file of ours in ``configs/``; a recorded
 ``_target_`` is matched against our configs' own targets, never instantiated.
+
+A run that has already trained as far as the command asks (its ``last.ckpt`` after the final epoch) is
+not trained again: :func:`finished_run` gives the one line to print instead. With a larger
+``trainer.max_epochs`` it goes on from where it ended.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from repblocks.cli import quoted
 from repblocks.run_checkpoint import RunCheckpoint
 
-__all__ = ["check_resumed_as_trained", "recorded_overrides"]
+__all__ = ["check_resumed_as_trained", "finished_run", "recorded_overrides", "trained_so_far"]
 
 # Keys of the model config that are no architecture argument (train.py leaves them out of model_kwargs).
 _MODEL_META_KEYS = ("_target_", "_partial_", "name", "pretrained")
@@ -94,6 +100,54 @@ def check_resumed_as_trained(run: RunCheckpoint, composed: DictConfig) -> None:
             f"ckpt_path: {run.path} was trained with {'; '.join(differences)}: a resumed run continues as it "
             f"was trained (its optimizer state fits only that); drop the override, or start a new run without ckpt_path"
         )
+
+
+def trained_so_far(checkpoint: Mapping) -> tuple[int, int] | None:
+    """The epochs whose training batches all ran, and the optimizer steps, of a Lightning checkpoint; None: not one.
+
+    The epochs are the fit loop's ``processed`` count, which Lightning compares with ``max_epochs``
+    when it resumes: a checkpoint saved at the end of the third epoch counts 3, one saved by a
+    Ctrl-C in the fourth counts 3 as well.
+    """
+    try:
+        epochs = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+        steps = checkpoint["global_step"]
+    except (KeyError, TypeError):
+        return None
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (epochs, steps)):
+        return None
+    return epochs, steps
+
+
+def finished_run(ckpt_path: str | os.PathLike, trainer: Mapping) -> str | None:
+    """One line saying that ``ckpt_path``'s run has trained all that ``trainer`` asks; None when there is more to do.
+
+    Args:
+        ckpt_path: The checkpoint to resume. One that cannot be read gives None: the resume itself
+            says what is wrong with it.
+        trainer: The composed ``trainer`` config (``max_epochs``, ``max_steps``), as Lightning would read it.
+    """
+    try:  # mmap: only the loop state is read, not the weights, however large the checkpoint
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch raises several kinds for junk and truncation; the resume reports them in one line
+        return None
+    trained = trained_so_far(checkpoint) if isinstance(checkpoint, Mapping) else None
+    if trained is None:
+        return None
+    epochs, steps = trained
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_epochs is None and (max_steps is None or max_steps == -1):
+        max_epochs = 1000  # Lightning's default when neither is set
+    if max_steps is not None and max_steps > 0 and steps >= max_steps:
+        reached, more = f"trainer.max_steps={max_steps}", f"trainer.max_steps above {steps}"
+    elif max_epochs is not None and max_epochs >= 0 and epochs >= max_epochs:
+        reached, more = f"trainer.max_epochs={max_epochs}", f"trainer.max_epochs above {epochs}"
+    else:
+        return None
+    return (
+        f"{ckpt_path} has finished: {epochs} epochs, {steps} steps trained, {reached} reached; "
+        f"nothing to resume (to train on, set {more})"
+    )
 
 
 def _group_of_target(group_dir: Path, class_name: object) -> str | None:
