@@ -23,11 +23,10 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from repblocks.checkpoint import deploy_metadata
 from repblocks.convert import switch_to_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
-from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
+from repblocks.run_checkpoint import build_run_model, read_run_checkpoint, run_deploy_metadata
 from repblocks.weights import save_weights
 
 __all__ = ["DeployCheck", "DeployResult", "NoCheckpointOnError", "RunModelCheckpoint", "inside_folder"]
@@ -171,14 +170,7 @@ class DeployCheck(L.Callback):
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
             # The same metadata as deploy.py's export, so either file says how to rebuild its model.
-            metadata=deploy_metadata(
-                model=hparams["model_name"],
-                num_classes=hparams["num_classes"],
-                in_chans=hparams["in_chans"],
-                model_kwargs=hparams["model_kwargs"],
-                preprocessing=hparams.get("preprocessing"),
-                class_names=hparams.get("class_names"),
-            ),
+            metadata=run_deploy_metadata(hparams),
         )
         self.result = DeployResult(
             val_acc_train_form=compared["train_accuracy"],
