@@ -85,12 +85,12 @@ if __name__ == "__main__":
     # Checkpoint names hold '=': quote them for Hydra.
     sys.argv[1:] = quote_path_values(sys.argv[1:], (*PATH_KEYS, "qat.init"))
     with exit_on_user_error():
-        composed = check_overrides(sys.argv[1:], CONFIG_DIR, "train")
+        composed, note = check_overrides(sys.argv[1:], CONFIG_DIR, "train"), None
         if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
             # A resumed run takes its checkpoint's model, loss, rep_l2, EMA and data settings (repblocks/train/resume.py).
             sys.argv[1:], composed, note = resume_as_trained(sys.argv[1:], composed.ckpt_path, CONFIG_DIR)
-            if note and first_process():
-                print(note, file=sys.stderr)
         if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder
             check_run_folder(composed.hydra.run.dir, ckpt_path=composed.ckpt_path, new_run=first_process())
+        if note and first_process():  # once nothing refuses the command line: a refusal is its one line
+            print(note, file=sys.stderr)
     main()
