@@ -46,6 +46,7 @@ from benchmarks.common import write_results
 from repblocks.blocks import ConvBN, RepBlock
 from repblocks.datasets import DigitsData, InMemoryBatches, RandomAffineBatch
 from repblocks.models.repvgg import REPVGG_CONFIGS, RepVGG
+from repblocks.run_checkpoint import run_record
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 
@@ -164,9 +165,8 @@ def train_once(variant: str, seed: int, args: argparse.Namespace) -> RunResult:
     data = few_digits(args.train_fraction, args.batch_size)
     model = build_variant(variant, data.num_classes)
     optimizer, scheduler = recipe(args.batch_size)
-    module = RepClassifier(
-        model, model_name=MODEL, image_size=data.image_size, optimizer=optimizer, scheduler=scheduler
-    )
+    record = run_record(model, model_name=MODEL, model_kwargs={}, in_chans=data.in_chans, image_size=data.image_size)
+    module = RepClassifier(model, record=record, optimizer=optimizer, scheduler=scheduler)
     trainer = L.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,

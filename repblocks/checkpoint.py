@@ -14,7 +14,7 @@ import json
 import os
 import pickle
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,7 +27,6 @@ __all__ = [
     "PREPROCESSING_KEYS",
     "StateDict",
     "WeightsSource",
-    "deploy_metadata",
     "read_checkpoint",
     "read_safetensors_metadata",
     "read_state_dict",
@@ -125,37 +124,6 @@ def read_checkpoint(path: str | os.PathLike) -> object:
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint ({_unpickler_reason(err)})") from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zip and pickle errors for junk and truncation
         raise ValueError(f"cannot read {path}: not a PyTorch checkpoint, or truncated/corrupted ({err})") from None
-
-
-def deploy_metadata(
-    *,
-    model: str,
-    num_classes: int,
-    in_chans: int,
-    model_kwargs: Mapping,
-    preprocessing: Mapping | None = None,
-    class_names: Sequence[str] | None = None,
-) -> dict[str, str]:
-    """The header metadata of deploy-form weights we write: what rebuilds the model, and how its images are prepared.
-
-    Training's end-of-run deploy weights and deploy.py's exports all carry it, so either
-    file deploys again with nothing else (:func:`read_safetensors_metadata` reads it back). Values are
-    strings, as safetensors requires: numbers as text, everything else as JSON. ``class_names`` (the
-    name of each class, by index, when the training data named them) lets predictions say them.
-    """
-    metadata = {
-        "model": model,
-        "num_classes": str(num_classes),
-        "in_chans": str(in_chans),
-        "model_kwargs": json.dumps(dict(model_kwargs)),
-        "form": DEPLOY_FORM,
-    }
-    for key in PREPROCESSING_KEYS:
-        if preprocessing and key in preprocessing:
-            metadata[key] = json.dumps(preprocessing[key])
-    if class_names:
-        metadata["class_names"] = json.dumps(list(class_names))
-    return metadata
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:

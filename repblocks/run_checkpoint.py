@@ -1,11 +1,17 @@
 """The contract of the files we write that say how to rebuild their network: train.py checkpoints, deploy metadata.
 
-A train.py checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold ``model_name``,
-``num_classes``, ``in_chans``, ``image_size``, ``model_kwargs``, ``weights_prefix`` (``"model."``,
-or ``"ema.module."`` with EMA) and ``data`` (the data config); its ``state_dict`` holds the
-network's weights under that prefix. Training writes it and deployment reads it: this module is
-where both meet, so neither has to import the other. :class:`RunCheckpoint` reads it and
-:func:`build_run_model` rebuilds its network.
+Both are written and read here, so the two sides cannot drift apart, and neither training nor
+deployment has to import the other.
+
+A train.py checkpoint is a Lightning checkpoint whose ``hyper_parameters`` hold what
+:func:`run_record` writes (``model_name``, ``num_classes``, ``in_chans``, ``model_kwargs``,
+``image_size``, ``data``: the data config, ``preprocessing``, ``class_names``), the
+``weights_prefix`` of the LightningModule (``"model."``, or ``"ema.module."`` with EMA), and its
+training settings (``loss``, ``rep_l2``, ``ema_decay``, for a resume); its ``state_dict`` holds
+the network's weights under that prefix. :func:`read_run_checkpoint` reads it and
+:func:`build_run_model` rebuilds its network. Deploy-form weights and every export carry
+:func:`deploy_metadata`, which :func:`spec_from_deploy_metadata` and
+:func:`class_names_from_metadata` read back.
 
 What such a file says to build is data, never instructions: :func:`model_spec` is the one gate
 every file-provided architecture passes. It admits only architecture arguments (no ``pretrained``,
@@ -20,14 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from repblocks.blocks import ACTIVATIONS
-from repblocks.checkpoint import StateDict, read_checkpoint
+from repblocks.checkpoint import DEPLOY_FORM, PREPROCESSING_KEYS, StateDict, read_checkpoint
 from repblocks.expand import resolve_branches
 from repblocks.online import BLOCK_MODES
 from repblocks.registry import create_model
@@ -36,6 +42,7 @@ from repblocks.weights import load_weights
 __all__ = [
     "FILE_MODEL_ARGUMENTS",
     "MAX_CLASS_NAME",
+    "MODEL_CONFIG_KEYS",
     "SIZE_LIMITS",
     "ModelSpec",
     "RunCheckpoint",
@@ -43,9 +50,13 @@ __all__ = [
     "check_class_names",
     "check_size",
     "class_names_from_metadata",
+    "deploy_metadata",
+    "model_arguments",
     "model_spec",
     "read_run_checkpoint",
     "resolve_run_checkpoint",
+    "run_deploy_metadata",
+    "run_record",
     "spec_from_deploy_metadata",
 ]
 
@@ -92,6 +103,10 @@ FILE_MODEL_ARGUMENTS = {
 # Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
 # ``weights`` (a tv_* model's starting file) likewise: it would open another file.
 _IGNORED_ARGUMENTS = ("pretrained", "weights")
+# Keys of a model config (configs/model/*.yaml) that are no architecture argument, left out of a checkpoint's
+# model_kwargs: where the weights started (pretrained=...) is no part of the network a checkpoint rebuilds,
+# and reading it back would download or open another file.
+MODEL_CONFIG_KEYS = ("_target_", "_partial_", "name", "pretrained")
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,7 @@ def model_spec(
                 f"allowed: {', '.join(FILE_MODEL_ARGUMENTS)}"
             )
         accepts, expected = FILE_MODEL_ARGUMENTS[key]
-        if not accepts(value):
+        if not _accepts(accepts, value):
             raise ValueError(f"{what}: model_kwargs {key}={value!r} is invalid; it must be {expected}")
         checked[key] = value
     return ModelSpec(
@@ -167,8 +182,112 @@ def model_spec(
     )
 
 
+def _accepts(accepts, value: object) -> bool:
+    try:
+        return bool(accepts(value))
+    except TypeError:  # a dict or a list where a name belongs: unhashable, so not one of the names
+        return False
+
+
+def model_arguments(model_config: Mapping, network: nn.Module) -> dict:
+    """The ``model_kwargs`` a checkpoint records: the model config's architecture arguments, and ``bn_eps``.
+
+    ``bn_eps`` is recorded for the models that have one, so the checkpoint rebuilds its model with
+    the eps it trained with, whatever the default of a later version.
+    """
+    kwargs = {key: value for key, value in model_config.items() if key not in MODEL_CONFIG_KEYS}
+    if hasattr(network, "bn_eps"):
+        kwargs.setdefault("bn_eps", network.bn_eps)
+    return kwargs
+
+
+def run_record(
+    network: nn.Module,
+    *,
+    model_name: str,
+    model_kwargs: Mapping,
+    in_chans: int,
+    image_size: int,
+    data: Mapping | None = None,
+    preprocessing: Mapping | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict:
+    """What a train.py checkpoint records about its network, as plain containers (``weights_only`` loads them).
+
+    Args:
+        network: The network trained (its ``num_classes`` is recorded).
+        model_name: Its registry name.
+        model_kwargs: The further ``create_model`` arguments it was built with (:func:`model_arguments`).
+        in_chans, image_size: Its input channels, and the image size it trained at.
+        data: The data config (``{"_target_": ..., **kwargs}``), so deployment can verify on the
+            same validation images.
+        preprocessing: How the data prepared images (``input_size``, ``mean``, ``std``,
+            ``crop_pct``, ``interpolation``), so deployment prepares them the same way.
+        class_names: The name of each class, by index, when the data names them.
+
+    Raises:
+        ValueError: The network has no classifier.
+    """
+    num_classes = getattr(network, "num_classes", None)
+    if not num_classes:
+        raise ValueError(f"model {model_name!r} has no classifier (num_classes={num_classes!r})")
+    return {
+        "model_name": model_name,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "model_kwargs": dict(model_kwargs),
+        "image_size": int(image_size),
+        "data": dict(data or {}),
+        "preprocessing": dict(preprocessing) if preprocessing is not None else None,
+        "class_names": [str(name) for name in class_names] if class_names is not None else None,
+    }
+
+
+def deploy_metadata(
+    *,
+    model: str,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: Mapping,
+    preprocessing: Mapping | None = None,
+    class_names: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """The header metadata of deploy-form weights we write: what rebuilds the model, and how its images are prepared.
+
+    Training's end-of-run deploy weights and deploy.py's exports all carry it, so either
+    file deploys again with nothing else (:func:`spec_from_deploy_metadata` reads it back). Values are
+    strings, as safetensors requires: numbers as text, everything else as JSON. ``class_names`` (the
+    name of each class, by index, when the training data named them) lets predictions say them.
+    """
+    metadata = {
+        "model": model,
+        "num_classes": str(num_classes),
+        "in_chans": str(in_chans),
+        "model_kwargs": json.dumps(dict(model_kwargs)),
+        "form": DEPLOY_FORM,
+    }
+    for key in PREPROCESSING_KEYS:
+        if preprocessing and key in preprocessing:
+            metadata[key] = json.dumps(preprocessing[key])
+    if class_names:
+        metadata["class_names"] = json.dumps(list(class_names))
+    return metadata
+
+
+def run_deploy_metadata(hyper_parameters: Mapping) -> dict[str, str]:
+    """:func:`deploy_metadata` for the network a train.py checkpoint's ``hyper_parameters`` (:func:`run_record`) describe."""
+    return deploy_metadata(
+        model=hyper_parameters["model_name"],
+        num_classes=hyper_parameters["num_classes"],
+        in_chans=hyper_parameters["in_chans"],
+        model_kwargs=hyper_parameters["model_kwargs"],
+        preprocessing=hyper_parameters.get("preprocessing"),
+        class_names=hyper_parameters.get("class_names"),
+    )
+
+
 def spec_from_deploy_metadata(metadata: Mapping[str, str], *, what: str) -> ModelSpec:
-    """What the metadata of deploy-form weights (:func:`repblocks.checkpoint.deploy_metadata`) says to build.
+    """What the metadata of deploy-form weights (:func:`deploy_metadata`) says to build.
 
     Raises:
         ValueError: A missing or malformed field; one line naming it.

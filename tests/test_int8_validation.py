@@ -29,8 +29,10 @@ from repblocks.int8 import near_chance
 from repblocks.numerics import randomize_bn_
 from repblocks.train import qat
 from repblocks.train.data import ClassificationDataModule
+from repblocks.train.report import summary as _summary
+from repblocks.train.report import val_acc_measured_on as _val_acc_measured_on
 from tests.helpers import ROOT, compose_train, write_untrained_run
-from train import _summary, _val_acc_measured_on, train
+from train import train
 
 NO_BENCH = {"device": "cpu", "batch_sizes": []}
 ANY_DROP = {"max_drop": 100.0}

@@ -246,10 +246,11 @@ def test_deploy_logging_keeps_torchs_trace_records_to_themselves():
 def test_tensorboard_is_asked_for_not_announced(tmp_path, monkeypatch):
     """The default logs CSV and says nothing about TensorBoard; logger=tensorboard without it is one clear error."""
     import train
+    from repblocks.train import loggers
 
     with initialize_config_dir(str(train.CONFIG_DIR), version_base="1.3"):
         assert list(compose("train").logger) == ["csv"]
-    monkeypatch.setattr(train, "_tensorboard_installed", lambda: False)
+    monkeypatch.setattr(loggers, "_tensorboard_installed", lambda: False)
     config = compose_train(
         tmp_path, "model=repvgg_tiny", "data=fake", "logger=tensorboard", "trainer.fast_dev_run=true"
     )

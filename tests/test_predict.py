@@ -19,14 +19,14 @@ import torch
 from PIL import Image
 
 import predict as predict_py
-from repblocks.checkpoint import deploy_metadata, read_safetensors_metadata
+from repblocks.checkpoint import read_safetensors_metadata
 from repblocks.datasets import CIFAR10_CLASSES, DigitsData, FakeData, ImageFolderData, evaluation_loader
 from repblocks.deploy import Predictor, openvino
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.predict import REFUSED, write_csv
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors
-from repblocks.run_checkpoint import MAX_CLASS_NAME, check_class_names, class_names_from_metadata
+from repblocks.run_checkpoint import MAX_CLASS_NAME, check_class_names, class_names_from_metadata, deploy_metadata
 from tests.helpers import ROOT, accurate_model, write_checkpoint
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]  # not the digits' own

@@ -27,7 +27,13 @@ import yaml
 from repblocks.cli import check_overrides
 from repblocks.run_checkpoint import RunCheckpoint
 from repblocks.train.curves import read_history
-from repblocks.train.resume import check_resumed_as_trained, finished_run, recorded_overrides, trained_so_far
+from repblocks.train.resume import (
+    check_resumed_as_trained,
+    finished_run,
+    recorded_overrides,
+    resume_as_trained,
+    trained_so_far,
+)
 
 from .helpers import ROOT, compose_train
 
@@ -282,3 +288,33 @@ def test_a_finished_run_says_so_and_a_longer_one_goes_on(unbroken_and_killed):
     )
     assert [epoch for epoch, _ in re.findall(r"epoch (\d+)/(\d+): ", longer)] == [str(EPOCHS + 1)], longer[-3000:]
     assert json.loads((run / "metrics.json").read_text())["epochs"] == EPOCHS + 1
+
+
+@pytest.mark.parametrize("block_mode", [{"offline": 1}, ["offline"]], ids=["dict", "list"])
+def test_a_checkpoint_with_an_argument_of_the_wrong_kind_is_one_line(tmp_path, block_mode):
+    """A dict or a list where a name belongs (model_kwargs.block_mode) was a TypeError traceback."""
+    import repblocks
+
+    from .helpers import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "last.ckpt", repblocks.create_model("repvgg_tiny", num_classes=10))
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["model_kwargs"]["block_mode"] = block_mode
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=r"^ckpt_path: .* model_kwargs block_mode=.* is invalid; it must be one of"):
+        resume_as_trained([f"ckpt_path={path}"], str(path), CONFIG_DIR)
+
+
+@pytest.mark.slow  # a train.py process of a few seconds
+def test_a_refused_resume_is_one_line(tmp_path):
+    """Refused, it says why and nothing else: not first what it would have taken from the checkpoint."""
+    import repblocks
+
+    from .helpers import write_checkpoint
+
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    last = write_checkpoint(tmp_path / "last.ckpt", model, rep_l2=True, loss="CrossEntropyLoss")
+    refused = _train_py(f"ckpt_path={last}", "rep_l2=false", "hydra.run.dir=refused", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [refused.stderr.strip().splitlines()[-1]], refused.stderr
+    assert refused.stderr.startswith("error: ckpt_path:") and "rep_l2=true (this command: false)" in refused.stderr

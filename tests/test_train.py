@@ -650,3 +650,4 @@ def test_an_error_in_the_middle_of_a_run_saves_no_checkpoint_and_prints_one_line
     assert printed.startswith(f"error: data.root: cannot read image {broken}"), printed
     assert "Original Traceback" not in caplog.text  # Lightning's save_on_exception message carried the worker's
     assert run_files(tmp_path / "run") == []  # no epoch=001 checkpoint or last.ckpt claims the folder
+    assert not (tmp_path / "run" / "logs").exists()  # nor a log of no epoch (hparams.yaml, metrics.csv)

@@ -139,6 +139,10 @@ def test_pretrained_in_a_file_neither_downloads_nor_opens_another_file(tmp_path,
         ({"drop_rate": 2}, r"model_kwargs drop_rate=2 is invalid; it must be a number in \[0, 1\)"),
         ({"act": "os.system"}, r"model_kwargs act='os.system' is invalid; it must be null or one of relu, "),
         ([1], r"model_kwargs must be a mapping, got a list"),
+        # A dict or a list where a name belongs: unhashable, once a TypeError traceback.
+        ({"block_mode": {"offline": 1}}, r"model_kwargs block_mode=\{'offline': 1\} is invalid; it must be one of "),
+        ({"block_mode": ["offline"]}, r"model_kwargs block_mode=\['offline'\] is invalid; it must be one of "),
+        ({"act": ["relu"]}, r"model_kwargs act=\['relu'\] is invalid; it must be null or one of relu, "),
     ],
 )
 def test_only_architecture_arguments_are_read_from_a_file(tmp_path, model_kwargs, message):

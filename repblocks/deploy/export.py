@@ -44,7 +44,7 @@ import onnxruntime
 import torch
 from torch import Tensor, nn
 
-from repblocks import checkpoint
+from repblocks import run_checkpoint
 from repblocks.deploy import coreml, executorch, litert, openvino
 from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
@@ -365,7 +365,7 @@ def _version(package: str) -> str:
 
 def deploy_metadata(network: Network) -> dict[str, str]:
     """What rebuilds the deploy form and prepares its images, as strings: model, classes, kwargs, preprocessing, class names."""
-    return checkpoint.deploy_metadata(
+    return run_checkpoint.deploy_metadata(
         model=network.name,
         num_classes=network.num_classes,
         in_chans=network.in_chans,

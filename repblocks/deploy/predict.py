@@ -14,7 +14,7 @@ The engine is chosen by the file's suffix, never by anything the file says:
   :mod:`repblocks.deploy.litert` (extras ``[executorch]``, ``[litert]``);
 * refused, in one line: ``.pt2`` (see :data:`REFUSED`) and ``.mlpackage`` (Core ML runs on macOS only).
 
-Every file deploy.py writes carries the deploy metadata (:func:`repblocks.checkpoint.deploy_metadata`):
+Every file deploy.py writes carries the deploy metadata (:func:`repblocks.run_checkpoint.deploy_metadata`):
 the model's classes and input channels, its preprocessing (input size, mean, std, crop, interpolation)
 and, when the training data named them, the class names. It is read as every file's metadata is
 (:func:`repblocks.run_checkpoint.spec_from_deploy_metadata`, :func:`~repblocks.run_checkpoint.check_class_names`),

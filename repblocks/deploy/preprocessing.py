@@ -140,7 +140,7 @@ def torchvision_preprocessing(name: str) -> tuple[str, dict | None]:
 
 
 def from_metadata(metadata: Mapping[str, str]) -> dict | None:
-    """What :func:`repblocks.checkpoint.deploy_metadata` wrote, read back (None when there is none).
+    """What :func:`repblocks.run_checkpoint.deploy_metadata` wrote, read back (None when there is none).
 
     Raises:
         UserError: A value is not JSON.

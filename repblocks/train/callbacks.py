@@ -24,13 +24,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
 from torch.utils.data import DataLoader
 
-from repblocks.checkpoint import deploy_metadata
 from repblocks.convert import switch_to_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, within_tolerance
-from repblocks.run_checkpoint import build_run_model, read_run_checkpoint
+from repblocks.run_checkpoint import build_run_model, read_run_checkpoint, run_deploy_metadata
 from repblocks.weights import save_weights
 
 __all__ = ["DeployCheck", "DeployResult", "NoCheckpointOnError", "RunModelCheckpoint", "inside_folder"]
@@ -189,6 +189,26 @@ class DeployCheck(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or trainer.interrupted or trainer.fast_dev_run:
             return
+        batches = self._batches(trainer)
+        if batches is None:
+            return
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+        # The best checkpoint is read back as deploy.py reads it (weights_only, rebuilt from its
+        # hyperparameters); without checkpointing, the weights in memory are checked.
+        model = build_run_model(read_run_checkpoint(best)) if best else copy.deepcopy(pl_module.eval_model)
+        model = model.float().eval()
+        deploy = switch_to_deploy(model)
+        device = pl_module.device
+        with ieee_fp32():
+            compared = compare_forms(model.to(device), deploy.to(device), batches, device)
+        if not compared:
+            self.skipped = "the validation batches held no images"
+            log.warning("deploy check skipped: %s; no deploy weights written", self.skipped)
+            return
+        self._save(deploy, compared, best=best, hparams=pl_module.hparams)
+
+    def _batches(self, trainer: L.Trainer) -> list | None:
+        """Every validation batch the trainer validated on, in this one process; None (and why, in :attr:`skipped`) when none."""
         datamodule = trainer.datamodule
         datamodule.setup("validate")
         # Every validation image, in this one process: the datamodule's hook gives a process its DDP share.
@@ -201,21 +221,10 @@ class DeployCheck(L.Callback):
             log.warning(
                 "deploy check skipped: %s; no deploy weights written (deploy.py converts and checks)", self.skipped
             )
-            return
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
-        # The best checkpoint is read back as deploy.py reads it (weights_only, rebuilt from its
-        # hyperparameters); without checkpointing, the weights in memory are checked.
-        model = build_run_model(read_run_checkpoint(best)) if best else copy.deepcopy(pl_module.eval_model)
-        hparams = pl_module.hparams
-        model = model.float().eval()
-        deploy = switch_to_deploy(model)
-        device = pl_module.device
-        with ieee_fp32():
-            compared = compare_forms(model.to(device), deploy.to(device), batches, device)
-        if not compared:
-            self.skipped = "the validation batches held no images"
-            log.warning("deploy check skipped: %s; no deploy weights written", self.skipped)
-            return
+        return batches
+
+    def _save(self, deploy: nn.Module, compared: dict, *, best: str, hparams) -> None:
+        """Write the deploy weights when the forms agree within tolerance (else one line, nothing written)."""
         if not within_tolerance(compared["max_abs_err"], compared["max_rel_err"], atol=self.atol, rtol=self.rtol):
             raise UserError(
                 f"deploy check failed: the deploy form of {best or 'the trained model'} differs from its train form by "
@@ -227,14 +236,7 @@ class DeployCheck(L.Callback):
             deploy,
             self.output_dir / f"{hparams['model_name']}_deploy.safetensors",
             # The same metadata as deploy.py's export, so either file says how to rebuild its model.
-            metadata=deploy_metadata(
-                model=hparams["model_name"],
-                num_classes=hparams["num_classes"],
-                in_chans=hparams["in_chans"],
-                model_kwargs=hparams["model_kwargs"],
-                preprocessing=hparams.get("preprocessing"),
-                class_names=hparams.get("class_names"),
-            ),
+            metadata=run_deploy_metadata(hparams),
         )
         self.result = DeployResult(
             val_acc_train_form=compared["train_accuracy"],

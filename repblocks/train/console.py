@@ -2,7 +2,7 @@
 
 :func:`quiet_lightning` drops, by their exact text, the messages Lightning prints on every run that
 are advice, not news (its cloud logger's tip, a torch deprecation inside Lightning's own code, the
-EMA copy being in eval mode on purpose). Every other warning still shows. :class:`ModelSummaryLine`
+EMA copy being in eval mode on purpose, an epoch shorter than the step-logging interval). Every other warning still shows. :class:`ModelSummaryLine`
 replaces Lightning's model summary table, whose FLOPs column reads 0 unless the module carries an
 example input, with one line of what the table says.
 """
@@ -36,6 +36,11 @@ def quiet_lightning() -> None:
     """Leave out Lightning's messages that say nothing about the run; safe to call more than once."""
     # The EMA copy of the weights is in eval mode on purpose (it is never trained).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # An epoch shorter than log_every_n_steps logs no per-step train_loss: the log, the curves and the checkpoints
+    # are per epoch, so nothing the user reads is missing, and a short run (or one stopped by a bad image) need not hear it.
+    warnings.filterwarnings(
+        "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval"
+    )
     # Lightning 2.6 calls a torch pytree API that torch 2.14 deprecates: nothing for a user (or us) to change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):

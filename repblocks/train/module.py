@@ -1,15 +1,16 @@
 """The LightningModule that trains any classifier of the zoo with RepVGG's recipe.
 
 Everything configurable comes in as an object or a factory (``functools.partial``), so the
-module is usable from plain Python as well as from Hydra's ``instantiate``:
+module is usable from plain Python as well as from Hydra's ``instantiate`` (``configs/module/``):
 
 >>> model = repblocks.create_model("repvgg_a0", num_classes=10)
->>> module = RepClassifier(model, model_name="repvgg_a0", optimizer=partial(torch.optim.SGD, lr=0.1))
+>>> record = run_record(model, model_name="repvgg_a0", model_kwargs={}, in_chans=3, image_size=32)
+>>> module = RepClassifier(model, record=record, optimizer=partial(torch.optim.SGD, lr=0.1))
 
-The hyperparameters saved in every checkpoint are plain containers (strings, numbers, dicts),
-so checkpoints load with ``torch.load(path, weights_only=True)``; deploy.py rebuilds the model
-from ``model_name``, ``num_classes``, ``in_chans`` and ``model_kwargs``, and reads its weights
-from the keys under ``weights_prefix``.
+Every checkpoint saves ``record`` (:func:`repblocks.run_checkpoint.run_record`: what deploy.py
+rebuilds the network from) and this module's own settings as hyper-parameters, all plain
+containers, so checkpoints load with ``torch.load(path, weights_only=True)``; the network's
+weights are the keys under ``weights_prefix``.
 """
 
 from __future__ import annotations
@@ -40,23 +41,17 @@ class RepClassifier(L.LightningModule):
 
     Args:
         model: The network (train form), e.g. ``create_model("repvgg_a0", num_classes=10)``.
-        model_name: Its registry name, saved so deploy.py can rebuild it.
-        model_kwargs: The extra ``create_model`` arguments it was built with (``drop_rate``...).
-        in_chans: Input channels it was built with.
-        image_size: Training image size, saved for deploy.py's verification and export.
-        data: The data module's config (``{"_target_": ..., **kwargs}``), saved so deploy.py can
-            verify on the same validation images.
-        preprocessing: How the data prepares images (``input_size``, ``mean``, ``std``, ``crop_pct``,
-            ``interpolation``: a data set's ``preprocessing``), saved so deployment prepares them the same way.
-        class_names: The name of each class, by index (a data set's ``class_names``), saved so that the
-            exports carry them and predictions say them; None when the data does not name its classes.
+        record: What the checkpoint says about the network (:func:`repblocks.run_checkpoint.run_record`:
+            its name, classes, arguments, image size, data, preprocessing, class names), saved as it is.
         loss: ``nn.CrossEntropyLoss`` (any ``(logits, target)`` loss) or :class:`RDropLoss`, which
             gets two forward passes of every batch.
         optimizer: Factory taking the parameter groups (default: SGD, lr 0.05, momentum 0.9). Its ``weight_decay`` keyword is applied
             per group: never to normalization layers and biases, as in RepVGG's recipe.
         scheduler: Factory called as ``scheduler(optimizer, total_steps=..., steps_per_epoch=...)``,
-            stepped every optimizer step; None keeps the learning rate constant.
-        mixup: timm's ``Mixup`` (or any ``(images, target) -> (images, soft_target)``), train only.
+            stepped every optimizer step; None (or an empty config: ``scheduler=constant``) keeps the
+            learning rate constant.
+        mixup: Factory called with ``num_classes=`` that gives timm's ``Mixup`` (or any
+            ``(images, target) -> (images, soft_target)``), train only.
         ema_decay: Keep an exponential moving average of the weights (timm's ``ModelEmaV3`` with
             warm-up) and validate, checkpoint and deploy it instead of the raw weights.
         rep_l2: Replace plain weight decay on the branch kernels of every ``RepBlock`` by the
@@ -69,17 +64,11 @@ class RepClassifier(L.LightningModule):
         self,
         model: nn.Module,
         *,
-        model_name: str,
-        model_kwargs: Mapping[str, Any] | None = None,
-        in_chans: int = 3,
-        image_size: int = 224,
-        data: Mapping[str, Any] | None = None,
-        preprocessing: Mapping[str, Any] | None = None,
-        class_names: list[str] | None = None,
+        record: Mapping[str, Any],
         loss: nn.Module | None = None,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
-        mixup: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        mixup: Callable[..., Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None,
         ema_decay: float | None = None,
         rep_l2: bool = False,
         channels_last: bool = False,
@@ -89,45 +78,26 @@ class RepClassifier(L.LightningModule):
         self.model = model
         self.criterion = loss if loss is not None else nn.CrossEntropyLoss()
         self.optimizer_factory = optimizer or functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
-        self.scheduler_factory = scheduler
-        self.mixup = mixup
+        self.scheduler_factory = scheduler or None  # an empty config node (scheduler=constant) is no schedule
+        self.mixup = mixup(num_classes=record["num_classes"]) if mixup is not None else None
         self.use_rep_l2 = rep_l2
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.ema = None
-        if ema_decay:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
-            # Averaged, never trained by gradients: unfrozen, DDP would stop on parameters without a gradient.
-            self.ema.requires_grad_(False)
+        self.ema = _ema(model, ema_decay) if ema_decay else None
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         if compile:
             self.model.compile()
 
-        num_classes = getattr(model, "num_classes", None)
-        if not num_classes:
-            raise ValueError(f"model {model_name!r} has no classifier (num_classes={num_classes!r})")
         self.save_hyperparameters(
             {
-                "model_name": model_name,
-                "num_classes": int(num_classes),
-                "in_chans": int(in_chans),
-                "model_kwargs": dict(model_kwargs or {}),
-                "image_size": int(image_size),
-                "data": dict(data or {}),
-                "preprocessing": dict(preprocessing) if preprocessing is not None else None,
-                "class_names": [str(name) for name in class_names] if class_names is not None else None,
+                **record,
                 "weights_prefix": "ema.module." if self.ema is not None else "model.",
                 "ema_decay": ema_decay,
                 "rep_l2": rep_l2,
                 "loss": type(self.criterion).__name__,
             }
         )
-        metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
-        if num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-        self.val_metrics = nn.ModuleDict(metrics)
+        self.val_metrics = _val_metrics(record["num_classes"])
 
     @property
     def eval_model(self) -> nn.Module:
@@ -189,3 +159,20 @@ class RepClassifier(L.LightningModule):
     def _weight_decay(self) -> float:
         keywords = getattr(self.optimizer_factory, "keywords", None) or {}
         return float(keywords.get("weight_decay", 0.0))
+
+
+def _ema(model: nn.Module, decay: float) -> nn.Module:
+    """timm's ``ModelEmaV3`` of ``model``, with warm-up."""
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=decay, use_warmup=True)
+    # Averaged, never trained by gradients: unfrozen, DDP would stop on parameters without a gradient.
+    return ema.requires_grad_(False)
+
+
+def _val_metrics(num_classes: int) -> nn.ModuleDict:
+    """Top-1 accuracy, and top-5 when there are more than 5 classes."""
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return nn.ModuleDict(metrics)

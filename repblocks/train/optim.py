@@ -91,6 +91,22 @@ def cosine_with_warmup(
     Raises:
         ValueError: ``total_steps <= 0``, ``warmup_steps < 0`` or a ratio outside [0, 1].
     """
+    warmup_steps = _checked_warmup(warmup_steps, total_steps, min_lr_ratio, warmup_start_ratio)
+    decay_steps = total_steps - warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_start_ratio + (1.0 - warmup_start_ratio) * step / warmup_steps
+        if decay_steps == 0:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / decay_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
+
+
+def _checked_warmup(warmup_steps: int, total_steps: int, min_lr_ratio: float, warmup_start_ratio: float) -> int:
+    """The warm-up steps, cut to ``total_steps`` (with a warning) when longer; a ValueError for a setting out of range."""
     if total_steps <= 0:
         raise ValueError(f"total_steps must be positive (optimizer steps of the whole run), got {total_steps}")
     if warmup_steps < 0:
@@ -105,18 +121,7 @@ def cosine_with_warmup(
             warmup_steps,
             total_steps,
         )
-        warmup_steps = total_steps
-    decay_steps = total_steps - warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_start_ratio + (1.0 - warmup_start_ratio) * step / warmup_steps
-        if decay_steps == 0:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / decay_steps)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return LambdaLR(optimizer, factor)
+    return min(warmup_steps, total_steps)
 
 
 def cosine_schedule(

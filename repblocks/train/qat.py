@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +62,9 @@ from repblocks.int8 import (
 )
 from repblocks.int8.accuracy import Predictor
 from repblocks.numerics import max_errors
-from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint
+from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint, run_record
 from repblocks.train.data import ClassificationDataModule
+from repblocks.train.loggers import build_loggers
 from repblocks.train.module import RepClassifier
 from repblocks.train.progress import progress_callbacks
 from repblocks.train.run_folder import check_run_folder
@@ -109,25 +109,87 @@ class QATSettings:
         return settings
 
 
-def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) -> dict[str, Any]:
+def quantization_aware_training(cfg: DictConfig) -> dict[str, Any]:
     """Fine-tune ``qat.init``'s fused network with fake quantization, export the int8 IR, compare it with PTQ.
 
-    Args:
-        cfg: The train config with the ``qat`` node of ``+experiment=qat``.
-        loggers: Builds the Lightning loggers (train.py's ``logger=`` group), called once the inputs are checked.
-
-    Returns:
-        The metrics written to ``metrics.json``: top-1 (percent) of ``fp32``, ``ptq_int8``,
-        ``qat_start`` (the fake-quantized torch model before fine-tuning), ``qat_fake_quant`` (after)
-        and ``qat_int8`` (the IR), the IR check, the images used and where the IR is.
-
-    Raises:
-        ValueError, FileNotFoundError, UserError: Bad settings, a ``qat.init`` that is not a run of
-            ``model=``, OpenVINO or NNCF missing, or an IR that disagrees with the torch model; one line,
-            nothing written.
+    Returns the metrics written to ``metrics.json``: top-1 (percent) of ``fp32``, ``ptq_int8``, ``qat_start``
+    (the fake-quantized torch model before fine-tuning), ``qat_fake_quant`` (after) and ``qat_int8`` (the IR),
+    the IR check, the images used and where the IR is. Raises ValueError, FileNotFoundError or UserError, one
+    line and nothing written, for bad settings, a ``qat.init`` that is not a run of ``model=``, OpenVINO or
+    NNCF missing, or an IR that disagrees with the torch model.
     """
     settings = QATSettings.from_config(cfg.qat)
     output_dir = Path(cfg.paths.output_dir)
+    _check_folder(cfg, output_dir)
+    run = _read_init(settings.init, model_name=cfg.model.name)
+    _require_openvino()
+    L.seed_everything(cfg.seed, workers=True)
+    data = build_data(run.data)
+    data.setup("fit")
+    calibration = _calibration_images(data, settings.calibration_images, seed=cfg.seed)  # (N, C, H, W)
+    log.info("qat: %s from %s, %d calibration images", run.model_name, run.path, len(calibration))
+    start = _start(build_run_model(run), data, calibration, num_classes=run.num_classes)
+    started = time.perf_counter()
+    trainer = _fine_tune(start.quantized, run=run, data=data, cfg=cfg)
+    train_time_s = time.perf_counter() - started
+    quantized = start.quantized.cpu().float().eval()
+    fake_quant_logits = _logits(_torch_predictor(quantized), data)[0]
+    accuracy = {**start.accuracy, "qat_fake_quant": top1(fake_quant_logits, start.labels)}
+    if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
+        return {"fast_dev_run": True, "top1": accuracy, "val_images": len(start.labels), "near_chance": start.useless}
+    ir_logits, ir_check = _export(quantized, calibration, data, fake_quant_logits, settings, output_dir / INT8_DIR)
+    accuracy["qat_int8"] = top1(ir_logits, start.labels)
+    metrics = {
+        "val_acc": accuracy["qat_int8"] / 100,  # what main() returns, for Hydra's sweepers: a fraction, as in training
+        "top1": accuracy,
+        "ir_check": ir_check,
+        "int8_ir": str(output_dir / INT8_DIR / "model.xml"),
+        **_facts(run, start, trainer, calibration_images=len(calibration), train_time_s=train_time_s),
+    }
+    _write(cfg, metrics, output_dir)
+    return metrics
+
+
+def _facts(run: RunCheckpoint, start: _Start, trainer: L.Trainer, **counts: float) -> dict[str, Any]:
+    """What the comparison was made on and how long fine-tuning took, for ``metrics.json``."""
+    return {
+        "init": str(run.path),
+        "model": run.model_name,
+        "calibration_images": counts["calibration_images"],
+        "val_images": len(start.labels),
+        "near_chance": start.useless,  # None, or why the comparison says little
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "train_time_s": round(counts["train_time_s"], 1),
+    }
+
+
+@dataclass
+class _Start:
+    """Where fine-tuning starts: the fake-quantized network, and the accuracies it is compared with."""
+
+    quantized: nn.Module  # the fused network with NNCF's quantizers, calibrated
+    accuracy: dict[str, float]  # top-1 (percent) of fp32, ptq_int8 and qat_start
+    labels: Tensor  # of the validation images, in order
+    useless: str | None  # why fp32's top-1, near chance, makes the comparison say little; None when it does not
+
+
+def _start(trained: nn.Module, data: ClassificationData, calibration: Tensor, *, num_classes: int) -> _Start:
+    """The fused fp32 network's top-1, PTQ int8's, and the fake-quantized network fine-tuning starts from."""
+    plain = switch_to_deploy(trained)  # everything folded: the fp32 reference, and what PTQ quantizes
+    fp32_logits, labels = _logits(_torch_predictor(plain), data)
+    ptq = _ov_predictor(nncf_int8(plain, calibration))  # what deploy.py quantize=int8 would ship
+    accuracy = {"fp32": top1(fp32_logits, labels), "ptq_int8": top1(_logits(ptq, data)[0], labels)}
+    quantized = fake_quantize(switch_to_deploy(trained, keep_post_bn=True), calibration)
+    accuracy["qat_start"] = top1(_logits(_torch_predictor(quantized), data)[0], labels)
+    useless = near_chance(accuracy["fp32"], num_classes)
+    if useless:
+        log.warning("qat: %s", useless)
+    return _Start(quantized, accuracy, labels, useless)
+
+
+def _check_folder(cfg: DictConfig, output_dir: Path) -> None:
+    """One process, and a run folder that holds neither a run nor an IR."""
     if cfg.trainer.get("devices", 1) not in (1, "1"):
         raise ValueError(f"+experiment=qat fine-tunes in one process: set trainer.devices=1, not {cfg.trainer.devices}")
     check_run_folder(output_dir, ckpt_path=None)
@@ -135,57 +197,14 @@ def quantization_aware_training(cfg: DictConfig, *, loggers: Callable[[], Any]) 
         raise ValueError(
             f"run folder {output_dir} already holds {INT8_DIR}/: choose another folder (hydra.run.dir=...)"
         )
-    run = _read_init(settings.init, model_name=cfg.model.name)
-    _require_openvino()
-    L.seed_everything(cfg.seed, workers=True)
 
-    data = build_data(run.data)
-    data.setup("fit")
-    calibration = _calibration_images(data, settings.calibration_images, seed=cfg.seed)  # (N, C, H, W)
-    trained = build_run_model(run)
-    log.info("qat: %s from %s, %d calibration images", run.model_name, run.path, len(calibration))
-    plain = switch_to_deploy(trained)  # everything folded: the fp32 reference, and what PTQ quantizes
-    fp32_logits, labels = _logits(_torch_predictor(plain), data)
-    ptq = _ov_predictor(nncf_int8(plain, calibration))  # what deploy.py quantize=int8 would ship
-    accuracy = {"fp32": top1(fp32_logits, labels), "ptq_int8": top1(_logits(ptq, data)[0], labels)}
-    useless = near_chance(accuracy["fp32"], run.num_classes)
-    if useless:
-        log.warning("qat: %s", useless)
-    quantized = fake_quantize(switch_to_deploy(trained, keep_post_bn=True), calibration)
-    accuracy["qat_start"] = top1(_logits(_torch_predictor(quantized), data)[0], labels)
 
-    started = time.perf_counter()
-    trainer = _fine_tune(quantized, run=run, data=data, cfg=cfg, loggers=loggers())
-    train_time_s = time.perf_counter() - started
-    quantized = quantized.cpu().float().eval()
-    fake_quant_logits = _logits(_torch_predictor(quantized), data)[0]
-    accuracy["qat_fake_quant"] = top1(fake_quant_logits, labels)
-    if trainer.fast_dev_run:  # a smoke test: nothing is exported or written
-        return {"fast_dev_run": True, "top1": accuracy, "val_images": len(labels), "near_chance": useless}
-
-    with staged_folder(output_dir / INT8_DIR) as staging:
-        ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration, folder=staging)), data)[0]
-        ir_check = _check_ir(fake_quant_logits, ir_logits, min_agreement=settings.min_agreement)
-    accuracy["qat_int8"] = top1(ir_logits, labels)
-    metrics = {
-        "val_acc": accuracy["qat_int8"] / 100,  # what main() returns, for Hydra's sweepers: a fraction, as in training
-        "top1": accuracy,
-        "ir_check": ir_check,
-        "int8_ir": str(output_dir / INT8_DIR / "model.xml"),
-        "init": str(run.path),
-        "model": run.model_name,
-        "calibration_images": len(calibration),
-        "val_images": len(labels),
-        "near_chance": useless,  # None, or why the comparison says little
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "train_time_s": round(train_time_s, 1),
-    }
+def _write(cfg: DictConfig, metrics: dict[str, Any], output_dir: Path) -> None:
+    """``config.yaml`` and ``metrics.json``, each atomically, once the IR is in place."""
     with atomic_path(output_dir / "config.yaml") as tmp:
         OmegaConf.save(cfg, tmp, resolve=True)
     with atomic_path(output_dir / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    return metrics
 
 
 def summary(metrics: dict[str, Any]) -> str:
@@ -254,11 +273,9 @@ def _logits(predict: Predictor, data: ClassificationData) -> tuple[Tensor, Tenso
     return predict_batches(predict, data.val_dataloader())
 
 
-def _fine_tune(
-    quantized: nn.Module, *, run: RunCheckpoint, data: ClassificationData, cfg: DictConfig, loggers
-) -> L.Trainer:
+def _fine_tune(quantized: nn.Module, *, run: RunCheckpoint, data: ClassificationData, cfg: DictConfig) -> L.Trainer:
     """Train the fake-quantized network on the run's training data with the config's loss, optimizer and schedule."""
-    module = RepClassifier(
+    record = run_record(
         quantized,
         model_name=run.model_name,
         model_kwargs=run.model_kwargs,
@@ -267,6 +284,10 @@ def _fine_tune(
         data=run.data,
         preprocessing=run.preprocessing,
         class_names=run.class_names,
+    )
+    module = RepClassifier(
+        quantized,
+        record=record,
         loss=instantiate(cfg.loss),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
@@ -275,6 +296,7 @@ def _fine_tune(
         [instantiate(node) for node in (cfg.get("callbacks") or {}).values() if node]
     )
     # No checkpoints: the result is the IR, and a checkpoint of NNCF's hooks would need NNCF to read back.
+    loggers = build_loggers(cfg.get("logger"))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, enable_checkpointing=False, **progress)
     quantized.train()  # NNCF hands it over in eval mode, which Lightning keeps: the kept BatchNorms would not train
     try:
@@ -298,6 +320,21 @@ def _torch_predictor(model: nn.Module) -> Predictor:
 
 def _ov_predictor(ov_model) -> Predictor:
     return infer(compile_model(ov_model))
+
+
+def _export(
+    quantized: nn.Module,
+    calibration: Tensor,
+    data: ClassificationData,
+    reference: Tensor,
+    settings: QATSettings,
+    folder: Path,
+) -> tuple[Tensor, dict[str, float]]:
+    """The int8 IR in ``folder``, checked against the fake-quantized logits first: its logits, and the check."""
+    with staged_folder(folder) as staging:
+        ir_logits = _logits(_ov_predictor(_export_ir(quantized, calibration, folder=staging)), data)[0]
+        ir_check = _check_ir(reference, ir_logits, min_agreement=settings.min_agreement)
+    return ir_logits, ir_check
 
 
 def _export_ir(quantized: nn.Module, example: Tensor, *, folder: Path):

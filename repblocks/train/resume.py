@@ -25,14 +25,97 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from repblocks.cli import quoted
-from repblocks.run_checkpoint import RunCheckpoint
+from repblocks.checkpoint import read_checkpoint
+from repblocks.cli import check_overrides, quoted
+from repblocks.run_checkpoint import MODEL_CONFIG_KEYS, RunCheckpoint, read_run_checkpoint
 
-__all__ = ["check_resumed_as_trained", "finished_run", "recorded_overrides", "trained_so_far"]
+__all__ = [
+    "check_resume_fits",
+    "check_resumed_as_trained",
+    "finished_run",
+    "read_resume_checkpoint",
+    "recorded_overrides",
+    "resume_as_trained",
+    "trained_so_far",
+]
 
-# Keys of the model config that are no architecture argument (train.py leaves them out of model_kwargs).
-_MODEL_META_KEYS = ("_target_", "_partial_", "name", "pretrained")
+
+def resume_as_trained(
+    overrides: list[str], ckpt_path: str, config_dir: str | Path
+) -> tuple[list[str], DictConfig, str | None]:
+    """The command line with the resumed checkpoint's own settings (model, loss, rep_l2, EMA, data) put first.
+
+    Args:
+        overrides: The command line's overrides.
+        ckpt_path: The checkpoint they resume from.
+        config_dir: train.py's ``configs/``.
+
+    Returns:
+        The overrides, the config they compose, and the line to print about what was taken from
+        the checkpoint (None when nothing was).
+
+    Raises:
+        ValueError: A command line that sets one of those settings otherwise, before anything is
+            written; one line.
+    """
+    _, run = read_resume_checkpoint(ckpt_path)
+    recorded = recorded_overrides(run, config_dir, overrides)
+    overrides = [*recorded, *overrides]
+    composed = check_overrides(overrides, config_dir, "train")
+    check_resumed_as_trained(run, composed)  # refused: that line alone, not what would have been taken first
+    shown = [arg for arg in recorded if not arg.startswith("data.")]  # the data set's own settings: too many to read
+    note = f"resuming {run.path} as it was trained: {' '.join(shown)}" if recorded else None
+    return overrides, composed, note
+
+
+def read_resume_checkpoint(ckpt_path: str | None) -> tuple[dict, RunCheckpoint] | None:
+    """The checkpoint to resume from, read safely now: a truncated or foreign file fails before any work."""
+    if ckpt_path is None:
+        return None
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {ckpt_path}")
+    try:
+        checkpoint = read_checkpoint(ckpt_path)
+        run = read_run_checkpoint(ckpt_path, checkpoint)
+    except ValueError as err:  # truncated, not a checkpoint, a pickle that needs code: one line that names the setting
+        raise ValueError(f"ckpt_path: {err}") from None
+    if run is None:
+        raise ValueError(f"ckpt_path: {ckpt_path} is not a train.py checkpoint (it has no model_name hyper-parameter)")
+    return checkpoint, run
+
+
+def check_resume_fits(ckpt_path: str, checkpoint: dict, saved: RunCheckpoint, module: nn.Module) -> None:
+    """Refuse, in one line, a checkpoint whose model is not the one this run's LightningModule builds."""
+    ours = module.hparams
+    theirs = (saved.model_name, saved.num_classes, saved.in_chans)
+    if theirs != (ours["model_name"], ours["num_classes"], ours["in_chans"]):
+        raise ValueError(
+            f"ckpt_path: {ckpt_path} is a checkpoint of {saved.model_name} with num_classes={saved.num_classes}, "
+            f"in_chans={saved.in_chans}; this run builds {ours['model_name']} with num_classes={ours['num_classes']}, "
+            f"in_chans={ours['in_chans']} (from model= and the data)"
+        )
+    misfits = _misfits(module.state_dict(), checkpoint["state_dict"])
+    if misfits:
+        raise ValueError(
+            f"ckpt_path: the weights of {ckpt_path} do not fit this run's model: {misfits} "
+            f"(saved with model_kwargs={saved.model_kwargs}, ema_decay={saved.hyper_parameters.get('ema_decay')}; "
+            f"this run: model_kwargs={ours['model_kwargs']}, ema_decay={ours['ema_decay']})"
+        )
+
+
+def _misfits(expected_state: Mapping, found_state: Mapping) -> str:
+    """The keys missing, unexpected or of another shape in ``found_state``, counted, with the first of each; '' when none."""
+    expected = {key: tuple(value.shape) for key, value in expected_state.items()}
+    found = {key: tuple(value.shape) for key, value in found_state.items()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    reshaped = sorted(key for key in expected.keys() & found.keys() if expected[key] != found[key])
+    return ", ".join(
+        f"{len(keys)} {what} (first: {keys[0]})"
+        for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
+        if keys
+    )
 
 
 def recorded_overrides(run: RunCheckpoint, config_dir: str | Path, given: Sequence[str]) -> list[str]:
@@ -82,7 +165,7 @@ def check_resumed_as_trained(run: RunCheckpoint, composed: DictConfig) -> None:
     """
     hparams = run.hyper_parameters
     model = OmegaConf.to_container(composed.model, resolve=True)
-    ours = {key: value for key, value in model.items() if key not in _MODEL_META_KEYS}
+    ours = {key: value for key, value in model.items() if key not in MODEL_CONFIG_KEYS}
     differences = []
     if model.get("name") != run.model_name:
         differences.append(f"model={run.model_name} (this command: model={model.get('name')})")

@@ -10,7 +10,9 @@ the new one.
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from torch import nn
 
 from repblocks.files import check_free_space, check_writable_dir
 
-__all__ = ["check_run_folder", "check_run_space", "run_files"]
+__all__ = ["check_run_folder", "check_run_space", "release_folder_if_nothing_saved", "run_files"]
+
+log = logging.getLogger("train")
 
 # Checkpoints on disk at once: the best, last.ckpt, and the next one being written beside them.
 _CHECKPOINTS_AT_ONCE = 3
@@ -87,6 +91,21 @@ def check_run_space(folder: str | os.PathLike, module: nn.Module) -> None:
     optimizer = 2 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     needed = _CHECKPOINTS_AT_ONCE * (state + optimizer) + state + _LOG_BYTES  # + the deploy form's weights
     check_free_space(folder, needed, "run folder")
+
+
+def release_folder_if_nothing_saved(folder: Path, *, fresh_logs: Iterable[Path] = ()) -> None:
+    """A run that failed before its first checkpoint leaves nothing to resume, and nothing that claims ``folder``.
+
+    Its ``config.yaml`` goes, so that running the corrected command again in the same folder is not
+    refused as a second run, and so do the log folders it created (``fresh_logs``: a CSV log with
+    no epoch in it, its ``hparams.yaml``).
+    """
+    if run_files(folder) != ["config.yaml"]:
+        return
+    (folder / "config.yaml").unlink()
+    for logs in fresh_logs:
+        shutil.rmtree(logs, ignore_errors=True)
+    log.info("the run failed before saving a checkpoint: %s is free for another run", folder)
 
 
 def _is_train_config(path: Path) -> bool:
