@@ -62,7 +62,11 @@ ONLINE_BRANCH_SETS: dict[str, dict] = {
     # OREPA's block (JUGGHM/OREPA_CVPR2022, blocks.py, OREPA): kxk, 1x1, 1x1 -> average pool, the
     # frequency prior, identity-based 1x1 -> kxk and the depthwise-separable branch; no identity.
     "orepa": dict(
-        identity_branch=None, seq_conv_branch=True, seq_avg_branch=True, prior_branch=True, dw_sep_branch=True,
+        identity_branch=None,
+        seq_conv_branch=True,
+        seq_avg_branch=True,
+        prior_branch=True,
+        dw_sep_branch=True,
         layout="orepa",
     ),  # fmt: skip
 }

@@ -211,7 +211,9 @@ class ScaledAvgSequence(ScaledBranch):
         return F.avg_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2)
 
 
-def frequency_prior(channels: int, kernel_size: int, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def frequency_prior(
+    channels: int, kernel_size: int, *, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+) -> Tensor:
     """OREPA's fixed cosine filters ``(channels, k, k)`` (``fre_init``): vertical frequencies, then horizontal.
 
     Channel i < channels / 2 holds ``cos(pi (h + 1/2) (i + 1) / k)``, the rest
@@ -224,26 +226,36 @@ def frequency_prior(channels: int, kernel_size: int, *, dtype: torch.dtype = tor
     rows = torch.cos(math.pi * taps.reshape(1, -1, 1) * (index + 1) / kernel_size)
     cols = torch.cos(math.pi * taps.reshape(1, 1, -1) * (index + 1 - half) / kernel_size)
     prior = torch.where(index < half, rows.expand(-1, -1, kernel_size), cols.expand(-1, kernel_size, -1))
-    return prior.to(dtype)
+    return prior.to(device=device, dtype=dtype)
 
 
 class ScaledPriorConv(ScaledBranch):
     """A 1x1 conv, then each output channel filtered by its fixed frequency prior (:func:`frequency_prior`).
 
-    The prior is a function of the shape, not a weight: a non-persistent buffer, rebuilt on loading.
+    The prior is a function of the shape, not a weight: no state-dict entry (OREPA's
+    ``weight_orepa_prior`` buffer is not needed to load its files), made once per dtype and device.
+    A buffer would not do: a module built on the meta device and moved with ``to_empty`` (as weight
+    loading builds its twins) would hold uninitialized memory there.
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, *, stride, groups, scale=1.0):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, groups=groups, scale=scale)
         self.weight = _kaiming(nn.Parameter(torch.empty(out_channels, in_channels // groups, 1, 1)))
-        self.register_buffer("prior", frequency_prior(out_channels, kernel_size), persistent=False)
+        self._priors: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def prior(self, dtype: torch.dtype) -> Tensor:
+        """The fixed filters ``(C_out, k, k)`` in ``dtype`` on the weight's device."""
+        key = (dtype, self.weight.device)
+        if key not in self._priors:
+            self._priors[key] = frequency_prior(self.out_channels, self.kernel_size, dtype=dtype, device=key[1])
+        return self._priors[key]
 
     def unscaled_kernel(self, dtype: torch.dtype) -> Tensor:
-        return torch.einsum("oi,ohw->oihw", self.weight.to(dtype).flatten(1), self.prior.to(dtype))
+        return torch.einsum("oi,ohw->oihw", self.weight.to(dtype).flatten(1), self.prior(dtype))
 
     def stages(self, x: Tensor) -> Tensor:
         pointwise = F.conv2d(x, self.weight, None, 1, 0, 1, self.groups)  # (B, C_out, H, W)
-        depthwise = self.prior.to(x.dtype).unsqueeze(1)  # (C_out, 1, k, k): channel o filtered by its prior
+        depthwise = self.prior(x.dtype).unsqueeze(1)  # (C_out, 1, k, k): channel o filtered by its prior
         return F.conv2d(pointwise, depthwise, None, self.stride, self.kernel_size // 2, 1, self.out_channels)
 
 
