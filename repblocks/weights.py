@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.blocks import BRANCH_MODULES, RepBlock
-from repblocks.online import ONLINE_BRANCH_MODULES
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
 from repblocks.layouts import detect_layout, to_repblocks_layout
+from repblocks.online import ONLINE_BRANCH_MODULES
 from repblocks.provenance import (
     BLOCK_KINDS_KEY,
     ambiguous_qa_blocks,

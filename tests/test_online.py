@@ -4,12 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import repblocks
 from repblocks.blocks import BRANCH_SETS, ConvBN, RepBlock
-from repblocks.sequences import IdentityConv1x1
 from repblocks.numerics import max_errors, randomize_bn_
 from repblocks.online import (
     BLOCK_MODES,
@@ -19,6 +17,7 @@ from repblocks.online import (
     resolve_block_mode,
     resolve_online_branch_set,
 )
+from repblocks.sequences import IdentityConv1x1
 from repblocks.train.losses import rep_l2, rep_l2_parameters
 
 # (in_channels, out_channels, stride, groups, kernel_size, branch kwargs)
@@ -350,3 +349,18 @@ def test_online_weights_of_every_branch_set_fuse_into_a_deploy_block_on_loading(
         repblocks.load_weights(deploy, nn.Sequential(trained).state_dict())
         x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
         assert max_errors(trained(x), deploy.eval()(x))[1] < 1e-12, name
+
+
+@pytest.mark.parametrize("branches", ["dbb", "orepa"])
+def test_torchvision_model_expanded_online_trains_and_deploys_to_its_own_class(branches):
+    """`model.expand=dbb model.online=true` (tv_* configs): depthwise convs included, back to torchvision's class."""
+    torchvision = pytest.importorskip("torchvision")
+    model = repblocks.create_model("tv_mobilenet_v3_small", num_classes=10, expand=branches, online=True).train()
+    assert any(isinstance(module, OnlineRepBlock) for module in model.modules())
+    x = torch.randn(2, 3, 32, 32)
+    model(x).logsumexp(1).sum().backward()
+    model.eval()
+    plain = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    plain.load_state_dict(repblocks.switch_to_deploy(model).state_dict(), strict=True)
+    with torch.no_grad():
+        assert max_errors(model(x), plain(x))[1] < 1e-5
