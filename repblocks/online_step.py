@@ -72,10 +72,9 @@ class _ConvBatchNorm(torch.autograd.Function):
         grad_bias = grad_out.sum((0, 2, 3))  # (C,)
         grad_weight = _channel_dot(grad_out, normalized)  # (C,)
         # d bn / d conv = weight * invstd * (grad - mean(grad) - normalized * mean(grad * normalized))
-        grad_conv = normalized.mul_((-grad_weight / count).reshape(channel)).add_(grad_out)
-        grad_conv.sub_((grad_bias / count).reshape(channel)).mul_(
-            (weight * invstd).to(grad_conv.dtype).reshape(channel)
-        )
+        gain = (weight * invstd).to(normalized.dtype)  # (C,)
+        grad_conv = normalized.mul_((-gain * grad_weight / count).reshape(channel))
+        grad_conv.addcmul_(grad_out, gain.reshape(channel)).sub_((gain * grad_bias / count).reshape(channel))
         grad_x, grad_kernel = _conv_backward(grad_conv, x, kernel, (stride, padding, groups), need[:2])
         grad_weight = grad_weight.to(weight.dtype) if need[2] else None
         grad_bias = grad_bias.to(weight.dtype) if need[3] else None

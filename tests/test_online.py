@@ -364,3 +364,17 @@ def test_torchvision_model_expanded_online_trains_and_deploys_to_its_own_class(b
     plain.load_state_dict(repblocks.switch_to_deploy(model).state_dict(), strict=True)
     with torch.no_grad():
         assert max_errors(model(x), plain(x))[1] < 1e-5
+
+
+def test_keeping_the_conv_output_instead_of_recomputing_it_changes_no_gradient():
+    block = _randomize_(OnlineRepBlock(8, 8, groups=2, **resolve_online_branch_set("orepa")).double()).train()
+    x = torch.randn(3, 8, 7, 7, dtype=torch.float64, requires_grad=True)
+    state = copy.deepcopy(block.state_dict())
+    results = []
+    for recompute in (True, False):
+        block.load_state_dict(state)
+        block.recompute = recompute
+        outputs = block(x)
+        results.append((outputs, *torch.autograd.grad(outputs.square().sum(), [x, *block.parameters()])))
+    for recomputed, kept in zip(*results, strict=True):
+        assert max_errors(kept, recomputed)[1] < 1e-12
