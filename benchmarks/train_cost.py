@@ -108,22 +108,28 @@ def peak_step_bytes(step: Callable[[], object], optimizer: torch.optim.Optimizer
 def _cpu_peak_bytes(step: Callable[[], object]) -> int:
     """Peak of the CPU allocator's running total during ``step``, read from the profiler's allocation events.
 
-    The profiler counts only blocks allocated while it runs (its total starts at 0), which is what
-    is wanted here: the step's own allocations. The event tree is the profiler's experimental API;
-    its ``total_allocated`` field is the allocator's running total at each allocation and free.
+    The event tree is the profiler's experimental API; its ``total_allocated`` field is a running
+    total of the blocks the profiler saw allocated and freed, in this process: it does not start
+    at 0 in each profile, but where the last one left it (blocks allocated in an earlier profile
+    and freed since, such as another model's gradients, are still in it). So the peak is taken
+    above the total just before this step's first allocation.
     """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    peak, pending = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    events, pending = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while pending:
         event = pending.pop()
         pending.extend(event.children)
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            peak = max(peak, event.extra_fields.total_allocated)
-    return peak
+            events.append((event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated))
+    if not events:
+        return 0
+    events.sort()
+    _, first_size, first_total = events[0]
+    return max(total for _, _, total in events) - (first_total - first_size)
 
 
 def summarize(samples: dict[str, list[float]], memory: dict[str, dict], batch_size: int) -> dict:

@@ -53,7 +53,12 @@ from repblocks.norms import (
     normalization_only,
     unknown_reason,
 )
-from repblocks.online import OnlineRepBlock, online_block_from_conv
+from repblocks.online import (
+    ONLINE_BRANCH_SETS,
+    OnlineRepBlock,
+    online_block_from_conv,
+    resolve_online_branch_set,
+)
 from repblocks.pairs import conv_bn_pairs, set_submodule
 
 __all__ = [
@@ -78,20 +83,23 @@ BranchSet = str | Mapping[str, object]
 _NOT_BRANCHES = ("in_channels", "out_channels", "stride", "groups", "kernel_size", "act", "use_se", "deploy")
 
 
-def _branch_sets() -> dict[str, dict]:
-    """The named branch sets expand knows: the core's table (RepVGG, ACNet, DBB, and the QARepVGG sets it refuses)."""
-    return BRANCH_SETS
+def _branch_sets(*, online: bool = False) -> dict[str, dict]:
+    """The named branch sets expand knows: the core's table (RepVGG, ACNet, DBB, and the QARepVGG sets it
+    refuses), and with ``online`` the online block's own (OREPA's)."""
+    return {**BRANCH_SETS, **ONLINE_BRANCH_SETS} if online else BRANCH_SETS
 
 
-def resolve_branches(branches: BranchSet) -> dict:
-    """RepBlock's branch keywords for a branch-set name (``"repvgg"``...) or a dict of them.
+def resolve_branches(branches: BranchSet, *, online: bool = False) -> dict:
+    """The block's branch keywords for a branch-set name (``"repvgg"``...) or a dict of them.
+
+    ``online``: for the online block (:mod:`repblocks.online`), which also has OREPA's branches.
 
     Raises:
         ValueError: An unknown name (the message lists the known ones), a keyword that is not about
             branches, or a branch set whose branches cannot start at zero (a plain identity or average
             pool, a BatchNorm after the sum), so the expanded model would not compute the original's function.
     """
-    sets = _branch_sets()
+    sets = _branch_sets(online=online)
     if isinstance(branches, str):
         if branches not in sets:
             raise ValueError(
@@ -101,7 +109,8 @@ def resolve_branches(branches: BranchSet) -> dict:
     elif isinstance(branches, Mapping):
         kwargs = dict(branches)
         branch_keys = {key: value for key, value in kwargs.items() if key not in _NOT_BRANCHES}
-        resolve_branch_set(branch_keys)  # keys that name no branch, and values a branch cannot take: one line
+        # keys that name no branch, and values a branch cannot take: one line
+        (resolve_online_branch_set if online else resolve_branch_set)(branch_keys)
     else:
         raise ValueError(f"branches must be a branch-set name ({', '.join(sets)}) or a dict, got {branches!r}")
     wrong = sorted(set(kwargs) & set(_NOT_BRANCHES))
@@ -113,9 +122,9 @@ def resolve_branches(branches: BranchSet) -> dict:
     return kwargs
 
 
-def branch_set_names() -> list[str]:
+def branch_set_names(*, online: bool = False) -> list[str]:
     """Names of the branch sets :func:`expand` takes (those whose every new branch can start at zero)."""
-    return [name for name, kwargs in _branch_sets().items() if _zero_start_problem(kwargs) is None]
+    return [name for name, kwargs in _branch_sets(online=online).items() if _zero_start_problem(kwargs) is None]
 
 
 def _zero_start_problem(kwargs: Mapping) -> str | None:
@@ -204,13 +213,14 @@ def expand(
     Args:
         model: Any module, typically with trained weights.
         branches: A branch-set name (:func:`branch_set_names`) or a dict of RepBlock branch keywords.
-        online: Online re-parameterization blocks (one conv per step) instead of RepBlock.
+        online: Online re-parameterization blocks (one conv per step, :mod:`repblocks.online`) instead of
+            RepBlock, for every branch set; OREPA's (``"orepa"``) only so.
         inplace: Expand ``model`` itself; by default a deep copy is expanded and ``model`` is untouched.
 
     Raises:
         ValueError: An unknown or unusable branch set (see :func:`resolve_branches`).
     """
-    kwargs = resolve_branches(branches)
+    kwargs = resolve_branches(branches, online=online)
     make_block = _block_for(online=online)
     if not inplace:
         model = copy.deepcopy(model)

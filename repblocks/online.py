@@ -7,98 +7,132 @@ learnable per-output-channel scale instead (its ``vector``). Every branch is the
 input, so the block computes the one kxk kernel they add up to from the branch parameters, on
 every forward and differentiably, runs a single convolution and one BatchNorm. The gradients are
 those of the branches computed one by one; the cost per step is that of a plain conv (plus the
-kernel arithmetic, which is per weight, not per pixel), and only one feature map is kept for the
-backward pass instead of one per branch.
+kernel arithmetic, which is per weight, not per pixel), and the block keeps no feature map of its
+own for the backward pass (:mod:`repblocks.online_step`: the conv output is recomputed there).
 
 :class:`OnlineRepBlock` is that block with :class:`~repblocks.blocks.RepBlock`'s constructor and
-surface, and the branches of the zoo's block sets: kxk (one or ``num_conv_branches``), 1x1,
-identity and kxk average pool, each times its scale, then the BatchNorm ``post_bn``. Its deploy
-form is RepBlock's (``reparam``, the BatchNorm folded in, or kept with ``keep_post_bn``), so
-``repblocks.switch_to_deploy``, weight loading and the RepVGG L2 penalty treat it as any RepBlock.
+surface. It has the branches RepBlock would build for the same arguments, every branch set of
+:data:`~repblocks.blocks.BRANCH_SETS` (RepVGG, MobileOne, QARepVGG, ACNet, DBB), each in its online
+form (:mod:`repblocks.online_branches`), and OREPA's own kinds besides (``prior_branch``,
+``dw_sep_branch``; the set :data:`ONLINE_BRANCH_SETS` ``["orepa"]``). Its deploy form is RepBlock's
+(``reparam``, the BatchNorm folded in, or kept with ``keep_post_bn``), so ``repblocks.switch_to_deploy``,
+weight loading and the RepVGG L2 penalty treat it as any RepBlock.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, RepBlock, _relu
+from repblocks.blocks import BRANCH_SETS, DEFAULT_BN_EPS, ActFactory, RepBlock, _relu, resolve_branch_set
 from repblocks.fusion import bn_scale_shift, fold_bn, wide_dtype
+from repblocks.online_branches import (
+    ScaledAvgPool,
+    ScaledAvgSequence,
+    ScaledConv,
+    ScaledConvSequence,
+    ScaledDepthwiseSeparable,
+    ScaledIdentity,
+    ScaledPriorConv,
+)
+from repblocks.online_step import conv_batch_norm, recomputes
+from repblocks.sequences import IdentityConv1x1
 
 __all__ = [
     "BLOCK_MODES",
-    "ChannelScale",
+    "ONLINE_BRANCH_MODULES",
+    "ONLINE_BRANCH_SETS",
     "OnlineRepBlock",
-    "ScaledConv",
     "online_block_from_conv",
     "resolve_block_mode",
+    "resolve_online_branch_set",
 ]
 
+# Branches only the online block has (OREPA's), beside RepBlock's BRANCH_MODULES: what its fusion replaces.
+ONLINE_BRANCH_MODULES = ("conv_prior", "conv_dw_sep")
+# Online-only branch keywords, and the layouts the 1x1 -> kxk and 1x1 -> average sequences may follow.
+_ONLINE_ARGS = ("prior_branch", "dw_sep_branch", "layout")
+LAYOUTS = ("dbb", "orepa")
 
-class ScaledConv(nn.Module):
-    """A bias-free conv kernel times a learnable per-output-channel scale: a branch of the online block.
+# Branch sets only the online block has (RepBlock's BRANCH_SETS all have an online form too).
+ONLINE_BRANCH_SETS: dict[str, dict] = {
+    # OREPA's block (JUGGHM/OREPA_CVPR2022, blocks.py, OREPA): kxk, 1x1, 1x1 -> average pool, the
+    # frequency prior, identity-based 1x1 -> kxk and the depthwise-separable branch; no identity.
+    "orepa": dict(
+        identity_branch=None,
+        seq_conv_branch=True,
+        seq_avg_branch=True,
+        prior_branch=True,
+        dw_sep_branch=True,
+        layout="orepa",
+    ),  # fmt: skip
+}
 
-    The scale is what OREPA puts where the branch's BatchNorm was: without it the kxk and 1x1
-    kernels would only ever be trained as their sum, one kernel, whatever their number.
+# OREPA's initial scales (its `vector` rows); the other layout starts every scale at 1, as an offline block's BNs.
+_OREPA_SCALES = dict(kxk=0.25, avg=0.25, prior=0.0, seq_conv=0.5, one=1.0, dw_sep=0.5)
+
+
+def resolve_online_branch_set(branches: str | Mapping) -> dict:
+    """The online block's keywords for a branch-set name (RepBlock's or :data:`ONLINE_BRANCH_SETS`) or a dict.
+
+    Raises:
+        ValueError: An unknown name (the known ones listed), or keys or values no branch takes.
     """
-
-    def __init__(self, out_channels: int, in_per_group: int, kernel_size: int, *, scale: float = 1.0):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, in_per_group, kernel_size, kernel_size))
-        self.scale = nn.Parameter(torch.full((out_channels,), float(scale)))
-        # nn.Conv2d's own initialization, so the online block starts from the kernels the offline one does.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def kernel(self, dtype: torch.dtype) -> Tensor:
-        """The scaled kernel ``(C_out, C_in / groups, k, k)`` in ``dtype``."""
-        return self.weight.to(dtype) * self.scale.to(dtype).reshape(-1, 1, 1, 1)
-
-
-class ChannelScale(nn.Module):
-    """A learnable per-channel scale of a fixed map (the identity, an average pool)."""
-
-    def __init__(self, channels: int, *, scale: float = 1.0):
-        super().__init__()
-        self.scale = nn.Parameter(torch.full((channels,), float(scale)))
+    if isinstance(branches, str):
+        if branches in ONLINE_BRANCH_SETS:
+            return dict(ONLINE_BRANCH_SETS[branches])
+        if branches not in BRANCH_SETS:
+            known = ", ".join([*BRANCH_SETS, *ONLINE_BRANCH_SETS])
+            raise ValueError(f"unknown branch set {branches!r}; known branch sets: {known}")
+        return resolve_branch_set(branches)
+    if not isinstance(branches, Mapping):
+        raise ValueError(f"a branch set is a name or a dict, got {branches!r}")
+    online = {key: value for key, value in branches.items() if key in _ONLINE_ARGS}
+    _check_online_values(**online)
+    return {**resolve_branch_set({k: v for k, v in branches.items() if k not in _ONLINE_ARGS}), **online}
 
 
-def _OFFLINE_ONLY(asym: bool, seq_conv: bool, seq_avg: bool) -> list[tuple[str, bool]]:  # noqa: N802
-    return [("asym_branches", asym), ("seq_conv_branch", seq_conv), ("seq_avg_branch", seq_avg)]
+def _check_online_values(prior_branch: bool = False, dw_sep_branch: bool = False, layout: str = "dbb") -> None:
+    for name, value in (("prior_branch", prior_branch), ("dw_sep_branch", dw_sep_branch)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 class OnlineRepBlock(RepBlock):
     """A RepBlock trained in OREPA's online form: scaled linear branches fused into one conv every step, one BN.
 
-    Takes RepBlock's arguments (so a zoo family builds it in place of RepBlock); the branch kinds
-    ``"bn"``/``"conv"`` and ``"bn"``/``"plain"`` mean the same here, since no branch has a
-    BatchNorm of its own: every branch gets a per-channel scale, and the block ends in
-    ``post_bn`` whatever ``post_bn`` says. Train-form keys: ``conv_kxk.{weight,scale}`` (or
-    ``conv_kxk.<i>.*``), ``conv_1x1.{weight,scale}``, ``identity.scale``, ``avg_pool.scale``,
-    ``post_bn.*``; deploy form: RepBlock's.
+    Takes RepBlock's arguments (so a zoo family builds it in place of RepBlock) and builds the
+    branches RepBlock would, each without BatchNorm and with a per-output-channel scale
+    (:mod:`repblocks.online_branches`); the branch kinds ``"bn"``/``"conv"`` and ``"bn"``/``"plain"``
+    mean the same here. The block ends in ``post_bn`` whatever ``post_bn`` says. Train-form keys:
+    RepBlock's branch names with the parameters of :mod:`repblocks.online_branches` (``conv_kxk.weight``,
+    ``conv_kxk.scale``, ``conv_1x1_kxk.weight_1x1``, ``identity.scale`` ...), ``post_bn.*``; deploy
+    form: RepBlock's.
 
     Args:
-        in_channels: Input channels.
-        out_channels: Output channels.
-        stride: Convolution stride; identity and average pool exist only where shapes allow.
-        groups: Convolution groups (depthwise included).
-        kernel_size: Odd size of the main kernel.
-        num_conv_branches: None for one kxk branch ``conv_kxk``; n for a list of n.
-        scale_branch: The 1x1 branch (``"bn"`` or ``"conv"``: the same here), None for none.
-        identity_branch: The identity branch (``"bn"`` or ``"plain"``: the same here), None for none.
-        avg_pool_branch: Add a kxk stride-1 average pool of the input, where shapes allow.
-        asym_branches, seq_conv_branch, seq_avg_branch: Accepted for RepBlock's signature; only False
-            (ACNet's and DBB's branches have no online form here: a ValueError says so).
+        in_channels, out_channels, stride, groups, kernel_size, num_conv_branches, scale_branch,
+            identity_branch, avg_pool_branch, asym_branches, seq_conv_branch, seq_avg_branch: As RepBlock's.
+        prior_branch: OREPA's frequency-prior branch ``conv_prior`` (:class:`~repblocks.online_branches.ScaledPriorConv`).
+        dw_sep_branch: OREPA's depthwise-separable branch ``conv_dw_sep``.
+        layout: ``"dbb"``: the sequences as DBB builds them (RepBlock's), every scale starting at 1;
+            ``"orepa"``: as OREPA does (the 1x1 -> kxk identity-based, ``2 * in_channels`` wide when
+            ``groups > 4``; the average sequence always with its 1x1 conv; OREPA's initial scales).
         post_bn: Accepted for RepBlock's signature; the online block always ends in its BatchNorm.
         keep_post_bn: Keep ``post_bn`` unfolded in the deploy form (quantization-aware training).
-        use_se: Squeeze-excitation after the BatchNorm.
-        act: Activation (see :class:`RepBlock`).
-        bn_eps: The eps of the block's BatchNorm (see :class:`RepBlock`).
-        deploy: Build only the fused convolution (RepBlock's deploy form).
+        use_se, act, bn_eps, deploy: As RepBlock's.
+
+    Set ``block.recompute = False`` on a block (or the class) to keep the conv output for backward:
+    a faster step (no second conv), one more feature map held per block.
     """
+
+    # Training recomputes the conv output in backward instead of keeping it (repblocks.online_step): one map
+    # less per block for about a third more time per step on the CPU. False keeps it: faster, more memory.
+    recompute: bool = True
 
     def __init__(
         self,
@@ -115,6 +149,9 @@ class OnlineRepBlock(RepBlock):
         asym_branches: bool = False,
         seq_conv_branch: bool = False,
         seq_avg_branch: bool = False,
+        prior_branch: bool = False,
+        dw_sep_branch: bool = False,
+        layout: str = "dbb",
         post_bn: bool = True,
         keep_post_bn: bool = False,
         use_se: bool = False,
@@ -122,24 +159,24 @@ class OnlineRepBlock(RepBlock):
         bn_eps: float = DEFAULT_BN_EPS,
         deploy: bool = False,
     ):
-        unsupported = [name for name, on in _OFFLINE_ONLY(asym_branches, seq_conv_branch, seq_avg_branch) if on]
-        if unsupported:
-            raise ValueError(
-                f"block_mode='online' has no form for {', '.join(unsupported)} (ACNet's and DBB's branches); "
-                "it takes the kxk, 1x1, identity and average-pool branches: train those branch sets offline"
-            )
+        _check_online_values(prior_branch, dw_sep_branch, layout)
+        branch_kwargs = dict(
+            num_conv_branches=num_conv_branches,
+            scale_branch=scale_branch,
+            identity_branch=identity_branch,
+            avg_pool_branch=avg_pool_branch,
+            asym_branches=asym_branches,
+            seq_conv_branch=seq_conv_branch,
+            seq_avg_branch=seq_avg_branch,
+        )
+        geometry = dict(stride=stride, groups=groups, kernel_size=kernel_size)
         # RepBlock checks the arguments and builds what both forms share (SE, activation, post_bn);
         # built in deploy form, it holds no branch to throw away, only the fused conv.
         super().__init__(
             in_channels,
             out_channels,
-            stride=stride,
-            groups=groups,
-            kernel_size=kernel_size,
-            num_conv_branches=num_conv_branches,
-            scale_branch=scale_branch,
-            identity_branch=identity_branch,
-            avg_pool_branch=avg_pool_branch,
+            **geometry,
+            **branch_kwargs,
             post_bn=True,
             keep_post_bn=True,
             use_se=use_se,
@@ -147,31 +184,88 @@ class OnlineRepBlock(RepBlock):
             bn_eps=bn_eps,
             deploy=True,
         )
+        online = dict(prior_branch=prior_branch, dw_sep_branch=dw_sep_branch, layout=layout)
+        # Only what differs from the defaults, so a RepVGG-set block records what it always did.
+        self.branch_config.update({k: v for k, v in online.items() if v != ("dbb" if k == "layout" else False)})
         self.keep_post_bn = keep_post_bn
+        self.conv_prior = self.conv_dw_sep = None
         if deploy:
             if not keep_post_bn:
                 self.post_bn = None
             return
         self.reparam = None
-        in_per_group = in_channels // groups
-        conv = ScaledConv(out_channels, in_per_group, kernel_size)
-        if num_conv_branches is None:
-            self.conv_kxk = conv
+        with torch.device("meta"):  # which branches RepBlock builds for these arguments, without memory
+            offline = RepBlock(in_channels, out_channels, **geometry, **branch_kwargs, act=None)
+        self._build_branches(offline, online)
+
+    def _build_branches(self, offline: RepBlock, online: Mapping) -> None:
+        """Each of ``offline``'s branches in its online form under the same name; then OREPA's own."""
+        orepa = online["layout"] == "orepa"
+        scales = _OREPA_SCALES if orepa else dict.fromkeys(_OREPA_SCALES, 1.0)
+        shape = dict(stride=self.stride, groups=self.groups)
+        make = dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=self.kernel_size)
+
+        def conv(sides: tuple[int, int], scale: float) -> ScaledConv:
+            return ScaledConv(**make, shape=sides, **shape, scale=scale)
+
+        size = self.kernel_size
+        if isinstance(offline.conv_kxk, nn.ModuleList):
+            self.conv_kxk = nn.ModuleList(conv((size, size), scales["kxk"]) for _ in offline.conv_kxk)
         else:
-            others = (ScaledConv(out_channels, in_per_group, kernel_size) for _ in range(num_conv_branches - 1))
-            self.conv_kxk = nn.ModuleList([conv, *others])
-        if scale_branch is not None:
-            self.conv_1x1 = ScaledConv(out_channels, in_per_group, 1)
-        if self.has_identity:
-            self.identity = ChannelScale(out_channels)
-        if avg_pool_branch and in_channels == out_channels and stride == 1:
-            self.avg_pool = ChannelScale(out_channels)
+            self.conv_kxk = conv((size, size), scales["kxk"])
+        if offline.conv_1x1 is not None:
+            self.conv_1x1 = conv((1, 1), scales["one"])
+        if offline.conv_1xk is not None:
+            self.conv_1xk, self.conv_kx1 = conv((1, size), 1.0), conv((size, 1), 1.0)
+        if offline.identity is not None:
+            self.identity = ScaledIdentity(**make, stride=1, groups=self.groups, scale=1.0)
+        if offline.avg_pool is not None:
+            self.avg_pool = ScaledAvgPool(**make, stride=1, groups=self.groups, scale=1.0)
+        if offline.conv_1x1_kxk is not None:
+            first = offline.conv_1x1_kxk.conv1
+            middle, identity_based = first.out_channels, isinstance(first, IdentityConv1x1)
+            if orepa:  # OREPA: internal_channels_1x1_3x3 = in_channels if groups <= 4 else 2 * in_channels
+                middle, identity_based = (self.in_channels if self.groups <= 4 else 2 * self.in_channels), True
+            self.conv_1x1_kxk = ScaledConvSequence(
+                **make, middle=middle, identity_based=identity_based, **shape, scale=scales["seq_conv"]
+            )
+        if offline.conv_1x1_avg is not None:
+            with_conv = orepa or offline.conv_1x1_avg.conv is not None
+            self.conv_1x1_avg = ScaledAvgSequence(**make, with_conv=with_conv, **shape, scale=scales["avg"])
+        if online["prior_branch"]:
+            self.conv_prior = ScaledPriorConv(**make, **shape, scale=scales["prior"])
+        if online["dw_sep_branch"]:
+            self.conv_dw_sep = ScaledDepthwiseSeparable(**make, **shape, scale=scales["dw_sep"])
+
+    def branches(self) -> list[nn.Module]:
+        """The train-form branches, RepBlock's then OREPA's own (empty in deploy form)."""
+        extra = [branch for branch in (self.conv_prior, self.conv_dw_sep) if branch is not None]
+        return [*super().branches(), *extra]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.reparam is not None:
             return super().forward(x)
         kernel = self.online_kernel(self.post_bn.weight.dtype)
-        out = F.conv2d(x, kernel, None, self.stride, self.kernel_size // 2, 1, self.groups)
+        geometry = dict(stride=self.stride, padding=self.kernel_size // 2, groups=self.groups)
+        if self.recompute and recomputes(
+            x, self.post_bn
+        ):  # training: the conv output is not kept for backward, but recomputed
+            out = conv_batch_norm(x, kernel, self.post_bn, **geometry)
+        else:
+            out = self.post_bn(F.conv2d(x, kernel, None, geometry["stride"], geometry["padding"], 1, self.groups))
+        return self.act(self.se(out))
+
+    def forward_branches(self, x: Tensor) -> Tensor:
+        """The block computed branch by branch, each as the stages it stands for: what :meth:`forward` equals.
+
+        For tests and for reading; a training step through it costs what the offline block costs.
+        """
+        if self.reparam is not None:
+            raise RuntimeError("this block is in deploy form: it has no branches")
+        first, *rest = self.branches()
+        out = first(x)
+        for branch in rest:
+            out = out + branch(x)
         return self.act(self.se(self.post_bn(out)))
 
     def online_kernel(self, dtype: torch.dtype) -> Tensor:
@@ -181,25 +275,10 @@ class OnlineRepBlock(RepBlock):
         """
         if self.reparam is not None:
             raise RuntimeError("this block is in deploy form: its kernel is reparam.weight")
-        convs = list(self.conv_kxk) if isinstance(self.conv_kxk, nn.ModuleList) else [self.conv_kxk]
-        kernel = convs[0].kernel(dtype)  # (C_out, C_in / groups, k, k); every step below is out of place, for autograd
-        for conv in convs[1:]:
-            kernel = kernel + conv.kernel(dtype)
-        centre = self.kernel_size // 2
-        if self.conv_1x1 is not None:
-            kernel = kernel + F.pad(self.conv_1x1.kernel(dtype), [centre] * 4)
-        # The identity and the pool read each output channel's own input channel: c % (inputs per group).
-        out_idx = torch.arange(self.out_channels, device=kernel.device)
-        in_idx = out_idx % kernel.shape[1]
-        if self.identity is not None:
-            centre_idx = torch.full_like(out_idx, centre)
-            kernel = kernel.index_put(
-                (out_idx, in_idx, centre_idx, centre_idx), self.identity.scale.to(dtype), accumulate=True
-            )
-        if self.avg_pool is not None:
-            taps = (self.avg_pool.scale.to(dtype) / self.kernel_size**2).reshape(-1, 1, 1)  # (C_out, 1, 1)
-            taps = taps.expand(-1, self.kernel_size, self.kernel_size)
-            kernel = kernel.index_put((out_idx, in_idx), taps, accumulate=True)
+        first, *rest = self.branches()
+        kernel = first.kernel(dtype)  # (C_out, C_in / groups, k, k); every sum is out of place, for autograd
+        for branch in rest:
+            kernel = kernel + branch.kernel(dtype)
         return kernel
 
     def get_equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
@@ -247,6 +326,8 @@ class OnlineRepBlock(RepBlock):
         fused.bias = nn.Parameter(bias.to(first.dtype), requires_grad=first.requires_grad)
         self.reparam = fused
         self.conv_kxk = self.conv_1x1 = self.identity = self.avg_pool = None
+        self.conv_1xk = self.conv_kx1 = self.conv_1x1_kxk = self.conv_1x1_avg = None
+        self.conv_prior = self.conv_dw_sep = None
         if not keep:
             self.post_bn = None
         return self
@@ -296,22 +377,15 @@ def online_block_from_conv(
         bn: The BatchNorm that follows it, or None: the block's ``post_bn`` then starts as the identity
             in eval mode (running mean 0, variance 1, eps 0; the conv's bias goes into the mean). In
             training mode it normalizes, as every branch's BN of an offline block would.
-        branches: RepBlock keyword arguments saying which branches to add (a branch set such as
-            RepVGG's, ``{}``); the online block supports ``num_conv_branches``, ``scale_branch``,
-            ``identity_branch``, ``avg_pool_branch`` and ``post_bn``.
+        branches: The block's branch keywords (:func:`resolve_online_branch_set`: any branch set's, or
+            ``{}`` for the kxk branch alone).
         block_class, block_kwargs: The class built and its own further keywords (repblocks.expand's
             subclass, which says what the block replaced).
 
     Raises:
-        ValueError: A conv the block cannot stand for, or a branch kind it does not support.
+        ValueError: A conv the block cannot stand for, or keywords that name no branch.
     """
-    branches = dict(branches or {})
-    supported = {"num_conv_branches", "scale_branch", "identity_branch", "avg_pool_branch", "post_bn"}
-    unsupported = sorted(set(branches) - supported)
-    if unsupported:
-        raise ValueError(
-            f"the online block does not support {', '.join(unsupported)}; it takes {', '.join(sorted(supported))}"
-        )
+    branches = resolve_online_branch_set(dict(branches or {}))
     kernel_size = conv.kernel_size[0]
     fits = (
         conv.kernel_size == (kernel_size, kernel_size)

@@ -76,7 +76,7 @@ def _branch_set(value: object) -> bool:
     if value is None:
         return True
     try:
-        resolve_branches(value)
+        resolve_branches(value, online=True)  # the widest: building the model refuses what its mode has no form for
     except (ValueError, TypeError):
         return False
     return True

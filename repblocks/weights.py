@@ -22,6 +22,7 @@ from repblocks.blocks import BRANCH_MODULES, RepBlock
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
 from repblocks.layouts import detect_layout, to_repblocks_layout
+from repblocks.online import ONLINE_BRANCH_MODULES
 from repblocks.provenance import (
     BLOCK_KINDS_KEY,
     ambiguous_qa_blocks,
@@ -268,7 +269,7 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
 def _fusable(key: str) -> bool:
     """Whether a key below a RepBlock's name belongs to what fusion turns into ``reparam`` (not SE, not act)."""
     # avg_pool: an online block's pool branch has a scale (repblocks.online); RepBlock's has no weights.
-    return key.split(".")[0] in (*BRANCH_MODULES, "avg_pool", "reparam", "post_bn")
+    return key.split(".")[0] in (*BRANCH_MODULES, *ONLINE_BRANCH_MODULES, "avg_pool", "reparam", "post_bn")
 
 
 def _twin_of(block: RepBlock, *, deploy: bool) -> RepBlock:

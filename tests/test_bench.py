@@ -293,6 +293,32 @@ def test_train_cost_quick_reports_speed_memory_and_ratios(tmp_path):
     assert "| online / offline |" in table.read_text()
 
 
+def test_cpu_peak_is_the_steps_own_whatever_an_earlier_profile_left_behind():
+    """The profiler's running total carries over between profiles: a leftover of one must not count in the next."""
+    from benchmarks.train_cost import _cpu_peak_bytes
+
+    kept = []
+    _cpu_peak_bytes(lambda: kept.append(torch.empty(2**20, dtype=torch.uint8)))  # allocated here, freed below
+    kept.clear()
+    peak = _cpu_peak_bytes(lambda: torch.empty(2**20, dtype=torch.uint8))
+    assert 2**20 <= peak < 2**20 + 2**16
+
+
+@pytest.mark.slow  # seven blocks' training steps and a profiler start each: seconds; CI runs it
+def test_block_cost_quick_reports_every_block_and_the_issue_targets(tmp_path):
+    out = tmp_path / "blocks.json"
+    args = ["--quick", "--rounds", "1", "--warmup", "0", "--threads", "1", "--json", str(out)]
+    assert _run_main("benchmarks.block_cost", *args) == 0
+    results = json.loads(out.read_text())
+    assert {"repvgg online", "dbb offline", "dbb online", "orepa online"} <= set(results["models"])
+    assert all(stats["steps_per_s"] > 0 and stats["peak_bytes"] > 0 for stats in results["models"].values())
+    assert [t["ratio"] for t in results["targets"]] == [
+        "dbb online / dbb offline",
+        "dbb online / dbb offline",
+        "repvgg online / repvgg offline",
+    ]
+
+
 @pytest.mark.slow  # Lightning's start and two short fits: several seconds of CPU; CI runs it
 def test_branch_accuracy_quick_trains_each_variant_or_says_it_is_unavailable(tmp_path):
     out = tmp_path / "acc.json"

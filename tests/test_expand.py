@@ -278,14 +278,20 @@ def test_detection_backbone_keeps_frozen_batch_norm_in_its_kxk_branch():
 # --- online: OREPA's blocks in place of the convs ---
 
 
+ONLINE_SETS = branch_set_names(online=True)
+
+
+@pytest.mark.parametrize("branches", ONLINE_SETS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(dtype):
+def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(branches, dtype):
     original = randomize_bn_(Mixed()).to(dtype).eval()
     x = torch.randn(4, 3, 16, 16, dtype=dtype)
-    expanded = expand(original, "repvgg", online=True).model.eval()
+    expanded = expand(original, branches, online=True).model.eval()
     assert isinstance(expanded.seq[0], OnlineRepBlock)
     with torch.no_grad():
         assert max_errors(original(x), expanded(x))[1] < TOLERANCE[dtype]
+        assert max_errors(original.train()(x), expanded.train()(x))[1] < TOLERANCE[dtype]  # batch statistics too
+    original.eval()
     trained = randomize_bn_(_trained(expanded, x), seed=1)
     plain = repblocks.switch_to_deploy(trained)
     fresh = Mixed().to(dtype)
@@ -294,6 +300,10 @@ def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(dt
     assert max_errors(_outputs(trained, x)[0], _outputs(fresh, x)[0])[1] < TOLERANCE[dtype]
 
 
-def test_online_expansion_of_a_branch_set_it_has_no_form_for_is_one_line():
-    with pytest.raises(ValueError, match="online block does not support"):
-        expand(Mixed(), "acnet", online=True)
+def test_online_expansion_takes_every_branch_set_and_orepa_only_online():
+    assert {"repvgg", "acnet", "dbb", "orepa"} <= set(ONLINE_SETS)
+    assert "orepa" not in BRANCH_SETS
+    with pytest.raises(ValueError, match="unknown branch set 'orepa'"):
+        expand(Mixed(), "orepa")
+    block = expand(Mixed(), "orepa", online=True).model.seq[0]
+    assert block.conv_prior is not None and block.conv_dw_sep is not None
