@@ -154,7 +154,9 @@ class SqueezeExcite(nn.Module):
 
 # The kinds each optional branch may be (None: the branch is absent).
 BRANCH_KINDS = {
-    "scale_branch": ("bn", "conv"),  # the 1x1 branch: Conv+BN (RepVGG, MobileOne) or a plain conv (QARepVGG)
+    # The 1x1 branch: Conv+BN (RepVGG, MobileOne), a plain conv (QARepVGG), or Conv+BN but none in a depthwise
+    # block, groups >= out_channels (DBB's DiverseBranchBlock builds its dbb_1x1 only where groups < out_channels).
+    "scale_branch": ("bn", "conv", "bn_unless_depthwise"),
     "identity_branch": ("bn", "plain"),  # the identity: a BatchNorm (RepVGG, MobileOne) or the input as is (QARepVGG)
 }
 # Branch switches that are on or off.
@@ -177,7 +179,7 @@ BRANCH_SETS: dict[str, dict] = {
     # ACNet v1 (Ding et al. 2019, acnet/acb.py's ACBlock): kxk, 1xk and kx1 Conv+BN; no 1x1, no identity.
     "acnet": dict(scale_branch=None, identity_branch=None, asym_branches=True),
     # DBB (Ding et al. 2021, DiverseBranchBlock): kxk and 1x1 Conv+BN, 1x1 -> kxk and 1x1 -> average pool.
-    "dbb": dict(identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
+    "dbb": dict(scale_branch="bn_unless_depthwise", identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
 }
 
 
@@ -233,7 +235,8 @@ class RepBlock(nn.Module):
         num_conv_branches: None for one kxk Conv+BN branch held as ``conv_kxk`` itself (RepVGG's
             keys); n for a list of n (``conv_kxk.0`` ... : MobileOne's over-parameterization, its keys).
         scale_branch: The 1x1 branch ``conv_1x1``: ``"bn"`` for Conv+BN, ``"conv"`` for a plain conv
-            without BN (QARepVGG), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
+            without BN (QARepVGG), ``"bn_unless_depthwise"`` for Conv+BN only where ``groups < out_channels``
+            (DBB), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
         identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
             of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
         avg_pool_branch: Add a kxk stride-1 average pool of the input (QARepVGG v2), where shapes allow.
@@ -321,7 +324,7 @@ class RepBlock(nn.Module):
                 self.conv_kxk = conv_bn()
             else:
                 self.conv_kxk = nn.ModuleList(conv_bn() for _ in range(num_conv_branches))
-            if scale_branch == "bn":
+            if scale_branch == "bn" or (scale_branch == "bn_unless_depthwise" and groups < out_channels):
                 self.conv_1x1 = ConvBN(in_channels, out_channels, 1, **shape)
             elif scale_branch == "conv":
                 self.conv_1x1 = nn.Conv2d(in_channels, out_channels, 1, stride=stride, groups=groups, bias=False)
