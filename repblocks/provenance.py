@@ -143,10 +143,10 @@ def unstated_bn_eps_note(layout: str, assumed: set[float], name: str) -> str | N
     origin = _EPS_ORIGINS.get(layout)
     if origin is None or not assumed or any(not math.isclose(eps, DEFAULT_BN_EPS) for eps in assumed):
         return None
-    usual = LAYOUT_BN_EPS.get(layout, DEFAULT_BN_EPS)
+    other = LAYOUT_BN_EPS["yolov6"]  # the note fires for a default-eps model: the other eps is YOLOv6 networks'
     return (
         f"{layout} layout weights do not record their BatchNorm eps ({origin}): they are read with {name}'s "
-        f"eps {_listed(assumed)}. For a file made with eps {usual:g}, build the model with bn_eps={usual:g}; "
+        f"eps {_listed(assumed)}. For a file made with eps {other:g}, build the model with bn_eps={other:g}; "
         f"to state the file's eps and silence this, load_weights(..., bn_eps=<its eps>)"
     )
 
