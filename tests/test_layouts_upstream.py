@@ -369,6 +369,19 @@ def test_qarepvgg_authors_network_into_a_v2_model_is_refused_naming_the_model_th
         repblocks.load_weights(repblocks.create_model("qarepvgg_v2_tiny", num_classes=10, deploy=True), theirs)
 
 
+@torch.no_grad()
+def test_a_qarepvgg_authors_block_out_of_its_network_loads_exactly_once_its_kind_is_stated():
+    """Without stage names its keys are a YOLOv6 QA block's (either kind): stated, it loads with the model's eps 1e-5."""
+    theirs = _small_variances_(randomize_bn_(nn.Sequential(authors.QARepVGGBlockV2(8, 8, 3, padding=1)))).double()
+    theirs.eval()
+    with pytest.raises(ValueError, match=r"branches='qarepvgg'\) for v1"):
+        repblocks.load_weights(nn.Sequential(RepBlock(8, 8, **QAREPVGG)), theirs.state_dict())
+    for deploy in (False, True):
+        ours = nn.Sequential(RepBlock(8, 8, **QAREPVGG, deploy=deploy)).double()
+        repblocks.load_weights(ours, theirs.state_dict(), branches="qarepvgg", bn_eps=1e-5)
+        assert max_errors(theirs(Y), ours.eval()(Y))[1] < FLOAT64
+
+
 def test_convert_layout_official_renames_a_qa_blocks_post_bn_and_reads_it_back():
     ours = repblocks.create_model("qarepvgg_tiny", num_classes=10).state_dict()
     official = convert_layout(ours, "official")
