@@ -170,7 +170,9 @@ class BranchKind:
 BRANCHES = (
     # The kxk Conv+BN: one held as `conv_kxk` itself (None: RepVGG's keys), or a list of n (MobileOne's).
     BranchKind("num_conv_branches", (), ("conv_kxk",)),
-    BranchKind("scale_branch", ("bn", "conv"), ("conv_1x1",)),  # 1x1: Conv+BN (RepVGG) or a plain conv (QARepVGG)
+    # The 1x1: Conv+BN (RepVGG), a plain conv (QARepVGG), or Conv+BN but none in a depthwise block, groups >=
+    # out_channels (DBB's DiverseBranchBlock builds its dbb_1x1 only where groups < out_channels).
+    BranchKind("scale_branch", ("bn", "conv", "bn_unless_depthwise"), ("conv_1x1",)),
     BranchKind("asym_branches", (True,), ("conv_1xk", "conv_kx1")),  # ACNet's 1xk and kx1 Conv+BN
     BranchKind("seq_conv_branch", (True,), ("conv_1x1_kxk",)),  # DBB's 1x1 -> kxk
     BranchKind("seq_avg_branch", (True,), ("conv_1x1_avg",)),  # DBB's 1x1 -> average pool
@@ -199,7 +201,7 @@ BRANCH_SETS: dict[str, dict] = {
     # ACNet v1 (Ding et al. 2019, acnet/acb.py's ACBlock): kxk, 1xk and kx1 Conv+BN; no 1x1, no identity.
     "acnet": dict(scale_branch=None, identity_branch=None, asym_branches=True),
     # DBB (Ding et al. 2021, DiverseBranchBlock): kxk and 1x1 Conv+BN, 1x1 -> kxk and 1x1 -> average pool.
-    "dbb": dict(identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
+    "dbb": dict(scale_branch="bn_unless_depthwise", identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
 }
 
 
@@ -256,7 +258,8 @@ class RepBlock(nn.Module):
         num_conv_branches: None for one kxk Conv+BN branch held as ``conv_kxk`` itself (RepVGG's
             keys); n for a list of n (``conv_kxk.0`` ... : MobileOne's over-parameterization, its keys).
         scale_branch: The 1x1 branch ``conv_1x1``: ``"bn"`` for Conv+BN, ``"conv"`` for a plain conv
-            without BN (QARepVGG), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
+            without BN (QARepVGG), ``"bn_unless_depthwise"`` for Conv+BN only where ``groups < out_channels``
+            (DBB), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
         identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
             of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
         avg_pool_branch: Add a kxk stride-1 average pool of the input (QARepVGG v2), where shapes allow.
@@ -341,7 +344,12 @@ class RepBlock(nn.Module):
             for kind in BRANCHES:
                 value = self.branch_config[kind.arg]
                 wanted = kind.arg == "num_conv_branches" or value not in (None, False)
-                if wanted and kind.modules and (shapes_allow or not kind.same_shape):
+                if (
+                    wanted
+                    and kind.modules
+                    and (shapes_allow or not kind.same_shape)
+                    and not self._absent_here(kind.arg, value)
+                ):
                     for name, module in zip(kind.modules, self._build_branch(kind.arg, value), strict=True):
                         setattr(self, name, module)
         norm = partial(nn.BatchNorm2d, eps=self.bn_eps)
@@ -349,6 +357,10 @@ class RepBlock(nn.Module):
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
         act = resolve_act(act)
         self.act = act() if act is not None else nn.Identity()
+
+    def _absent_here(self, arg: str, value: object) -> bool:
+        """A branch asked for that this block's shape leaves out: DBB's 1x1 in a depthwise block."""
+        return arg == "scale_branch" and value == "bn_unless_depthwise" and self.groups >= self.out_channels
 
     def _build_branch(self, arg: str, value: object) -> tuple[nn.Module, ...]:
         """The modules of the branch that keyword ``arg`` asks for with ``value`` (``BranchKind.modules``, in order)."""
@@ -358,7 +370,7 @@ class RepBlock(nn.Module):
         if arg == "num_conv_branches":
             return (conv_bn(k) if value is None else nn.ModuleList(conv_bn(k) for _ in range(value)),)
         if arg == "scale_branch":
-            if value == "bn":
+            if value in ("bn", "bn_unless_depthwise"):
                 return (conv_bn(1),)
             plain = nn.Conv2d(
                 self.in_channels, self.out_channels, 1, stride=self.stride, groups=self.groups, bias=False

@@ -15,8 +15,18 @@ train or deploy form:
   ``rbr_skip``, ``reparam_conv``, ``se.reduce/expand``, ``linear``);
 * YOLOv6's blocks (RepVGGBlock: the official block keys; QARepVGGBlock: a plain-conv ``rbr_1x1`` and
   a block-level ``bn`` after the sum, which its deploy form keeps beside ``rbr_reparam``), told apart by
-  the QA blocks or by YOLOv6's network names (``ERBlock_N``, ``Rep_pN``/``Rep_nN``). YOLOv6 trains
-  with BatchNorm eps 1e-3 (:data:`LAYOUT_BN_EPS`), which a state dict does not record;
+  the QA blocks or by YOLOv6's network names (``ERBlock_N``, ``Rep_pN``/``Rep_nN``). YOLOv6's networks
+  train with BatchNorm eps 1e-3 (:data:`LAYOUT_BN_EPS`), a block built alone with 1e-5; a state dict
+  records neither (:func:`repblocks.load_weights` takes the model's and says so);
+* DBB's ``DiverseBranchBlock`` (DingXiaoH/DiverseBranchBlock, and the ``DBB`` of OREPA's code): ``dbb_origin``,
+  ``dbb_1x1``, ``dbb_1x1_kxk`` (``idconv1``/``conv1``, ``bn1.bn``, ``conv2``, ``bn2``), ``dbb_avg``
+  (``conv``, ``bn.bn``, ``avgbn``), ``dbb_reparam``: our ``dbb`` branch set;
+* ACNet's ``ACBlock`` (DingXiaoH/ACNet, ``acnet/acb.py``): ``square_conv/bn``, ``hor_conv/bn``,
+  ``ver_conv/bn``, ``fused_conv``: our ``acnet`` branch set;
+* OREPA's blocks (JUGGHM/OREPA_CVPR2022): the deploy forms (``orepa_reparam``, ``or1x1_reparam``,
+  ``or_large_reparam``; ``RepVGGBlock_OREPA``'s is the official block's), and the train forms of ``OREPA``,
+  ``OREPA_1x1`` and ``RepVGGBlock_OREPA``, whose kernels are generated on reading, exactly
+  (:mod:`repblocks.orepa_layout`);
 
 each possibly wrapped by DDP (``module.``), ``torch.compile`` (``_orig_mod.``) or a Lightning
 module (``model.``). A layout is recognised by keys no other layout has, and every layout is a
@@ -31,6 +41,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
+
+from repblocks.orepa_layout import generate_orepa_kernels
 
 __all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
 
@@ -102,13 +114,37 @@ _APPLE_RENAMES: list[_Rename] = [
 ]
 # Blocks only: YOLOv6's networks (EfficientRep, ...) are not ours, the blocks inside them are.
 _YOLOV6_RENAMES: list[_Rename] = _OFFICIAL_BLOCK
+# Blocks only, as YOLOv6's. DBB's BNAndPadLayer holds its BatchNorm as ``.bn``; ours pads beside a plain one.
+_DBB_RENAMES: list[_Rename] = [
+    (r"\bdbb_origin\.", "conv_kxk."),
+    (r"\bdbb_1x1_kxk\.idconv1\.", "conv_1x1_kxk.conv1."),  # ours is identity-based too where DBB's is
+    (r"\bdbb_1x1_kxk\.bn1\.bn\.", "conv_1x1_kxk.bn1."),
+    (r"\bdbb_1x1_kxk\.", "conv_1x1_kxk."),
+    (r"\bdbb_1x1\.", "conv_1x1."),
+    (r"\bdbb_avg\.bn\.bn\.", "conv_1x1_avg.bn."),
+    (r"\bdbb_avg\.", "conv_1x1_avg."),
+    (r"\bdbb_reparam\.", "reparam."),
+]
+_ACNET_RENAMES: list[_Rename] = [
+    (r"\bsquare_(conv|bn)\.", lambda m: f"conv_kxk.{m[1]}."),
+    (r"\bhor_(conv|bn)\.", lambda m: f"conv_1xk.{m[1]}."),
+    (r"\bver_(conv|bn)\.", lambda m: f"conv_kx1.{m[1]}."),
+    (r"\bfused_conv\.", "reparam."),
+]
+# After generate_orepa_kernels: OREPA's RepVGG network has the official names; its conv blocks' fused convs are ours.
+_OREPA_RENAMES: list[_Rename] = [*_OFFICIAL_RENAMES, (r"\b(orepa|or1x1|or_large)_reparam\.", "reparam.")]
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
     "mmpretrain": _MMPRETRAIN_RENAMES,
     "apple": _APPLE_RENAMES,
     "yolov6": _YOLOV6_RENAMES,
+    "dbb": _DBB_RENAMES,
+    "acnet": _ACNET_RENAMES,
+    "orepa": _OREPA_RENAMES,
 }
+# Layouts whose keys are not all a rename of ours: their tensors are computed first (OREPA's train form).
+_READ_FIRST = {"orepa": generate_orepa_kernels}
 
 # Ours -> theirs, for handing our weights to the other code base.
 _TO_OFFICIAL_BLOCK: list[_Rename] = [
@@ -152,6 +188,22 @@ _TO_APPLE: list[_Rename] = [
     (r"\bse\.up\.", "se.expand."),
 ]
 _TO_YOLOV6: list[_Rename] = _TO_OFFICIAL_BLOCK
+# conv_1x1_kxk.conv1 is DBB's idconv1 where it is identity-based: _dbb_identity_conv1 renames it by its shape.
+_TO_DBB: list[_Rename] = [
+    (r"\bconv_kxk\.", "dbb_origin."),
+    (r"\bconv_1x1_kxk\.bn1\.", "dbb_1x1_kxk.bn1.bn."),
+    (r"\bconv_1x1_kxk\.", "dbb_1x1_kxk."),
+    (r"\bconv_1x1_avg\.bn\.", "dbb_avg.bn.bn."),
+    (r"\bconv_1x1_avg\.", "dbb_avg."),
+    (r"\bconv_1x1\.", "dbb_1x1."),
+    (r"\breparam\.", "dbb_reparam."),
+]
+_TO_ACNET: list[_Rename] = [
+    (r"\bconv_kxk\.(conv|bn)\.", lambda m: f"square_{m[1]}."),
+    (r"\bconv_1xk\.(conv|bn)\.", lambda m: f"hor_{m[1]}."),
+    (r"\bconv_kx1\.(conv|bn)\.", lambda m: f"ver_{m[1]}."),
+    (r"\breparam\.", "fused_conv."),
+]
 _TO_LAYOUT = {
     "repblocks": [],
     "official": _TO_OFFICIAL,
@@ -159,6 +211,9 @@ _TO_LAYOUT = {
     "mmpretrain": _TO_MMPRETRAIN,
     "apple": _TO_APPLE,
     "yolov6": _TO_YOLOV6,
+    "dbb": _TO_DBB,
+    "acnet": _TO_ACNET,
+    "orepa": [],  # deploy form only: _orepa_fused_names names each fused conv as OREPA's choose_blk would build it
 }
 LAYOUTS = tuple(_TO_LAYOUT)
 # The BatchNorm eps a code base trains with, where it is not BatchNorm's default (1e-5). YOLOv6's
@@ -191,6 +246,10 @@ def _yolov6_marks(keys: list[str]) -> bool:
 # timm's train form without SE has our very keys, so it reads as ours, which is right.
 _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     "apple": re.compile(r"(^|\.)(rbr_(conv|scale|skip)|se\.(reduce|expand))\.|(^|\.)stage\d\.(\d+\.)?reparam_conv\."),
+    # OREPA's RepVGGBlock_OREPA has the official rbr_1x1 and rbr_identity beside its generated rbr_dense.
+    "orepa": re.compile(r"(^|\.)(weight_(orepa|rbr|or1x1)_\w+$|(orepa|or1x1|or_large)_reparam\.)"),
+    "dbb": re.compile(r"(^|\.)dbb_(origin|1x1|avg|1x1_kxk|reparam)\."),
+    "acnet": re.compile(r"(^|\.)(square_(conv|bn)|hor_(conv|bn)|ver_(conv|bn)|fused_conv)\."),
     "yolov6": _yolov6_marks,
     "official": re.compile(r"(^|\.)(stage\d|rbr_(dense|1x1|identity|reparam))\."),
     "mmpretrain": re.compile(r"(^|\.)(stage_\d+|branch_(3x3|1x1|norm|reparam)|se_layer)\."),
@@ -223,7 +282,10 @@ def to_repblocks_layout(
             model of another layout (a timm model with ``attn.fc1``, say) leaves its keys alone.
     """
     state_dict = _strip_wrappers(dict(state_dict), roots or {"stem", "stages", "head"})
-    renamed = _renamed(state_dict, _FROM_LAYOUT.get(detect_layout(state_dict), []))
+    layout = detect_layout(state_dict)
+    if layout in _READ_FIRST:
+        state_dict = _READ_FIRST[layout](state_dict)
+    renamed = _renamed(state_dict, _FROM_LAYOUT.get(layout, []))
     return {key if key in keep else renamed[key]: value for key, value in state_dict.items()}
 
 
@@ -238,7 +300,52 @@ def convert_layout(state_dict: Mapping[str, Tensor], layout: str) -> StateDict:
     if renames is None:
         raise ValueError(f"unknown layout {layout!r}; known layouts: {', '.join(LAYOUTS)}")
     renamed = _renamed(state_dict, renames)
+    if layout in _WRITE_LAST:
+        renamed = _WRITE_LAST[layout](renamed, state_dict)
     return {renamed[key]: value for key, value in state_dict.items()}
+
+
+def _dbb_identity_conv1(renamed: dict[str, str], state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    """DBB names the first 1x1 of ``dbb_1x1_kxk`` ``idconv1`` where it is identity-based (as wide as the input).
+
+    Its kernel (T, I/g, 1, 1) and the kxk after it (O, T/g, k, k) give the groups, g = T / (T/g), hence I.
+    """
+    for key, new in renamed.items():
+        if not new.endswith("dbb_1x1_kxk.conv1.weight"):
+            continue
+        second = state_dict.get(key.replace("conv1.weight", "conv2.weight"))
+        first = state_dict[key]
+        if second is not None and first.shape[0] == first.shape[1] * (first.shape[0] // second.shape[1]):
+            renamed[key] = new.replace(".conv1.weight", ".idconv1.weight")
+    return renamed
+
+
+def _orepa_fused_names(renamed: dict[str, str], state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    """Each fused conv as OREPA's ``choose_blk`` builds the block of its kernel size: OREPA_1x1, OREPA, OREPA_LargeConv.
+
+    Raises:
+        ValueError: Train-form keys: OREPA's train form generates its kernel from parameters no branch here holds.
+    """
+    train_form = re.compile(r"(^|\.)(conv_(kxk|1x1|1xk|kx1|1x1_kxk|1x1_avg)|identity|post_bn)\.")
+    branches = sorted({train_form.split(key)[0] for key in renamed if train_form.search(key)})
+    if branches:
+        raise ValueError(
+            "OREPA's train form generates its kernel from parameters that no branch set here holds, so only the deploy "
+            f"form is written in its layout; these weights have train-form blocks ({', '.join(branches[:3])}): fuse "
+            "them first (repblocks.switch_to_deploy), or write layout 'official' for OREPA's RepVGGBlock_OREPA"
+        )
+    names = dict(renamed)
+    for key, new in renamed.items():
+        fused = re.search(r"(^|\.)reparam\.(weight|bias)$", new)
+        if fused:
+            size = state_dict[re.sub(r"bias$", "weight", key)].shape[-1]
+            kind = "or1x1" if size == 1 else "or_large" if size >= 7 else "orepa"
+            names[key] = f"{new[: fused.start()]}{fused[1]}{kind}_reparam.{fused[2]}"
+    return names
+
+
+# Layouts whose names depend on tensors, not on keys alone.
+_WRITE_LAST = {"dbb": _dbb_identity_conv1, "orepa": _orepa_fused_names}
 
 
 def _renamed(keys: Iterable[str], renames: list[_Rename]) -> dict[str, str]:

@@ -3,9 +3,10 @@
 A state dict records neither. Weights trained with BatchNorm eps 1e-3 (YOLOv6's) give other outputs
 in a model whose BatchNorms use 1e-5, and QARepVGG v2's average-pool branch has no weights, so its
 train-form keys are exactly QARepVGG's. :func:`weights_metadata` records both in the files we write
-(``save_weights``); :func:`check_recorded` refuses to load such a file into a model that differs, and
-:func:`check_layout_eps` refuses weights of a code base known to train with another eps
-(:data:`repblocks.layouts.LAYOUT_BN_EPS`) unless the model uses it too.
+(``save_weights``); :func:`check_recorded` refuses to load such a file into a model that differs.
+Another code base's file is read with the eps its loader states (``load_weights(..., bn_eps=)``) or,
+unstated, with the model's, which :func:`unstated_bn_eps_note` says, with how to change it; its
+QARepVGG blocks load only where the file's kind is known (:func:`check_qa_kind`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Collection, Mapping
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from repblocks.blocks import RepBlock
+from repblocks.blocks import DEFAULT_BN_EPS, RepBlock, resolve_branch_set
 from repblocks.checkpoint import WeightsSource, read_safetensors_metadata
 from repblocks.layouts import LAYOUT_BN_EPS
 
@@ -27,11 +28,13 @@ __all__ = [
     "ambiguous_qa_blocks",
     "assumed_bn_eps",
     "block_kinds",
-    "check_layout_eps",
+    "check_qa_kind",
     "check_recorded",
+    "check_stated_bn_eps",
     "describe_kind",
     "model_bn_eps",
     "recorded_metadata",
+    "unstated_bn_eps_note",
     "weights_metadata",
 ]
 
@@ -107,21 +110,44 @@ def assumed_bn_eps(model: nn.Module, state_dict: Mapping, expected: Collection[s
     return eps
 
 
-def check_layout_eps(layout: str, assumed: set[float], name: str) -> None:
-    """Refuse weights of a code base that trains with another BatchNorm eps than the model's.
+def check_stated_bn_eps(stated: float, assumed: set[float], name: str) -> None:
+    """Refuse a model whose BatchNorms that take the weights' statistics use another eps than the one stated.
 
     Raises:
-        ValueError: The layout's code base trains with an eps (YOLOv6: 1e-3) that some of the model's
-            BatchNorms do not use; the message says what to build the model with.
+        ValueError: What was stated, what the model uses, and what to build it with.
     """
-    wanted = LAYOUT_BN_EPS.get(layout)
-    if wanted is None or all(math.isclose(eps, wanted, rel_tol=1e-6) for eps in assumed):
-        return
-    raise ValueError(
-        f"these are {layout} weights, trained with BatchNorm eps {wanted:g} (a state dict does not record eps), but "
-        f"{name}'s BatchNorms use eps {_listed(assumed)}: outputs would be off. Build the model with "
-        f"bn_eps={wanted:g} (create_model(..., bn_eps={wanted:g}), RepBlock(..., bn_eps={wanted:g}); "
-        f"nn.BatchNorm2d(..., eps={wanted:g}) elsewhere)"
+    if any(not math.isclose(eps, stated, rel_tol=1e-6) for eps in assumed):
+        raise ValueError(
+            f"these weights were made with BatchNorm eps {stated:g} (bn_eps={stated:g}), but {name}'s BatchNorms use "
+            f"eps {_listed(assumed)}: build it with bn_eps={stated:g} (create_model(..., bn_eps={stated:g}), "
+            f"RepBlock(..., bn_eps={stated:g}); nn.BatchNorm2d(..., eps={stated:g}) elsewhere)"
+        )
+
+
+# Where a layout's files may have been made with another eps than BatchNorm's default, and by what code.
+_EPS_ORIGINS = {
+    "yolov6": "YOLOv6's networks train with eps 1e-3 (initialize_weights), its blocks built alone with 1e-5",
+    "official": (
+        "the official RepVGG code and the QARepVGG authors' train with 1e-5; YOLOv6's RepVGGBlock, whose keys are "
+        "the official block's, with 1e-3 inside a YOLOv6 network (initialize_weights)"
+    ),
+}
+
+
+def unstated_bn_eps_note(layout: str, assumed: set[float], name: str) -> str | None:
+    """What to say when another code base's weights are read with the model's eps, nobody having stated the file's.
+
+    None where no BatchNorm statistics are read, where the model states its eps (built with another than
+    BatchNorm's default: someone chose it), or where the layout's code base has one eps only.
+    """
+    origin = _EPS_ORIGINS.get(layout)
+    if origin is None or not assumed or any(not math.isclose(eps, DEFAULT_BN_EPS) for eps in assumed):
+        return None
+    other = LAYOUT_BN_EPS["yolov6"]  # the note fires for a default-eps model: the other eps is YOLOv6 networks'
+    return (
+        f"{layout} layout weights do not record their BatchNorm eps ({origin}): they are read with {name}'s "
+        f"eps {_listed(assumed)}. For a file made with eps {other:g}, build the model with bn_eps={other:g}; "
+        f"to state the file's eps and silence this, load_weights(..., bn_eps=<its eps>)"
     )
 
 
@@ -174,6 +200,52 @@ def ambiguous_qa_blocks(model: nn.Module, state_dict: Mapping) -> list[str]:
     return names
 
 
+def check_qa_kind(model: nn.Module, state_dict: Mapping, layout: str, stated: str | dict | None) -> None:
+    """Refuse QARepVGG weights whose kind (v1, or v2 with an average pool) is unknown or not the model's.
+
+    The keys cannot tell (:func:`ambiguous_qa_blocks`). The QARepVGG authors' code (official layout)
+    builds only blocks without the pool, its ``QARepVGGV2`` network included; YOLOv6 builds both
+    (QARepVGGBlock, QARepVGGBlockV2), so its files load where ``stated`` (``load_weights(...,
+    branches=)``) says which. Our own layout is left to the recorded metadata (:func:`check_recorded`).
+
+    Raises:
+        ValueError: The branches the file has (or may have), the model's, and which model takes the file.
+    """
+    if layout == "repblocks":
+        return
+    blocks = ambiguous_qa_blocks(model, state_dict)
+    if not blocks:
+        return
+    modules = dict(model.named_modules())
+    pooled = {bool(modules[block].branch_config.get("avg_pool_branch")) for block in blocks}
+    some = ", ".join(block or "(the model)" for block in blocks[:3]) + (
+        f" ... ({len(blocks) - 3} more)" if len(blocks) > 3 else ""
+    )
+    ours = " and ".join(_QA_KINDS[kind] for kind in sorted(pooled))
+    name = type(model).__name__
+    if stated is not None:
+        file_pooled = bool(resolve_branch_set(stated).get("avg_pool_branch"))
+    elif layout == "official":
+        file_pooled = False  # the authors' code has no pooled block
+    else:
+        raise ValueError(
+            f"{layout} layout weights of QARepVGG blocks: v1 (QARepVGGBlock) and v2 (QARepVGGBlockV2: an average-pool "
+            f"branch) have the same keys, so nothing in them says which they are, and {name}'s blocks ({some}) are "
+            f"{ours}: outputs differ between the two. State what the file holds: load_weights(..., branches="
+            f"'qarepvgg') for v1, branches='qarepvgg_v2' for v2 (a model of the other kind then refuses it)"
+        )
+    if pooled != {file_pooled}:
+        said = "as stated (branches=...)" if stated is not None else "as the QARepVGG authors' code builds every block"
+        raise ValueError(
+            f"these {layout} layout weights hold {_QA_KINDS[file_pooled]} QARepVGG blocks ({said}), but {name}'s blocks "
+            f"({some}) are {ours}: the keys fit, the outputs would not. Load them into a model of branch set "
+            f"'{'qarepvgg_v2' if file_pooled else 'qarepvgg'}' (create_model('{'qarepvgg_v2' if file_pooled else 'qarepvgg'}_...'))"
+        )
+
+
+_QA_KINDS = {False: "v1 (kxk Conv+BN, plain 1x1, identity, BN after the sum)", True: "v2 (v1 and an average pool)"}
+
+
 def _json(metadata: Mapping[str, str], key: str) -> object:
     try:
         return json.loads(metadata[key]) if key in metadata else None
@@ -183,11 +255,15 @@ def _json(metadata: Mapping[str, str], key: str) -> object:
 
 def _comparable(kinds: list) -> set[str]:
     # Absent branches (None, False) are left out, so a branch kind added later does not make older files differ.
+    # DBB's 1x1 was "bn" before "bn_unless_depthwise" said where it is absent; the keys tell a depthwise block.
     return {
-        json.dumps({key: value for key, value in kind.items() if value}, sort_keys=True)
+        json.dumps({key: _SAME_BRANCH.get(value, value) for key, value in kind.items() if value}, sort_keys=True)
         for kind in kinds
         if isinstance(kind, Mapping)
     }
+
+
+_SAME_BRANCH = {"bn_unless_depthwise": "bn"}
 
 
 def _kinds(kinds: list) -> str:

@@ -21,15 +21,18 @@ from torch import Tensor, nn
 from repblocks.blocks import BRANCH_MODULES, RepBlock
 from repblocks.checkpoint import StateDict, WeightsSource, read_state_dict
 from repblocks.files import atomic_path
-from repblocks.layouts import detect_layout, to_repblocks_layout
+from repblocks.layouts import LAYOUT_BN_EPS, detect_layout, to_repblocks_layout
 from repblocks.online import ONLINE_BRANCH_MODULES
 from repblocks.provenance import (
     BLOCK_KINDS_KEY,
+    BN_EPS_KEY,
     ambiguous_qa_blocks,
     assumed_bn_eps,
-    check_layout_eps,
+    check_qa_kind,
     check_recorded,
+    check_stated_bn_eps,
     recorded_metadata,
+    unstated_bn_eps_note,
     weights_metadata,
 )
 
@@ -43,7 +46,13 @@ _FUSED = re.compile(r"(^|\.)reparam\.weight$")
 
 
 def load_weights(
-    model: nn.Module, source: WeightsSource, *, strict: bool = True, metadata: Mapping[str, str] | None = None
+    model: nn.Module,
+    source: WeightsSource,
+    *,
+    strict: bool = True,
+    metadata: Mapping[str, str] | None = None,
+    bn_eps: float | None = None,
+    branches: str | dict | None = None,
 ) -> nn.Module:
     """Load weights from a file or state dict into ``model``, in place, and return it.
 
@@ -55,10 +64,13 @@ def load_weights(
     through the module it wraps, without compiling anything.
 
     A state dict does not record BatchNorm's eps: the weights' statistics are used with the model's
-    (logged at INFO). Weights of a code base known to train with another eps (YOLOv6: 1e-3) are
-    refused by a model whose BatchNorms use another; so is a file of ours (:func:`save_weights`
-    records eps and block kinds) by a model that differs in either. QARepVGG and QARepVGG v2 weights
-    have the same keys; where nothing records which they are, the log says so.
+    (logged at INFO). Where the file's code base makes files with more than one eps (YOLOv6: 1e-3 in
+    its networks, 1e-5 in a block built alone; the official layout, whose block keys YOLOv6's
+    RepVGGBlock shares) and neither ``bn_eps`` nor the model (built with another eps than the default)
+    states it, the log says which eps is used and how to change it. A file of ours
+    (:func:`save_weights` records eps and block kinds) is refused by a model that differs in either.
+    QARepVGG v1 and v2 weights have the same keys: another code base's load only where the kind is
+    known (the QARepVGG authors' code builds v1 only) or stated (``branches``) and is the model's.
 
     Args:
         model: The model to fill.
@@ -67,12 +79,16 @@ def load_weights(
             them and load the rest. Keys whose shape differs from the model's raise either way.
         metadata: What the file of the given state dict records (:func:`save_weights`' metadata);
             read from the file itself when ``source`` is a path.
+        bn_eps: The BatchNorm eps the weights were made with, where the file does not record it:
+            the model's BatchNorms that take their statistics must use it.
+        branches: The branch set of the file's QARepVGG blocks (``"qarepvgg"``, ``"qarepvgg_v2"``: YOLOv6's
+            QARepVGGBlock, QARepVGGBlockV2), which their keys cannot tell.
 
     Raises:
         ValueError: The weights do not fit the model (the message names the keys and any block
-            left unfused), were trained with another BatchNorm eps or other blocks (the message
-            says what to build the model with), or the file cannot be read safely (see
-            :func:`read_state_dict`).
+            left unfused), were made with another BatchNorm eps or other blocks than the model's or
+            than stated, hold QARepVGG blocks of an unknown kind (the message says what to build the
+            model with or to state), or the file cannot be read safely (see :func:`read_state_dict`).
     """
     target = _wrapped_module(model)
     expected = target.state_dict()
@@ -85,11 +101,17 @@ def load_weights(
     assumed = assumed_bn_eps(target, state_dict, expected)
     eps = f"; BatchNorm eps {', '.join(f'{e:g}' for e in sorted(assumed))} (the model's)" if assumed else ""
     log.info("loading weights into %s: %s layout%s%s", name, layout, _form(state_dict), eps)
-    check_layout_eps(layout, assumed, name)
     metadata = recorded_metadata(source) if metadata is None else metadata
+    if bn_eps is not None:
+        check_stated_bn_eps(bn_eps, assumed, name)
+    elif BN_EPS_KEY not in metadata:
+        note = unstated_bn_eps_note(layout, assumed, name)
+        if note:
+            log.log(logging.WARNING if layout in LAYOUT_BN_EPS else logging.INFO, note)
     check_recorded(metadata, target, assumed=assumed, train_form=any(_BRANCH.search(k) for k in state_dict))
-    if BLOCK_KINDS_KEY not in metadata:
-        _say_qarepvgg_version_is_unknown(target, state_dict, layout)
+    check_qa_kind(target, state_dict, layout, branches)
+    if BLOCK_KINDS_KEY not in metadata and layout == "repblocks":
+        _say_qarepvgg_version_is_unknown(target, state_dict)
     fused = _fuse_train_form_into_deploy(target, state_dict, expected)
     state_dict = fused.state_dict
     missing = [
@@ -102,9 +124,12 @@ def load_weights(
         if k in state_dict and state_dict[k].shape != expected[k].shape
     ] + fused.reshaped
     if reshaped or (strict and (missing or unexpected)):
-        raise ValueError(f"weights do not fit {name}: " + _describe(missing, unexpected, reshaped, fused.unfused))
+        raise ValueError(
+            f"weights do not fit {name}: " + _describe(missing, unexpected, reshaped, fused.unfused, layout=layout)
+        )
     if missing or unexpected:
-        log.warning("loading into %s with strict=False: %s", name, _describe(missing, unexpected, [], fused.unfused))
+        described = _describe(missing, unexpected, [], fused.unfused, layout=layout)
+        log.warning("loading into %s with strict=False: %s", name, described)
     for key in expected:  # older checkpoints lack BN's step counter; it does not affect outputs
         if key.endswith("num_batches_tracked") and key not in state_dict:
             state_dict[key] = expected[key]
@@ -153,11 +178,11 @@ def _drop_classifier_if_headless(state_dict: StateDict, expected: Mapping[str, T
     return {key: value for key, value in state_dict.items() if key not in dropped}
 
 
-def _say_qarepvgg_version_is_unknown(model: nn.Module, state_dict: StateDict, layout: str) -> None:
-    """QARepVGG v1 and v2 weights have the same keys: say which one the model takes them for, and that nothing checks it.
+def _say_qarepvgg_version_is_unknown(model: nn.Module, state_dict: StateDict) -> None:
+    """Our QARepVGG v1 and v2 weights have the same keys: say which one the model takes them for (INFO).
 
-    A warning for another code base's weights (YOLOv6 has both blocks); for our own layout, whose
-    files and run checkpoints name their model, an INFO line.
+    Only for our own layout, whose files record block kinds and whose run checkpoints name their model;
+    another code base's are checked (:func:`repblocks.provenance.check_qa_kind`).
     """
     blocks = ambiguous_qa_blocks(model, state_dict)
     if not blocks:
@@ -172,17 +197,16 @@ def _say_qarepvgg_version_is_unknown(model: nn.Module, state_dict: StateDict, la
         for version, names in by_version.items()
         if names
     )
-    log.log(
-        logging.INFO if layout == "repblocks" else logging.WARNING,
-        "%s layout weights of QARepVGG blocks: QARepVGG v1 and v2 (YOLOv6's QARepVGGBlockV2: an extra average-pool "
-        "branch) have the same keys, so nothing in these weights says which they are. They are loaded as the model's "
-        "blocks are, %s; weights of the other kind would load as well, with other outputs",
-        layout,
+    log.info(
+        "weights of QARepVGG blocks: QARepVGG v1 and v2 (an extra average-pool branch) have the same keys, and "
+        "these weights record neither. They are loaded as the model's blocks are, %s",
         taken_as,
     )
 
 
-def _describe(missing: list[str], unexpected: list[str], reshaped: list[str], unfused: list[str] = ()) -> str:
+def _describe(
+    missing: list[str], unexpected: list[str], reshaped: list[str], unfused: list[str] = (), *, layout: str = ""
+) -> str:
     def some(keys: list[str]) -> str:
         return ", ".join(keys[:5]) + (f", ... ({len(keys) - 5} more)" if len(keys) > 5 else "")
 
@@ -199,8 +223,11 @@ def _describe(missing: list[str], unexpected: list[str], reshaped: list[str], un
             f"keeps the weights it had, a new model's random init ({some(unfused)})"
         )
     hint = ""
-    if any(k.endswith("reparam.weight") for k in unexpected) and any(".conv_kxk." in k for k in missing):
-        hint = "; these are deploy-form weights: build the model with deploy=True"
+    if any(k.endswith("reparam.weight") for k in unexpected) and any(
+        re.search(r"(^|\.)conv_kxk\.", k) for k in missing
+    ):
+        fused_by_us = " (OREPA's train form is read as its fused conv: no branch set here holds its branches)"
+        hint = f"; these are deploy-form weights{fused_by_us if layout == 'orepa' else ''}: build the model with deploy=True"
     elif any(re.search(r"(^|\.)conv_kxk\.(\d+\.)?scale$", k) for k in unexpected):
         hint = "; these are online-mode weights (repblocks.online): build the model with block_mode='online'"
     return "; ".join(parts) + hint

@@ -197,7 +197,7 @@ def test_a_missing_branch_of_a_new_kind_is_named_not_filled():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv or None, got 'gn'"),
+        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv, bn_unless_depthwise or None, got 'gn'"),
         ({"identity_branch": True}, "identity_branch must be one of bn, plain or None, got True"),
         ({"num_conv_branches": 0}, "num_conv_branches must be an integer >= 1, got 0"),
     ],
@@ -339,7 +339,7 @@ def test_branch_sets_resolve_from_names_and_dicts():
         ("dbbb", "unknown branch set 'dbbb'; known branch sets: repvgg, qarepvgg, qarepvgg_v2, acnet, dbb"),
         ({"asym": True, "seq": 1}, "unknown branch set keys asym, seq; a branch set may hold num_conv_branches, "),
         ({"seq_avg_branch": "yes"}, "seq_avg_branch must be True or False, got 'yes'"),
-        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv or None, got 'gn'"),
+        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv, bn_unless_depthwise or None, got 'gn'"),
         (3, "a branch set is a name"),
     ],
 )

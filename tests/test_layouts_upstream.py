@@ -112,29 +112,38 @@ def test_apple_mobileone_both_ways_in_both_forms(variant, caplog):
 # --- YOLOv6's blocks --------------------------------------------------------------------------------
 
 QAREPVGG = dict(scale_branch="conv", identity_branch="plain", post_bn=True)
-# YOLOv6's block, ours with the same branches, in and out channels, stride: the shapes that give
-# each block its identity (and v2 its average pool) and the strided ones that drop them.
-YOLOV6_BLOCKS = [
-    (yolov6.RepVGGBlock, {}, 8, 8, 1),
-    (yolov6.QARepVGGBlock, QAREPVGG, 8, 8, 1),
-    (yolov6.QARepVGGBlockV2, dict(QAREPVGG, avg_pool_branch=True), 8, 8, 1),
-    (yolov6.QARepVGGBlock, QAREPVGG, 8, 16, 2),
-    (yolov6.QARepVGGBlockV2, dict(QAREPVGG, avg_pool_branch=True), 16, 16, 2),
-    (yolov6.RepVGGBlock, {}, 16, 16, 2),
-]
+QAREPVGG_V2 = dict(QAREPVGG, avg_pool_branch=True)
+# YOLOv6's block, ours with the same branches, in and out channels, stride: the shapes that give each
+# block its identity (and v2 its average pool) and the strided ones that drop them. A YOLOv6 network has
+# one kind of QA block (its config's training_mode), beside RepVGGBlocks, which the keys tell apart.
+YOLOV6_BLOCKS = {
+    "qarepvgg": [
+        (yolov6.RepVGGBlock, {}, 8, 8, 1),
+        (yolov6.QARepVGGBlock, QAREPVGG, 8, 8, 1),
+        (yolov6.QARepVGGBlock, QAREPVGG, 8, 16, 2),
+        (yolov6.RepVGGBlock, {}, 16, 16, 2),
+    ],
+    "qarepvgg_v2": [
+        (yolov6.QARepVGGBlockV2, QAREPVGG_V2, 8, 8, 1),
+        (yolov6.QARepVGGBlockV2, QAREPVGG_V2, 8, 16, 2),
+        (yolov6.RepVGGBlock, {}, 16, 16, 1),
+        (yolov6.QARepVGGBlockV2, QAREPVGG_V2, 16, 16, 2),
+    ],
+}
 Y = torch.randn(2, 8, 16, 16, dtype=torch.float64)
 
 
-def _yolov6_stack():
-    """YOLOv6's blocks as its Model holds them: every BatchNorm with eps 1e-3 (initialize_weights)."""
-    return yolov6.network(*(block(cin, cout, stride=stride) for block, _, cin, cout, stride in YOLOV6_BLOCKS))
+def _yolov6_stack(kind="qarepvgg", *, in_network=True):
+    """YOLOv6's blocks as its Model holds them (every BatchNorm with eps 1e-3: initialize_weights), or built alone (1e-5)."""
+    blocks = (block(cin, cout, stride=stride) for block, _, cin, cout, stride in YOLOV6_BLOCKS[kind])
+    return yolov6.network(*blocks) if in_network else nn.Sequential(*blocks)
 
 
-def _our_stack(bn_eps=1e-3, **kwargs):
+def _our_stack(kind="qarepvgg", bn_eps=1e-3, **kwargs):
     return nn.Sequential(
         *(
             RepBlock(cin, cout, stride=s, bn_eps=bn_eps, **branches, **kwargs)
-            for _, branches, cin, cout, s in YOLOV6_BLOCKS
+            for _, branches, cin, cout, s in YOLOV6_BLOCKS[kind]
         )
     )
 
@@ -148,62 +157,108 @@ def _small_variances_(model, seed=0):
     return model
 
 
+def _load_stated(model, weights, caplog, recognised, kind):
+    """``_load`` with the QA blocks' kind stated, as YOLOv6's keys cannot tell it."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        repblocks.load_weights(model.double(), weights, branches=kind)
+    assert f": {recognised}" in caplog.text, caplog.text
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", YOLOV6_BLOCKS)
 @pytest.mark.parametrize("variances", ["random", "small"])
 @torch.no_grad()
-def test_yolov6_blocks_both_ways_in_both_forms(variances, caplog):
-    theirs = randomize_bn_(_yolov6_stack()).double().eval()
+def test_yolov6_blocks_both_ways_in_both_forms(kind, variances, caplog):
+    theirs = randomize_bn_(_yolov6_stack(kind)).double().eval()
     if variances == "small":
         _small_variances_(theirs)
     expected = theirs(Y)
-    ours = _load(_our_stack(), theirs.state_dict(), caplog, "yolov6 layout, train form")
-    _close("qarepvgg", "yolov6", "yolov6 train -> ours train", expected, ours(Y))
-    fused = _load(_our_stack(deploy=True), theirs.state_dict(), caplog, "yolov6 layout, train form")
-    _close("qarepvgg", "yolov6", "yolov6 train -> ours deploy", expected, fused(Y))
+    ours = _load_stated(_our_stack(kind), theirs.state_dict(), caplog, "yolov6 layout, train form", kind)
+    _close(kind, "yolov6", "yolov6 train -> ours train", expected, ours(Y))
+    fused = _load_stated(_our_stack(kind, deploy=True), theirs.state_dict(), caplog, "yolov6 layout, train form", kind)
+    _close(kind, "yolov6", "yolov6 train -> ours deploy", expected, fused(Y))
     theirs_deploy = yolov6.deploy(theirs)  # rbr_reparam, and the QA blocks keep bn beside it
     assert any(key.endswith(".bn.weight") for key in theirs_deploy.state_dict())
     deploy_weights = theirs_deploy.state_dict()
-    ours_deploy = _load(_our_stack(deploy=True), deploy_weights, caplog, "yolov6 layout, deploy form")
-    _close("qarepvgg", "yolov6", "yolov6 deploy -> ours deploy (bn folded)", theirs_deploy(Y), ours_deploy(Y))
-    kept = _load(_our_stack(deploy=True, keep_post_bn=True), deploy_weights, caplog, "yolov6 layout, deploy form")
-    _close("qarepvgg", "yolov6", "yolov6 deploy -> ours deploy (bn kept)", theirs_deploy(Y), kept(Y))
+    ours_deploy = _load(_our_stack(kind, deploy=True), deploy_weights, caplog, "yolov6 layout, deploy form")
+    _close(kind, "yolov6", "yolov6 deploy -> ours deploy (bn folded)", theirs_deploy(Y), ours_deploy(Y))
+    kept = _load(_our_stack(kind, deploy=True, keep_post_bn=True), deploy_weights, caplog, "yolov6 layout, deploy form")
+    _close(kind, "yolov6", "yolov6 deploy -> ours deploy (bn kept)", theirs_deploy(Y), kept(Y))
 
-    back = _yolov6_stack().double().eval()
+    back = _yolov6_stack(kind).double().eval()
     back.load_state_dict(convert_layout(ours.state_dict(), "yolov6"))
-    _close("qarepvgg", "yolov6", "ours train -> yolov6 train", ours(Y), back(Y))
+    _close(kind, "yolov6", "ours train -> yolov6 train", ours(Y), back(Y))
     # YOLOv6's deploy form keeps bn: ours with keep_post_bn is that form.
-    ours_kept = _our_stack().double().eval()
+    ours_kept = _our_stack(kind).double().eval()
     ours_kept.load_state_dict(ours.state_dict())
     for block in ours_kept:
         block.switch_to_deploy(keep_post_bn=True)
-    back_deploy = yolov6.deploy(_yolov6_stack()).double().eval()
+    back_deploy = yolov6.deploy(_yolov6_stack(kind)).double().eval()
     back_deploy.load_state_dict(convert_layout(ours_kept.state_dict(), "yolov6"))
-    _close("qarepvgg", "yolov6", "ours deploy (bn kept) -> yolov6 deploy", ours(Y), back_deploy(Y))
+    _close(kind, "yolov6", "ours deploy (bn kept) -> yolov6 deploy", ours(Y), back_deploy(Y))
+
+
+# --- BatchNorm eps: how the file was made, which its keys do not say -------------------------------
 
 
 @pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
-def test_yolov6_weights_into_blocks_of_another_bn_eps_are_refused_saying_what_to_pass(deploy):
-    """YOLOv6 trains with eps 1e-3 and a state dict does not say so: loading into eps 1e-5 would be off, silently."""
-    theirs = randomize_bn_(_yolov6_stack())
-    with pytest.raises(ValueError, match=r"yolov6 weights, trained with BatchNorm eps 0\.001 .*bn_eps=0\.001"):
-        repblocks.load_weights(_our_stack(bn_eps=1e-5, deploy=deploy), theirs.state_dict())
-
-
-def test_yolov6_bn_eps_is_used_where_train_form_weights_fuse_into_a_deploy_model():
-    """The deploy-form block has no BatchNorm left: fusing on load must take the eps it was built with."""
-    theirs = _small_variances_(randomize_bn_(_yolov6_stack())).double().eval()
-    fused = repblocks.load_weights(_our_stack(deploy=True).double(), theirs.state_dict()).eval()
-    with torch.no_grad():
-        assert max_errors(theirs(Y), fused(Y))[1] < FLOAT64
-
-
-def test_load_weights_logs_the_bn_eps_it_assumed(caplog):
+@pytest.mark.parametrize("in_network", [True, False], ids=["network-1e-3", "alone-1e-5"])
+@torch.no_grad()
+def test_yolov6_weights_load_exactly_into_blocks_built_with_the_eps_they_were_made_with(in_network, deploy, caplog):
+    """A YOLOv6 network (initialize_weights: 1e-3) and its blocks built alone (1e-5): each loads where the model says so."""
+    theirs = _small_variances_(randomize_bn_(_yolov6_stack(in_network=in_network))).double().eval()
+    eps = 1e-3 if in_network else 1e-5
+    ours = _our_stack(bn_eps=eps, deploy=deploy).double()
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="repblocks.weights"):
-        repblocks.load_weights(_our_stack(), randomize_bn_(_yolov6_stack()).state_dict())
+        repblocks.load_weights(ours, theirs.state_dict(), branches="qarepvgg", bn_eps=eps)
+    assert max_errors(theirs(Y), ours.eval()(Y))[1] < FLOAT64
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.text
+
+
+def test_yolov6_weights_read_with_an_unstated_default_eps_say_which_and_how_to_change_it(caplog):
+    """Unstated, the model's default eps is used, and the log says so once, with what to build the model with."""
+    theirs = randomize_bn_(_yolov6_stack(in_network=False)).double().eval()
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        ours = repblocks.load_weights(_our_stack(bn_eps=1e-5).double(), theirs.state_dict(), branches="qarepvgg")
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1, caplog.text
+    assert "yolov6 layout weights do not record their BatchNorm eps" in warnings[0]
+    assert "read with Sequential's eps 1e-05" in warnings[0] and "bn_eps=0.001" in warnings[0]
+    with torch.no_grad():
+        assert max_errors(theirs(Y), ours.eval()(Y))[1] < FLOAT64  # a block built alone: 1e-5 is right
+
+
+@pytest.mark.parametrize("deploy", [False, True], ids=["train", "deploy"])
+def test_a_stated_eps_the_model_does_not_use_is_refused_saying_what_to_build(deploy):
+    theirs = randomize_bn_(_yolov6_stack())
+    with pytest.raises(
+        ValueError, match=r"made with BatchNorm eps 0\.001 .* use eps 1e-05: build it with bn_eps=0\.001"
+    ):
+        repblocks.load_weights(
+            _our_stack(bn_eps=1e-5, deploy=deploy), theirs.state_dict(), branches="qarepvgg", bn_eps=1e-3
+        )
+
+
+def test_a_model_built_with_another_eps_than_the_default_states_it(caplog):
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        repblocks.load_weights(_our_stack(), randomize_bn_(_yolov6_stack()).state_dict(), branches="qarepvgg")
     assert "yolov6 layout, train form; BatchNorm eps 0.001" in caplog.text
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING], caplog.text
 
 
-def test_a_yolov6_network_of_repvgg_blocks_alone_is_told_by_its_module_names():
-    """YOLOv6-N/S hold only RepVGGBlocks (the official block keys): EfficientRep's names still say YOLOv6 (eps 1e-3)."""
+def test_official_block_keys_say_the_same_as_yolov6s_repvgg_block_has_them(caplog):
+    """YOLOv6's RepVGGBlock alone reads as the official block: the log names the eps used and YOLOv6's 1e-3."""
+    theirs = randomize_bn_(nn.Sequential(yolov6.RepVGGBlock(8, 8))).double().eval()
+    with caplog.at_level(logging.INFO, logger="repblocks.weights"):
+        repblocks.load_weights(nn.Sequential(RepBlock(8, 8)), theirs.state_dict())
+    assert "official layout weights do not record their BatchNorm eps" in caplog.text
+    assert "YOLOv6's RepVGGBlock" in caplog.text and "bn_eps=1e-05" not in caplog.text
+
+
+def test_a_yolov6_network_of_repvgg_blocks_alone_is_told_by_its_module_names(caplog):
+    """YOLOv6-N/S hold only RepVGGBlocks (the official block keys): EfficientRep's names still say YOLOv6."""
     backbone = nn.Module()
     backbone.stem = yolov6.RepVGGBlock(3, 8, stride=2)
     backbone.ERBlock_2 = nn.Sequential(yolov6.RepVGGBlock(8, 8))
@@ -214,21 +269,26 @@ def test_a_yolov6_network_of_repvgg_blocks_alone_is_told_by_its_module_names():
     ours.backbone = nn.Module()
     ours.backbone.stem = RepBlock(3, 8, stride=2)
     ours.backbone.ERBlock_2 = nn.Sequential(RepBlock(8, 8))
-    with pytest.raises(ValueError, match=r"bn_eps=0\.001"):
-        repblocks.load_weights(ours, theirs.state_dict())
-
-
-def test_qarepvgg_v2_weights_into_a_v1_model_are_not_loaded_without_a_warning(caplog):
-    """v2's average pool has no weights: the keys fit a v1 block and the outputs differ; the log must say so."""
-    theirs = yolov6.network(yolov6.QARepVGGBlockV2(8, 8), yolov6.QARepVGGBlockV2(8, 16, stride=2))
-    v1 = nn.Sequential(RepBlock(8, 8, bn_eps=1e-3, **QAREPVGG), RepBlock(8, 16, stride=2, bn_eps=1e-3, **QAREPVGG))
     with caplog.at_level(logging.WARNING, logger="repblocks.weights"):
-        repblocks.load_weights(v1, randomize_bn_(theirs).state_dict())
-    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warnings) == 1, caplog.text
-    assert "QARepVGG v1 and v2" in warnings[0].message
+        repblocks.load_weights(ours, theirs.state_dict())
+    assert "yolov6 layout weights do not record their BatchNorm eps" in caplog.text and "bn_eps=0.001" in caplog.text
+
+
+# --- QARepVGG v1 and v2: the same keys ---------------------------------------------------------------
+
+
+def test_yolov6_qa_weights_are_refused_until_their_kind_is_stated():
+    """v2's average pool has no weights: the keys fit a v1 block and the outputs differ. Unstated, nothing loads."""
+    theirs = randomize_bn_(_yolov6_stack("qarepvgg_v2")).state_dict()
+    with pytest.raises(ValueError, match=r"v1 \(QARepVGGBlock\) and v2 .* branches='qarepvgg_v2' for v2"):
+        repblocks.load_weights(_our_stack("qarepvgg_v2"), theirs)
+    v1 = nn.Sequential(RepBlock(8, 8, bn_eps=1e-3, **QAREPVGG), RepBlock(8, 16, stride=2, bn_eps=1e-3, **QAREPVGG))
+    v2_file = randomize_bn_(yolov6.network(yolov6.QARepVGGBlockV2(8, 8), yolov6.QARepVGGBlockV2(8, 16, stride=2)))
     # Named: the block with an identity; the strided one has neither identity nor pool, so v1 and v2 agree there.
-    assert "loaded as the model's blocks are, v1 (no average pool): 0;" in warnings[0].message
+    with pytest.raises(
+        ValueError, match=r"hold v2 \(v1 and an average pool\) QARepVGG blocks .* \(0\) are v1 .*'qarepvgg_v2'"
+    ):
+        repblocks.load_weights(v1, v2_file.state_dict(), branches="qarepvgg_v2")
 
 
 def test_yolov6_block_bn_is_post_bn_and_no_other_bn_is():
@@ -298,6 +358,30 @@ def test_qarepvgg_authors_network_both_ways_in_both_forms(caplog):
     _close("qarepvgg_tiny", "official", "ours deploy -> authors deploy", ours_deploy(X), back_deploy(X))
 
 
+def test_qarepvgg_authors_network_into_a_v2_model_is_refused_naming_the_model_that_takes_it():
+    """The authors' QARepVGGV2 network is built of v1 blocks (no average pool): qarepvgg_v2_* is the natural, wrong, choice."""
+    theirs = randomize_bn_(authors.RepVGG(**AUTHORS_TINY)).state_dict()
+    with pytest.raises(
+        ValueError, match=r"hold v1 .*as the QARepVGG authors' code builds every block.* are v2 .*'qarepvgg'"
+    ):
+        repblocks.load_weights(repblocks.create_model("qarepvgg_v2_tiny", num_classes=10), theirs)
+    with pytest.raises(ValueError, match=r"are v2"):
+        repblocks.load_weights(repblocks.create_model("qarepvgg_v2_tiny", num_classes=10, deploy=True), theirs)
+
+
+@torch.no_grad()
+def test_a_qarepvgg_authors_block_out_of_its_network_loads_exactly_once_its_kind_is_stated():
+    """Without stage names its keys are a YOLOv6 QA block's (either kind): stated, it loads with the model's eps 1e-5."""
+    theirs = _small_variances_(randomize_bn_(nn.Sequential(authors.QARepVGGBlockV2(8, 8, 3, padding=1)))).double()
+    theirs.eval()
+    with pytest.raises(ValueError, match=r"branches='qarepvgg'\) for v1"):
+        repblocks.load_weights(nn.Sequential(RepBlock(8, 8, **QAREPVGG)), theirs.state_dict())
+    for deploy in (False, True):
+        ours = nn.Sequential(RepBlock(8, 8, **QAREPVGG, deploy=deploy)).double()
+        repblocks.load_weights(ours, theirs.state_dict(), branches="qarepvgg", bn_eps=1e-5)
+        assert max_errors(theirs(Y), ours.eval()(Y))[1] < FLOAT64
+
+
 def test_convert_layout_official_renames_a_qa_blocks_post_bn_and_reads_it_back():
     ours = repblocks.create_model("qarepvgg_tiny", num_classes=10).state_dict()
     official = convert_layout(ours, "official")
@@ -328,7 +412,7 @@ def _layout_samples():
             authors.RepVGG(**AUTHORS_TINY, deploy=True),
         ],
         "timm": [timm_mobileone, reparameterize_model(timm_mobileone)],
-        "yolov6": [_yolov6_stack(), yolov6.deploy(_yolov6_stack())],
+        "yolov6": [_yolov6_stack(), yolov6.deploy(_yolov6_stack()), _yolov6_stack("qarepvgg_v2")],
         "repblocks": [ours, repblocks.switch_to_deploy(ours), _our_stack(), _our_stack(deploy=True, keep_post_bn=True)],
     }
 
@@ -351,6 +435,6 @@ def test_a_yolov6_repvgg_block_alone_reads_as_the_official_block_it_is():
 
 
 def test_every_layout_converts_and_unknown_ones_are_named():
-    assert {"apple", "yolov6", "timm", "official", "mmpretrain", "repblocks"} <= set(LAYOUTS)
+    assert {"apple", "yolov6", "timm", "official", "mmpretrain", "repblocks", "dbb", "acnet", "orepa"} <= set(LAYOUTS)
     with pytest.raises(ValueError, match=r"unknown layout 'caffe'; known layouts: .*apple, yolov6"):
         convert_layout({}, "caffe")

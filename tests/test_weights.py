@@ -15,6 +15,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 import repblocks
+from repblocks.blocks import BRANCH_SETS, RepBlock
 from repblocks.checkpoint import read_safetensors_metadata
 from repblocks.layouts import convert_layout, detect_layout
 from repblocks.numerics import max_errors, randomize_bn_
@@ -627,3 +628,13 @@ def test_tied_weights_are_saved_and_load_back(tmp_path):
     path = repblocks.save_weights(source, tmp_path / "tied.safetensors")
     loaded = repblocks.load_weights(tied(), path)
     assert torch.equal(loaded[1].weight, source[0].weight) and loaded[1].weight is loaded[0].weight
+
+
+def test_a_dbb_file_saved_before_the_depthwise_rule_still_loads(tmp_path):
+    """Files recorded DBB's 1x1 as ``scale_branch="bn"`` before ``"bn_unless_depthwise"``: the same block outside depthwise."""
+    model = randomize_bn_(nn.Sequential(RepBlock(4, 8, **BRANCH_SETS["dbb"])))
+    recorded = [dict(model[0].branch_config, scale_branch="bn")]
+    path = repblocks.save_weights(model, tmp_path / "dbb.safetensors", metadata={"block_kinds": json.dumps(recorded)})
+    repblocks.load_weights(nn.Sequential(RepBlock(4, 8, **BRANCH_SETS["dbb"])), path)
+    with pytest.raises(ValueError, match="blocks with"):  # another kind is still refused
+        repblocks.load_weights(nn.Sequential(RepBlock(4, 8, **dict(BRANCH_SETS["acnet"], scale_branch="bn"))), path)

@@ -114,7 +114,7 @@ def _first_convs(block: str) -> tuple[str, ...]:
     scale_branch = branches.get("scale_branch", "bn")
     convs = ["stem.conv_kxk.conv"]
     if scale_branch is not None:
-        convs.append("stem.conv_1x1.conv" if scale_branch == "bn" else "stem.conv_1x1")  # QARepVGG's: a plain conv
+        convs.append("stem.conv_1x1" if scale_branch == "conv" else "stem.conv_1x1.conv")  # QARepVGG's: a plain conv
     if branches.get("asym_branches"):
         convs += ["stem.conv_1xk.conv", "stem.conv_kx1.conv"]
     if branches.get("seq_conv_branch"):
