@@ -50,7 +50,7 @@ from repblocks.run_checkpoint import RunCheckpoint, read_run_checkpoint
 from repblocks.threads import ThreadChoice, choose_threads, loader_workers
 from repblocks.train.callbacks import DeployCheck
 from repblocks.train.checkpoint_io import AtomicCheckpointIO
-from repblocks.train.console import quiet_lightning
+from repblocks.train.console import log_from_rank_zero, quiet_lightning
 from repblocks.train.data import ClassificationDataModule
 from repblocks.train.module import RepClassifier
 from repblocks.train.progress import progress_callbacks
@@ -60,6 +60,7 @@ from repblocks.train.resume import check_resumed_as_trained, recorded_overrides
 from repblocks.train.run_folder import check_run_folder, check_run_space, run_files
 
 log = logging.getLogger("train")
+log_from_rank_zero()  # under DDP, each line once: the other processes log their errors only
 quiet_lightning()  # Lightning's advice on every run (a cloud logger's tip, a deprecation inside it): no news about the run
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # --help: train.py's config groups and settings, described by the comments in their yaml files (configs/train.yaml
