@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.config_help import config_help
-from repblocks.train.console import quiet_lightning
+from repblocks.train.console import log_from_rank_zero, quiet_lightning
 from repblocks.train.fit import fit
 from repblocks.train.qat import quantization_aware_training
 from repblocks.train.qat import summary as qat_summary
@@ -47,6 +47,7 @@ from repblocks.train.resources import first_process, use_free_cores
 from repblocks.train.resume import finished_run, resume_as_trained
 from repblocks.train.run_folder import check_run_folder
 
+log_from_rank_zero()  # under DDP, each line once: the other processes log their errors only
 quiet_lightning()  # Lightning's advice on every run (a cloud logger's tip, a deprecation inside it): no news about the run
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # --help: train.py's config groups and settings, described by the comments in their yaml files (configs/train.yaml

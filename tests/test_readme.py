@@ -3,17 +3,20 @@
 How a block is chosen, and what the test adds (nothing else is changed):
 
 - Every fenced ``python`` block runs, in README order, in one namespace (the README says they read as
-  one session), in a temporary working folder holding the files the blocks name (``A0-train.pth``),
-  with the network blocked. ``pretrained=True`` reads timm's weights from a Hugging Face cache the test
-  fills with random weights; torchvision's ``weights="DEFAULT"`` reads a torch hub folder filled the same
-  way. A block preceded by ``<!-- readme-test: skip: REASON -->`` is skipped and listed with its reason.
-- Every line of a ``bash`` block that runs ``python train.py`` or ``python deploy.py`` runs in the same
-  kind of folder, with :data:`TINY_TRAIN` / :data:`TINY_DEPLOY` appended (Hydra takes the last value of a
-  key, so the README's own settings stay on the line and only the length shrinks) and ``hydra.run.dir``
-  naming a folder, so the README's placeholders find it: ``outputs/train/RUN`` is the first train.py
-  line's run, ``outputs/train/...`` the run of the line before, ``outputs/deploy/RUN`` the first deploy.py
-  line's output. Every other line is in :data:`NOT_RUN` with the reason; a new README line that is in
-  neither fails :func:`test_every_readme_command_is_run_or_skipped_with_a_reason`.
+  one session), in an empty temporary working folder: a file a block reads, an earlier block writes
+  (``RepVGG-A0-train.pth``). The network is blocked; what the README downloads is there as if downloaded
+  (:func:`_downloaded`): ``pretrained=True`` reads timm's weights from a Hugging Face cache holding random
+  weights of timm's model, and torchvision's ``weights="DEFAULT"`` reads its download folder filled the
+  same way. A block preceded by ``<!-- readme-test: skip: REASON -->`` is skipped and listed with its reason.
+- Every line of a ``bash`` block that runs ``python train.py`` or ``python deploy.py`` runs as written,
+  in README order, in one empty folder where the first Python block has run (it writes the weights file
+  the deploy lines read), with a home folder holding torchvision's download and ``$HOME`` expanded as the
+  shell would. The test appends :data:`TINY_TRAIN` / :data:`TINY_DEPLOY` (Hydra takes the last value of
+  a key, so the README's own settings stay on the line and only the length shrinks), and a run folder of
+  its own to a line that names none (two runs in one second would share the default, dated one); the
+  folders the README names (``outputs/train/a0``, ``outputs/deploy/a0``) are the ones later lines read.
+  Every other line is in :data:`NOT_RUN` with the reason; a new README line that is in neither fails
+  :func:`test_every_readme_command_is_run_or_skipped_with_a_reason`.
 """
 
 from __future__ import annotations
@@ -106,6 +109,45 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
 # --- the Python blocks ---
 
 
+def _downloaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_home: Path) -> None:
+    """Block the network, and put there what the README downloads, as its download would: random weights.
+
+    timm's RepVGG-A0 (``pretrained=True``) in a Hugging Face cache, torchvision's ResNet-18
+    (``weights="DEFAULT"``, ``resnet18-f37072fd.pth``) in torch hub's folder under ``torch_home``.
+    """
+    constants = pytest.importorskip("huggingface_hub.constants")
+    torchvision = pytest.importorskip("torchvision")
+
+    def refuse(*args, **kwargs):
+        raise OSError("the network is blocked by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fill_hub_cache(tmp_path / "hub", "repvgg_a0")
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(torchvision.models.resnet18().state_dict(), torch_home / "hub/checkpoints/resnet18-f37072fd.pth")
+
+
+def _run_python_block(block: Block, namespace: dict, monkeypatch: pytest.MonkeyPatch, *, first: bool) -> None:
+    where = f"README.md, block at line {block.line}"
+    if not first:
+        exec(compile(block.code, where, "exec"), namespace)  # noqa: S102  (the README's own code)
+        return
+    # The first block is the core's API: up to its `import torchvision`, it runs without torchvision.
+    core, _, rest = block.code.partition("\nimport torchvision")
+    with monkeypatch.context() as blocked:
+        blocked.setitem(sys.modules, "torchvision", None)  # importing it now raises ImportError
+        exec(compile(core, where, "exec"), namespace)  # noqa: S102  (the README's own code)
+    assert rest, "the API block says where torchvision comes in"
+    exec(compile("\n" * core.count("\n") + "\nimport torchvision" + rest, where, "exec"), namespace)  # noqa: S102
+
+
+def _python_blocks() -> list[Block]:
+    return [block for block in readme_blocks() if block.language == "python" and not block.marker.startswith("skip: ")]
+
+
 def _fill_hub_cache(cache: Path, name: str) -> None:
     """timm's download cache for ``name``'s published weights, holding random weights of timm's model."""
     import safetensors.torch
@@ -122,41 +164,16 @@ def _fill_hub_cache(cache: Path, name: str) -> None:
 
 @pytest.mark.slow  # builds RepVGG-A0 several times, ResNet-50 and ResNet-18
 def test_readme_python_blocks_run_as_one_session(tmp_path, monkeypatch):
-    constants = pytest.importorskip("huggingface_hub.constants")
-    torchvision = pytest.importorskip("torchvision")
-
-    def refuse(*args, **kwargs):
-        raise OSError("the network is blocked by the test")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    _fill_hub_cache(tmp_path / "hub", "repvgg_a0")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth")
+    _downloaded(tmp_path, monkeypatch, torch_home=tmp_path / "torch")
     work = tmp_path / "work"
     work.mkdir()
-    torch.save(repblocks.create_model("repvgg_a0").state_dict(), work / "A0-train.pth")
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(work)  # empty: what a block reads, an earlier one writes
 
     namespace: dict = {"__name__": "readme"}
-    ran = 0
-    for block in readme_blocks():
-        if block.language != "python" or block.marker.startswith("skip: "):
-            continue
-        where = f"README.md, block at line {block.line}"
-        if ran == 0:  # the first block is the core's API: up to its `import torchvision`, it runs without torchvision
-            core, _, rest = block.code.partition("\nimport torchvision")
-            with monkeypatch.context() as blocked:
-                blocked.setitem(sys.modules, "torchvision", None)  # importing it now raises ImportError
-                exec(compile(core, where, "exec"), namespace)  # noqa: S102  (the README's own code)
-            assert rest, "the API block says where torchvision comes in"
-            exec(compile("\n" * core.count("\n") + "\nimport torchvision" + rest, where, "exec"), namespace)  # noqa: S102
-        else:
-            exec(compile(block.code, where, "exec"), namespace)  # noqa: S102  (the README's own code)
-        ran += 1
-    assert ran >= 5
+    blocks = _python_blocks()
+    for index, block in enumerate(blocks):
+        _run_python_block(block, namespace, monkeypatch, first=index == 0)
+    assert len(blocks) >= 5
     assert namespace["again"].stem.deploy, "a deploy-form file builds the deploy form"
     assert namespace["backbone"].feature_info.channels() == [96, 192, 1280]
 
@@ -164,41 +181,34 @@ def test_readme_python_blocks_run_as_one_session(tmp_path, monkeypatch):
 # --- the command lines ---
 
 
-def _with_settings(command: str, index: int, runs: dict[str, str]) -> list[str]:
-    """The command as argv, placeholders pointed at earlier runs, the tiny settings and a run folder appended."""
-    if "outputs/train/..." in command:
-        command = command.replace("outputs/train/...", runs["previous train"])
-    argv = shlex.split(command, comments=True)
-    assert argv[0] == "python", command
+def _with_settings(command: str, index: int, home: Path) -> list[str]:
+    """The command as argv ($HOME expanded, as the shell does), the tiny settings and, where it names none, a run folder."""
+    argv = shlex.split(command.replace("$HOME", str(home)), comments=True)
+    assert argv[0] == "python" and "$" not in command.replace("$HOME", ""), command
     script = argv[1]
     argv = [sys.executable, str(ROOT / script), *argv[2:]]
-    if script == "train.py":
-        run = "outputs/train/RUN" if "first train" not in runs else f"outputs/train/line{index}"
-        runs.setdefault("first train", run)
-        runs["previous train"] = run
-        resumed = any(arg.startswith("ckpt_path=") for arg in argv)
-        tiny = [*TINY_TRAIN, "trainer.max_epochs=2"] if resumed else TINY_TRAIN  # one epoch more than it had
-        return [*argv, *tiny, f"hydra.run.dir={run}"]
-    run = "outputs/deploy/RUN" if "first deploy" not in runs else f"outputs/deploy/line{index}"
-    runs.setdefault("first deploy", run)
-    return [*argv, *TINY_DEPLOY, f"hydra.run.dir={run}"]
+    tiny = TINY_TRAIN if script == "train.py" else TINY_DEPLOY
+    if script == "train.py" and any(arg.startswith("ckpt_path=") for arg in argv):
+        tiny = [*TINY_TRAIN, "trainer.max_epochs=2"]  # one epoch more than the run it resumes had
+    named = any(arg.startswith(("hydra.run.dir=", "out_dir=")) for arg in argv)
+    return [*argv, *tiny, *([] if named else [f"hydra.run.dir=outputs/{Path(script).stem}/line{index}"])]
 
 
 @pytest.mark.slow  # a dozen train.py and deploy.py processes of a few seconds each
-def test_readme_command_lines_run(tmp_path):
+def test_readme_command_lines_run(tmp_path, monkeypatch):
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     home.mkdir()
-    torch.save(repblocks.create_model("repvgg_a0").state_dict(), work / "RepVGG-A0-train.pth")
-    torchvision = pytest.importorskip("torchvision")
-    torch.save(torchvision.models.resnet18().state_dict(), work / "resnet18-f37072fd.pth")
+    _downloaded(tmp_path, monkeypatch, torch_home=home / ".cache" / "torch")
+    monkeypatch.chdir(work)
+    _run_python_block(_python_blocks()[0], {"__name__": "readme"}, monkeypatch, first=True)
+    assert (work / "RepVGG-A0-train.pth").is_file(), "the deploy lines read the weights the API block writes"
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    runs: dict[str, str] = {}
     ran, failures = [], []
     for index, (line, command) in enumerate(readme_commands()):
         if why_not_run(command) or not command.startswith(("python train.py", "python deploy.py")):
             continue
-        argv = _with_settings(command, index, runs)
+        argv = _with_settings(command, index, home)
         result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
         ran.append(line)
         if "data.root=~/data" in command:  # no CIFAR-10 here: the home folder is read, and its absence said in one line

@@ -582,6 +582,13 @@ def test_ddp_two_cpu_processes(tmp_path):
     # 64 fake images, batch 16, two processes: each process takes 2 of the 4 batches.
     assert metrics["global_step"] == 2
     assert metrics["top1_agreement"] == 1.0
+    # Each line once, from rank zero: the log lines (time stamp left out) repeat none, and rank 1 says nothing.
+    # The run is short enough for the schedule's warning (2 steps, all warm-up), which every process meets.
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    logged = [re.sub(r"^\[[^]]*\]", "", line) for line in lines if re.match(r"^\[\d{4}-\d\d-\d\d ", line)]
+    assert any("warmup_steps" in line for line in logged), "the run no longer meets a warning every process logs"
+    assert len(logged) == len(set(logged)), [line for line in logged if logged.count(line) > 1]
+    assert not [line for line in lines if "[rank: 1]" in line or "GLOBAL_RANK: 1" in line]
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 :func:`quiet_lightning` drops, by their exact text, the messages Lightning prints on every run that
 are advice, not news (its cloud logger's tip, a torch deprecation inside Lightning's own code, the
-EMA copy being in eval mode on purpose, an epoch shorter than the step-logging interval). Every other warning still shows. :class:`ModelSummaryLine`
+EMA copy being in eval mode on purpose, an epoch shorter than the step-logging interval). Every other warning
+still shows. :func:`log_from_rank_zero` leaves DDP's other processes only their errors, so each line is logged
+once. :class:`ModelSummaryLine`
 replaces Lightning's model summary table, whose FLOPs column reads 0 unless the module carries an
 example input, with one line of what the table says.
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 import logging
 import warnings
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-__all__ = ["ModelSummaryLine", "quiet_lightning"]
+__all__ = ["ModelSummaryLine", "log_from_rank_zero", "quiet_lightning"]
 
 log = logging.getLogger("train")
 
@@ -47,6 +50,25 @@ def quiet_lightning() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(existing, _DropAdvice) for existing in logger.filters):
             logger.addFilter(_DropAdvice())
+
+
+# The loggers of everything a training run logs through: train.py, repblocks (the core and repblocks.train)
+# and Lightning (its "[rank: 1] Seed set to 42" and "Initializing distributed: GLOBAL_RANK: 1" included).
+_RUN_LOGGERS = ("train", "repblocks", "lightning.pytorch", "lightning.fabric")
+
+
+def log_from_rank_zero() -> None:
+    """Under DDP, leave the processes other than rank zero their errors only; safe to call more than once.
+
+    Every process runs the same code on its share of the data, so each would log the same line (the
+    learning-rate schedule's warning, the threads line, Lightning's seed line); rank zero speaks for
+    all. An error still shows from whichever process meets it. The rank is read from the environment
+    Lightning, torchrun and SLURM set before the script starts (RANK, LOCAL_RANK, SLURM_PROCID).
+    """
+    if rank_zero_only.rank == 0:
+        return
+    for name in _RUN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class ModelSummaryLine(ModelSummary):
