@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import repblocks.deploy.preprocessing as preprocessing  # the module, not the package: the package imports this one
 from repblocks.bench import free_cores
 from repblocks.checkpoint import DEPLOY_FORM
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image
-from repblocks.deploy import preprocessing
 from repblocks.deploy.engines import ENGINES as _REGISTRY
 from repblocks.deploy.engines import by_suffix, engine
 from repblocks.errors import UserError

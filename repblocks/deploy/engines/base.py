@@ -17,9 +17,13 @@ An engine (``onnxruntime``, ``openvino``, ``executorch``, ...) is one module of 
   a reduced float precision (bf16, fp16) goes through :meth:`Engine.export` with ``precision=``
   and the registry's file for it, as Core ML's fp16 package does.
 
-The guarantees made once for every engine belong here or in each engine's ``export``/``open``: the
-file is verified in its runtime's precision, an output never replaces an input (the atomic writes of
-:mod:`repblocks.files`), and the runtime's own log lines stay out of the user's terminal.
+The guarantees made once for every engine belong in each engine's ``export`` and ``open``, the only two
+places its runtime reads a file: the file is verified in the precision its runtime will use
+(``export`` checks it as ``open`` runs it: OpenVINO with the f32 hint, a bf16/fp16 file through
+``open(precision=...)``), an output never replaces an input (the atomic writes of :mod:`repblocks.files`),
+nothing is sent over the network (a runtime's telemetry switch goes where its session is made:
+onnxruntime's ``onnx_session``, OpenVINO's ``compile_model``), and the runtime's own log lines stay out
+of the user's terminal (LiteRT's, Core ML's and AOTInductor's quiet contexts).
 """
 
 from __future__ import annotations
