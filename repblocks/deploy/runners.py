@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repblocks.deploy.engines import BACKENDS, DEFAULT_BACKENDS, ENGINES, by_backend
+from repblocks.deploy.engines import BACKENDS, DEFAULT_BACKENDS, ENGINES, by_backend, by_name
 from repblocks.deploy.engines.base import Int8Model, Runner, one_line
 
 __all__ = [
@@ -84,7 +84,10 @@ def int8_runners(
     builds an int8 engine from onnxruntime's QDQ model.
     """
     prepared = {}
-    for entry in ENGINES:
+    # The engines that quantized first, in quantize.engines' order (the report's int8 rows follow it); then
+    # those that time another engine's int8 model (TensorRT, onnxruntime's).
+    order = [by_name(name) for name in passed] + [entry for entry in ENGINES if entry.name not in passed]
+    for entry in order:
         if not any(backend in backends for backend in entry.backends):
             continue
         for backend, build in entry.load().int8_runners(passed, device=device, backends=backends).items():
