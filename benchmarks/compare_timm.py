@@ -116,7 +116,7 @@ def print_timings(console: Console, summary: dict, args: argparse.Namespace) -> 
     console.print(table)
 
     table = Table(title="Throughput ratios (above 1: the first is faster)")
-    for column in ("ratio", "per round (median)", "of medians", "round min-max"):
+    for column in ("ratio", "median of rounds", "of medians", "round min-max"):
         table.add_column(column, justify="left" if column == "ratio" else "right")
     for label, ratio in summary["ratios"].items():
         spread = f"{ratio['per_round_min']:.3f}-{ratio['per_round_max']:.3f}"
