@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import repblocks
-from repblocks.bench import OtherLoad, median, p90, throughput
+from repblocks.bench import OtherLoad, median, p90, paired_ratio, throughput
 from repblocks.files import atomic_path
 
 __all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples", "write_results"]
@@ -36,13 +36,16 @@ def summarize_samples(samples: Mapping[str, Sequence[float]], batch_size: int) -
 def speed_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> dict[str, float]:
     """Throughput of ``candidate`` over ``baseline`` (above 1: the candidate is faster), from paired samples.
 
-    ``ratio`` is the ratio of the medians. The two ran back to back in every round of
-    :func:`time_interleaved`, so the spread of the per-round ratios shows how much of it is noise.
+    ``ratio`` is the one speed ratio of this project, the one deploy's report quotes
+    (:func:`repblocks.bench.paired_ratio`): the median of the per-round ratios, each round's two calls
+    having run back to back in :func:`time_interleaved`. ``of_medians`` is what a table of medians
+    implies; the per-round range shows how much of the ratio is noise.
     """
+    paired = paired_ratio(candidate, baseline)
     per_round = [base / cand for cand, base in zip(candidate, baseline, strict=True)]
     return dict(
-        ratio=median(baseline) / median(candidate),
-        per_round_median=median(per_round),
+        ratio=paired.value,
+        of_medians=paired.of_medians,
         per_round_min=min(per_round),
         per_round_max=max(per_round),
     )

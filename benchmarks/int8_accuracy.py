@@ -24,6 +24,8 @@ import torch
 from benchmarks.common import write_results
 from repblocks.deploy.config import QuantizeConfig
 from repblocks.deploy.convert import convert
+from repblocks.deploy.engines.base import Int8Artifact
+from repblocks.deploy.engines.onnxruntime import onnx_session, quantize_qdq, session_runner
 from repblocks.deploy.quantize import Gate, gate_images, int8_runner
 from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
@@ -33,6 +35,14 @@ QUANTIZERS = {  # name: (engine, options)
     "onnxruntime QDQ, per-channel": ("onnxruntime", {"per_channel": True}),
     "onnxruntime QDQ, per-tensor": ("onnxruntime", {"per_channel": False}),
 }
+
+
+def _int8_run(engine: str, model, calibration, workdir: Path, options: dict):
+    """``model`` quantized by ``engine``; onnxruntime's QDQ with ``options`` (per-channel or per-tensor weights)."""
+    if engine == "onnxruntime":
+        _, path = quantize_qdq(model, calibration, workdir, **options)
+        return session_runner(onnx_session(path.read_bytes())).run
+    return int8_runner(engine, model, calibration)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,8 +69,8 @@ def compare(run: Path, *, calibration_images: int, seed: int) -> list[dict]:
             for name, (engine, options) in QUANTIZERS.items():
                 workdir = Path(tmp) / f"{len(rows)}"
                 workdir.mkdir()
-                run_int8 = int8_runner(engine, model, calibration, workdir, **options)
-                result = gate.judge(engine, name, None, run_int8)
+                run_int8 = _int8_run(engine, model, calibration, workdir, options)
+                result = gate.judge(engine, Int8Artifact(name, None, run_int8))
                 rows.append(
                     {
                         "model": network.name,

@@ -30,10 +30,9 @@ from torch import nn
 import repblocks
 from benchmarks.common import OtherLoad, parse_benchmark_args, speed_ratio, summarize_samples, write_results
 from repblocks.bench import median, time_interleaved
-from repblocks.deploy import openvino
-from repblocks.deploy.engines import RunnerSpec, build_runner, ort_runner
-from repblocks.deploy.export import onnx_session
-from repblocks.deploy.quantize import onnxruntime_int8
+from repblocks.deploy.engines import openvino
+from repblocks.deploy.engines.onnxruntime import onnx_session, quantize_qdq, session_runner
+from repblocks.deploy.runners import RunnerSpec, build_runner
 from repblocks.int8 import nncf_int8
 from repblocks.numerics import randomize_bn_
 from repblocks.profile import count_macs
@@ -83,8 +82,8 @@ def build_candidates(args: argparse.Namespace, workdir: Path) -> tuple[dict, int
             runners[f"{form} openvino_throughput int8"] = openvino.runner(quantized, mode="throughput")
         folder = workdir / form
         folder.mkdir()
-        _, qdq = onnxruntime_int8(model, calibration, folder)
-        runners[f"{form} onnxruntime int8"] = ort_runner(onnx_session(qdq))
+        _, qdq = quantize_qdq(model, calibration, folder)
+        runners[f"{form} onnxruntime int8"] = session_runner(onnx_session(qdq))
     return runners, count_macs(deploy, (1, *shape))
 
 
@@ -113,8 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         images = torch.randn(
             args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed)
         )
-        candidates = {name: runner(images) for name, runner in runners.items()}
-        candidates |= {name: runner(matrix) for name, runner in gemm_runners.items()}
+        candidates = {name: runner.timed(images) for name, runner in runners.items()}
+        candidates |= {name: runner.timed(matrix) for name, runner in gemm_runners.items()}
         with OtherLoad() as load:
             samples = time_interleaved(candidates, rounds=args.rounds, warmup=args.warmup)
     results = _results(args, samples, macs, load)

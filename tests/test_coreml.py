@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import coreml, litert
 from repblocks.deploy.config import DeployConfig
-from repblocks.deploy.export import export_coreml
+from repblocks.deploy.engines import coreml, litert
+from repblocks.deploy.engines.base import Check
 from repblocks.deploy.pipeline import run_deploy
 from repblocks.errors import UserError
 
@@ -31,8 +31,8 @@ def packages(tmp_path_factory):
     model = repblocks.switch_to_deploy(repblocks.create_model("mobileone_tiny", num_classes=10)).eval()
     example = torch.randn(2, 3, 32, 40)  # not square: height and width must not be swapped
     infos = {
-        precision: export_coreml(
-            model, folder / f"{precision}.mlpackage", example, precision=precision, metadata=METADATA
+        precision: coreml.ENGINE.export(
+            model, folder / f"{precision}.mlpackage", example, METADATA, check=Check(1e-4, 1e-4), precision=precision
         )
         for precision in coreml.PRECISIONS
     }

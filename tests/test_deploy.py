@@ -15,7 +15,7 @@ import torch
 import repblocks
 from repblocks.cli import exit_on_user_error
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
-from repblocks.deploy.speed import applicable
+from repblocks.deploy.runners import applicable
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors
 from tests.helpers import IMAGES, ROOT, open_to_everyone, read_only_dir, unprivileged
@@ -377,7 +377,7 @@ def test_deploy_py_bad_input_is_one_line_and_exit_1(bad_runs, name):
 
 
 def test_a_gpu_engine_whose_outputs_differ_is_refused_before_it_is_timed():
-    from repblocks.deploy.engines import RunnerSpec, _check_engine
+    from repblocks.deploy.engines.base import Runner, check_engine
 
     model = _trained_model()
     images = torch.randn(2, 3, 32, 32)
@@ -385,8 +385,9 @@ def test_a_gpu_engine_whose_outputs_differ_is_refused_before_it_is_timed():
         logits = model(images)
 
     def runner(scale):
-        return lambda batch: lambda: [(logits * scale).numpy()]  # as onnxruntime returns it: a list of arrays
+        # Timed as onnxruntime returns it: a list of arrays.
+        return Runner(lambda batch: logits * scale, lambda batch: lambda: [(logits * scale).numpy()])
 
-    _check_engine(model, runner(1.0), images, RunnerSpec("deploy", "tensorrt", "fp16"))
-    with pytest.raises(ValueError, match="deploy tensorrt fp16 does not reproduce the model"):
-        _check_engine(model, runner(1.1), images, RunnerSpec("deploy", "tensorrt", "fp16"))
+    check_engine(model, runner(1.0), images, dtype="fp16", what="tensorrt fp16")
+    with pytest.raises(ValueError, match="tensorrt fp16 does not reproduce the model"):
+        check_engine(model, runner(1.1), images, dtype="fp16", what="tensorrt fp16")

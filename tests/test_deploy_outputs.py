@@ -171,10 +171,10 @@ EXPORT_FILES += [
 
 
 def test_every_file_an_export_writes_is_a_deploy_file():
-    from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
+    from repblocks.deploy.engines import ENGINES
     from repblocks.deploy.outputs import DEPLOY_FILES
 
-    written = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values(), COREML_FP16_FILE}
+    written = {file for entry in ENGINES for file in entry.files.values()}
     written |= {Path(name).with_suffix(".bin").name for name in written if name.endswith(".xml")}
     assert written == set(EXPORT_FILES) and written <= DEPLOY_FILES
 
@@ -333,7 +333,7 @@ def test_threads_set_by_hand_are_kept_and_an_idle_machine_is_not_flagged(tmp_pat
 
 def test_each_stage_returns_a_typed_result_that_the_report_reads_by_name(tmp_path, monkeypatch):
     from repblocks.deploy import pipeline
-    from repblocks.deploy.export import Export
+    from repblocks.deploy.engines.base import Export
     from repblocks.deploy.speed import Timing
     from repblocks.deploy.verify import Verification
 

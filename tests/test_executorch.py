@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import executorch, quantize
-from repblocks.deploy.engines import applicable
-from repblocks.deploy.export import export_executorch
+from repblocks.deploy.engines import executorch
+from repblocks.deploy.engines.base import Check
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
+from repblocks.deploy.runners import applicable
 from repblocks.errors import UserError
 from repblocks.numerics import max_errors, randomize_bn_
 from tests.helpers import accurate_model, write_checkpoint
@@ -39,7 +39,7 @@ def _plain(name: str) -> torch.nn.Module:
 
 def _export(name: str, path: Path) -> dict:
     example = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    return export_executorch(_plain(name), path, example, atol=1e-4, rtol=1e-4, metadata=METADATA)
+    return executorch.ENGINE.export(_plain(name), path, example, METADATA, check=Check(1e-4, 1e-4))
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +166,7 @@ def test_int8_pte_passes_the_gate_and_is_written_with_its_metadata(accurate_ckpt
 
 @pytest.mark.slow
 def test_int8_pte_that_fails_the_gate_stops_the_run(accurate_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(quantize, "_et_run", _wrong(quantize._et_run))
+    monkeypatch.setattr(executorch, "_int8_run", _wrong(executorch._int8_run))
     out = tmp_path / "out"
     settings = {"ckpt": str(accurate_ckpt), "out_dir": str(out), "export": {"formats": ["executorch"]}}
     int8 = {**FAST_INT8, "engines": ["executorch"]}

@@ -9,7 +9,9 @@ import safetensors
 import torch
 
 import repblocks
-from repblocks.deploy.export import export_onnx, export_safetensors, export_torch_export
+from repblocks.deploy.engines.onnxruntime import export_onnx
+from repblocks.deploy.engines.pytorch import export_safetensors
+from repblocks.deploy.engines.torch_export import export_torch_export
 from repblocks.numerics import max_errors, randomize_bn_
 
 EXAMPLE = torch.randn(2, 3, 32, 32)  # (B, C, H, W): the batch the exporters trace with

@@ -21,7 +21,8 @@ from torch.utils.data import DistributedSampler
 
 import repblocks
 from repblocks.datasets import DigitsData, FakeData
-from repblocks.deploy import openvino, quantize
+from repblocks.deploy import quantize
+from repblocks.deploy.engines import openvino
 from repblocks.deploy.labelled_folder import class_indices, validation_folder
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.errors import UserError

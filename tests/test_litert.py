@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import repblocks
-from repblocks.deploy import litert
-from repblocks.deploy.engines import RunnerSpec, applicable, build_runner
-from repblocks.deploy.export import export_litert
+from repblocks.deploy.engines import litert
+from repblocks.deploy.engines.base import Check
+from repblocks.deploy.runners import RunnerSpec, applicable, build_runner
 from repblocks.numerics import max_errors
 from tests.helpers import ROOT
 
@@ -27,7 +27,9 @@ def _deploy_form(name: str) -> torch.nn.Module:
 def tflite(tmp_path_factory):
     """repvgg_tiny's export, written once for the tests that read a file."""
     path = tmp_path_factory.mktemp("litert") / "model.tflite"
-    export_litert(_deploy_form("repvgg_tiny"), path, torch.randn(2, 3, 32, 32), atol=1e-4, rtol=1e-4, metadata=METADATA)
+    litert.ENGINE.export(
+        _deploy_form("repvgg_tiny"), path, torch.randn(2, 3, 32, 32), METADATA, check=Check(1e-4, 1e-4)
+    )
     return path
 
 
@@ -36,7 +38,9 @@ def tflite(tmp_path_factory):
 @pytest.mark.parametrize("name", ["repvgg_tiny", "mobileone_tiny", "qarepvgg_tiny"])
 def test_the_export_runs_in_litert_and_matches_the_model(tmp_path, name):
     model = _deploy_form(name)
-    info = export_litert(model, tmp_path / "model.tflite", torch.randn(2, 3, 32, 32), atol=1e-4, rtol=1e-4, metadata={})
+    info = litert.ENGINE.export(
+        model, tmp_path / "model.tflite", torch.randn(2, 3, 32, 32), {}, check=Check(1e-4, 1e-4)
+    )
     assert info["max_rel_err"] < 1e-4 and info["checked_batch_sizes"] == [1, 3]
     assert [path.name for path in tmp_path.iterdir()] == ["model.tflite"]  # no temporary file left beside it
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # NCHW float32, as the model takes
@@ -98,12 +102,12 @@ def test_the_timed_backend_runs_the_export(tmp_path):
     runner = build_runner(model, RunnerSpec("deploy", "litert", "fp32"), torch.device("cpu"), tmp_path, (3, 32, 32))
     images = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        assert max_errors(model(images), torch.from_numpy(runner(images)()))[1] < 1e-4
+        assert max_errors(model(images), runner(images))[1] < 1e-4
 
 
 def test_importing_deployment_imports_no_mobile_converter():
     code = (
-        "import sys, repblocks.deploy.pipeline, repblocks.deploy.engines\n"
+        "import sys, repblocks.deploy.pipeline, repblocks.deploy.runners\n"
         "print(sorted(m for m in ('litert_torch', 'ai_edge_litert', 'coremltools', 'jax') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -114,7 +118,7 @@ def test_importing_deployment_imports_no_mobile_converter():
 # converter left behind: the root logger's handlers and level, and the progress switch it reads from the environment.
 _CONVERT_UNDER_DEPLOYS_LOG = """
 import logging, os, sys, torch, repblocks
-from repblocks.deploy import litert
+from repblocks.deploy.engines import litert
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="LOG %(name)s %(message)s")
 model = repblocks.switch_to_deploy(repblocks.create_model("repvgg_tiny", num_classes=10)).eval()
 litert.convert(model, torch.randn(1, 3, 32, 32), {})

@@ -21,7 +21,8 @@ from PIL import Image
 import predict as predict_py
 from repblocks.checkpoint import read_safetensors_metadata
 from repblocks.datasets import CIFAR10_CLASSES, DigitsData, FakeData, ImageFolderData, evaluation_loader
-from repblocks.deploy import Predictor, openvino
+from repblocks.deploy import Predictor
+from repblocks.deploy.engines import openvino
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.predict import REFUSED, write_csv
 from repblocks.errors import UserError
@@ -152,7 +153,7 @@ def test_class_names_ride_in_every_export(deployed):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["executorch", "litert"])
 def test_edge_formats_agree_with_the_fp32_model(deployed, tmp_path, engine):
-    module = pytest.importorskip(f"repblocks.deploy.{engine}")
+    module = pytest.importorskip(f"repblocks.deploy.engines.{engine}")
     if module.missing():
         pytest.skip(module.missing())
     ckpt = write_checkpoint(
@@ -255,7 +256,7 @@ def _bad_inputs(deployed: Deployed, folder: Path) -> dict[str, tuple[list[str], 
     images = f"images={good_images}"
     return {
         "not an image": ([f"model={onnx_file}", f"images={folder / 'not_an_image.png'}"], "cannot read image"),
-        "unknown format": ([f"model={folder / 'weights.bin'}", images], "predict runs .onnx, .xml, .safetensors"),
+        "unknown format": ([f"model={folder / 'weights.bin'}", images], "predict runs .safetensors, .onnx, .xml"),
         "torch.export program": ([f"model={folder / 'model.pt2'}", images], "unpickles"),
         "core ml": ([f"model={folder / 'model.mlpackage'}", images], "Core ML runs on macOS only"),
         "not onnx": ([f"model={folder / 'junk.onnx'}", images], "not an ONNX model"),

@@ -21,7 +21,8 @@ import torch
 
 import repblocks
 from repblocks.datasets import DigitsData
-from repblocks.deploy import openvino, quantize
+from repblocks.deploy.engines import onnxruntime as ort_engine
+from repblocks.deploy.engines import openvino
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_
@@ -92,8 +93,8 @@ def test_int8_files_reproduce_the_reported_accuracy(accurate_ckpt, tmp_path):
 
 
 def test_int8_that_loses_accuracy_stops_the_run_and_writes_nothing(accurate_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(quantize, "_ov_run", _wrong(quantize._ov_run))
-    monkeypatch.setattr(quantize, "_ort_run", _wrong(quantize._ort_run))
+    monkeypatch.setattr(openvino, "_run", _wrong(openvino._run))
+    monkeypatch.setattr(ort_engine, "_int8_run", _wrong(ort_engine._int8_run))
     out = tmp_path / "out"
     settings = {"precision": "int8", "accuracy_control": False, **FAST}
     with pytest.raises(
@@ -110,10 +111,10 @@ def test_accuracy_control_runs_when_post_training_int8_fails_the_gate(accurate_c
 
     def first_one_wrong(model):  # NNCF's plain int8 fails the gate; accuracy control's model is judged as it is
         calls.append(model)
-        run = quantize.openvino.infer(quantize.openvino.compile_model(model))
+        run = openvino.infer(openvino.compile_model(model))
         return (lambda images: -run(images)) if len(calls) == 1 else run
 
-    monkeypatch.setattr(quantize, "_ov_run", first_one_wrong)
+    monkeypatch.setattr(openvino, "_run", first_one_wrong)
     settings = {"precision": "int8", "engines": ["openvino"], **FAST, **ANY_DROP, "max_drop": 50.0}
     result = _deploy(tmp_path / "out", ckpt=str(accurate_ckpt), quantize=settings)["int8"]["engines"]["openvino"]
     assert len(calls) == 2 and result["method"].startswith("NNCF accuracy control")
@@ -132,14 +133,14 @@ def _flat_images(folder: Path, values: list[int]) -> None:
 def _capture_calibration(monkeypatch) -> list[torch.Tensor]:
     """The images each engine is calibrated on, as the engines receive them."""
     seen = []
-    for name in ("nncf_int8", "onnxruntime_int8"):
-        real = getattr(quantize, name)
+    for module, name in ((openvino, "nncf_int8"), (ort_engine, "quantize_qdq")):
+        real = getattr(module, name)
 
         def capturing(model, calibration, *args, _real=real, **kwargs):
             seen.append(calibration.clone())
             return _real(model, calibration, *args, **kwargs)
 
-        monkeypatch.setattr(quantize, name, capturing)
+        monkeypatch.setattr(module, name, capturing)
     return seen
 
 
@@ -182,7 +183,7 @@ def test_one_calibration_image_is_enough(accurate_ckpt, tmp_path, monkeypatch, s
         ({"precision": "int4"}, "unknown quantize.precision 'int4'; known: int8"),
         (
             {"precision": "int8", "engines": ["tflite"]},
-            "unknown quantize engine 'tflite'; known: openvino, onnxruntime, executorch",
+            "unknown quantize engine 'tflite'; known: onnxruntime, openvino, executorch, litert",
         ),
         ({"precision": "int8", "max_drop": -1}, "quantize.max_drop must be at least 0"),
         ({"precision": "int8", "calibration": "/nonexistent/images"}, "/nonexistent/images is not a folder of images"),
@@ -214,7 +215,7 @@ def test_openvino_export_and_backend(accurate_ckpt, tmp_path):
 
 
 def test_an_openvino_export_that_does_not_match_leaves_no_file(tmp_path, monkeypatch):
-    from repblocks.deploy import export
+    from repblocks.deploy.engines.base import Check
 
     real_compile = openvino.compile_model
 
@@ -225,7 +226,7 @@ def test_an_openvino_export_that_does_not_match_leaves_no_file(tmp_path, monkeyp
     monkeypatch.setattr(openvino, "compile_model", bf16_compile)
     model = repblocks.switch_to_deploy(randomize_bn_(repblocks.create_model("repvgg_tiny"), seed=0).eval())
     with pytest.raises(ValueError, match="OpenVINO .* does not reproduce the model"):
-        export.export_openvino(model, tmp_path / "model.xml", torch.randn(2, 3, 32, 32), atol=1e-4, rtol=1e-4)
+        openvino.ENGINE.export(model, tmp_path / "model.xml", torch.randn(2, 3, 32, 32), {}, check=Check(1e-4, 1e-4))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -17,7 +17,7 @@ import torch
 
 import repblocks
 from repblocks import pretrained
-from repblocks.deploy import coreml, litert
+from repblocks.deploy.engines import coreml, litert
 from repblocks.deploy.sources import load_network
 from repblocks.errors import UserError
 from repblocks.numerics import randomize_bn_

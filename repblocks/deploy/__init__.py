@@ -2,7 +2,9 @@
 verify it, export it, time it and report. :mod:`repblocks.deploy.pipeline` reads those steps top to
 bottom, one module each (``sources``, ``convert``, ``verify``, ``export``, ``speed``, ``report``), after
 the checks of ``config`` (settings), ``runtime`` (device) and ``outputs`` (out_dir, written all or
-nothing); ``preprocessing`` says how the model's images are prepared, ``engines`` what a backend runs.
+nothing); ``preprocessing`` says how the model's images are prepared. Each engine (onnxruntime,
+OpenVINO, ExecuTorch, ...) is one module of ``engines``, listed once in its registry; ``runners`` says what
+a timed backend runs.
 Entry point: ``deploy.py`` at the repository root. :class:`Predictor` (``predict``, entry point
 ``predict.py``) classifies images with any file deploy.py wrote.
 

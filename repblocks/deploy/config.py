@@ -19,13 +19,14 @@ from typing import ClassVar
 import onnx.defs
 
 from repblocks.checkpoint import PREPROCESSING_KEYS
-from repblocks.deploy.formats import (
+from repblocks.deploy.engines import (
     BACKENDS,
     DEFAULT_BACKENDS,
     DEFAULT_EXPORTS,
     DTYPE_NAMES,
     EXPORT_FORMATS,
     MIN_ONNX_OPSET,
+    QUANT_ENGINES,
 )
 from repblocks.errors import UserError
 
@@ -43,9 +44,8 @@ __all__ = [
 MAX_IMAGE_SIZE = 4096
 MAX_BATCH_SIZE = 4096
 PRECISIONS = ("int8",)
-# NNCF into OpenVINO; onnxruntime's static QDQ quantizer; PT2E into ExecuTorch (added when export.formats has it)
-# and into LiteRT (opt-in, as its export is)
-QUANT_ENGINES = ("openvino", "onnxruntime", "executorch", "litert")
+# NNCF into OpenVINO, onnxruntime's static QDQ quantizer; the others are asked for by name (ExecuTorch's is
+# added when export.formats has it), as their exports are.
 DEFAULT_QUANT_ENGINES = ("openvino", "onnxruntime")
 
 
@@ -91,7 +91,7 @@ class ExportConfig(_Checked):
     """Which files to write."""
 
     prefix: ClassVar[str] = "export."
-    # Any of repblocks.deploy.formats.EXPORT_FORMATS; () exports nothing; None: every one whose engine is installed.
+    # Any of repblocks.deploy.engines.EXPORT_FORMATS; () exports nothing; None: every one whose engine is installed.
     formats: tuple[str, ...] | None = field(default=None, metadata={"known": EXPORT_FORMATS, "what": "export format"})
     # None: the exporter's default. Below 18 the torch.export-based exporter would silently write 18.
     onnx_opset: int | None = field(default=None, metadata=_range(MIN_ONNX_OPSET, onnx.defs.onnx_opset_version()))

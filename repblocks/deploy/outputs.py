@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
+from repblocks.deploy.engines import ENGINES
 from repblocks.errors import UserError
 from repblocks.files import check_free_space, check_writable_dir, remove_dead_staging, staged_folder
 
@@ -36,7 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"  # the run's settings, as resolved: which run made these files, and how to make them again
-_EXPORTS = {*FILE_NAMES.values(), *INT8_FILE_NAMES.values(), COREML_FP16_FILE}
+_EXPORTS = {file for entry in ENGINES for file in entry.files.values()}
 # Every name a deploy run writes: the exports (OpenVINO's .bin beside each .xml), the reports, and what Hydra
 # put in the run folder before deploy turned that off.
 DEPLOY_FILES = frozenset(

@@ -39,17 +39,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from repblocks.deploy import coreml, executorch, litert, openvino
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
+from repblocks.deploy.engines import by_format, engine
 from repblocks.deploy.export import export_all, export_int8
 from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_killed_runs_staging, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE, override
 from repblocks.deploy.quantize import Quantization, quantize
 from repblocks.deploy.report import deploy_report, speed_report, write_reports, write_speed_table
+from repblocks.deploy.runners import int8_runners
 from repblocks.deploy.runtime import check_memory, resolve_device
 from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, load_network
-from repblocks.deploy.speed import int8_runners, time_forms, time_models
+from repblocks.deploy.speed import time_forms, time_models
 from repblocks.deploy.verify import Verification, check_inputs, not_compared, verify
 from repblocks.errors import UserError
 from repblocks.threads import ThreadChoice, choose_threads, use_threads
@@ -120,9 +121,9 @@ def run_deploy(config: DeployConfig) -> dict:
             prepared = None
             if quantization is not None:
                 exports |= export_int8(
-                    network, quantization, into=staging, out_dir=out_dir, verify=config.verify, seed=config.seed
+                    network, quantization.passed, into=staging, out_dir=out_dir, verify=config.verify, seed=config.seed
                 )
-                prepared = int8_runners(quantization, device=device, backends=bench.backends)
+                prepared = int8_runners(quantization.passed, device=device, backends=bench.backends)
             stages.done("export", ", ".join(exports) or "nothing")
             timing = time_forms(
                 _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
@@ -197,7 +198,7 @@ class _Stages:
 
 
 def _check_extras(config: DeployConfig) -> None:
-    """Settings that cannot be met stop here, before anything is loaded: OpenVINO, LiteRT or Core ML not installed, no such image folder."""
+    """Settings that cannot be met stop here, before anything is loaded: an engine not installed, no such image folder."""
     settings = config.quantize
     for name, path in (("calibration", settings.calibration), ("validation", settings.validation)):
         if settings.precision and path is not None and not Path(path).expanduser().is_dir():
@@ -207,19 +208,17 @@ def _check_extras(config: DeployConfig) -> None:
             raise UserError("quantize.class_names maps the class folders of quantize.validation=DIR: pass that too")
         if not Path(settings.class_names).expanduser().is_file():
             raise UserError(f"quantize.class_names: {settings.class_names} is not a file")
-    for fmt, engine in (("litert", litert), ("coreml", coreml)):
-        if fmt in config.export.formats:
-            engine.require(f"export.formats=[{fmt}]")
-    reason = executorch.missing()
-    if reason and "executorch" in config.export.formats:
-        raise UserError(f"export.formats=[executorch] needs ExecuTorch, but {reason}")
-    reason = openvino.missing() if openvino.installed() else f"it is not installed ({openvino.INSTALL})"
-    if reason is None:
-        return
-    if "openvino" in config.export.formats:
-        raise UserError(f"export.formats=[openvino] needs OpenVINO, but {reason}")
-    if config.quantize.precision and tuple(config.quantize.engines) == ("openvino",):
-        raise UserError(f"quantize.engines=[openvino] needs OpenVINO, but {reason}")
+    for fmt in config.export.formats:
+        exporter = by_format(fmt).load()
+        reason = exporter.missing()
+        if reason:
+            raise UserError(f"export.formats=[{fmt}] needs {exporter.title}, but {reason}")
+    if config.quantize.precision and len(config.quantize.engines) == 1:
+        (name,) = config.quantize.engines
+        quantizer = engine(name)
+        reason = quantizer.missing()
+        if reason:
+            raise UserError(f"quantize.engines=[{name}] needs {quantizer.title}, but {reason}")
 
 
 def _choose_threads(bench: BenchConfig) -> ThreadChoice:

@@ -4,14 +4,15 @@
 >>> predictor.predict("photos/", topk=3)  # a folder: its images, sorted; other files skipped and counted
 [Prediction(image='photos/cat.jpg', classes=[3, 5, 2], probabilities=[0.91, 0.05, 0.01], names=['cat', 'dog', 'bird'])]
 
-The engine is chosen by the file's suffix, never by anything the file says:
+The engine is chosen by the file's suffix, never by anything the file says: the suffixes of the
+engines' registry (:data:`repblocks.deploy.engines.ENGINES`), each opened by its engine's
+:meth:`~repblocks.deploy.engines.base.Engine.open`:
 
 * ``.onnx`` (``model.onnx``, ``model_int8.onnx``): onnxruntime on the CPU;
 * ``.xml`` (``model.xml``, ``model_int8.xml``, each with its ``.bin``): OpenVINO on the CPU (extra ``[openvino]``);
 * ``.safetensors``: deploy-form weights (deploy.py's ``model.safetensors``, train.py's
   ``deploy/<model>_deploy.safetensors``), rebuilt in deploy form through the registry and run by torch;
-* ``.pte`` (ExecuTorch) and ``.tflite`` (LiteRT): through :mod:`repblocks.deploy.executorch` and
-  :mod:`repblocks.deploy.litert` (extras ``[executorch]``, ``[litert]``);
+* ``.pte`` (ExecuTorch) and ``.tflite`` (LiteRT) (extras ``[executorch]``, ``[litert]``);
 * refused, in one line: ``.pt2`` (see :data:`REFUSED`) and ``.mlpackage`` (Core ML runs on macOS only).
 
 Every file deploy.py writes carries the deploy metadata (:func:`repblocks.run_checkpoint.deploy_metadata`):
@@ -29,7 +30,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import repblocks.deploy.preprocessing as preprocessing  # the module, not the package: the package imports this one
 from repblocks.bench import free_cores
-from repblocks.checkpoint import DEPLOY_FORM, read_safetensors_metadata
+from repblocks.checkpoint import DEPLOY_FORM
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image
-from repblocks.deploy import preprocessing
+from repblocks.deploy.engines import ENGINES as _REGISTRY
+from repblocks.deploy.engines import by_suffix, engine
 from repblocks.errors import UserError
 from repblocks.files import atomic_path
 from repblocks.run_checkpoint import class_names_from_metadata, spec_from_deploy_metadata
@@ -50,25 +53,10 @@ __all__ = ["BATCH_SIZE", "ENGINES", "REFUSED", "Prediction", "Predictor", "image
 
 log = logging.getLogger(__name__)
 
-# Suffix -> what runs it.
-ENGINES = {
-    ".onnx": "onnxruntime",
-    ".xml": "openvino",
-    ".safetensors": "torch",
-    ".pte": "executorch",
-    ".tflite": "litert",
-}
-# Suffixes deploy.py writes that predict does not run, and why.
-REFUSED = {
-    ".pt2": (
-        "torch.export.load unpickles the file (torch's own warning: never load one from an untrusted source), "
-        "and a .pt2 records no preprocessing; predict with model.onnx or model.safetensors of the same deploy output"
-    ),
-    ".mlpackage": "Core ML runs on macOS only",
-}
+# Suffix -> the engine that runs it; suffixes deploy.py writes that predict does not run, and why.
+ENGINES = {e.suffix: e.name for e in _REGISTRY if e.suffix and engine(e.name).refused is None}
+REFUSED = {e.suffix: engine(e.name).refused for e in _REGISTRY if e.suffix and engine(e.name).refused}
 BATCH_SIZE = 32  # images read, prepared and run at a time: a folder of any size fits in memory
-
-Runner = Callable[[np.ndarray], np.ndarray]  # float32 (B, C, H, W) -> logits (B, classes)
 
 
 @dataclass(frozen=True)
@@ -113,7 +101,8 @@ class Predictor:
         self.threads = threads or free_cores()[0]
         self.batch_size = batch_size
         what = str(self.path)
-        self.metadata, self._runner = _OPENERS[self.engine](self.path, self.threads)
+        self._runner = _open(self.engine, self.path, self.threads)
+        self.metadata = self._runner.metadata
         if self.metadata.get("form") != DEPLOY_FORM:
             raise UserError(
                 f"{self.path} holds no repblocks deploy metadata (model, num_classes, preprocessing): "
@@ -211,7 +200,7 @@ class Predictor:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         with use_threads(self.threads), torch.inference_mode():
-            return np.asarray(self._runner(batch), dtype=np.float32)
+            return np.asarray(self._runner(torch.from_numpy(batch)), dtype=np.float32)
 
     def _check_model(self) -> None:
         """One blank image through the engine: its input and output must be what the metadata says."""
@@ -266,7 +255,8 @@ def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Pat
 
 def _check_model_path(path: Path) -> str:
     """The suffix of a model file predict runs; one line for anything else."""
-    suffix = path.suffix.lower()
+    entry = by_suffix(path.name)
+    suffix = entry.suffix if entry else path.suffix.lower()
     if suffix in REFUSED:
         raise UserError(f"cannot predict with {path}: {REFUSED[suffix]}")
     if not path.exists():
@@ -318,96 +308,13 @@ def _one_line(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
-# ---- one opener per engine: (path, threads) -> (metadata, runner) --------------------------------------------
-
-
-def _open_onnx(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
-    import onnx
-
-    from repblocks.deploy.export import onnx_session
-
-    data = path.read_bytes()
+def _open(name: str, path: Path, threads: int):
+    """``path`` opened by the engine ``name`` (installed, or one line saying what to install)."""
+    opener = engine(name)
+    reason = opener.missing()
+    if reason:
+        raise UserError(f"cannot predict with {path}: {reason}")
     try:
-        proto = onnx.load_from_string(data)
-    except Exception as err:  # protobuf's DecodeError and others, for a file that is not ONNX
-        raise UserError(f"cannot read {path}: not an ONNX model ({_one_line(err)})") from None
-    if _external_data(proto.graph):
-        # Its weights would be read from files the model names: a file from elsewhere opens no other file.
-        raise UserError(f"{path} keeps tensors in other files (ONNX external data); predict reads self-contained files")
-    metadata = {entry.key: entry.value for entry in proto.metadata_props}
-    try:
-        session = onnx_session(data, threads=threads)  # from the bytes read: what was checked is what runs
-    except Exception as err:  # onnxruntime's own exception types
-        raise UserError(f"onnxruntime cannot load {path}: {_one_line(err)}") from None
-    name = session.get_inputs()[0].name
-    return metadata, lambda images: session.run(None, {name: images})[0]
-
-
-def _external_data(graph) -> bool:
-    """Whether any tensor of ``graph`` (initializers, constants, subgraphs) lives in another file."""
-    import onnx
-
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for attribute in node.attribute:
-            tensors += [attribute.t, *attribute.tensors]
-            if any(_external_data(subgraph) for subgraph in [attribute.g, *attribute.graphs]):
-                return True
-    return any(tensor.data_location == onnx.TensorProto.EXTERNAL for tensor in tensors)
-
-
-def _open_openvino(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
-    from repblocks.deploy import openvino
-
-    openvino.require(f"predicting with {path.name}")
-    try:
-        model = openvino.load(path)
-    except Exception as err:  # OpenVINO's RuntimeError: not IR, no .bin beside it, truncated
-        raise UserError(f"OpenVINO cannot read {path} (and its .bin): {_one_line(err)}") from None
-    request = openvino.compile_model(model, threads=threads).create_infer_request()
-    # A copy: the request reuses its output buffer.
-    return openvino.read_metadata(model), lambda images: np.array(request.infer({0: images})[0])
-
-
-def _open_safetensors(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
-    from repblocks.deploy.sources import load_network
-
-    metadata = read_safetensors_metadata(path)
-    if metadata.get("form") != DEPLOY_FORM:
-        return metadata, _no_runner  # refused by the caller, which names what is missing
-    model = load_network(ckpt=str(path)).model  # deploy form, as the metadata says: nothing to convert
-    return metadata, lambda images: model(torch.from_numpy(images)).numpy()
-
-
-def _no_runner(images: np.ndarray) -> np.ndarray:
-    raise AssertionError("a file without deploy metadata is refused before it runs")
-
-
-def _edge_opener(module_name: str, extra: str) -> Callable[[Path, int], tuple[dict[str, str], Runner]]:
-    """The opener of an engine whose module (``repblocks.deploy.executorch``, ``...litert``) reads and loads its files."""
-
-    def open_file(path: Path, threads: int) -> tuple[dict[str, str], Runner]:
-        import importlib
-
-        try:
-            module = importlib.import_module(f"repblocks.deploy.{module_name}")
-        except ModuleNotFoundError:
-            raise UserError(f"cannot predict with {path}: this repblocks has no {extra} support") from None
-        reason = module.missing()
-        if reason:
-            raise UserError(f"cannot predict with {path}: {reason}")
-        metadata = module.read_metadata(path)
-        if metadata.get("form") != DEPLOY_FORM:
-            return metadata, _no_runner
-        return metadata, module.load(path, threads=threads)
-
-    return open_file
-
-
-_OPENERS = {
-    "onnxruntime": _open_onnx,
-    "openvino": _open_openvino,
-    "torch": _open_safetensors,
-    "executorch": _edge_opener("executorch", "ExecuTorch"),
-    "litert": _edge_opener("litert", "LiteRT"),
-}
+        return opener.open(path, threads)
+    except ValueError as err:  # a file that is not of its format: the engine's one line
+        raise UserError(str(err)) from None

@@ -19,7 +19,7 @@ from rich.table import Table
 from repblocks.bench import SPREAD_LIMIT
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
-from repblocks.deploy.export import Export
+from repblocks.deploy.engines.base import Export
 from repblocks.deploy.outputs import CONFIG_FILE
 from repblocks.deploy.plot import write_throughput_plot
 from repblocks.deploy.preprocessing import describe_sources

@@ -1,6 +1,6 @@
 """Speed of models side by side: train vs deploy form per backend and dtype, and the paper's speed table.
 
-A *runner* (:mod:`repblocks.deploy.engines`) is one way to execute one model: a backend in a
+A *runner* (:mod:`repblocks.deploy.runners`) is one way to execute one model: a backend in a
 dtype on a device. Every runner of one batch
 size is timed in one ``repblocks.bench.time_interleaved`` call, so the ratios between them
 (deploy over train form, one backend over another) are measured under the same conditions.
@@ -23,7 +23,6 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -40,36 +39,22 @@ from repblocks.bench import (
     throughput,
     time_interleaved,
 )
-from repblocks.deploy import executorch, openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
-from repblocks.deploy.engines import (
-    OPENVINO_MODES,
-    Candidate,
-    RunnerSpec,
-    applicable,
-    build_runner,
-    et_runner,
-    one_line,
-    ort_runner,
-)
-from repblocks.deploy.export import onnx_session
+from repblocks.deploy.engines.base import Runner
+from repblocks.deploy.runners import RunnerSpec, applicable, build_runner, one_line
 from repblocks.deploy.runtime import cudnn_benchmark
 from repblocks.numerics import ieee_fp32
-
-if TYPE_CHECKING:
-    from repblocks.deploy.quantize import Quantization
 
 __all__ = [
     "Timing",
     "benchmark_forms",
     "fastest_deploy",
-    "int8_runners",
     "speed_table",
     "time_forms",
     "time_models",
     "timer_note",
 ]
-Prepared = Callable[[Path], Callable[[Tensor], Candidate]]  # builds a runner, given a work folder
+Prepared = Callable[[Path], Runner]  # builds a runner, given a work folder
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +161,7 @@ def benchmark_forms(
         backends, dtypes: Names from :data:`BACKENDS` and :data:`DTYPES`.
         rounds, warmup: See :func:`repblocks.bench.time_interleaved`.
         prepared: More runners, each built by a function of the work folder: the int8 models of
-            ``quantize=int8`` (:func:`int8_runners`), timed in the same rounds as the others.
+            ``quantize=int8`` (:func:`repblocks.deploy.runners.int8_runners`), timed in the same rounds as the others.
 
     Returns:
         ``rows``: one per runner and batch size, with ``form, backend, dtype, batch_size,
@@ -222,44 +207,6 @@ def benchmark_forms(
             rows.extend(_row(spec, batch_size, times) for spec, times in samples.items())
     _add_ratios(rows)
     return rows, skipped
-
-
-def int8_runners(quantization: Quantization, *, device: torch.device, backends: Sequence[str]) -> dict:
-    """``{RunnerSpec: build(workdir) -> runner}`` for the int8 models that passed the gate, in the backends asked for.
-
-    The CPU engines run on the CPU only; on a GPU the QDQ model becomes a TensorRT int8 engine.
-    """
-    passed, prepared = quantization.passed, {}
-    if device.type == "cpu" and "openvino" in passed:
-        for backend in ("openvino", "openvino_throughput"):
-            if backend in backends:
-                model, mode = passed["openvino"].model, OPENVINO_MODES[backend]
-                prepared[RunnerSpec("deploy", backend, "int8")] = lambda _, m=model, mode=mode: openvino.runner(
-                    m, mode=mode
-                )
-    if device.type == "cpu" and "executorch" in passed and "executorch" in backends:
-        program = passed["executorch"].model  # the .pte's bytes
-        prepared[RunnerSpec("deploy", "executorch", "int8")] = lambda _: et_runner(executorch.runner(program))
-    if "onnxruntime" in passed:
-        qdq = passed["onnxruntime"].model  # the QDQ ONNX file's bytes
-        if device.type == "cpu" and "onnxruntime" in backends:
-            prepared[RunnerSpec("deploy", "onnxruntime", "int8")] = lambda _: ort_runner(onnx_session(qdq))
-        if device.type == "cuda" and "tensorrt" in backends and tensorrt.missing(device) is None:
-            prepared[RunnerSpec("deploy", "tensorrt", "int8")] = lambda workdir: _tensorrt_int8(qdq, workdir, device)
-    return prepared
-
-
-def _tensorrt_int8(qdq: bytes, workdir: Path, device: torch.device) -> Callable:
-    path = workdir / "int8.onnx"
-    path.write_bytes(qdq)
-    return tensorrt.runner(path, dtype="int8", image_shape=_input_shape(qdq), max_batch=128, device=device)
-
-
-def _input_shape(onnx_bytes: bytes) -> tuple[int, int, int]:
-    import onnx
-
-    dims = onnx.load_from_string(onnx_bytes).graph.input[0].type.tensor_type.shape.dim
-    return tuple(d.dim_value for d in dims[1:])
 
 
 def fastest_deploy(rows: list[dict]) -> list[dict]:
@@ -324,7 +271,7 @@ def speed_table(
 
 
 def _time_batch(
-    runners: Mapping[RunnerSpec, Callable[[Tensor], Candidate]],
+    runners: Mapping[RunnerSpec, Runner],
     images: Tensor,
     device: torch.device,
     *,
@@ -334,7 +281,7 @@ def _time_batch(
     candidates, skipped = {}, []
     for spec, runner in runners.items():
         try:
-            candidate = runner(images)
+            candidate = runner.timed(images)
             with torch.inference_mode():
                 candidate()  # the first call compiles, selects kernels, allocates: failures show here
         except Exception as err:

@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from repblocks.datasets import build_data
 from repblocks.deploy.config import VerifyConfig
-from repblocks.deploy.engines import DTYPES, applicable, one_line
+from repblocks.deploy.engines.base import one_line
+from repblocks.deploy.engines.pytorch import DTYPES
+from repblocks.deploy.runners import applicable
 from repblocks.deploy.sources import Network
 from repblocks.errors import UserError
 from repblocks.numerics import compare_forms, ieee_fp32, max_errors, within_tolerance

@@ -3,7 +3,7 @@
 Both sides quantize the same way, so the PTQ baseline in a QAT report is the int8 model
 ``deploy.py`` would ship:
 
-* :mod:`repblocks.int8.openvino`: the torch -> OpenVINO conversion (``torch.export``; NNCF's
+* :mod:`repblocks.int8.conversion`: the torch -> OpenVINO conversion (``torch.export``; NNCF's
   fake-quantized models through the TorchScript trace, the only path on which NNCF writes
   ``FakeQuantize``), compiled for the CPU in float32;
 * :mod:`repblocks.int8.quantizers`: NNCF's settings (full bias correction), post-training int8 into
@@ -18,7 +18,7 @@ use them, so ``import repblocks.int8`` works without them.
 """
 
 from repblocks.int8.accuracy import agreement, chance_top1, near_chance, predict, predict_batches, top1
-from repblocks.int8.openvino import (
+from repblocks.int8.conversion import (
     INSTALL,
     compile_model,
     dynamic_axes,

@@ -7,19 +7,19 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-__all__ = ["BATCH", "Predictor", "agreement", "chance_top1", "near_chance", "predict", "predict_batches", "top1"]
+__all__ = ["BATCH", "Logits", "agreement", "chance_top1", "near_chance", "predict", "predict_batches", "top1"]
 
 BATCH = 32  # images per inference call when a tensor of images is evaluated
 NEAR_CHANCE_POINTS = 10.0  # with few classes, twice chance is too far up (2 classes: 100%): within 10 points of it
-Predictor = Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
+Logits = Callable[[Tensor], Tensor]  # images (B, C, H, W) -> logits (B, classes)
 
 
-def predict(run: Predictor, images: Tensor) -> Tensor:
+def predict(run: Logits, images: Tensor) -> Tensor:
     """``run``'s float32 logits ``(N, classes)`` on ``images`` ``(N, C, H, W)``, :data:`BATCH` images per call."""
     return torch.cat([run(batch.contiguous()).float() for batch in images.split(BATCH)])
 
 
-def predict_batches(run: Predictor, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+def predict_batches(run: Logits, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """``(logits, labels)`` of every ``(images, labels)`` batch of ``batches`` (a loader): never all images at once.
 
     Raises:

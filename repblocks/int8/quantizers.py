@@ -14,7 +14,7 @@ import logging
 
 from torch import Tensor, nn
 
-from repblocks.int8.openvino import to_openvino
+from repblocks.int8.conversion import to_openvino
 
 __all__ = ["NNCF_OPTIONS", "fake_quantize", "nncf_dataset", "nncf_int8", "use_reference_quantizers"]
 

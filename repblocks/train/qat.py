@@ -60,7 +60,7 @@ from repblocks.int8 import (
     to_openvino,
     top1,
 )
-from repblocks.int8.accuracy import Predictor
+from repblocks.int8.accuracy import Logits
 from repblocks.numerics import max_errors
 from repblocks.run_checkpoint import RunCheckpoint, build_run_model, read_run_checkpoint, run_record
 from repblocks.train.data import ClassificationDataModule
@@ -266,7 +266,7 @@ def _calibration_images(data: ClassificationData, count: int, *, seed: int) -> T
     return sample_images(data.calibration_set, count, seed=seed)
 
 
-def _logits(predict: Predictor, data: ClassificationData) -> tuple[Tensor, Tensor]:
+def _logits(predict: Logits, data: ClassificationData) -> tuple[Tensor, Tensor]:
     """Logits and labels of every validation image, a batch at a time (the images are never all in memory)."""
     if not len(data.val_set):
         raise ValueError("qat: the run's validation set is empty: nothing to compare top-1 on")
@@ -308,7 +308,7 @@ def _fine_tune(quantized: nn.Module, *, run: RunCheckpoint, data: Classification
     return trainer
 
 
-def _torch_predictor(model: nn.Module) -> Predictor:
+def _torch_predictor(model: nn.Module) -> Logits:
     model = model.cpu().float().eval()
 
     def predict(images: Tensor) -> Tensor:
@@ -318,7 +318,7 @@ def _torch_predictor(model: nn.Module) -> Predictor:
     return predict
 
 
-def _ov_predictor(ov_model) -> Predictor:
+def _ov_predictor(ov_model) -> Logits:
     return infer(compile_model(ov_model))
 
 

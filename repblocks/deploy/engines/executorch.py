@@ -16,7 +16,7 @@ how the ``executorch`` backend is timed.
 * int8 (:func:`quantize_int8`): PT2E post-training quantization with XNNPACK's quantizer
   (per-channel symmetric int8 weights, per-tensor asymmetric int8 activations whose ranges
   histogram observers choose), calibrated in torch and lowered the same way;
-* the deploy metadata (model, classes, preprocessing: :func:`repblocks.deploy.export.deploy_metadata`)
+* the deploy metadata (model, classes, preprocessing: :func:`repblocks.run_checkpoint.deploy_metadata`)
   is inside the file, as the value of a constant method (:data:`METADATA_METHOD`) that returns one
   JSON string: :func:`read_metadata`;
 * threads: ExecuTorch's CPU ops and XNNPACK share one process-wide thread pool, created at the
@@ -36,9 +36,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_outputs
+from repblocks.files import atomic_path
 from repblocks.int8 import example_batch
 
 __all__ = [
+    "ENGINE",
     "INSTALL",
     "BATCH",
     "METADATA_METHOD",
@@ -207,3 +210,70 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in [*metadata, *metadata.values()]):
         raise ValueError(f"{path.name}: its {METADATA_METHOD} is not a mapping of strings to strings")
     return metadata
+
+
+def _write_pte(program: bytes, path: Path, reference, example: Tensor, check) -> dict:
+    """Write ``program`` at ``path`` once ExecuTorch, reading the file back, reproduces ``reference``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(program)
+        run = runner(tmp, name=path.name)
+        errors = check_outputs(reference, run, example, check=check, what=f"ExecuTorch reading {path.name}")
+    return {**errors, "runtime": version(), "max_batch": run.planned_batch}
+
+
+def _as_runner(run: Callable[[Tensor], Tensor], metadata: dict[str, str] | None = None) -> Runner:
+    def bind(images: Tensor) -> Callable[[], object]:
+        batch = images.float().contiguous()  # a batch of more than one image: one call per image (BATCH)
+        return lambda: run(batch)
+
+    return Runner(run, bind, metadata=metadata or {}, max_batch=getattr(run, "planned_batch", None))
+
+
+def _int8_run(program: bytes) -> Callable[[Tensor], Tensor]:
+    return runner(program, name="the int8 ExecuTorch program")
+
+
+class ExecuTorch(Engine):
+    name = "executorch"
+    title = "ExecuTorch"
+    backends = ("executorch",)
+
+    def missing(self, device=None):
+        return missing()
+
+    def applicable(self, backend, dtype, device):
+        if device.type != "cpu":
+            return "ExecuTorch's XNNPACK backend is timed on the CPU; this run times the GPU"
+        return missing() or (None if dtype == "fp32" else "the ExecuTorch export is float32")
+
+    def export(self, model, path, example, metadata, *, check, precision="fp32"):
+        info = _write_pte(lower(model, example, metadata=metadata), Path(path), model, example, check)
+        return {"path": str(path), "format": "executorch", **info}
+
+    def read_metadata(self, path):
+        return read_metadata(path)
+
+    def open(self, path, threads, *, precision=None):
+        metadata = read_metadata(path)
+        return _as_runner(runner(Path(path), threads=threads), metadata)
+
+    def runner(self, model, backend, dtype, *, device, workdir, image_shape, max_batch=128):
+        return _as_runner(runner(lower(model, torch.randn(2, *image_shape))))
+
+    def int8(self, model, calibration, *, metadata, worst_layers=0):
+        # The .pte carries its metadata inside: it goes in when lowered, so the program gated is the file written.
+        program = quantize_int8(model, calibration, metadata=metadata)
+        method = "PT2E XNNPACKQuantizer (per-channel weights), ExecuTorch XNNPACK"
+        return Int8Artifact(method, program, _int8_run(program))
+
+    def write_int8(self, int8, path, metadata, example, *, check):
+        return _write_pte(int8.model, Path(path), int8.run, example, check)
+
+    def int8_runners(self, passed, *, device, backends):
+        if "executorch" not in passed or device.type != "cpu" or "executorch" not in backends:
+            return {}
+        program = passed["executorch"].model  # the .pte's bytes
+        return {"executorch": lambda _: _as_runner(runner(program))}
+
+
+ENGINE = ExecuTorch()

@@ -24,11 +24,15 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
+from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_engine, check_outputs
 from repblocks.errors import UserError
+from repblocks.files import atomic_path
 
 __all__ = [
+    "ENGINE",
     "INSTALL",
     "METADATA_NAME",
     "convert",
@@ -259,3 +263,70 @@ def _drop_lowering_notes(record: logging.LogRecord) -> bool:
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def write_tflite(
+    model_bytes: bytes, path: Path, metadata: Mapping[str, str], reference, example: Tensor, check
+) -> dict:
+    """Write ``model_bytes`` with ``metadata`` inside at ``path``, once LiteRT, reading the file, reproduces ``reference``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(with_metadata(model_bytes, metadata))
+        run = _as_runner(load(tmp))
+        errors = check_outputs(reference, run, example, check=check, what=f"LiteRT reading {path.name}")
+        if read_metadata(tmp) != dict(metadata):
+            raise ValueError(f"{path.name} does not read back the metadata written into it")
+    return errors
+
+
+def _as_runner(run: Callable[[np.ndarray], np.ndarray], metadata: dict[str, str] | None = None) -> Runner:
+    def bind(images: Tensor) -> Callable[[], object]:
+        batch = images.numpy()  # (B, C, H, W) float32
+        return lambda: run(batch)
+
+    return Runner(lambda images: torch.from_numpy(run(images.numpy())), bind, metadata=metadata or {}, max_batch=1)
+
+
+class LiteRT(Engine):
+    name = "litert"
+    title = "LiteRT"
+    backends = ("litert",)
+
+    def missing(self, device=None):
+        return missing()
+
+    def export(self, model, path, example, metadata, *, check, precision="fp32"):
+        errors = write_tflite(convert(model, example, {}), Path(path), metadata, model, example, check)
+        runtime = f"{version()} (batch fixed at 1; a larger batch runs image by image)"
+        return {"path": str(path), "format": "litert", "runtime": runtime, **errors}
+
+    def read_metadata(self, path):
+        return read_metadata(path)
+
+    def open(self, path, threads, *, precision=None):
+        metadata = read_metadata(path)
+        return _as_runner(load(path, threads=threads), metadata)
+
+    def runner(self, model, backend, dtype, *, device, workdir, image_shape, max_batch=128):
+        example = torch.randn(2, *image_shape)
+        path = workdir / "model.tflite"
+        path.write_bytes(convert(model, example, {}))
+        built = _as_runner(load(path, threads=torch.get_num_threads()))
+        check_engine(model, built, example, dtype=dtype, what=f"litert {dtype}")
+        return built
+
+    def int8(self, model, calibration, *, metadata, worst_layers=0):
+        """litert_torch's PT2E quantizer (static, per-channel weights) into a ``.tflite``, run by LiteRT's interpreter."""
+        import tempfile
+
+        model_bytes = int8(model, calibration)
+        with tempfile.TemporaryDirectory(prefix="repblocks-int8-") as tmp:
+            path = Path(tmp) / "int8.tflite"
+            path.write_bytes(model_bytes)
+            run = _as_runner(load(path)).run  # the interpreter keeps what it read: the folder may go
+        return Int8Artifact("litert_torch PT2E static, per-channel weights, LiteRT", model_bytes, run)
+
+    def write_int8(self, int8, path, metadata, example, *, check):
+        return {"runtime": version(), **write_tflite(int8.model, Path(path), metadata, int8.run, example, check)}
+
+
+ENGINE = LiteRT()

@@ -28,9 +28,21 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from repblocks.deploy.engines.base import Engine
 from repblocks.errors import UserError
+from repblocks.files import atomic_path
 
-__all__ = ["INPUT_NAME", "INSTALL", "OUTPUT_NAME", "PRECISIONS", "export", "missing", "read_metadata", "validate"]
+__all__ = [
+    "ENGINE",
+    "INPUT_NAME",
+    "INSTALL",
+    "OUTPUT_NAME",
+    "PRECISIONS",
+    "export",
+    "missing",
+    "read_metadata",
+    "validate",
+]
 
 INSTALL = "pip install 'repblocks[coreml]'"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"  # the ONNX export's names
@@ -185,3 +197,33 @@ def _quiet() -> Iterator[None]:
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"coremltools\.")
         yield
+
+
+class CoreML(Engine):
+    name = "coreml"
+    title = "coremltools"
+    refused = "Core ML runs on macOS only"
+
+    def missing(self, device=None):
+        return missing()
+
+    def export(self, model, path, example, metadata, *, check, precision="fp32"):
+        """The package in ``precision`` (fp32 or fp16), its spec validated: Core ML cannot run on Linux."""
+        path = Path(path)
+        with atomic_path(path, folder=True) as tmp:
+            export(model, tmp, example, precision=precision, metadata=metadata)
+            checked = validate(
+                tmp,
+                input_shape=tuple(example.shape[1:]),
+                num_classes=model(example[:1]).shape[-1],
+                convs=sum(isinstance(module, nn.Conv2d) for module in model.modules()),
+                precision=precision,
+                metadata=metadata,
+            )
+        return {"path": str(path), "format": f"coreml {precision}", "runtime": version(), "check": checked}
+
+    def read_metadata(self, path):
+        return read_metadata(path)
+
+
+ENGINE = CoreML()

@@ -5,8 +5,8 @@ precision kernels); ``int8`` ones from the QDQ ONNX file that ``quantize=int8`` 
 int8 scales are those calibrated on the run's own images (TensorRT's explicit quantization; its
 implicit int8 calibrators are deprecated). The batch axis is dynamic up to the largest timed
 batch. Input and output buffers are torch CUDA tensors: no copy between host and device is timed.
-Each call returns the logits tensor, so the engine can be checked against the model
-(:func:`repblocks.deploy.engines.build_runner`) before it is timed.
+Each call returns the logits tensor, so the engine is checked against the model
+(:func:`repblocks.deploy.engines.base.check_engine`) before it is timed.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["INSTALL", "missing", "runner"]
+from repblocks.deploy.engines import onnxruntime
+from repblocks.deploy.engines.base import Engine, Runner, check_engine
+
+__all__ = ["ENGINE", "INSTALL", "missing", "runner"]
 
 INSTALL = "pip install 'repblocks[tensorrt]'"
 
 
-def missing(device: torch.device) -> str | None:
+def missing(device: torch.device | None) -> str | None:
     """Why TensorRT cannot run here, or None when it can."""
-    if device.type != "cuda":
+    if device is None or device.type != "cuda":
         return "TensorRT runs on NVIDIA GPUs only; this run is on the CPU"
     try:
         import tensorrt  # noqa: F401
@@ -35,8 +38,8 @@ def missing(device: torch.device) -> str | None:
 
 def runner(
     onnx_path: str | Path, *, dtype: str, image_shape: tuple[int, int, int], max_batch: int, device: torch.device
-) -> Callable[[Tensor], Callable[[], object]]:
-    """Build an engine for ``onnx_path``; the result turns a float32 batch into a zero-argument call that runs it."""
+) -> Runner:
+    """Build an engine for ``onnx_path``; timed with its input and output buffers on the GPU."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -76,4 +79,48 @@ def runner(
 
         return run
 
-    return candidate
+    def run(images: Tensor) -> Tensor:
+        return candidate(images)().float().cpu()
+
+    return Runner(run, candidate)
+
+
+class TensorRT(Engine):
+    name = "tensorrt"
+    title = "TensorRT"
+    backends = ("tensorrt",)
+
+    def missing(self, device=None):
+        return missing(device)
+
+    def applicable(self, backend, dtype, device):
+        return missing(device) or (None if dtype in ("fp32", "fp16") else "TensorRT builds fp32 and fp16 engines")
+
+    def runner(self, model, backend, dtype, *, device, workdir, image_shape, max_batch=128):
+        path = onnxruntime.timing_onnx(model, workdir, image_shape)
+        built = runner(path, dtype=dtype, image_shape=image_shape, max_batch=max_batch, device=device)
+        check_engine(model, built, torch.randn(2, *image_shape), dtype=dtype, what=f"tensorrt {dtype}")
+        return built
+
+    def int8_runners(self, passed, *, device, backends):
+        """onnxruntime's QDQ model as a TensorRT int8 engine: the scales calibrated on the run's own images."""
+        if "onnxruntime" not in passed or "tensorrt" not in backends or missing(device) is not None:
+            return {}
+        qdq = passed["onnxruntime"].model  # the QDQ ONNX file's bytes
+
+        def build(workdir: Path) -> Runner:
+            path = workdir / "int8.onnx"
+            path.write_bytes(qdq)
+            return runner(path, dtype="int8", image_shape=_input_shape(qdq), max_batch=128, device=device)
+
+        return {"tensorrt": build}
+
+
+def _input_shape(onnx_bytes: bytes) -> tuple[int, int, int]:
+    import onnx
+
+    dims = onnx.load_from_string(onnx_bytes).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value for d in dims[1:])
+
+
+ENGINE = TensorRT()
