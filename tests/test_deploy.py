@@ -165,7 +165,7 @@ def test_a_deploy_form_that_differs_stops_before_anything_is_written(tmp_path, m
         (dict(source="timm:resnet18"), r"unknown source 'timm:resnet18'; known: torchvision:NAME"),
         (
             dict(model="repvgg_tiny", export={"formats": ["tflite"]}),
-            r"known: safetensors, onnx, torch_export, openvino, executorch, litert, coreml$",
+            r"known: safetensors, onnx, torch_export, openvino, executorch, litert, coreml, aoti$",
         ),
         (dict(model="repvgg_tiny", export={"formats": ["torchscript"]}), r"TorchScript is deprecated.*torch_export"),
         (dict(model="repvgg_tiny", bench=dict(backends=["tensorrt8"])), r"known: eager, channels_last, compile, onnx"),

@@ -167,6 +167,7 @@ EXPORT_FILES += [
     "model_int8.tflite",
     "model.mlpackage",
     "model_fp16.mlpackage",
+    "model.aoti.pt2",
 ]  # .mlpackage: folders
 
 
