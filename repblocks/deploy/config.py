@@ -47,6 +47,8 @@ PRECISIONS = ("int8",)
 # and into LiteRT (opt-in, as its export is)
 QUANT_ENGINES = ("openvino", "onnxruntime", "executorch", "litert")
 DEFAULT_QUANT_ENGINES = ("openvino", "onnxruntime")
+# 16-bit floats OpenVINO runs natively on some CPUs, gated as int8 is (repblocks.deploy.low_precision)
+FLOAT_PRECISIONS = ("bf16", "fp16")
 
 
 def _range(low: float, high: float | None = None, *, why_high=None) -> dict:
@@ -155,6 +157,10 @@ class QuantizeConfig(_Checked):
     # NNCF's accuracy-control mode, when plain int8 fails the gate: it keeps the layers that cost most in fp32.
     accuracy_control: bool = True
     worst_layers: int = field(default=5, metadata=_range(0))  # layers listed by quantization error in the report
+    # bf16/fp16 through OpenVINO, judged by the same gate; skipped with the reason on CPUs without them.
+    floats: tuple[str, ...] = field(
+        default=(), metadata={"known": FLOAT_PRECISIONS, "what": "quantize float precision"}
+    )
 
 
 @dataclass(frozen=True)

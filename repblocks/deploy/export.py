@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks import checkpoint
-from repblocks.deploy import coreml, executorch, litert, openvino
+from repblocks.deploy import coreml, executorch, litert, low_precision, openvino
 from repblocks.deploy.formats import COREML_FP16_FILE, FILE_NAMES, INT8_FILE_NAMES
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
@@ -93,6 +93,8 @@ class Export:
     max_rel_err: float | None = None
     checked_batch_sizes: list[int] | None = None
     max_batch: int | None = None  # the largest batch one call takes, where the format fixes it (ExecuTorch: 1)
+    # OpenVINO: the precision a plain compile_model(path, "CPU") runs at here, and its errors against the model
+    plain_runtime: dict | None = None
 
     @classmethod
     def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
@@ -180,17 +182,22 @@ def export_int8(
     metadata = int8_metadata(network)
     exports = {}
     for engine, int8 in quantization.passed.items():
+        if low_precision.precision_of(engine):  # HOOK(low_precision): model_bf16.xml, model_fp16.xml
+            exports[engine] = _export_float(engine, int8, network, into=into, out_dir=out_dir, verify=verify)
+            continue
         name = INT8_FILE_NAMES[engine]
         path = Path(into) / name
         log.info("exporting int8 (%s)", engine)
         with user_errors():
             if engine == "openvino":
                 openvino.set_metadata(int8.model, metadata)
+                openvino.record_precision(int8.model, "f32")  # HOOK(low_precision): as the gate compiled it
                 openvino.save(int8.model, path)
                 reloaded = openvino.infer(openvino.compile_model(openvino.load(path)))
                 errors = _check_outputs(
                     int8.run, reloaded, example, verify.atol, verify.rtol, f"OpenVINO reading {name}"
                 )
+                errors["plain_runtime"] = low_precision.plain_runtime(path, int8.run, example)  # HOOK(low_precision)
                 runtime = f"openvino {_version('openvino')}"
             elif engine == "litert":
                 errors = _write_tflite(int8.model, path, metadata, int8.run, example, verify.atol, verify.rtol)
@@ -214,6 +221,21 @@ def export_int8(
     return exports
 
 
+def _export_float(engine: str, gated, network: Network, *, into: Path, out_dir: Path, verify: VerifyConfig) -> Export:
+    """A bf16/fp16 OpenVINO model that passed the gate, written, read back and checked (:mod:`~repblocks.deploy.low_precision`)."""
+    name = low_precision.FILE_NAMES[low_precision.precision_of(engine)]
+    example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(0))  # (2, C, H, W)
+    path = Path(into) / name
+    log.info("exporting %s", engine)
+    with user_errors():
+        info = low_precision.write(
+            gated.model, path, int8_metadata(network), gated.run, example, atol=verify.atol, rtol=verify.rtol
+        )
+        info["plain_runtime"] = low_precision.plain_runtime(path, gated.run, example)
+    info["runtime"] = f"openvino {_version('openvino')}"
+    return Export.from_info(info, path=Path(out_dir) / name, input_shape=network.input_shape)
+
+
 def export_openvino(
     model: nn.Module,
     path: str | Path,
@@ -231,10 +253,12 @@ def export_openvino(
     path = Path(path)
     ov_model = openvino.to_openvino(model, example)
     openvino.set_metadata(ov_model, metadata or {})
+    openvino.record_precision(ov_model, "f32")  # HOOK(low_precision): the precision it is verified at, in the file
     written = openvino.save(ov_model, path)
     try:
         reloaded = openvino.infer(openvino.compile_model(openvino.load(path)))
         errors = _check_outputs(model, reloaded, example, atol, rtol, "OpenVINO (fp32 precision hint)")
+        errors["plain_runtime"] = low_precision.plain_runtime(path, model, example)  # HOOK(low_precision)
     except BaseException:
         for file in written:
             file.unlink(missing_ok=True)

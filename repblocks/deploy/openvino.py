@@ -27,7 +27,16 @@ from torch import Tensor
 
 # One conversion and one compilation for fp32 and int8, deployment and QAT: they live in the int8 package.
 from repblocks.deploy.formats import openvino_installed
-from repblocks.int8.openvino import INSTALL, compile_model, infer, missing, require, to_openvino
+from repblocks.int8.openvino import (
+    INSTALL,
+    compile_model,
+    infer,
+    missing,
+    record_precision,
+    recorded_precision,
+    require,
+    to_openvino,
+)
 
 __all__ = [
     "INSTALL",
@@ -37,6 +46,8 @@ __all__ = [
     "load",
     "missing",
     "read_metadata",
+    "record_precision",
+    "recorded_precision",
     "require",
     "runner",
     "save",

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_transform, evaluation_loader, sample_images
-from repblocks.deploy import executorch, litert, openvino
+from repblocks.deploy import executorch, litert, low_precision, openvino
 from repblocks.deploy.config import QUANT_ENGINES, QuantizeConfig
 from repblocks.deploy.export import export_onnx, int8_metadata, onnx_session
 from repblocks.deploy.labelled_folder import validation_folder
@@ -158,6 +158,9 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
         "litert": _litert,
     }
     models = {engine: quantizers[engine](plain, calibration, gate, settings) for engine in engines}
+    # HOOK(low_precision): bf16/fp16 judged by the same gate; skipped with the reason on CPUs without them.
+    floats, float_skipped = low_precision.gate_floats(plain, calibration, gate, settings.floats)
+    models, skipped = {**models, **floats}, [*skipped, *float_skipped]
     quantization = Quantization(
         calibration=images.calibration_info,
         evaluation={

@@ -127,7 +127,9 @@ def int8_speed(rows: list[dict]) -> list[dict]:
     }
     speed = []
     for row in rows:
-        if row["dtype"] != "int8":
+        if row["dtype"] != "int8" and not (row["form"] == "deploy" and row["backend"].startswith("openvino")):
+            continue  # HOOK(low_precision): OpenVINO's bf16/fp16 rows too
+        if row["dtype"] == "fp32":
             continue
         same = fp32.get((row["backend"], row["batch_size"]))
         best = max(
@@ -136,6 +138,7 @@ def int8_speed(rows: list[dict]) -> list[dict]:
         speed.append(
             {
                 "backend": row["backend"],
+                "dtype": row["dtype"],
                 "batch_size": row["batch_size"],
                 "throughput": row["throughput"],
                 "fp32_throughput": same["throughput"] if same else None,
@@ -317,8 +320,10 @@ def _int8_markdown(int8: dict) -> list[str]:
             same = "" if row["ratio_to_fp32"] is None else f"{row['ratio_to_fp32']:.2f}x"
             best = "" if row["ratio_to_best_fp32"] is None else f"{row['ratio_to_best_fp32']:.2f}x ({row['best_fp32']})"
             train = "" if row["ratio_to_train_eager"] is None else f"{row['ratio_to_train_eager']:.2f}x"
+            dtype = row.get("dtype", "int8")
+            backend = row["backend"] if dtype == "int8" else f"{row['backend']} {dtype}"  # HOOK(low_precision)
             lines.append(
-                f"| {row['backend']} | {row['batch_size']} | {row['throughput']:.1f} | {fp32} | {same} | {best} | {train} |"
+                f"| {backend} | {row['batch_size']} | {row['throughput']:.1f} | {fp32} | {same} | {best} | {train} |"
             )
     return lines
 

@@ -40,7 +40,7 @@ from repblocks.bench import (
     throughput,
     time_interleaved,
 )
-from repblocks.deploy import executorch, openvino, tensorrt
+from repblocks.deploy import executorch, low_precision, openvino, tensorrt
 from repblocks.deploy.config import BenchConfig
 from repblocks.deploy.engines import (
     OPENVINO_MODES,
@@ -237,6 +237,11 @@ def int8_runners(quantization: Quantization, *, device: torch.device, backends: 
                 prepared[RunnerSpec("deploy", backend, "int8")] = lambda _, m=model, mode=mode: openvino.runner(
                     m, mode=mode
                 )
+    if device.type == "cpu":  # HOOK(low_precision): bf16/fp16 in the same interleaved rounds
+        for (backend, dtype), model in low_precision.timed_models(passed, backends=backends).items():
+            prepared[RunnerSpec("deploy", backend, dtype)] = lambda _, m=model, b=backend: openvino.runner(
+                m, mode=OPENVINO_MODES[b]
+            )
     if device.type == "cpu" and "executorch" in passed and "executorch" in backends:
         program = passed["executorch"].model  # the .pte's bytes
         prepared[RunnerSpec("deploy", "executorch", "int8")] = lambda _: et_runner(executorch.runner(program))

@@ -1,0 +1,100 @@
+"""An OpenVINO file carries the precision it was verified at; bf16/fp16 are gated like int8 and skipped, saying why, without the CPU's support.
+
+No test asserts a bf16 error or a speed (both depend on the CPU's kernels): the files must record
+what was gated, compile at it, and the report must say what a plain ``compile_model(path, "CPU")``
+runs at here, as the runtime itself answers.
+"""
+
+import pytest
+import torch
+
+import repblocks
+from repblocks.deploy import low_precision, openvino
+from repblocks.deploy.config import DeployConfig
+from repblocks.deploy.export import export_openvino
+from repblocks.deploy.quantize import Gate
+from repblocks.errors import UserError
+from repblocks.numerics import randomize_bn_
+
+pytestmark = pytest.mark.skipif(openvino.missing() is not None, reason=f"needs OpenVINO: {openvino.missing()}")
+
+
+@pytest.fixture(scope="module")
+def plain() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = randomize_bn_(repblocks.create_model("repvgg_tiny", num_classes=10), seed=0).eval()
+    return repblocks.switch_to_deploy(model)
+
+
+def _capabilities() -> list[str]:
+    import openvino as ov
+
+    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def _plain_precision(path) -> str:
+    """What the bare runtime compiles the file at: no setting at all."""
+    import openvino as ov
+
+    return ov.Core().compile_model(str(path), "CPU").get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def test_model_xml_records_fp32_and_the_report_says_what_a_plain_compile_runs(plain, tmp_path):
+    path = tmp_path / "model.xml"
+    info = export_openvino(plain, path, torch.randn(2, 3, 32, 32), atol=1e-4, rtol=1e-4, metadata={"model": "x"})
+    reloaded = openvino.load(path)
+    assert openvino.recorded_precision(reloaded) == "f32"
+    assert openvino.compile_model(reloaded).get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert info["plain_runtime"]["precision"] == _plain_precision(path)
+    assert info["plain_runtime"]["max_abs_err"] >= 0.0
+
+
+def test_a_float_precision_the_cpu_lacks_is_skipped_with_the_reason(plain, monkeypatch):
+    class NoGate:
+        def judge(self, *args, **kwargs):
+            raise AssertionError("a skipped precision is not judged")
+
+    monkeypatch.setattr(low_precision, "cpu_missing", lambda precision: f"no {precision} here")
+    models, skipped = low_precision.gate_floats(plain, torch.randn(4, 3, 32, 32), NoGate(), ["bf16", "fp16"])
+    assert models == {}
+    assert skipped == [
+        {"what": "openvino bf16", "reason": "no bf16 here"},
+        {"what": "openvino fp16", "reason": "no fp16 here"},
+    ]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_the_capability_query_decides_what_is_offered(precision):
+    reason = low_precision.cpu_missing(precision)
+    capability = low_precision.PRECISIONS[precision][1]
+    assert (reason is None) == (capability in _capabilities())
+    if reason:
+        assert precision in reason
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_gated_float_file_records_its_precision_and_compiles_at_it(plain, tmp_path, precision):
+    if low_precision.cpu_missing(precision):
+        pytest.skip(low_precision.cpu_missing(precision))
+    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batches = [(images[:4], torch.zeros(4, dtype=torch.long)), (images[4:], torch.ones(4, dtype=torch.long))]
+    gate = Gate.of(torch.inference_mode()(plain), batches, max_drop=100.0)
+    models, skipped = low_precision.gate_floats(plain, images, gate, [precision])
+    assert skipped == [] and list(models) == [f"openvino_{precision}"]
+    gated = models[f"openvino_{precision}"]
+    assert gated.passed
+    path = tmp_path / low_precision.FILE_NAMES[precision]
+    info = low_precision.write(gated.model, path, {"model": "x"}, gated.run, images[:2], atol=1e-5, rtol=1e-5)
+    reloaded = openvino.load(path)
+    type_name = low_precision.PRECISIONS[precision][0]
+    assert openvino.recorded_precision(reloaded) == type_name
+    assert openvino.compile_model(reloaded).get_property("INFERENCE_PRECISION_HINT").get_type_name() == type_name
+    assert openvino.read_metadata(reloaded) == {"model": "x"}
+    assert info["format"] == f"openvino {type_name}"
+
+
+def test_float_precisions_are_checked_settings():
+    config = DeployConfig.from_dict({"model": "repvgg_tiny", "quantize": {"precision": "int8", "floats": ["bf16"]}})
+    assert config.quantize.floats == ("bf16",)
+    with pytest.raises(UserError, match="fp8"):
+        DeployConfig.from_dict({"model": "repvgg_tiny", "quantize": {"precision": "int8", "floats": ["fp8"]}})
