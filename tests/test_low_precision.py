@@ -98,3 +98,31 @@ def test_float_precisions_are_checked_settings():
     assert config.quantize.floats == ("bf16",)
     with pytest.raises(UserError, match="fp8"):
         DeployConfig.from_dict({"model": "repvgg_tiny", "quantize": {"precision": "int8", "floats": ["fp8"]}})
+
+
+@pytest.mark.slow
+def test_deploy_gates_writes_and_times_bf16_beside_int8(tmp_path):
+    """quantize=int8 with floats: model_bf16.xml where the CPU has bf16, timed in the same rounds; fp16 skipped, saying why, where not."""
+    from repblocks.datasets import DigitsData
+    from repblocks.deploy.pipeline import run_deploy
+    from tests.helpers import write_checkpoint
+
+    data = {"_target_": "repblocks.datasets.DigitsData", "image_size": 32}
+    model = repblocks.create_model("repvgg_tiny", num_classes=10)
+    ckpt = write_checkpoint(
+        tmp_path / "last.ckpt", model, data=data, preprocessing=DigitsData(image_size=32).preprocessing
+    )
+    gate = {"precision": "int8", "engines": ["openvino"], "floats": ["bf16", "fp16"], "calibration_images": 16}
+    gate |= {"eval_images": 32, "worst_layers": 0, "max_drop": 100.0}
+    bench = {"device": "cpu", "batch_sizes": [2], "rounds": 2, "backends": ["eager", "openvino"]}
+    config = {"out_dir": str(tmp_path / "out"), "ckpt": str(ckpt), "bench": bench, "quantize": gate}
+    report = run_deploy(DeployConfig.from_dict({**config, "export": {"formats": ["openvino"]}}))
+    for precision in ("bf16", "fp16"):
+        written = (tmp_path / "out" / low_precision.FILE_NAMES[precision]).is_file()
+        reason = low_precision.cpu_missing(precision)
+        assert written == (reason is None)
+        if reason:
+            assert {"what": f"openvino {precision}", "reason": reason} in report["int8"]["skipped"]
+        else:
+            assert f"openvino_{precision}" in report["int8"]["engines"]
+            assert any(row["dtype"] == precision for row in report["int8"]["speed"])
