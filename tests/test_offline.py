@@ -49,17 +49,16 @@ RAW_ONNXRUNTIME = textwrap.dedent(
 )
 # What deploy's engines do, in one process that imported repblocks.deploy first: convert to OpenVINO
 # (OpenVINO's conversion reports usage), load NNCF (it reports usage on import), open onnxruntime.
-ENGINES_AFTER_REPBLOCKS = textwrap.dedent(
+OPENVINO_AFTER_REPBLOCKS = textwrap.dedent(
     """
     import repblocks.deploy
-    import torch
+    import nncf, openvino, torch
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
-    if {openvino}:
-        import nncf, openvino
-        converted = openvino.convert_model(model, example_input=torch.randn(1, 3, 8, 8))
-        openvino.Core().compile_model(converted, "CPU")(torch.randn(1, 3, 8, 8).numpy())
+    converted = openvino.convert_model(model, example_input=torch.randn(1, 3, 8, 8))
+    openvino.Core().compile_model(converted, "CPU")(torch.randn(1, 3, 8, 8).numpy())
     """
-).format(openvino=OPENVINO) + RAW_ONNXRUNTIME.replace("import sys, time", "import sys, time  # then onnxruntime")
+)
+ONNXRUNTIME_AFTER_REPBLOCKS = "import repblocks.deploy\n" + RAW_ONNXRUNTIME
 # predict.py's own process: importing predict.py runs its switch; a Predictor held open, predicting now and then.
 PREDICT_HELD = textwrap.dedent(
     """
@@ -113,10 +112,21 @@ def test_onnxruntime_alone_keeps_a_device_id_which_the_capture_sees(tmp_path):
     assert any(name.endswith("deviceid") for name in _ids(tmp_path))
 
 
-def test_engines_after_repblocks_send_nothing_and_keep_no_id(tmp_path):
-    """The fast variant: OpenVINO's conversion, NNCF and an onnxruntime session in a repblocks process."""
+@pytest.mark.parametrize(
+    "engines",
+    [
+        pytest.param(ONNXRUNTIME_AFTER_REPBLOCKS, id="onnxruntime"),
+        pytest.param(
+            OPENVINO_AFTER_REPBLOCKS,
+            id="openvino-nncf",
+            marks=[pytest.mark.slow, pytest.mark.skipif(not OPENVINO, reason="needs OpenVINO")],
+        ),
+    ],
+)
+def test_engines_after_repblocks_send_nothing_and_keep_no_id(tmp_path, engines):
+    """The fast variant: an onnxruntime session (OpenVINO's conversion and NNCF: slower) in a repblocks process."""
     with CaptureProxy() as proxy:
-        _run(ENGINES_AFTER_REPBLOCKS, "2", proxy=proxy, home=tmp_path)
+        _run(engines, "0", proxy=proxy, home=tmp_path)
     assert proxy.requests == []
     assert _ids(tmp_path) == []  # no device id (onnxruntime's, OpenVINO's openvino_ga_cid), no event cache
 
