@@ -153,7 +153,7 @@ def test_class_names_ride_in_every_export(deployed):
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["executorch", "litert"])
 def test_edge_formats_agree_with_the_fp32_model(deployed, tmp_path, engine):
-    module = pytest.importorskip(f"repblocks.deploy.{engine}")
+    module = pytest.importorskip(f"repblocks.deploy.engines.{engine}")
     if module.missing():
         pytest.skip(module.missing())
     ckpt = write_checkpoint(
