@@ -129,7 +129,8 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
         log.warning("int8 gate: %s", useless)
     metadata = int8_metadata(network)
     models = {name: _gated(name, plain, calibration, gate, settings, metadata) for name in engines}
-    floats, float_skipped = gate_floats(plain, calibration, gate, engines, settings.floats)
+    # Every engine listed, installed or not: one that is not says so for each of its precisions (float_missing).
+    floats, float_skipped = gate_floats(plain, calibration, gate, dict.fromkeys(settings.engines), settings.floats)
     models, skipped = {**models, **floats}, [*skipped, *float_skipped]
     quantization = Quantization(
         calibration=images.calibration_info,
