@@ -2,8 +2,8 @@
 
 Each module under this package implements :class:`~repblocks.deploy.engines.base.Engine`; the table
 below says, for each, what deploy.py's settings call it (its export format, its timing backends,
-whether it quantizes, which reduced float precisions it gates like int8), which file it writes per precision, what ``predict.py`` recognises it by, and
-which of those are asked for by name only (opt-in). The stages loop over the table: adding an engine
+whether it quantizes, which reduced float precisions it gates like int8), which file it writes per
+precision, what ``predict.py`` recognises it by, and which of those are asked for by name only (opt-in). The stages loop over the table: adding an engine
 is one module and one line here.
 
 The table imports no engine: :func:`engine` imports a module when it is used, so that checking a

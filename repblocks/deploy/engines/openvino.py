@@ -10,8 +10,8 @@ quantization, and its accuracy control when that fails the gate), predict's runn
 Two settings are always explicit, because their defaults change results or speed:
 
 * ``INFERENCE_PRECISION_HINT``, the precision a file records (f32 but for the gated bf16/fp16): on
-  CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the outputs (the export check would fail) and, on a CPU without AMX, ran A0 1.8x
-  slower than f32 here;
+  CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the outputs (the export check
+  would fail) and, on a CPU without AMX, ran A0 1.8x slower than f32 here;
 * ``PERFORMANCE_HINT``: ``LATENCY`` (one stream using every thread: the ``openvino`` backend) or
   ``THROUGHPUT`` (several streams sharing the threads, requests in flight together: the
   ``openvino_throughput`` backend, which splits each batch among them).
@@ -226,7 +226,9 @@ class OpenVINO(Engine):
     def applicable(self, backend, dtype, device):
         if device.type != "cpu":
             return "OpenVINO is timed on the CPU; this run times the GPU"
-        return missing() or (None if dtype == "fp32" else "OpenVINO is compiled with its fp32 precision hint")
+        if missing() or dtype == "fp32":
+            return missing()
+        return f"OpenVINO is timed here in fp32; its {dtype} is gated and timed with quantize.floats"
 
     def runner(self, model, backend, dtype, *, device, workdir, image_shape, max_batch=128):
         return runner(to_openvino(model, torch.randn(2, *image_shape)), mode=MODES[backend])
