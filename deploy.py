@@ -34,6 +34,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
 
+from repblocks.offline import disable_telemetry
+
+disable_telemetry()  # before any engine loads: onnxruntime reads its switch once, on import
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console

@@ -24,6 +24,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: as deploy.py
 
+from repblocks.offline import disable_telemetry
+
+disable_telemetry()  # before any engine loads: onnxruntime reads its switch once, on import
+
 from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
 from repblocks.errors import UserError
 

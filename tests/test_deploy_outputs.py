@@ -160,6 +160,7 @@ def test_a_batch_larger_than_the_memory_is_refused_before_it_is_made(tmp_path, m
 # holding one is a deploy output. Written by hand so that a name added to the exports must be added here too.
 EXPORT_FILES = ["model.safetensors", "model.onnx", "model.pt2", "model.xml", "model.bin"]
 EXPORT_FILES += ["model_int8.xml", "model_int8.bin", "model_int8.onnx"]
+EXPORT_FILES += ["model_bf16.xml", "model_bf16.bin", "model_fp16.xml", "model_fp16.bin"]  # OpenVINO's gated floats
 EXPORT_FILES += [
     "model.pte",
     "model_int8.pte",

@@ -9,12 +9,14 @@ Entry point: ``deploy.py`` at the repository root. :class:`Predictor` (``predict
 ``predict.py``) classifies images with any file deploy.py wrote.
 
 Never imports :mod:`repblocks.train`; what both need (checkpoint reading, data sets, numerics) is in the core.
-Importing it turns off OpenVINO's and NNCF's usage telemetry in this process (:mod:`repblocks.offline`).
+Importing it turns off onnxruntime's, OpenVINO's and NNCF's telemetry in this process (:mod:`repblocks.offline`):
+every engine module is under this package, so no engine is imported before the switch is set.
 """
 
 from repblocks.offline import disable_telemetry
 
-# OpenVINO and NNCF (the [openvino] extra, imported lazily below) would report usage to Google Analytics.
+# onnxruntime would upload events to Microsoft, OpenVINO and NNCF report usage to Google Analytics: each engine
+# module is imported under this package, so after this call.
 disable_telemetry()
 
 

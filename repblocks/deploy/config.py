@@ -25,6 +25,7 @@ from repblocks.deploy.engines import (
     DEFAULT_EXPORTS,
     DTYPE_NAMES,
     EXPORT_FORMATS,
+    FLOAT_PRECISIONS,
     MIN_ONNX_OPSET,
     QUANT_ENGINES,
 )
@@ -155,6 +156,11 @@ class QuantizeConfig(_Checked):
     # NNCF's accuracy-control mode, when plain int8 fails the gate: it keeps the layers that cost most in fp32.
     accuracy_control: bool = True
     worst_layers: int = field(default=5, metadata=_range(0))  # layers listed by quantization error in the report
+    # bf16/fp16 through the engines that run them (OpenVINO), judged by the same gate; skipped, saying why,
+    # on CPUs without them.
+    floats: tuple[str, ...] = field(
+        default=(), metadata={"known": FLOAT_PRECISIONS, "what": "quantize float precision"}
+    )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ check never leaves a file, whole or half, at the final name. Every file carries 
 (:func:`deploy_metadata`): how to rebuild the model and prepare its images.
 
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
-(:func:`export_int8`), read back and checked against the int8 model that was gated.
+(:func:`export_int8`), read back and checked against the int8 model that was gated, and so is each
+reduced float precision (``quantize.floats``: OpenVINO's bf16, fp16) that passed the same gate.
 """
 
 from __future__ import annotations
@@ -90,21 +91,24 @@ def export_int8(
     """
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
     metadata = int8_metadata(network)
+    check = Check(verify.atol, verify.rtol)
     exports = {}
-    for name, int8 in passed.items():
-        file = by_name(name).files["int8"]
-        log.info("exporting int8 (%s)", name)
+    for gated in passed.values():
+        entry, precision = by_name(gated.engine), gated.precision
+        file = entry.files[precision]
+        log.info("exporting %s (%s)", precision, gated.engine)
         with user_errors():
-            info = (
-                by_name(name)
-                .load()
-                .write_int8(int8, Path(into) / file, metadata, example, check=Check(verify.atol, verify.rtol))
-            )
-        exports[f"{name}_int8"] = Export.from_info(
-            {"format": f"{name} int8", "check": "read back and run: outputs equal to the gated int8 model's", **info},
+            if precision == "int8":
+                info = entry.load().write_int8(gated, Path(into) / file, metadata, example, check=check)
+            else:  # a reduced float precision of the engine's (OpenVINO's bf16), judged by the same gate
+                float_metadata = {**metadata, "precision": precision}
+                info = entry.load().write_low_precision(gated, Path(into) / file, float_metadata, example, check=check)
+        exports[f"{gated.engine}_{precision}"] = Export.from_info(
+            {"format": f"{gated.engine} {precision}", "check": f"read back and run: outputs equal to the gated "
+             f"{precision} model's", **info},
             path=Path(out_dir) / file,
             input_shape=network.input_shape,
-        )
+        )  # fmt: skip
     return exports
 
 

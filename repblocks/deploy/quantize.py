@@ -20,7 +20,11 @@ The stage reads top to bottom:
    with one line naming the drops, before anything is written. An fp32 top-1 near chance
    (:func:`repblocks.int8.near_chance`) is warned about in the log and the report: a gate passed
    by a model that learned nothing says nothing;
-4. per-layer quantization error of the worst layers, where the engine measures it (onnxruntime's
+4. reduced float precisions (``quantize.floats``: bf16, fp16), for each engine of ``quantize.engines``
+   whose registry entry lists them (OpenVINO's), judged by the same gate (:func:`gate_floats`), each
+   only where the engine runs it natively here, else skipped with the engine's reason
+   (:meth:`~repblocks.deploy.engines.base.Engine.float_missing`);
+5. per-layer quantization error of the worst layers, where the engine measures it (onnxruntime's
    QDQ debugger: the SQNR of each layer's output in the int8 model against the fp32 model).
 
 Quantizing the deploy form, not the train form, is the point of re-parameterization: one conv
@@ -40,7 +44,7 @@ from torch import Tensor, nn
 
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, build_data, eval_transform, evaluation_loader, sample_images
 from repblocks.deploy.config import QUANT_ENGINES, QuantizeConfig
-from repblocks.deploy.engines import engine
+from repblocks.deploy.engines import by_name, engine
 from repblocks.deploy.engines.base import Int8Artifact, Int8Model
 from repblocks.deploy.export import int8_metadata
 from repblocks.deploy.labelled_folder import validation_folder
@@ -56,6 +60,7 @@ __all__ = [
     "GateImages",
     "Int8Model",
     "Quantization",
+    "gate_floats",
     "gate_images",
     "int8_runner",
     "quantize",
@@ -124,6 +129,9 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
         log.warning("int8 gate: %s", useless)
     metadata = int8_metadata(network)
     models = {name: _gated(name, plain, calibration, gate, settings, metadata) for name in engines}
+    # Every engine listed, installed or not: one that is not says so for each of its precisions (float_missing).
+    floats, float_skipped = gate_floats(plain, calibration, gate, dict.fromkeys(settings.engines), settings.floats)
+    models, skipped = {**models, **floats}, [*skipped, *float_skipped]
     quantization = Quantization(
         calibration=images.calibration_info,
         evaluation={
@@ -138,7 +146,7 @@ def quantize(network: Network, plain: nn.Module, settings: QuantizeConfig, *, se
         skipped=skipped,
     )
     if not quantization.passed:
-        drops = ", ".join(f"{m.engine} {m.top1:.2f}% ({m.drop:+.2f} points)" for m in models.values())
+        drops = ", ".join(f"{m.key} {m.top1:.2f}% ({m.drop:+.2f} points)" for m in models.values())
         raise UserError(
             f"int8 loses more top-1 than quantize.max_drop={settings.max_drop:g} allows: fp32 {fp32_top1:.2f}%, "
             f"int8 {drops} on {len(labels)} validation images of {images.evaluation['source']}; nothing was written"
@@ -174,6 +182,34 @@ def _gated(
     log.info("int8: %s loses %.2f points; trying its accuracy control", name, result.drop)
     controlled = quantizer.int8_with_accuracy_control(plain, calibration, gate.batches, max_drop=settings.max_drop)
     return result if controlled is None else gate.judge(name, controlled)
+
+
+def gate_floats(
+    plain: nn.Module, calibration: Tensor, gate: Gate, engines: Iterable[str], precisions: Iterable[str]
+) -> tuple[dict[str, Int8Model], list[dict]]:
+    """Each of ``precisions`` run by each of ``engines`` that lists it, judged by ``gate`` as int8 is.
+
+    Returns:
+        ``{"<engine>_<precision>": result}``, and what was skipped, saying why: a precision the engine
+        does not run natively here, or one no engine of ``engines`` runs.
+    """
+    results, skipped = {}, []
+    for precision in dict.fromkeys(precisions):
+        offering = [name for name in engines if precision in by_name(name).floats]
+        if not offering:
+            reason = f"none of quantize.engines ({', '.join(engines) or 'none'}) runs {precision}"
+            log.info("%s: skipped: %s", precision, reason)
+            skipped.append({"what": precision, "reason": reason})
+        for name in offering:
+            runner = engine(name)
+            reason = runner.float_missing(precision)
+            if reason:
+                log.info("%s %s: skipped: %s", name, precision, reason)
+                skipped.append({"what": f"{name} {precision}", "reason": reason})
+                continue
+            result = gate.judge(name, runner.low_precision(plain, calibration, precision), precision=precision)
+            results[result.key] = result
+    return results, skipped
 
 
 # -- images ------------------------------------------------------------------------------------------------
@@ -319,14 +355,16 @@ class Gate:
     def fp32_top1(self) -> float:
         return _top1(self.fp32, self.labels)
 
-    def judge(self, engine: str, int8: Int8Artifact) -> Int8Model:
-        """``int8`` (``engine``'s) against fp32 on the validation batches: passed when it loses at most ``max_drop`` points."""
+    def judge(self, engine: str, int8: Int8Artifact, *, precision: str = "int8") -> Int8Model:
+        """``int8`` (``engine``'s, at ``precision``) against fp32 on the validation batches: passed when it loses at
+        most ``max_drop`` points."""
         logits, _ = predict_batches(int8.run, self.batches)
         top1 = _top1(logits, self.labels)
         drop = self.fp32_top1 - top1
         passed = drop <= self.max_drop
         log.info(
-            "int8 %s: top-1 %.2f%% (fp32 %.2f%%, drop %.2f points): %s",
+            "%s %s: top-1 %.2f%% (fp32 %.2f%%, drop %.2f points): %s",
+            precision,
             engine,
             top1,
             self.fp32_top1,
@@ -344,6 +382,7 @@ class Gate:
             passed=passed,
             fp32_layers=int8.fp32_layers,
             worst_layers=int8.worst_layers,
+            precision=precision,
         )
 
 

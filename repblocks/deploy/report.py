@@ -19,6 +19,7 @@ from rich.table import Table
 from repblocks.bench import SPREAD_LIMIT
 from repblocks.deploy.config import BenchConfig, DeployConfig
 from repblocks.deploy.convert import Conversion
+from repblocks.deploy.engines import BACKENDS, by_backend
 from repblocks.deploy.engines.base import Export
 from repblocks.deploy.outputs import CONFIG_FILE
 from repblocks.deploy.plot import write_throughput_plot
@@ -121,13 +122,14 @@ def load_warning(report: dict) -> str | None:
 
 
 def int8_speed(rows: list[dict]) -> list[dict]:
-    """Each int8 row beside fp32 from the same interleaved timing: the same backend's, and the fastest fp32 engine's."""
+    """Each int8 row, and each gated bf16/fp16 row, beside fp32 from the same interleaved timing: the same
+    backend's, and the fastest fp32 engine's."""
     fp32 = {
         (row["backend"], row["batch_size"]): row for row in rows if row["form"] == "deploy" and row["dtype"] == "fp32"
     }
     speed = []
     for row in rows:
-        if row["dtype"] != "int8":
+        if not _gated_dtype(row):
             continue
         same = fp32.get((row["backend"], row["batch_size"]))
         best = max(
@@ -136,6 +138,7 @@ def int8_speed(rows: list[dict]) -> list[dict]:
         speed.append(
             {
                 "backend": row["backend"],
+                "dtype": row["dtype"],
                 "batch_size": row["batch_size"],
                 "throughput": row["throughput"],
                 "fp32_throughput": same["throughput"] if same else None,
@@ -146,6 +149,14 @@ def int8_speed(rows: list[dict]) -> list[dict]:
             }
         )
     return speed
+
+
+def _gated_dtype(row: dict) -> bool:
+    """Whether ``row`` times a model the int8 gate judged: int8, or a reduced float precision its engine gates
+    (OpenVINO's bf16; not eager bf16, which bench.dtypes times ungated)."""
+    if row["form"] != "deploy" or row["dtype"] == "fp32":
+        return False
+    return row["dtype"] == "int8" or (row["backend"] in BACKENDS and row["dtype"] in by_backend(row["backend"]).floats)
 
 
 def speed_report(
@@ -317,8 +328,10 @@ def _int8_markdown(int8: dict) -> list[str]:
             same = "" if row["ratio_to_fp32"] is None else f"{row['ratio_to_fp32']:.2f}x"
             best = "" if row["ratio_to_best_fp32"] is None else f"{row['ratio_to_best_fp32']:.2f}x ({row['best_fp32']})"
             train = "" if row["ratio_to_train_eager"] is None else f"{row['ratio_to_train_eager']:.2f}x"
+            dtype = row.get("dtype", "int8")
+            backend = row["backend"] if dtype == "int8" else f"{row['backend']} {dtype}"  # OpenVINO's bf16, fp16
             lines.append(
-                f"| {row['backend']} | {row['batch_size']} | {row['throughput']:.1f} | {fp32} | {same} | {best} | {train} |"
+                f"| {backend} | {row['batch_size']} | {row['throughput']:.1f} | {fp32} | {same} | {best} | {train} |"
             )
     return lines
 

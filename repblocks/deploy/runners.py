@@ -78,18 +78,22 @@ def build_runner(
 def int8_runners(
     passed: Mapping[str, Int8Model], *, device: torch.device, backends: Sequence[str]
 ) -> dict[RunnerSpec, Callable[[Path], Runner]]:
-    """``{RunnerSpec: build(workdir) -> Runner}`` for the int8 models that passed the gate, in the backends asked for.
+    """``{RunnerSpec: build(workdir) -> Runner}`` for the models that passed the gate, in the backends asked for.
 
     Each engine times what it can: the CPU engines their own int8 models on the CPU; on a GPU, TensorRT
-    builds an int8 engine from onnxruntime's QDQ model.
+    builds an int8 engine from onnxruntime's QDQ model. Then the reduced float precisions that passed
+    (OpenVINO's bf16, fp16), each under its dtype, in the same rounds.
     """
     prepared = {}
     # The engines that quantized first, in quantize.engines' order (the report's int8 rows follow it); then
     # those that time another engine's int8 model (TensorRT, onnxruntime's).
-    order = [by_name(name) for name in passed] + [entry for entry in ENGINES if entry.name not in passed]
-    for entry in order:
-        if not any(backend in backends for backend in entry.backends):
-            continue
-        for backend, build in entry.load().int8_runners(passed, device=device, backends=backends).items():
+    quantized = list(dict.fromkeys(gated.engine for gated in passed.values()))
+    order = [by_name(name) for name in quantized] + [entry for entry in ENGINES if entry.name not in quantized]
+    engines = [entry.load() for entry in order if any(backend in backends for backend in entry.backends)]
+    for engine in engines:
+        for backend, build in engine.int8_runners(passed, device=device, backends=backends).items():
             prepared[RunnerSpec("deploy", backend, "int8")] = build
+    for engine in engines:
+        for (backend, dtype), build in engine.low_precision_runners(passed, device=device, backends=backends).items():
+            prepared[RunnerSpec("deploy", backend, dtype)] = build
     return prepared

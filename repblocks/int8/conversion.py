@@ -19,10 +19,23 @@ from torch import Tensor, nn
 
 from repblocks.errors import UserError
 
-__all__ = ["INSTALL", "compile_model", "dynamic_axes", "example_batch", "infer", "missing", "require", "to_openvino"]
+__all__ = [
+    "INSTALL",
+    "compile_model",
+    "dynamic_axes",
+    "example_batch",
+    "infer",
+    "missing",
+    "record_precision",
+    "recorded_precision",
+    "require",
+    "to_openvino",
+]
 
 INSTALL = "pip install 'repblocks[openvino]'"
 MODES = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+# Where a model carries a runtime option for whoever compiles it (OpenVINO's rt_info convention; saved in the .xml).
+PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]
 
 
 def missing() -> str | None:
@@ -80,15 +93,34 @@ def to_openvino(model: nn.Module, example: Tensor, *, dynamic_size: bool = False
     return converted
 
 
-def compile_model(ov_model, *, mode: str = "latency", threads: int | None = None):
-    """Compile for the CPU in float32, in ``mode`` (``latency`` or ``throughput``), on ``threads`` threads (torch's).
+def record_precision(ov_model, precision: str = "f32") -> None:
+    """Record in ``ov_model`` the inference precision (``f32``, ``bf16``, ``f16``) it was verified at.
 
-    float32 is explicit: on CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the
+    Under ``runtime_options``, where OpenVINO keeps options for whoever compiles a model:
+    :func:`compile_model` (so predict.py) compiles at it. OpenVINO's CPU plugin itself (2026.4) does
+    not read this one: a plain ``compile_model(path, "CPU")`` picks bf16 on CPUs with AVX-512 BF16
+    or AMX whatever the file says, which is why deploy's report gives that error too.
+    """
+    ov_model.set_rt_info(precision, PRECISION_KEY)
+
+
+def recorded_precision(ov_model) -> str:
+    """The inference precision :func:`record_precision` stored in ``ov_model``; ``f32`` when none was."""
+    if not ov_model.has_rt_info(PRECISION_KEY):
+        return "f32"
+    return ov_model.get_rt_info(PRECISION_KEY).astype(str)
+
+
+def compile_model(ov_model, *, mode: str = "latency", threads: int | None = None):
+    """Compile for the CPU at the model's recorded precision (float32 unless it records another), in ``mode``
+    (``latency`` or ``throughput``), on ``threads`` threads (torch's).
+
+    The precision is explicit: on CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the
     outputs of what is not quantized.
     """
     ov = require("the openvino backend")
     config = {
-        "INFERENCE_PRECISION_HINT": "f32",
+        "INFERENCE_PRECISION_HINT": recorded_precision(ov_model),
         "PERFORMANCE_HINT": MODES[mode],
         "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
     }

@@ -2,8 +2,8 @@
 
 Each module under this package implements :class:`~repblocks.deploy.engines.base.Engine`; the table
 below says, for each, what deploy.py's settings call it (its export format, its timing backends,
-whether it quantizes), which file it writes per precision, what ``predict.py`` recognises it by, and
-which of those are asked for by name only (opt-in). The stages loop over the table: adding an engine
+whether it quantizes, which reduced float precisions it gates like int8), which file it writes per
+precision, what ``predict.py`` recognises it by, and which of those are asked for by name only (opt-in). The stages loop over the table: adding an engine
 is one module and one line here.
 
 The table imports no engine: :func:`engine` imports a module when it is used, so that checking a
@@ -27,6 +27,7 @@ __all__ = [
     "DTYPE_NAMES",
     "ENGINES",
     "EXPORT_FORMATS",
+    "FLOAT_PRECISIONS",
     "MIN_ONNX_OPSET",
     "QUANT_ENGINES",
     "Entry",
@@ -46,6 +47,7 @@ class Entry:
     name: str  # its module under repblocks.deploy.engines, and its name in quantize.engines
     format: str | None  # its name in export.formats; None: it writes no file of its own
     files: dict[str, str] = field(default_factory=dict)  # precision -> file name; "int8": it quantizes
+    floats: tuple[str, ...] = ()  # reduced float precisions gated like int8 (a file in files, written if it passes)
     opt_in: bool = False  # its export is written only when export.formats names it
     backends: tuple[str, ...] = ()  # its names in bench.backends
     opt_in_backends: tuple[str, ...] = ()  # those timed only when bench.backends names them
@@ -62,8 +64,8 @@ class Entry:
 
     @property
     def export_precisions(self) -> tuple[str, ...]:
-        """The float precisions its export writes, each to its own file: fp32, and fp16/bf16 where it has them."""
-        return tuple(p for p in self.files if p != "int8")
+        """The float precisions its export writes, ungated, each to its own file: fp32, and Core ML's fp16."""
+        return tuple(p for p in self.files if p != "int8" and p not in self.floats)
 
     def load(self) -> Engine:
         return engine(self.name)
@@ -79,8 +81,9 @@ ENGINES = (
     Entry("onnxruntime", "onnx", {"fp32": "model.onnx", "int8": "model_int8.onnx"},
           backends=("onnxruntime", "onnxruntime_trt"), suffix=".onnx"),
     Entry("torch_export", "torch_export", {"fp32": "model.pt2"}, suffix=".pt2"),
-    Entry("openvino", "openvino", {"fp32": "model.xml", "int8": "model_int8.xml"},
-          backends=("openvino", "openvino_throughput"), suffix=".xml"),
+    Entry("openvino", "openvino", {"fp32": "model.xml", "int8": "model_int8.xml", "bf16": "model_bf16.xml",
+          "fp16": "model_fp16.xml"}, floats=("bf16", "fp16"), backends=("openvino", "openvino_throughput"),
+          suffix=".xml"),
     Entry("tensorrt", None, backends=("tensorrt",)),
     Entry("executorch", "executorch", {"fp32": "model.pte", "int8": "model_int8.pte"}, opt_in=True,
           backends=("executorch",), opt_in_backends=("executorch",), suffix=".pte"),
@@ -99,6 +102,8 @@ EXPORT_FORMATS = tuple(e.format for e in ENGINES if e.format)
 BACKENDS = tuple(backend for e in ENGINES for backend in e.backends)
 DEFAULT_BACKENDS = tuple(backend for e in ENGINES for backend in e.backends if backend not in e.opt_in_backends)
 QUANT_ENGINES = tuple(e.name for e in ENGINES if e.quantizes)
+# Reduced float precisions an engine runs and the int8 gate judges (quantize.floats): OpenVINO's bf16 and fp16.
+FLOAT_PRECISIONS = tuple(dict.fromkeys(p for e in ENGINES for p in e.floats))
 
 
 def installed(*packages: str) -> bool:

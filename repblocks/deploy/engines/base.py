@@ -14,15 +14,20 @@ An engine (``onnxruntime``, ``openvino``, ``executorch``, ...) is one module of 
 * :meth:`Engine.runner`: the same for a model in memory, for timing (one per timing backend);
 * optionally int8 (:meth:`Engine.int8`, :meth:`Engine.write_int8`, :meth:`Engine.int8_runner`): a
   quantized model the accuracy gate (:mod:`repblocks.deploy.quantize`) judges, then writes and times;
-  a reduced float precision (bf16, fp16) goes through :meth:`Engine.export` with ``precision=``
-  and the registry's file for it, as Core ML's fp16 package does.
+* optionally reduced float precisions judged by the same gate (the registry's ``floats``: OpenVINO's
+  bf16 and fp16; :meth:`Engine.float_missing`, :meth:`Engine.low_precision`,
+  :meth:`Engine.write_low_precision`, :meth:`Engine.low_precision_runners`), written to the registry's
+  file for that precision only when they pass. A reduced precision that is exported ungated (Core ML's
+  fp16 package) goes through :meth:`Engine.export` with ``precision=`` instead.
 
 The guarantees made once for every engine belong in each engine's ``export`` and ``open``, the only two
 places its runtime reads a file: the file is verified in the precision its runtime will use
 (``export`` checks it as ``open`` runs it: OpenVINO with the f32 hint, a bf16/fp16 file through
 ``open(precision=...)``), an output never replaces an input (the atomic writes of :mod:`repblocks.files`),
-nothing is sent over the network (a runtime's telemetry switch goes where its session is made:
-onnxruntime's ``onnx_session``, OpenVINO's ``compile_model``), and the runtime's own log lines stay out
+nothing is sent over the network (:func:`repblocks.offline.disable_telemetry`, the one place the
+switches are set, runs when :mod:`repblocks.deploy`, the package of every engine module, is imported,
+and first thing in deploy.py and predict.py: before any runtime is imported, as onnxruntime reads its
+switch once, on import), and the runtime's own log lines stay out
 of the user's terminal (LiteRT's, Core ML's and AOTInductor's quiet contexts).
 """
 
@@ -50,6 +55,7 @@ __all__ = [
     "check_engine",
     "check_outputs",
     "one_line",
+    "output_errors",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +110,8 @@ class Export:
     max_rel_err: float | None = None
     checked_batch_sizes: list[int] | None = None
     max_batch: int | None = None  # the largest batch one call takes, where the format fixes it (ExecuTorch: 1)
+    # OpenVINO: the precision a plain compile_model(path, "CPU") runs at here, and its errors against the model
+    plain_runtime: dict | None = None
 
     @classmethod
     def from_info(cls, info: Mapping, *, path: Path, input_shape: Sequence[int]) -> Export:
@@ -143,6 +151,12 @@ class Int8Model:
     passed: bool
     fp32_layers: list[str] = field(default_factory=list)  # kept in fp32 by accuracy control
     worst_layers: list[dict] = field(default_factory=list)
+    precision: str = "int8"  # or a reduced float precision of the engine's (bf16, fp16), judged by the same gate
+
+    @property
+    def key(self) -> str:
+        """Its name in the gate's results and the report: ``openvino`` (int8), ``openvino_bf16``."""
+        return self.engine if self.precision == "int8" else f"{self.engine}_{self.precision}"
 
 
 class Engine:
@@ -223,15 +237,32 @@ class Engine:
         """``{backend: build(workdir) -> Runner}``: the int8 models that passed the gate, timed by this engine."""
         return {}
 
+    # -- reduced float precisions judged by the int8 gate, for the engines whose registry entry lists ``floats`` --
+
+    def float_missing(self, precision: str) -> str | None:
+        """Why this engine does not run ``precision`` (one of its ``floats``) natively here, or None when it does."""
+        return f"{self.title} has no {precision}"
+
+    def low_precision(self, model: nn.Module, calibration: Tensor, precision: str) -> Int8Artifact:
+        """``model`` run at ``precision``, for the accuracy gate to judge as it judges int8."""
+        raise NotImplementedError(f"{self.name} has no reduced float precision")
+
+    def write_low_precision(
+        self, gated: Int8Model, path: Path, metadata: Mapping[str, str], example: Tensor, *, check: Check
+    ) -> dict:
+        """Write the gated ``gated.precision`` model at ``path``; the file, read back, must reproduce ``gated.run``."""
+        raise NotImplementedError(f"{self.name} has no reduced float precision")
+
+    def low_precision_runners(
+        self, passed: Mapping[str, Int8Model], *, device: torch.device, backends: Sequence[str]
+    ) -> dict[tuple[str, str], Callable[[Path], Runner]]:
+        """``{(backend, precision): build(workdir) -> Runner}``: its gated float models that passed, timed."""
+        return {}
+
 
 def check_outputs(model: Logits, run: Logits, example: Tensor, *, check: Check, what: str) -> dict:
     """``run``'s logits against ``model``'s at :data:`CHECK_BATCH_SIZES`; the worst errors, or ValueError over ``check``."""
-    worst_abs, worst_rel = 0.0, 0.0
-    with torch.inference_mode():
-        for batch_size in CHECK_BATCH_SIZES:
-            images = torch.randn(batch_size, *example.shape[1:], generator=torch.Generator().manual_seed(batch_size))
-            abs_err, rel_err = max_errors(model(images), run(images))
-            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+    worst_abs, worst_rel = output_errors(model, run, example)
     if not within_tolerance(worst_abs, worst_rel, atol=check.atol, rtol=check.rtol):
         raise ValueError(
             f"{what} does not reproduce the model: max error {worst_abs:.2e} abs, {worst_rel:.2e} rel "
@@ -241,6 +272,17 @@ def check_outputs(model: Logits, run: Logits, example: Tensor, *, check: Check, 
         "%s matches the model at batch sizes %s: %.1e abs, %.1e rel", what, CHECK_BATCH_SIZES, worst_abs, worst_rel
     )
     return {"checked_batch_sizes": list(CHECK_BATCH_SIZES), "max_abs_err": worst_abs, "max_rel_err": worst_rel}
+
+
+def output_errors(model: Logits, run: Logits, example: Tensor) -> tuple[float, float]:
+    """The worst absolute and relative errors of ``run``'s logits against ``model``'s at :data:`CHECK_BATCH_SIZES`."""
+    worst_abs, worst_rel = 0.0, 0.0
+    with torch.inference_mode():
+        for batch_size in CHECK_BATCH_SIZES:
+            images = torch.randn(batch_size, *example.shape[1:], generator=torch.Generator().manual_seed(batch_size))
+            abs_err, rel_err = max_errors(model(images), run(images))
+            worst_abs, worst_rel = max(worst_abs, abs_err), max(worst_rel, rel_err)
+    return worst_abs, worst_rel
 
 
 # An engine's logits against the float32 model's, relative to the largest logit: TensorRT picks its own

@@ -1,4 +1,5 @@
-"""OpenVINO (extra ``[openvino]``): ``model.xml``/``.bin`` and ``model_int8.xml`` (NNCF), timed on the CPU.
+"""OpenVINO (extra ``[openvino]``): ``model.xml``/``.bin``, ``model_int8.xml`` (NNCF) and the gated
+``model_bf16.xml``/``model_fp16.xml``, timed on the CPU.
 
 OpenVINO is optional: this module imports it only inside its functions, and :func:`missing`
 says why it cannot be used (for the benchmark's list of skipped backends) where
@@ -8,12 +9,26 @@ quantization, and its accuracy control when that fails the gate), predict's runn
 
 Two settings are always explicit, because their defaults change results or speed:
 
-* ``INFERENCE_PRECISION_HINT=f32``: on CPUs with AVX-512 BF16 OpenVINO's default is bf16, which
-  changes the outputs (the export check would fail) and, on a CPU without AMX, ran A0 1.8x
-  slower than f32 here;
+* ``INFERENCE_PRECISION_HINT``, the precision a file records (f32 but for the gated bf16/fp16): on
+  CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the outputs (the export check
+  would fail) and, on a CPU without AMX, ran A0 1.8x slower than f32 here;
 * ``PERFORMANCE_HINT``: ``LATENCY`` (one stream using every thread: the ``openvino`` backend) or
   ``THROUGHPUT`` (several streams sharing the threads, requests in flight together: the
   ``openvino_throughput`` backend, which splits each batch among them).
+
+Each file records the inference precision it was verified at (:func:`record_precision`: f32 for
+``model.xml`` and ``model_int8.xml``), which :func:`compile_model`, so predict.py, compiles at.
+OpenVINO's CPU plugin (2026.4) does not read that record: a plain ``openvino.Core().compile_model(path,
+"CPU")`` runs in bf16 on a CPU with bf16, whatever the file says. So every file's check also compiles
+it so, with no setting, and the export record gives that precision and its error
+(:func:`plain_runtime`): what a user of the bare runtime gets.
+
+bf16 and fp16 (``quantize.floats``) are judged by int8's gate and written only if they pass, each
+only where the CPU runs it natively, from OpenVINO's own capability query (``OPTIMIZATION_CAPABILITIES``:
+``BF16`` with AVX-512 BF16 or AMX, ``FP16`` with AVX-512 FP16 or AMX-FP16); elsewhere emulated, they
+would be slower than f32, and are skipped with the reason. onnxruntime has no bf16 or fp16
+convolution on x86 CPUs (its CPU provider casts fp16 models back to float32, or refuses them), so it
+offers none.
 """
 
 from __future__ import annotations
@@ -28,12 +43,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_outputs
+from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_outputs, output_errors
 from repblocks.errors import UserError
 
 # One conversion and one compilation for fp32 and int8, deployment and QAT: they live in the int8 package.
 from repblocks.int8 import NNCF_OPTIONS, nncf_dataset, nncf_int8, top1
-from repblocks.int8.conversion import INSTALL, compile_model, infer, missing, require, to_openvino
+from repblocks.int8.conversion import (
+    INSTALL,
+    compile_model,
+    infer,
+    missing,
+    record_precision,
+    recorded_precision,
+    require,
+    to_openvino,
+)
 
 __all__ = [
     "ENGINE",
@@ -42,7 +66,10 @@ __all__ = [
     "infer",
     "load",
     "missing",
+    "plain_runtime",
     "read_metadata",
+    "record_precision",
+    "recorded_precision",
     "require",
     "runner",
     "save",
@@ -52,6 +79,8 @@ __all__ = [
 
 
 MODES = {"openvino": "latency", "openvino_throughput": "throughput"}  # timing backend -> performance hint
+# deploy's name -> (OpenVINO's element type, the CPU capability OpenVINO reports when it runs it natively)
+PRECISIONS = {"fp32": ("f32", None), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
 
 
 def set_metadata(ov_model, metadata: Mapping[str, str]) -> None:
@@ -69,7 +98,8 @@ def read_metadata(ov_model) -> dict[str, str]:
 
 
 def runner(ov_model, *, mode: str = "latency", threads: int | None = None) -> Runner:
-    """``ov_model`` compiled for the CPU in float32; timed split among requests in throughput mode."""
+    """``ov_model`` compiled for the CPU at its recorded precision (float32 unless gated bf16/fp16); timed split
+    among requests in throughput mode."""
     compiled = compile_model(ov_model, mode=mode, threads=threads)
     run = infer(compiled)
     if mode == "latency":
@@ -130,18 +160,36 @@ def _temporary_pair(path: Path) -> Iterator[Path]:
         tmp.with_suffix(".bin").unlink(missing_ok=True)
 
 
-def _write(ov_model, path: Path, metadata: Mapping[str, str], reference, example: Tensor, check, what: str) -> dict:
-    """Save ``ov_model`` with ``metadata`` at ``path``; OpenVINO, compiling the files read back, must reproduce ``reference``."""
+def _write(
+    ov_model, path: Path, metadata: Mapping[str, str], reference, example: Tensor, check, what: str,
+    *, precision: str = "fp32",
+) -> dict:  # fmt: skip
+    """Save ``ov_model`` with ``metadata`` and ``precision`` recorded at ``path``; OpenVINO, compiling the files
+    read back at the recorded precision, must reproduce ``reference``. The record has a plain compile's too."""
     set_metadata(ov_model, metadata)
+    record_precision(ov_model, PRECISIONS[precision][0])  # the precision it is verified at, in the file
     written = save(ov_model, path)
     try:
         reloaded = infer(compile_model(load(path)))
         errors = check_outputs(reference, reloaded, example, check=check, what=what)
+        errors["plain_runtime"] = plain_runtime(path, reference, example)
     except BaseException:
         for file in written:
             file.unlink(missing_ok=True)
         raise
     return {"path": str(path), "runtime": version(), **errors}
+
+
+def plain_runtime(path: str | Path, reference: Callable[[Tensor], Tensor], example: Tensor) -> dict:
+    """What ``openvino.Core().compile_model(path, "CPU")``, with no setting, runs at and its error against ``reference``.
+
+    The precision is the compiled model's own answer (``INFERENCE_PRECISION_HINT``), so it holds on any CPU.
+    """
+    ov = require("checking an OpenVINO file")
+    compiled = ov.Core().compile_model(str(path), "CPU")
+    precision = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+    worst_abs, worst_rel = output_errors(reference, infer(compiled), example)
+    return {"precision": precision, "max_abs_err": worst_abs, "max_rel_err": worst_rel}
 
 
 def version() -> str:
@@ -161,7 +209,7 @@ class OpenVINO(Engine):
     def export(self, model, path, example, metadata, *, check, precision="fp32"):
         info = _write(to_openvino(model, example), Path(path), metadata, model, example, check,
                       "OpenVINO (fp32 precision hint)")  # fmt: skip
-        return {**info, "format": "openvino"}
+        return {**info, "format": "openvino"}  # model.xml: f32 recorded
 
     def read_metadata(self, path):
         return read_metadata(load(path))
@@ -178,7 +226,9 @@ class OpenVINO(Engine):
     def applicable(self, backend, dtype, device):
         if device.type != "cpu":
             return "OpenVINO is timed on the CPU; this run times the GPU"
-        return missing() or (None if dtype == "fp32" else "OpenVINO is compiled with its fp32 precision hint")
+        if missing() or dtype == "fp32":
+            return missing()
+        return f"OpenVINO is timed here in fp32; its {dtype} is gated and timed with quantize.floats"
 
     def runner(self, model, backend, dtype, *, device, workdir, image_shape, max_batch=128):
         return runner(to_openvino(model, torch.randn(2, *image_shape)), mode=MODES[backend])
@@ -221,6 +271,39 @@ class OpenVINO(Engine):
         model = passed["openvino"].model
         return {backend: (lambda _, mode=mode: runner(model, mode=mode)) for backend, mode in MODES.items()
                 if backend in backends}  # fmt: skip
+
+    def float_missing(self, precision):
+        reason = missing()
+        if reason:
+            return reason
+        capabilities = require(f"{precision} inference").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        if PRECISIONS[precision][1] not in capabilities:
+            return (
+                f"this CPU has no native {precision} (OpenVINO's CPU capabilities: {', '.join(capabilities)}); "
+                "emulated it would be slower than fp32"
+            )
+        return None
+
+    def low_precision(self, model, calibration, precision):
+        ov_model = to_openvino(model, calibration, dynamic_size=True)
+        record_precision(ov_model, PRECISIONS[precision][0])  # compile_model compiles at it
+        method = f"OpenVINO CPU at inference precision {precision} (weights stored in fp32)"
+        return Int8Artifact(method, ov_model, _run(ov_model))
+
+    def write_low_precision(self, gated, path, metadata, example, *, check):
+        path = Path(path)
+        what = f"OpenVINO reading {path.name} at {gated.precision}"
+        info = _write(gated.model, path, metadata, gated.run, example, check, what, precision=gated.precision)
+        type_name = PRECISIONS[gated.precision][0]
+        return {**info, "format": f"openvino {type_name}",
+                "check": f"read back, compiled at its recorded {type_name}: outputs equal to the gated model's"}  # fmt: skip
+
+    def low_precision_runners(self, passed, *, device, backends):
+        if device.type != "cpu":
+            return {}
+        return {(backend, gated.precision): (lambda _, m=gated.model, mode=mode: runner(m, mode=mode))
+                for gated in passed.values() if gated.engine == self.name and gated.precision != "int8"
+                for backend, mode in MODES.items() if backend in backends}  # fmt: skip
 
 
 def _run(ov_model) -> Callable[[Tensor], Tensor]:
