@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import OtherLoad, parse_benchmark_args, run_environment, speed_ratio, write_results
+from benchmarks.common import (
+    OtherLoad,
+    parse_benchmark_args,
+    ratio_and_target_lines,
+    run_environment,
+    speed_ratio,
+    write_results,
+)
 from benchmarks.train_cost import peak_step_bytes
 from benchmarks.train_throughput import recipe_optimizer
 from repblocks.bench import median, synchronizer, time_interleaved
@@ -148,17 +155,7 @@ def markdown(summary: dict, title: str) -> str:
         lines.append(
             f"| {name} | {stats['ms_median']:.2f} | {stats['steps_per_s']:.1f} | {stats['peak_bytes'] / 2**10:.0f} |"
         )
-    lines += ["", "| ratio | steps/s | per-round range | peak memory |", "|---|---:|---:|---:|"]
-    for label, ratio in summary["ratios"].items():
-        lines.append(
-            f"| {label} | {ratio['steps_per_s']:.2f}x | {ratio['per_round_min']:.2f}-{ratio['per_round_max']:.2f} | "
-            f"{ratio['peak_bytes']:.2f}x |"
-        )
-    lines += [""] + [
-        f"- target {t['ratio']} {t['metric']} {t['target']}: {t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
-        for t in summary["targets"]
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + ratio_and_target_lines(summary))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,14 @@ import repblocks
 from repblocks.bench import OtherLoad, median, p90, paired_ratio, throughput
 from repblocks.files import atomic_path
 
-__all__ = ["OtherLoad", "parse_benchmark_args", "speed_ratio", "summarize_samples", "write_results"]
+__all__ = [
+    "OtherLoad",
+    "parse_benchmark_args",
+    "ratio_and_target_lines",
+    "speed_ratio",
+    "summarize_samples",
+    "write_results",
+]
 
 
 def summarize_samples(samples: Mapping[str, Sequence[float]], batch_size: int) -> dict[str, dict]:
@@ -48,6 +55,24 @@ def speed_ratio(candidate: Sequence[float], baseline: Sequence[float]) -> dict[s
         of_medians=paired.of_medians,
         per_round_min=min(per_round),
         per_round_max=max(per_round),
+    )
+
+
+def ratio_and_target_lines(summary: Mapping) -> list[str]:
+    """The markdown table of a cost summary's paired ratios, then one line per target with whether it was met."""
+    lines = ["", "| ratio | steps/s | per-round range | peak memory |", "|---|---:|---:|---:|"]
+    for label, ratio in summary["ratios"].items():
+        lines.append(
+            f"| {label} | {ratio['steps_per_s']:.2f}x | {ratio['per_round_min']:.2f}-{ratio['per_round_max']:.2f} | "
+            f"{ratio['peak_bytes']:.2f}x |"
+        )
+    return (
+        lines
+        + [""]
+        + [
+            f"- target {t['ratio']} {t['metric']} {t['target']}: {t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
+            for t in summary["targets"]
+        ]
     )
 
 

@@ -33,6 +33,7 @@ import repblocks
 from benchmarks.common import (
     OtherLoad,
     parse_benchmark_args,
+    ratio_and_target_lines,
     run_environment,
     speed_ratio,
     summarize_samples,
@@ -166,17 +167,7 @@ def markdown(summary: dict, title: str) -> str:
             f"| {name} | {stats['steps_per_s']:.3f} | {stats['ms_median']:.0f} | {stats['ms_p90']:.0f} | "
             f"{stats['peak_bytes'] / 2**20:.0f} | {stats['resting_bytes'] / 2**20:.0f} |"
         )
-    lines += ["", "| ratio | steps/s | per-round range | peak memory |", "|---|---:|---:|---:|"]
-    for label, ratio in summary["ratios"].items():
-        lines.append(
-            f"| {label} | {ratio['steps_per_s']:.2f}x | {ratio['per_round_min']:.2f}-{ratio['per_round_max']:.2f} | "
-            f"{ratio['peak_bytes']:.2f}x |"
-        )
-    lines += [""] + [
-        f"- target {t['ratio']} {t['metric']} {t['target']}: {t['value']:.2f} ({'met' if t['met'] else 'NOT met'})"
-        for t in summary["targets"]
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + ratio_and_target_lines(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
