@@ -357,7 +357,10 @@ def test_a_ddp_runs_val_acc_is_the_deploy_checks_train_form(tmp_path):
     assert metrics["deploy_check_images"] == 33
     assert metrics["val_acc"] == pytest.approx(metrics["val_acc_train_form"])
     assert "sharing the 33 validation images, each image once" in metrics["val_acc_measured_on"]
-    assert f"best val acc {100 * metrics['val_acc']:.2f}% at epoch {metrics['best_epoch']} (Lightning's val_acc" in result.stdout
+    assert (
+        f"best val acc {100 * metrics['val_acc']:.2f}% at epoch {metrics['best_epoch']} (Lightning's val_acc"
+        in result.stdout
+    )
 
 
 def test_a_validation_folder_without_class_folders_is_one_line(tmp_path):
