@@ -10,7 +10,7 @@ Outputs land in the run directory (``hydra.run.dir=...`` to choose it): ``config
 (resolved), ``checkpoints/`` (best and last, each written atomically), ``logs/``,
 ``deploy_weights/<model>_deploy.safetensors``, ``metrics.json`` and ``training_curves.png``. A folder that holds a run is not
 reused by another one; resuming from a checkpoint inside it continues that run there. A resumed
-run takes its checkpoint's model, loss, rep_l2, EMA and data settings (``repblocks/train/resume.py``).
+run takes its checkpoint's model, loss, rep_l2, EMA and data settings, and its length (``repblocks/train/resume.py``).
 Settings, folders and the resumed checkpoint are checked before any data is read. Every object a
 run trains with (network, data module, LightningModule, optimizer, schedule, trainer) is a Hydra target
 in ``configs/``, built by :func:`repblocks.train.fit.fit`; ``+experiment=qat`` runs
@@ -88,11 +88,11 @@ if __name__ == "__main__":
     with exit_on_user_error():
         composed, note = check_overrides(sys.argv[1:], CONFIG_DIR, "train"), None
         if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
+            # A resumed run takes its checkpoint's model, loss, rep_l2, EMA, data settings and length (repblocks/train/resume.py).
+            sys.argv[1:], composed, note = resume_as_trained(sys.argv[1:], composed.ckpt_path, CONFIG_DIR)
             if (finished := finished_run(composed.ckpt_path, composed.trainer)) is not None:
                 print(finished)  # one line, exit 0: a finished run is no error, and is not trained again
                 sys.exit(0)
-            # A resumed run takes its checkpoint's model, loss, rep_l2, EMA and data settings (repblocks/train/resume.py).
-            sys.argv[1:], composed, note = resume_as_trained(sys.argv[1:], composed.ckpt_path, CONFIG_DIR)
         if composed is not None:  # before Hydra writes its logs and .hydra/ into the run folder
             check_run_folder(composed.hydra.run.dir, ckpt_path=composed.ckpt_path, new_run=first_process())
         if note and first_process():  # once nothing refuses the command line: a refusal is its one line

@@ -70,6 +70,17 @@ def test_recorded_overrides_rebuild_model_loss_rep_l2_ema_and_data():
     check_resumed_as_trained(run, composed)  # what was recorded composes back to itself
 
 
+def test_a_bare_resume_takes_the_run_length_and_a_command_line_length_replaces_it():
+    run = _run({"run_length": {"max_epochs": 7, "max_steps": -1}})
+    assert recorded_overrides(run, CONFIG_DIR, given=[])[-2:] == ["trainer.max_epochs=7", "trainer.max_steps=-1"]
+    for given in ("trainer.max_epochs=9", "trainer.max_steps=100"):  # either one: the end is the command line's
+        assert not any(arg.startswith("trainer.") for arg in recorded_overrides(run, CONFIG_DIR, given=[given]))
+    composed = check_overrides(recorded_overrides(run, CONFIG_DIR, given=[]), CONFIG_DIR, "train")
+    assert (composed.trainer.max_epochs, composed.trainer.max_steps) == (7, -1)
+    junk = _run({"run_length": {"max_epochs": "7; rm -rf", "max_steps": True}})  # data, never text for Hydra
+    assert not any(arg.startswith("trainer.") for arg in recorded_overrides(junk, CONFIG_DIR, given=[]))
+
+
 def test_recorded_names_become_config_choices_only_where_a_config_of_ours_has_them():
     run = _run(
         {"loss": "os.system", "rep_l2": "yes"},
@@ -236,11 +247,9 @@ def test_a_run_killed_in_epoch_n_resumes_at_epoch_n_and_ends_as_an_unbroken_one(
     assert 2 <= held < EPOCHS, f"the kill came after the last epoch ({held} held)"
     killed_in = held + 1  # epochs count from 1: last.ckpt after epoch 2 means the kill came in epoch 3
 
-    # The README's resume command, with the run's own length, continuing in its own folder.
+    # The README's resume command, continuing in its own folder: the run's length comes from its checkpoint.
     last = folder / "killed" / "checkpoints" / "last.ckpt"
-    resumed = _finish(
-        _start(f"ckpt_path={last}", *DIGITS_RUN[2:], f"trainer.max_epochs={EPOCHS}", "hydra.run.dir=killed", cwd=folder)
-    )
+    resumed = _finish(_start(f"ckpt_path={last}", *DIGITS_RUN[2:], "hydra.run.dir=killed", cwd=folder))
     epochs = [epoch for epoch, _ in _epoch_lines(resumed)]
     assert epochs == list(range(killed_in, EPOCHS + 1)), resumed[-3000:]
 
@@ -269,7 +278,7 @@ def test_a_finished_run_says_so_and_a_longer_one_goes_on(unbroken_and_killed):
     assert f"best val acc {100 * metrics['val_acc']:.2f}% at epoch {best_logged}" in unbroken_output
 
     before = sorted((path.name, path.stat().st_mtime_ns) for path in run.rglob("*"))
-    finished = _start(f"ckpt_path={last}", f"trainer.max_epochs={EPOCHS}", "hydra.run.dir=unbroken", cwd=folder)
+    finished = _start(f"ckpt_path={last}", "hydra.run.dir=unbroken", cwd=folder)  # the recorded length: reached
     output = _finish(finished)
     assert output.strip() == (
         f"{last} has finished: {EPOCHS} epochs, {metrics['global_step']} steps trained, "

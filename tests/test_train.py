@@ -168,6 +168,7 @@ def test_checkpoint_loads_weights_only_and_resumes(tmp_path):
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == first["global_step"] > 0
     # BatchNorm's eps is not in the weights: the checkpoint records it so its model is rebuilt as it trained.
     assert checkpoint["hyper_parameters"]["model_kwargs"]["bn_eps"] == 1e-3
+    assert checkpoint["hyper_parameters"]["run_length"] == {"max_epochs": 1, "max_steps": -1}  # a bare resume's end
     rebuilt = build_run_model(read_run_checkpoint(first["last_ckpt"]))
     assert {m.eps for m in rebuilt.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
     resumed = train(

@@ -31,7 +31,7 @@ from repblocks.train.loggers import build_loggers, fresh_log_dirs, keep_earlier_
 from repblocks.train.progress import progress_callbacks
 from repblocks.train.report import run_metrics
 from repblocks.train.resources import data_for_threads, first_process, sync_batchnorm
-from repblocks.train.resume import check_resume_fits, read_resume_checkpoint
+from repblocks.train.resume import RUN_LENGTH_KEYS, check_resume_fits, read_resume_checkpoint
 from repblocks.train.run_folder import check_run_folder, check_run_space, release_folder_if_nothing_saved
 
 __all__ = ["build_module", "fit"]
@@ -97,6 +97,8 @@ def build_module(cfg: DictConfig, data: ClassificationData) -> L.LightningModule
         preprocessing=data.preprocessing,
         class_names=data.class_names,
     )
+    # The run's length too: a bare resume (ckpt_path= alone) trains to the end this run was set for.
+    record["run_length"] = {key: cfg.trainer.get(key) for key in RUN_LENGTH_KEYS}
     return instantiate(cfg.module)(network, record=record)
 
 

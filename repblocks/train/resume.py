@@ -4,7 +4,8 @@ A run's optimizer state only fits the module it was saved from: ``rep_l2=true`` 
 groups differently, EMA adds weights, ``loss=rdrop`` doubles every batch. So a resumed run takes the
 settings its checkpoint records (model and its architecture arguments, loss, ``rep_l2``,
 ``ema_decay``, the data set) as Hydra overrides placed before the command line's own, and a command
-line that sets one of them otherwise is refused in one line, before anything is written.
+line that sets one of them otherwise is refused in one line, before anything is written. The run's
+length (``trainer.max_epochs``, ``max_steps``) is taken too, unless the command line sets either.
 
 The checkpoint is data, never instructions: its architecture passes
 :func:`repblocks.run_checkpoint.model_spec`, and a name becomes a config choice (``model=NAME``,
@@ -31,7 +32,11 @@ from repblocks.checkpoint import read_checkpoint
 from repblocks.cli import check_overrides, quoted
 from repblocks.run_checkpoint import MODEL_CONFIG_KEYS, RunCheckpoint, read_run_checkpoint
 
+# The trainer settings that say how long a run is: recorded in its checkpoints, taken back by a bare resume.
+RUN_LENGTH_KEYS = ("max_epochs", "max_steps")
+
 __all__ = [
+    "RUN_LENGTH_KEYS",
     "check_resume_fits",
     "check_resumed_as_trained",
     "finished_run",
@@ -149,6 +154,11 @@ def recorded_overrides(run: RunCheckpoint, config_dir: str | Path, given: Sequen
             if key != "_target_" and key in data and _plain(data[key]):
                 recorded[f"data.{key}"] = data[key]
     given_keys = {_key(arg) for arg in given}
+    length = hparams.get("run_length")
+    if isinstance(length, Mapping) and not given_keys & {f"trainer.{key}" for key in RUN_LENGTH_KEYS}:
+        for key in RUN_LENGTH_KEYS:  # both or neither: a command line that sets one sets the run's length anew
+            if key in length and (length[key] is None or _count(length[key])):
+                recorded[f"trainer.{key}"] = length[key]
     groups = ("model", "loss", "data")  # their values are file names of ours, checked above: never quoted
     return [
         f"{key}={value if key in groups else _hydra_value(value)}"
@@ -197,7 +207,7 @@ def trained_so_far(checkpoint: Mapping) -> tuple[int, int] | None:
         steps = checkpoint["global_step"]
     except (KeyError, TypeError):
         return None
-    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (epochs, steps)):
+    if not all(_count(value) for value in (epochs, steps)):
         return None
     return epochs, steps
 
@@ -243,6 +253,10 @@ def _group_of_target(group_dir: Path, class_name: object) -> str | None:
         if isinstance(target, str) and target.rpartition(".")[2] == class_name:
             return path.stem
     return None
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _key(override: str) -> str:
