@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM while deploy.py writes its ONNX export: one line, exit 130, and nothing left behind.
+"""Ctrl-C and SIGTERM while deploy.py writes its ONNX export: one line, exit 130, and nothing left behind;
+and after OpenVINO has compiled and dropped models, a signal is still a signal, not a SIGSEGV.
 
 Real signals to real deploy.py processes, sent while the export's temporary file exists. Each
 deploy.py holds still inside its export (its ``torch.onnx.export`` waits once it has run, and says
@@ -96,3 +97,40 @@ def test_a_signal_during_the_export_leaves_nothing(interrupted, name):
     assert returncode == 130
     assert stderr == "interrupted: stopped before finishing; no partial output was kept\n"
     assert list(folder.iterdir()) == []  # no temporary file, no staging folder, no run folder
+
+
+# OpenVINO models compiled through our engine as deploy compiles them (one kept, a file checked by a plain
+# compile, the file compiled again) and dropped first-to-last, then what a later signal meets: torch's SIGCHLD
+# handler (any DataLoader with workers sets it) and Python's Ctrl-C. With a Core per compile, the thread was left
+# on a freed signal stack and the first signal killed the process with SIGSEGV.
+AFTER_OPENVINO = """
+import gc, signal, subprocess, sys, torch
+from repblocks.deploy.engines import openvino
+from repblocks.int8.conversion import compile_model, to_openvino
+model, example, path = torch.nn.Conv2d(3, 4, 3).eval(), torch.randn(2, 3, 8, 8), sys.argv[1]
+converted = to_openvino(model, example)
+openvino.save(converted, path)
+first = compile_model(converted)
+openvino.plain_runtime(path, model, example)
+second = compile_model(openvino.load(path))
+del first
+gc.collect()
+del second
+gc.collect()
+signal.signal(signal.SIGCHLD, lambda *args: None)
+subprocess.run([sys.executable, "-c", "pass"], check=True)  # its end sends SIGCHLD
+try:
+    signal.raise_signal(signal.SIGINT)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_signals_after_openvino_compiled_and_dropped_models_are_handled(tmp_path):
+    pytest.importorskip("openvino")
+    done = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", AFTER_OPENVINO, str(tmp_path / "model.xml")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.strip() == "interrupted"

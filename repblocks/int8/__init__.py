@@ -21,6 +21,7 @@ from repblocks.int8.accuracy import agreement, chance_top1, near_chance, predict
 from repblocks.int8.conversion import (
     INSTALL,
     compile_model,
+    core,
     dynamic_axes,
     example_batch,
     infer,
@@ -36,6 +37,7 @@ __all__ = [
     "agreement",
     "chance_top1",
     "compile_model",
+    "core",
     "dynamic_axes",
     "example_batch",
     "fake_quantize",

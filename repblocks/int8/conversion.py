@@ -10,6 +10,7 @@ would give a model whose batch axis is fixed at 1 (an error, since the axis is d
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from repblocks.errors import UserError
 __all__ = [
     "INSTALL",
     "compile_model",
+    "core",
     "dynamic_axes",
     "example_batch",
     "infer",
@@ -111,6 +113,20 @@ def recorded_precision(ov_model) -> str:
     return ov_model.get_rt_info(PRECISION_KEY).astype(str)
 
 
+@functools.cache
+def core():
+    """The process's one ``openvino.Core``, kept until the process ends.
+
+    Each Core's CPU plugin puts the calling thread on a signal stack of its own, and gives the one
+    it found back when it is destroyed, if its own is still the current one. Two Cores that end in
+    the order they began (the first compiled model dropped before the second: deploy does that) leave
+    the thread on the first plugin's freed stack, and the next signal with a handler (Ctrl-C,
+    torch's SIGCHLD handler of DataLoader workers) kills the process with SIGSEGV. One Core, never
+    destroyed, keeps the thread on a stack that lives as long as the process.
+    """
+    return require("the openvino backend").Core()
+
+
 def compile_model(ov_model, *, mode: str = "latency", threads: int | None = None):
     """Compile for the CPU at the model's recorded precision (float32 unless it records another), in ``mode``
     (``latency`` or ``throughput``), on ``threads`` threads (torch's).
@@ -118,13 +134,12 @@ def compile_model(ov_model, *, mode: str = "latency", threads: int | None = None
     The precision is explicit: on CPUs with AVX-512 BF16 OpenVINO's default is bf16, which changes the
     outputs of what is not quantized.
     """
-    ov = require("the openvino backend")
     config = {
         "INFERENCE_PRECISION_HINT": recorded_precision(ov_model),
         "PERFORMANCE_HINT": MODES[mode],
         "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
     }
-    return ov.Core().compile_model(ov_model, "CPU", config)
+    return core().compile_model(ov_model, "CPU", config)
 
 
 def infer(compiled) -> Callable[[Tensor], Tensor]:

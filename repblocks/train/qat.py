@@ -52,6 +52,7 @@ from repblocks.files import atomic_path, staged_folder
 from repblocks.int8 import (
     agreement,
     compile_model,
+    core,
     fake_quantize,
     infer,
     near_chance,
@@ -342,7 +343,7 @@ def _export_ir(quantized: nn.Module, example: Tensor, *, folder: Path):
     import openvino as ov
 
     ov.save_model(to_openvino(quantized, example), folder / "model.xml", compress_to_fp16=False)
-    return ov.Core().read_model(folder / "model.xml")
+    return core().read_model(folder / "model.xml")
 
 
 def _check_ir(reference: Tensor, ir: Tensor, *, min_agreement: float) -> dict[str, float]:

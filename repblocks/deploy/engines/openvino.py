@@ -51,6 +51,7 @@ from repblocks.int8 import NNCF_OPTIONS, nncf_dataset, nncf_int8, top1
 from repblocks.int8.conversion import (
     INSTALL,
     compile_model,
+    core,
     infer,
     missing,
     record_precision,
@@ -63,6 +64,7 @@ __all__ = [
     "ENGINE",
     "INSTALL",
     "compile_model",
+    "core",
     "infer",
     "load",
     "missing",
@@ -145,8 +147,8 @@ def save(ov_model, path: str | Path) -> list[Path]:
 
 def load(path: str | Path):
     """Read an ``.xml`` (and its ``.bin``) back as an ``openvino.Model``."""
-    ov = require("reading an OpenVINO model")
-    return ov.Core().read_model(str(path))
+    require("reading an OpenVINO model")
+    return core().read_model(str(path))
 
 
 @contextlib.contextmanager
@@ -185,8 +187,8 @@ def plain_runtime(path: str | Path, reference: Callable[[Tensor], Tensor], examp
 
     The precision is the compiled model's own answer (``INFERENCE_PRECISION_HINT``), so it holds on any CPU.
     """
-    ov = require("checking an OpenVINO file")
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    require("checking an OpenVINO file")
+    compiled = core().compile_model(str(path), "CPU")  # the plain call, on our one Core (int8.conversion.core)
     precision = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
     worst_abs, worst_rel = output_errors(reference, infer(compiled), example)
     return {"precision": precision, "max_abs_err": worst_abs, "max_rel_err": worst_rel}
@@ -276,7 +278,8 @@ class OpenVINO(Engine):
         reason = missing()
         if reason:
             return reason
-        capabilities = require(f"{precision} inference").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        require(f"{precision} inference")
+        capabilities = core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         if PRECISIONS[precision][1] not in capabilities:
             return (
                 f"this CPU has no native {precision} (OpenVINO's CPU capabilities: {', '.join(capabilities)}); "
