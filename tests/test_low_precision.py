@@ -29,17 +29,14 @@ def plain() -> torch.nn.Module:
     return repblocks.switch_to_deploy(model)
 
 
+# On the process's one Core (openvino.core): a Core per call here would leave pytest on a freed signal stack.
 def _capabilities() -> list[str]:
-    import openvino as ov
-
-    return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return list(openvino.core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def _plain_precision(path) -> str:
     """What the bare runtime compiles the file at: no setting at all."""
-    import openvino as ov
-
-    return ov.Core().compile_model(str(path), "CPU").get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return openvino.core().compile_model(str(path), "CPU").get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def test_model_xml_records_fp32_and_the_report_says_what_a_plain_compile_runs(plain, tmp_path):

@@ -195,14 +195,14 @@ def test_qat_writes_the_int8_ir_and_the_comparison(qat_run, base_run):
 @pytest.mark.slow
 @needs_openvino
 def test_the_ir_is_int8_and_reproduces_the_reported_figures(qat_run):
-    import openvino as ov
+    from repblocks.int8 import core  # the process's one Core: a Core per call leaves pytest on a freed signal stack
 
     folder, metrics, captured = qat_run
-    ir = ov.Core().read_model(folder / "int8" / "model.xml")
+    ir = core().read_model(folder / "int8" / "model.xml")
     assert "FakeQuantize" in {op.get_type_name() for op in ir.get_ops()}
     data = DigitsData(image_size=32)
     data.setup("validate")
-    compiled = ov.Core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core().compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     expected, got = [], []
     for images, _ in data.val_dataloader():  # the batches the run read
         with torch.no_grad():
