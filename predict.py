@@ -6,12 +6,16 @@
 
 Settings, each ``key=value`` (as deploy.py takes them): ``model`` (``.onnx``, ``.xml``, ``.safetensors``,
 ``.pte``, ``.tflite``), ``images`` (an image file or a folder, searched recursively; files that are not
-images are skipped and counted), ``topk`` (default 5), ``csv`` (a file to write one row per image
+images are skipped, each named), ``topk`` (default 5), ``csv`` (a file to write one row per image
 into; for a folder it defaults to ``<folder name>_predictions.csv`` in the working directory, never
-inside the deploy output, which deploy.py replaces whole), ``threads`` (default: the cores other
-processes leave free). ``repblocks.deploy.Predictor`` does the work; this script parses the
-settings, prints one line per image and turns bad input into one line on stderr and exit status 1
-(Ctrl-C and SIGTERM: one line and status 130). The CSV is written whole, at the end, or not at all.
+inside the deploy output, which deploy.py replaces whole), ``batch_size`` (images read and run at a
+time, default 32: memory grows with it), ``threads`` (default: the cores other processes leave free).
+``repblocks.deploy.Predictor`` does the work; this script parses the settings, prints one line per
+image and turns bad input into one line on stderr and exit status 1 (Ctrl-C and SIGTERM: one line
+and status 130). Images are read as a viewer shows them: EXIF orientation applied, 16-bit scaled.
+The CSV is written whole, at the end, or not at all; a CSV that could not be written, or that
+names the model or an image (it would destroy what is read), is refused before any work. File
+names are printed with control characters escaped.
 """
 
 # ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
@@ -31,7 +35,7 @@ disable_telemetry()  # before any engine loads: onnxruntime reads its switch onc
 from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
 from repblocks.errors import UserError
 
-SETTINGS = ("model", "images", "topk", "csv", "threads")
+SETTINGS = ("model", "images", "topk", "csv", "batch_size", "threads")
 REQUIRED = ("model", "images")
 
 
@@ -43,6 +47,7 @@ class PredictSettings:
     images: Path
     topk: int = 5
     csv: Path | None = None
+    batch_size: int | None = None  # None: repblocks.deploy.predict.BATCH_SIZE (not imported here: it loads torch)
     threads: int | None = None
 
     @classmethod
@@ -71,6 +76,7 @@ class PredictSettings:
             images=Path(given["images"]).expanduser(),
             topk=_positive_int("topk", given.get("topk", "5")),
             csv=Path(given["csv"]).expanduser() if given.get("csv") else None,
+            batch_size=_positive_int("batch_size", given["batch_size"]) if given.get("batch_size") else None,
             threads=_positive_int("threads", given["threads"]) if given.get("threads") else None,
         )
 
@@ -90,40 +96,52 @@ def _positive_int(key: str, value: str) -> int:
 
 
 def describe(prediction) -> str:
-    """``path: name [index] 97.12%, ...``: one line per image."""
+    """``path: name [index] 97.12%, ...``: one line per image (control characters in the path escaped)."""
+    from repblocks.deploy.predict import printable  # loads torch: only once the settings are checked
+
     parts = []
     for rank, (index, probability) in enumerate(zip(prediction.classes, prediction.probabilities, strict=True)):
         name = f"{prediction.names[rank]} " if prediction.names else ""
         parts.append(f"{name}[{index}] {100 * probability:.2f}%")
-    return f"{prediction.image}: {', '.join(parts)}"
+    return f"{printable(prediction.image)}: {', '.join(parts)}"
 
 
 def predict(settings: PredictSettings) -> list:
     """Open the model, classify the images, print them and write the CSV; return the predictions."""
-    from repblocks.deploy.predict import Predictor, image_files, write_csv
+    from repblocks.datasets import IMAGE_SUFFIXES
+    from repblocks.deploy.predict import (
+        BATCH_SIZE,
+        Predictor,
+        check_csv_target,
+        image_files,
+        model_files,
+        printable,
+        write_csv,
+    )
 
-    csv_path = settings.csv_path()
-    if csv_path is not None and csv_path.is_dir():  # before any work: a mistake found after it wastes it
-        raise UserError(f"csv: {csv_path} is a folder; give a file name")
-    if csv_path is not None and not csv_path.resolve().parent.is_dir():
-        raise UserError(f"csv: the folder {csv_path.parent} does not exist")
     if not settings.images.exists():
-        raise UserError(f"images: no image or folder at {settings.images}")
-    predictor = Predictor(settings.model, threads=settings.threads)
-    images: Path | list[Path] = settings.images
-    skipped = 0
+        raise UserError(f"images: no image or folder at {printable(str(settings.images))}")
+    images, skipped = [settings.images], []
     if settings.images.is_dir():
         images, skipped = image_files(settings.images)
         if not images:
-            raise UserError(f"images: {settings.images} holds no image files")
+            raise UserError(f"images: {printable(str(settings.images))} holds no image files")
+    csv_path = settings.csv_path()
+    if csv_path is not None:  # before any work: a mistake found after it wastes it, or destroys an input
+        check_csv_target(csv_path, inputs=[*model_files(settings.model), *images])
+    predictor = Predictor(settings.model, threads=settings.threads, batch_size=settings.batch_size or BATCH_SIZE)
     predictions = predictor.predict(images, topk=settings.topk)
     for prediction in predictions:
         print(describe(prediction))
+    for path in skipped:
+        why = f"its suffix {path.suffix!r} is not an image's" if path.suffix else "it has no suffix"
+        print(f"skipped {printable(str(path))}: {printable(why)}")
     if skipped:
-        print(f"skipped {skipped} file{'' if skipped == 1 else 's'} in {settings.images} that are not images")
+        count = f"{len(skipped)} file{'' if len(skipped) == 1 else 's'}"
+        print(f"skipped {count} in {printable(str(settings.images))}: images are {', '.join(IMAGE_SUFFIXES)} files")
     if csv_path is not None:
         write_csv(predictions, csv_path)
-        print(f"wrote {len(predictions)} predictions to {csv_path}")
+        print(f"wrote {len(predictions)} predictions to {printable(str(csv_path))}")
     return predictions
 
 

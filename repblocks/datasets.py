@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -41,6 +42,7 @@ __all__ = [
     "evaluation_loader",
     "load_image",
     "sample_images",
+    "upright_image",
 ]
 
 log = logging.getLogger(__name__)
@@ -193,7 +195,8 @@ def eval_transform(preprocessing: Mapping):
 class ImageFiles(Dataset):
     """The image files under ``folder`` (searched recursively, by suffix), unlabelled: for calibration.
 
-    ``skipped`` counts the other files found there.
+    ``skipped_files`` are the other files found there (their suffix is not one of :data:`IMAGE_SUFFIXES`),
+    ``skipped`` how many.
     """
 
     def __init__(self, folder: str | os.PathLike, transform=None):
@@ -202,7 +205,8 @@ class ImageFiles(Dataset):
             raise FileNotFoundError(f"{self.folder} is not a folder of images")
         found = sorted(path for path in self.folder.rglob("*") if path.is_file())
         self.files = [path for path in found if path.suffix.lower() in IMAGE_SUFFIXES]
-        self.skipped = len(found) - len(self.files)
+        self.skipped_files = [path for path in found if path.suffix.lower() not in IMAGE_SUFFIXES]
+        self.skipped = len(self.skipped_files)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -530,9 +534,31 @@ def load_image(path: str | os.PathLike, mode: str, *, what: str):
 
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
+            return upright_image(image, mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
         raise ValueError(f"{what}: cannot read image {path}: {err}") from None
+
+
+# PIL's integer modes and the largest value of each: 16-bit PNGs and TIFFs open as "I;16*" (older Pillows
+# as "I"). PIL's convert() clips them at 255, which turns every pixel above 1/257 of full scale white.
+_WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def upright_image(image, mode: str):
+    """``image`` as a person sees it, in ``mode``: its EXIF orientation applied, 16-bit pixels scaled to 8 bits.
+
+    A phone stores a photo as its sensor read it and an EXIF tag saying how to turn it; viewers
+    obey the tag, so the model must too (a "7" taken sideways is otherwise a "4"). A 16-bit
+    image (``"I;16"``; ``"I"``, read as 16-bit) is scaled by 255 / 65535, not clipped at 255.
+    """
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    full_scale = _WIDE_MODES.get(image.mode)
+    if full_scale is not None:
+        pixels = np.asarray(image, dtype=np.float64) * (255 / full_scale)  # (H, W)
+        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    return image.convert(mode)
 
 
 def _check_preprocessing(settings: Mapping[str, object], where: str) -> dict[str, object]:

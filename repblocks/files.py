@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +33,7 @@ __all__ = [
     "DiskFullError",
     "atomic_path",
     "check_free_space",
+    "check_not_an_input",
     "check_writable_dir",
     "default_mode",
     "fsync",
@@ -220,6 +221,34 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     os.close(fd)
     os.unlink(probe)
     return path
+
+
+def check_not_an_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str) -> None:
+    """Refuse, before any work, an output file that is one of the inputs: writing it would destroy what is read.
+
+    Compared as files, not names (:func:`os.path.samefile`'s device and inode): a symbolic link to
+    an input, another path to it, or a hard link of it are the input too. A missing output is none.
+
+    Args:
+        output: The file to be written.
+        inputs: The files that will be read.
+        what: The setting that names the output, to start the message (``"csv"``).
+
+    Raises:
+        UserError: ``output`` is one of ``inputs``; one line naming both.
+    """
+    try:
+        written = os.stat(output)
+    except OSError:  # missing (or unreachable, which writing it will say): nothing there to destroy
+        return
+    for path in inputs:
+        try:
+            read = os.stat(path)
+        except OSError:
+            continue
+        if (read.st_dev, read.st_ino) == (written.st_dev, written.st_ino):
+            same = "" if os.path.abspath(output) == os.path.abspath(path) else f" (the same file as {path})"
+            raise UserError(f"{what}: {output} is an input{same}; writing it would destroy it: give another file name")
 
 
 def fsync(path: str | os.PathLike) -> None:

@@ -41,15 +41,27 @@ from torch import Tensor
 import repblocks.deploy.preprocessing as preprocessing  # the module, not the package: the package imports this one
 from repblocks.bench import free_cores
 from repblocks.checkpoint import DEPLOY_FORM
-from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image
+from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image, upright_image
 from repblocks.deploy.engines import ENGINES as _REGISTRY
 from repblocks.deploy.engines import by_suffix, engine
 from repblocks.errors import UserError
-from repblocks.files import atomic_path
+from repblocks.files import atomic_path, check_not_an_input, check_writable_dir
 from repblocks.run_checkpoint import class_names_from_metadata, spec_from_deploy_metadata
 from repblocks.threads import use_threads
 
-__all__ = ["BATCH_SIZE", "ENGINES", "REFUSED", "Prediction", "Predictor", "image_files", "write_csv"]
+__all__ = [
+    "BATCH_SIZE",
+    "ENGINES",
+    "REFUSED",
+    "SPREADSHEET_FORMULA_START",
+    "Prediction",
+    "Predictor",
+    "check_csv_target",
+    "image_files",
+    "model_files",
+    "printable",
+    "write_csv",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +69,8 @@ log = logging.getLogger(__name__)
 ENGINES = {e.suffix: e.name for e in _REGISTRY if e.suffix and engine(e.name).refused is None}
 REFUSED = {e.suffix: engine(e.name).refused for e in _REGISTRY if e.suffix and engine(e.name).refused}
 BATCH_SIZE = 32  # images read, prepared and run at a time: a folder of any size fits in memory
+# What makes a spreadsheet read a cell as a formula (OWASP's CSV injection): such a cell gets a leading "'".
+SPREADSHEET_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -95,8 +109,8 @@ class Predictor:
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, batch_size: int = BATCH_SIZE):
         self.path = Path(path)
         suffix = _check_model_path(self.path)
-        if batch_size < 1:
-            raise UserError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         self.engine = ENGINES[suffix]
         self.threads = threads or free_cores()[0]
         self.batch_size = batch_size
@@ -184,8 +198,8 @@ class Predictor:
             try:
                 return load_image(source, mode, what="images")
             except ValueError as err:
-                raise UserError(str(err)) from None
-        return source.convert(mode)
+                raise UserError(printable(str(err))) from None
+        return upright_image(source, mode)  # as a file is read: its EXIF orientation, 16 bits scaled
 
     def _check_prepared(self, images: Tensor | np.ndarray) -> np.ndarray:
         array = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
@@ -219,38 +233,92 @@ class Predictor:
             )
 
 
-def image_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
-    """The image files under ``folder`` (by suffix, searched recursively, sorted), and how many other files it holds."""
+def image_files(folder: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """The image files under ``folder`` (by suffix, searched recursively, sorted), and the other files it holds."""
     found = ImageFiles(folder)
-    return found.files, found.skipped
+    return found.files, found.skipped_files
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model file is read from: itself, and an OpenVINO ``.xml``'s weights (``.bin`` beside it)."""
+    path = Path(path)
+    return [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]
+
+
+def check_csv_target(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike]) -> Path:
+    """Refuse, before any work, a CSV that cannot be written or that would replace a file predict reads.
+
+    Args:
+        path: Where the CSV will go.
+        inputs: The files the run reads (:func:`model_files`, the images).
+
+    Raises:
+        UserError: ``path`` is a folder, its folder is missing or not writable, or it is one of ``inputs``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"csv: {printable(str(path))} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UserError(f"csv: the folder {printable(str(path.parent))} does not exist")
+    try:
+        check_writable_dir(path.parent, "csv: the folder")
+    except ValueError as err:
+        raise UserError(printable(str(err))) from None
+    check_not_an_input(path, inputs, "csv")
+    return path
+
+
+def printable(text: str) -> str:
+    """``text`` with its control and other unprintable characters escaped (``\\n``, ``\\x1b``): safe to print.
+
+    A file name may hold a newline or a terminal's escape sequence; printed raw, it would break a
+    one-line-per-image listing or recolour (or retitle) the user's terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def write_csv(predictions: Sequence[Prediction], path: str | os.PathLike) -> Path:
     """Write one row per image (image, then class, name when known, and probability per rank), atomically.
 
+    A text cell that a spreadsheet would run as a formula (it starts with one of
+    :data:`SPREADSHEET_FORMULA_START`: a class name a file recorded, an image's name) is written
+    with a leading ``'``, which spreadsheets show as text (OWASP's advice on CSV injection).
+
     Raises:
-        UserError: ``path`` is a folder, or its folder does not exist.
+        UserError: ``path`` is a folder, its folder does not exist, or it cannot be written.
     """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"csv: {path} is a folder; give a file name")
+        raise UserError(f"csv: {printable(str(path))} is a folder; give a file name")
     if not path.parent.is_dir():
-        raise UserError(f"csv: the folder {path.parent} does not exist")
+        raise UserError(f"csv: the folder {printable(str(path.parent))} does not exist")
     ranks = max((len(p.classes) for p in predictions), default=0)
     named = any(p.names for p in predictions)
     header = ["image"]
     for rank in range(1, ranks + 1):
         header += [f"class_{rank}", *([f"name_{rank}"] if named else []), f"probability_{rank}"]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for prediction in predictions:
-            row = [prediction.image]
-            for rank, (index, probability) in enumerate(zip(prediction.classes, prediction.probabilities, strict=True)):
-                name = [prediction.names[rank] if prediction.names else ""] if named else []
-                row += [index, *name, f"{probability:.6f}"]
-            writer.writerow(row)
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            for prediction in predictions:
+                row = [_as_text(prediction.image)]
+                for rank, (index, probability) in enumerate(
+                    zip(prediction.classes, prediction.probabilities, strict=True)
+                ):
+                    name = [_as_text(prediction.names[rank]) if prediction.names else ""] if named else []
+                    row += [index, *name, f"{probability:.6f}"]
+                writer.writerow(row)
+    except OSError as err:  # made read-only, or removed, since it was checked: one line, nothing half-written
+        raise UserError(f"csv: cannot write {printable(str(path))}: {err.strerror or err}") from None
     return path
+
+
+def _as_text(cell: str) -> str:
+    """``cell`` as a spreadsheet shows it as text, never runs it: a leading ``'`` when it starts like a formula."""
+    return f"'{cell}" if cell.startswith(SPREADSHEET_FORMULA_START) else cell
 
 
 def _check_model_path(path: Path) -> str:
@@ -286,7 +354,13 @@ def _sources(images) -> list[tuple[str, object]]:
         if path.is_dir():
             files, skipped = image_files(path)
             if skipped:
-                log.warning("%s: skipped %d file%s that are not images", path, skipped, "" if skipped == 1 else "s")
+                log.warning(
+                    "%s: skipped %d file%s that are not images (%s)",
+                    printable(str(path)),
+                    len(skipped),
+                    "" if len(skipped) == 1 else "s",
+                    ", ".join(printable(file.name) for file in skipped),
+                )
             if not files:
                 raise UserError(f"images: {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
             sources += [(str(file), file) for file in files]
