@@ -46,7 +46,7 @@ from repblocks.cli import check_overrides, exit_on_user_error, quote_path_values
 from repblocks.config_help import config_help
 from repblocks.deploy.outputs import check_out_dir
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
-from repblocks.deploy.report import console_tables, speed_console_table
+from repblocks.deploy.report import console_tables, headline, speed_console_table
 from repblocks.files import check_writable_dir
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
@@ -77,11 +77,12 @@ def main(cfg: DictConfig) -> None:
     console = Console(width=None if sys.stdout.isatty() else 120)  # rich assumes 80 columns in a pipe or log
     if "rows" in report:
         console.print(speed_console_table(report))
+        for name, path in report["files"].items():
+            console.print(f"{name}: {path}")
     else:
         for table in console_tables(report):
             console.print(table)
-    for name, path in report["files"].items():
-        console.print(f"{name}: {path}")
+        print(headline(report))  # last, and as one line: not wrapped or styled by rich
 
 
 def pin_run_dir(overrides: list[str], composed: DictConfig) -> tuple[list[str], Path]:

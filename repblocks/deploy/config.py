@@ -84,7 +84,9 @@ class VerifyConfig(_Checked):
     atol: float = field(default=1e-4, metadata=_range(0))  # max absolute error of the logits ...
     rtol: float = field(default=1e-4, metadata=_range(0))  # ... or relative to the largest logit; fp32 gives ~1e-6
     batch_size: int = field(default=8, metadata=_range(1, MAX_BATCH_SIZE))  # random images per check
-    real_batches: int = field(default=4, metadata=_range(0))  # validation batches when the data is there; 0: none
+    # Validation batches compared when the data is there. None: all, the images training validated and
+    # checked its deploy weights on, so that both report the same count; N: the first N; 0: none.
+    real_batches: int | None = field(default=None, metadata=_range(0))
 
 
 @dataclass(frozen=True)

@@ -6,26 +6,56 @@ gap between two bars of one colour. Each deploy bar carries its images/s and its
 train form on the same backend and dtype (int8, which has no train form, its speedup over the train
 form eager fp32). Runners that were skipped have no row. The x axis turns logarithmic when one panel
 spans more than :data:`LOG_SCALE_RANGE` (eager next to an engine), so that no bar is squashed to 0.
+
+A backend has one colour in every run (:data:`BACKEND_COLORS`, by name, not by the order the backends
+come in), so that two plots are compared at a glance. The title gives the input the exported model
+takes (``1x3x32x32``), and the PNG's ``Title`` text chunk holds the title.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter
 
-__all__ = ["LOG_SCALE_RANGE", "throughput_figure", "write_throughput_plot"]
+__all__ = ["BACKEND_COLORS", "LOG_SCALE_RANGE", "backend_color", "throughput_figure", "write_throughput_plot"]
 
 LOG_SCALE_RANGE = 20.0  # fastest over slowest bar in a panel above which its axis is logarithmic
 _BAR = 0.38  # height of one bar; a row holds two
+# One colour per backend of the engines' registry, fixed: a backend keeps its colour whichever others ran.
+# Variants of one engine share a hue (OpenVINO's latency and throughput hints, onnxruntime and its TensorRT EP).
+BACKEND_COLORS = {
+    "eager": "tab:gray",
+    "channels_last": "tab:brown",
+    "compile": "tab:pink",
+    "onnxruntime": "tab:blue",
+    "onnxruntime_trt": "#9ecae9",  # light blue
+    "openvino": "tab:purple",
+    "openvino_throughput": "#c5b0d5",  # light purple
+    "tensorrt": "tab:green",
+    "executorch": "tab:orange",
+    "litert": "tab:red",
+    "aoti": "tab:olive",
+}
+# A backend the table does not list yet: a colour chosen by its name alone (a checksum), so still fixed.
+_OTHER_COLORS = ("tab:cyan", "#ffbb78", "#98df8a", "#ff9896", "#c49c94", "#f7b6d2", "#dbdb8d", "#17becf")
 
 
 def write_throughput_plot(report: dict, path: str | Path) -> None:
     """Render :func:`throughput_figure` of a deploy report as a PNG at ``path`` (any suffix: the format is set)."""
-    throughput_figure(report).savefig(path, format="png", dpi=110)
+    figure = throughput_figure(report)
+    figure.savefig(path, format="png", dpi=110, metadata={"Title": figure.get_suptitle()})
+
+
+def backend_color(backend: str) -> str:
+    """The colour of ``backend``'s bars: :data:`BACKEND_COLORS`, else one its name alone picks."""
+    if backend in BACKEND_COLORS:
+        return BACKEND_COLORS[backend]
+    return _OTHER_COLORS[zlib.crc32(backend.encode()) % len(_OTHER_COLORS)]  # crc32: the same in every process
 
 
 def throughput_figure(report: dict) -> Figure:
@@ -37,7 +67,7 @@ def throughput_figure(report: dict) -> Figure:
     # A bare Figure, not pyplot: no global backend or window state, and it renders PNG on any server.
     figure = Figure(figsize=(2.4 + 4.8 * len(batch_sizes), height), layout="constrained")
     panels = figure.subplots(1, len(batch_sizes), sharey=True, squeeze=False)[0]
-    colors = {backend: f"C{i % 10}" for i, backend in enumerate(dict.fromkeys(label[0] for label in labels))}
+    colors = {backend: backend_color(backend) for backend, _ in labels}
     # One scale for every panel, so that the panels read alike.
     log = any(_spread([row for row in rows if row["batch_size"] == size]) > LOG_SCALE_RANGE for size in batch_sizes)
     for axes, batch_size in zip(panels, batch_sizes, strict=True):
@@ -132,8 +162,14 @@ def _row_labels(rows: list[dict]) -> list[tuple[str, str]]:
 
 
 def _title(report: dict) -> str:
-    shape = "x".join(map(str, report.get("image_shape") or []))
-    lines = [f"{report.get('model', 'model')}: train form vs deploy form, input {shape}, {report.get('device', '')}"]
+    """Model, the input its exports take (one image: ``1xCxHxW``), where timed at another size, and the device."""
+    taken = report.get("input_shape") or report.get("image_shape") or []
+    timed = report.get("image_shape") or taken
+    shape = "x".join(map(str, [1, *taken]))
+    at = "" if list(timed) == list(taken) else f" (timed at {'x'.join(map(str, [1, *timed]))})"
+    lines = [
+        f"{report.get('model', 'model')}: train form vs deploy form, model input {shape}{at}, {report.get('device', '')}"
+    ]
     if (report.get("load") or {}).get("skewed"):
         cores = report["load"]["other_load_cores"]
         lines.append(f"other processes kept {cores:.2f} cores busy while timing: the figures are skewed")

@@ -37,6 +37,7 @@ from repblocks.threads import ThreadChoice
 __all__ = [
     "console_tables",
     "deploy_report",
+    "headline",
     "load_summary",
     "load_warning",
     "markdown_report",
@@ -380,12 +381,55 @@ def _unsteady_note(report: dict) -> str | None:
     return None
 
 
+def _validation_images(real: dict) -> str:
+    """``360 validation images``, or with a cap ``256 of the 360 validation images (verify.real_batches=4)``.
+
+    Training's words for the same set (``over the 360 validation images``), so the counts read alike.
+    """
+    total = real.get("validation_images")
+    if total is None or total == real["images"]:
+        return f"{real['images']} validation images"
+    return f"{real['images']} of the {total} validation images (verify.real_batches={real.get('real_batches')})"
+
+
 def _real_summary(real: dict) -> str:
     return (
-        f"{real['images']} images: top-1 agreement {real['top1_agreement']:.1%}, accuracy train "
+        f"{_validation_images(real)}: top-1 agreement {real['top1_agreement']:.1%}, accuracy train "
         f"{real['train_accuracy']:.1%} / deploy {real['deploy_accuracy']:.1%}; "
         f"{real['max_abs_err']:.1e} abs, {real['max_rel_err']:.1e} rel"
     )
+
+
+def headline(report: dict) -> str:
+    """The run in one line: model, how well the forms agree, the fastest engine's speed-up, where the files are.
+
+    ``repvgg_a0: deploy form agrees with the train form on 100.0% of 360 validation images (max error 3.1e-06);
+    fastest: onnxruntime fp32 at batch 16, 2.49x the train form eager fp32; files in outputs/deploy/RUN``
+    """
+    verification, real = report["verify"], report["verify"]["real_images"]
+    if report["max_abs_err"] is None:
+        agreement = f"deploy form {verification['reason']}"
+    elif isinstance(real, dict):
+        agreement = (
+            f"deploy form agrees with the train form on {real['top1_agreement']:.1%} of "
+            f"{_validation_images(real)} (max error {report['max_abs_err']:.1e})"
+        )
+    else:
+        agreement = (
+            f"deploy form agrees with the train form on {report['top1_agreement']:.1%} of "
+            f"{verification['random_images']} random images (max error {report['max_abs_err']:.1e})"
+        )
+    speed = "not timed"
+    if report.get("fastest_deploy"):
+        best = report["fastest_deploy"][-1]  # the largest batch: where the forms differ most
+        speed = f"fastest: {best['backend']} {best['dtype']} at batch {best['batch_size']}"
+        if best.get("withheld"):
+            speed += " (its speed-up withheld: unsteady timings)"
+        elif best.get("ratio_to_train_eager") is not None:
+            speed += f", {best['ratio_to_train_eager']:.2f}x the train form eager fp32"
+    files = report.get("files") or {}
+    where = f"; files in {Path(files['json']).parent}" if files.get("json") else ""
+    return f"{report['model']}: {agreement}; {speed}{where}"
 
 
 def _dtype_summary(errors: dict) -> str:
@@ -416,6 +460,8 @@ def markdown_report(report: dict) -> str:
     real = verification["real_images"]
     lines = [
         f"# Deploy report: {report['model']}",
+        "",
+        headline(report),
         "",
         f"- weights: {report['origin']}",
         f"- preprocessing: {_preprocessing(report)}",

@@ -169,10 +169,14 @@ def _agreement(reference: Tensor, other: Tensor) -> float:
 
 
 def _verify_real_images(
-    network: Network, train: nn.Module, deploy: nn.Module, device: torch.device, max_batches: int
+    network: Network, train: nn.Module, deploy: nn.Module, device: torch.device, max_batches: int | None
 ) -> dict | str:
-    """Errors and accuracies on validation images, or why they were skipped."""
-    if network.data is None or max_batches < 1:
+    """Errors and accuracies on validation images (all of them, or the first ``max_batches`` batches), or why skipped.
+
+    The result says how many validation images there are (``validation_images``) beside how many
+    were compared (``images``): the same set, and the same count, as training's.
+    """
+    if network.data is None or max_batches == 0:
         return (
             "skipped (no data config in the checkpoint)" if network.data is None else "skipped (verify.real_batches=0)"
         )
@@ -181,13 +185,41 @@ def _verify_real_images(
     try:
         data = build_data(network.data)
         data.setup("validate")
-        batches = list(itertools.islice(data.val_dataloader(), max_batches))
-    except (FileNotFoundError, ValueError, ImportError) as err:
+        loader = data.val_dataloader()
+    except Exception as err:
+        return _skipped(err, never)
+    try:
+        # Read as compared, a batch at a time: a whole validation set (ImageNet's) does not fit in memory.
+        compared = compare_forms(train, deploy, _reading(itertools.islice(loader, max_batches)), device)
+    except _ReadError as err:
+        return _skipped(err.__cause__, never)
+    if not compared:
+        return "skipped (the validation loader yielded no images)"
+    return {**compared, "validation_images": len(data.val_set), "real_batches": max_batches}
+
+
+def _skipped(err: BaseException, never: str) -> str:
+    if isinstance(err, FileNotFoundError | ValueError | ImportError):  # the data is not there, or not as expected
         return f"skipped ({err}{never})"
-    except Exception as err:  # corrupt files on disk: this check is optional, the run goes on without it
-        return f"skipped (cannot read the validation images: {one_line(err)}{never})"
-    compared = compare_forms(train, deploy, batches, device)
-    return compared or "skipped (the validation loader yielded no images)"
+    # corrupt files on disk: this check is optional, the run goes on without it
+    return f"skipped (cannot read the validation images: {one_line(err)}{never})"
+
+
+class _ReadError(Exception):
+    """Reading a validation batch failed (the cause says why), as opposed to running the model on it."""
+
+
+def _reading(batches):
+    """``batches``, with an error while reading one raised as :class:`_ReadError`: told apart from the model's."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise _ReadError(one_line(err)) from err
+        yield batch
 
 
 def _verify_dtypes(
