@@ -20,7 +20,6 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -551,13 +550,13 @@ def upright_image(image, mode: str):
     obey the tag, so the model must too (a "7" taken sideways is otherwise a "4"). A 16-bit
     image (``"I;16"``; ``"I"``, read as 16-bit) is scaled by 255 / 65535, not clipped at 255.
     """
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     image = ImageOps.exif_transpose(image)
     full_scale = _WIDE_MODES.get(image.mode)
     if full_scale is not None:
-        pixels = np.asarray(image, dtype=np.float64) * (255 / full_scale)  # (H, W)
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+        # In 32-bit integers, scaled and rounded (+ 0.5: point() truncates); convert() then clips to 0..255.
+        image = image.convert("I").point(lambda value: value * (255 / full_scale) + 0.5).convert("L")
     return image.convert(mode)
 
 
