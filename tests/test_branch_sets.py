@@ -152,8 +152,12 @@ def test_half_precision_branch_sets_fuse_in_float64_and_round_once(kwargs, dtype
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, QAREPVGG_V2, MOBILEONE, ACNET, DBB, dict(EVERY_KIND, groups=4)],
-    ids=["repvgg", "qarepvgg_v2", "mobileone", "acnet", "dbb", "every_kind_depthwise"],
+    [
+        *({}, QAREPVGG_V2, MOBILEONE, ACNET, DBB, dict(EVERY_KIND, groups=4)),
+        dict(BRANCH_SETS["unireplk"], groups=4, kernel_size=7),
+        dict(BRANCH_SETS["repvit_dw"], groups=4),
+    ],
+    ids=["repvgg", "qarepvgg_v2", "mobileone", "acnet", "dbb", "every_kind_depthwise", "unireplk", "repvit_dw"],
 )
 def test_kernel_parameters_are_exactly_those_the_equivalent_kernel_depends_on(kwargs):
     """The RepVGG L2 penalty decays kernel_parameters(): they must be what the fused kernel moves with."""
