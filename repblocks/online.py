@@ -12,8 +12,9 @@ own for the backward pass (:mod:`repblocks.online_step`: the conv output is reco
 
 :class:`OnlineRepBlock` is that block with :class:`~repblocks.blocks.RepBlock`'s constructor and
 surface. It has the branches RepBlock would build for the same arguments, every branch set of
-:data:`~repblocks.blocks.BRANCH_SETS` (RepVGG, MobileOne, QARepVGG, ACNet, DBB), each in its online
-form (:mod:`repblocks.online_branches`), and OREPA's own kinds besides (``prior_branch``,
+:data:`~repblocks.blocks.BRANCH_SETS` (RepVGG, MobileOne, QARepVGG, ACNet, DBB, RepGhost), each in its online
+form (:mod:`repblocks.online_branches`; ``extra_kernels`` and a 1x1 with a bias have none, and are refused by
+name), and OREPA's own kinds besides (``prior_branch``,
 ``dw_sep_branch``; the set :data:`ONLINE_BRANCH_SETS` ``["orepa"]``). Its deploy form is RepBlock's
 (``reparam``, the BatchNorm folded in, or kept with ``keep_post_bn``), so ``repblocks.switch_to_deploy``,
 weight loading and the RepVGG L2 penalty treat it as any RepBlock.
@@ -57,7 +58,8 @@ ONLINE_BRANCH_MODULES = ("conv_prior", "conv_dw_sep")
 _ONLINE_ARGS = ("prior_branch", "dw_sep_branch", "layout")
 LAYOUTS = ("dbb", "orepa")
 
-# Branch sets only the online block has (RepBlock's BRANCH_SETS all have an online form too).
+# Branch sets only the online block has (RepBlock's BRANCH_SETS have an online form too, but those with a kind
+# in _NOT_ONLINE).
 ONLINE_BRANCH_SETS: dict[str, dict] = {
     # OREPA's block (JUGGHM/OREPA_CVPR2022, blocks.py, OREPA): kxk, 1x1, 1x1 -> average pool, the
     # frequency prior, identity-based 1x1 -> kxk and the depthwise-separable branch; no identity.
