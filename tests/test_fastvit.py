@@ -5,7 +5,7 @@ ones, which also checks our table), given random BN statistics and layer scales,
 its train-form state dict loads into ours and gives the same logits, ours exported to timm's keys loads
 into timm's, timm's ``reparameterize_model`` equals our deploy form, and timm's reparameterized state dict
 loads into our deploy-form model (its FFN Conv+BN and attention norms, which timm leaves unfused, are folded
-on the way). The big variants run under ``slow`` at 64x64 (a few seconds each on 2 cores).
+on the way). The big variants run under ``slow``, at 32x32.
 """
 
 from functools import partial
@@ -25,6 +25,12 @@ from timm.utils.model import reparameterize_model  # noqa: E402
 BIG = ["fastvit_t8", "fastvit_t12", "fastvit_s12", "fastvit_sa12"]
 NAMES = ["fastvit_tiny", *[pytest.param(name, marks=pytest.mark.slow) for name in BIG]]
 INPUT = (2, 3, 64, 64)  # 2x2 tokens in the last stage: attention over more than one token
+
+
+def _input(name: str, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """64x64 for the tiny model; 32x32 (one token in the last stage) keeps the big ones' slow tests short."""
+    side = 64 if name == "fastvit_tiny" else 32
+    return torch.randn(INPUT[0], 3, side, side, dtype=dtype)
 
 
 def _randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -70,7 +76,7 @@ def test_timm_train_weights_load_exactly_and_export_back(name):
     state = theirs.state_dict()
     assert detect_layout(state) == "timm_fastvit"
     repblocks.load_weights(ours, state)
-    x = torch.randn(INPUT, dtype=torch.float64)
+    x = _input(name)
     assert torch.equal(ours.stem(x), theirs.stem(x))
     _, rel_err = max_errors(theirs(x), ours(x))
     assert rel_err < 1e-12, f"{name}: {rel_err:.2e}"
@@ -88,7 +94,7 @@ def test_timm_train_weights_load_exactly_and_export_back(name):
 def test_deploy_form_equals_timms_reparameterize_model(name, dtype, tolerance):
     theirs, ours = _pair(name, dtype)
     repblocks.load_weights(ours, theirs.state_dict())
-    x = torch.randn(INPUT, dtype=dtype)
+    x = _input(name, dtype)
     timm_deployed = reparameterize_model(theirs)
     ours_deployed = repblocks.switch_to_deploy(ours)
     _, rel_err = max_errors(timm_deployed(x), ours_deployed(x))
@@ -105,7 +111,7 @@ def test_timms_reparameterized_weights_load_into_our_deploy_form(name):
     ours = repblocks.load_weights(
         repblocks.create_model(name, num_classes=10, deploy=True).double(), timm_deployed.state_dict()
     )
-    x = torch.randn(INPUT, dtype=torch.float64)
+    x = _input(name)
     _, rel_err = max_errors(timm_deployed(x), ours.eval()(x))
     assert rel_err < 1e-10, f"{name}: {rel_err:.2e}"
 
