@@ -108,6 +108,7 @@ def test_timms_reparameterized_weights_load_into_our_deploy_form(name):
     """timm's deploy form keeps the FFN's Conv+BN and the attention norm: both are folded on loading."""
     theirs, _ = _pair(name)
     timm_deployed = reparameterize_model(theirs)
+    assert detect_layout(f"module.{key}" for key in timm_deployed.state_dict()) == "timm_fastvit"
     ours = repblocks.load_weights(
         repblocks.create_model(name, num_classes=10, deploy=True).double(), timm_deployed.state_dict()
     )
@@ -118,7 +119,9 @@ def test_timms_reparameterized_weights_load_into_our_deploy_form(name):
 
 @torch.no_grad()
 def test_deploy_form_refuses_timms_layout_that_has_no_fused_ffn():
-    deployed = repblocks.switch_to_deploy(repblocks.create_model("fastvit_tiny", num_classes=10))
+    model = repblocks.create_model("fastvit_tiny", num_classes=10)
+    deployed = repblocks.switch_to_deploy(model)
+    assert detect_layout(model.state_dict()) == detect_layout(deployed.state_dict()) == "repblocks"
     with pytest.raises(ValueError, match="keeps the FFN's depthwise Conv\\+BN .* write the train form"):
         convert_layout(deployed.state_dict(), "timm_fastvit")
 
