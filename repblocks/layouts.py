@@ -8,7 +8,11 @@ train or deploy form:
   ``rbr_reparam``, ``linear``), QARepVGG blocks in that network included (the QARepVGG authors' code,
   cxxgtxy/QARepVGG: a plain-conv ``rbr_1x1`` and a block-level ``bn`` after the sum, our ``post_bn``);
 * timm's RepVGG and MobileOne (ours, except ``conv_scale``, ``reparam_conv`` and ``attn.fc1/fc2``: a
-  RepVGG in train form without SE has our very keys);
+  RepVGG in train form without SE has our very keys), and timm's FastViT (``timm_fastvit``: timm's
+  MobileOne names plus ``se.fc1/fc2``, ``large_conv``/``small_conv`` and the FFN's ``mlp.conv.conv/bn``);
+  apple's FastViT (apple/ml-fastvit: ``patch_embed``, ``network.N``, ``conv_exp``, read as timm's through
+  :mod:`repblocks.fastvit_layout`). Both reparameterized forms keep the BatchNorm before attention, which
+  our deploy form folds into ``qkv``: it is folded on reading;
 * mmpretrain's (``backbone.stem``, ``backbone.stage_1..4``, ``branch_3x3``/``branch_1x1`` with
   ``conv``/``norm``, ``branch_norm``, ``branch_reparam``, ``se_layer.conv1/conv2.conv``, ``head.fc``);
 * apple's MobileOne (``stage0..4`` as the official RepVGG code, ``rbr_conv.n``, ``rbr_scale``,
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from repblocks.fastvit_layout import apple_fastvit_as_timm, fold_attention_norms
 from repblocks.orepa_layout import generate_orepa_kernels
 
 __all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
@@ -91,6 +96,15 @@ _TIMM_RENAMES: list[_Rename] = [
     (r"\battn\.fc1\.", "se.down."),
     (r"\battn\.fc2\.", "se.up."),
 ]
+# timm's FastViT (timm/models/fastvit.py): its MobileOne blocks are timm's; the large kernel's, the FFN's
+# depthwise Conv+BN and the SE names are its own. Our RepMixer, RepCPE and attention have timm's names.
+_TIMM_FASTVIT_RENAMES: list[_Rename] = [
+    *_TIMM_RENAMES,
+    (r"\bse\.fc([12])\.", lambda m: "se.down." if m[1] == "1" else "se.up."),
+    (r"\blarge_conv\.", "conv_kxk."),
+    (r"\bsmall_conv\.", "conv_extra.0."),
+    (r"\bmlp\.conv\.(conv|bn)\.", lambda m: f"mlp.conv.conv_kxk.{m[1]}."),
+]
 _MMPRETRAIN_RENAMES: list[_Rename] = [
     (r"^backbone\.", ""),  # the classifier's head sits beside the backbone, not under it
     (r"^stage_([1-9])\.", lambda m: f"stages.{int(m[1]) - 1}."),
@@ -136,6 +150,8 @@ _OREPA_RENAMES: list[_Rename] = [*_OFFICIAL_RENAMES, (r"\b(orepa|or1x1|or_large)
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
+    "timm_fastvit": _TIMM_FASTVIT_RENAMES,
+    "apple_fastvit": _TIMM_FASTVIT_RENAMES,  # after apple_fastvit_as_timm
     "mmpretrain": _MMPRETRAIN_RENAMES,
     "apple": _APPLE_RENAMES,
     "yolov6": _YOLOV6_RENAMES,
@@ -143,8 +159,14 @@ _FROM_LAYOUT = {
     "acnet": _ACNET_RENAMES,
     "orepa": _OREPA_RENAMES,
 }
+
+
 # Layouts whose keys are not all a rename of ours: their tensors are computed first (OREPA's train form).
-_READ_FIRST = {"orepa": generate_orepa_kernels}
+_READ_FIRST = {
+    "orepa": generate_orepa_kernels,
+    "timm_fastvit": fold_attention_norms,
+    "apple_fastvit": lambda state_dict: fold_attention_norms(apple_fastvit_as_timm(state_dict)),
+}
 
 # Ours -> theirs, for handing our weights to the other code base.
 _TO_OFFICIAL_BLOCK: list[_Rename] = [
@@ -165,6 +187,13 @@ _TO_TIMM: list[_Rename] = [
     (r"\breparam\.", "reparam_conv."),
     (r"\bse\.down\.", "attn.fc1."),
     (r"\bse\.up\.", "attn.fc2."),
+]
+_TO_TIMM_FASTVIT: list[_Rename] = [
+    *[rename for rename in _TO_TIMM if isinstance(rename, BlockRename) or "se" not in rename[0]],
+    (r"\bse\.(down|up)\.", lambda m: "se.fc1." if m[1] == "down" else "se.fc2."),
+    (r"\bproj\.0\.conv_kxk\.", "proj.0.large_conv."),
+    (r"\bproj\.0\.conv_extra\.0\.", "proj.0.small_conv."),
+    (r"\bmlp\.conv\.conv_kxk\.", "mlp.conv."),
 ]
 _TO_MMPRETRAIN: list[_Rename] = [
     (r"^stem\.", "backbone.stem."),
@@ -208,6 +237,8 @@ _TO_LAYOUT = {
     "repblocks": [],
     "official": _TO_OFFICIAL,
     "timm": _TO_TIMM,
+    "timm_fastvit": _TO_TIMM_FASTVIT,
+    "apple_fastvit": [],  # read only: _apple_fastvit_unwritten says what to write instead
     "mmpretrain": _TO_MMPRETRAIN,
     "apple": _TO_APPLE,
     "yolov6": _TO_YOLOV6,
@@ -245,6 +276,8 @@ def _yolov6_marks(keys: list[str]) -> bool:
 # deploy form. YOLOv6's RepVGGBlock has the official block keys; only the QA blocks tell it apart.
 # timm's train form without SE has our very keys, so it reads as ours, which is right.
 _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
+    # apple's FastViT: its MobileOne blocks have apple's MobileOne names, so it comes first.
+    "apple_fastvit": re.compile(r"(^|\.)(patch_embed\.\d|network\.\d+\.|conv_exp\.)"),
     "apple": re.compile(r"(^|\.)(rbr_(conv|scale|skip)|se\.(reduce|expand))\.|(^|\.)stage\d\.(\d+\.)?reparam_conv\."),
     # OREPA's RepVGGBlock_OREPA has the official rbr_1x1 and rbr_identity beside its generated rbr_dense.
     "orepa": re.compile(r"(^|\.)(weight_(orepa|rbr|or1x1)_\w+$|(orepa|or1x1|or_large)_reparam\.)"),
@@ -253,10 +286,12 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     "yolov6": _yolov6_marks,
     "official": re.compile(r"(^|\.)(stage\d|rbr_(dense|1x1|identity|reparam))\."),
     "mmpretrain": re.compile(r"(^|\.)(stage_\d+|branch_(3x3|1x1|norm|reparam)|se_layer)\."),
+    # Before timm's: its FastViT's FFN keeps its depthwise Conv+BN unfused in train and deploy form alike.
+    "timm_fastvit": re.compile(r"(^|\.)(mlp\.conv\.(conv|bn)|(large|small)_conv)\."),
     "timm": re.compile(r"(^|\.)(reparam_conv|conv_scale|attn\.fc[12])\."),
 }
 # First key components at which a layout's keys have arrived: wrapper prefixes are stripped until one shows.
-_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1"}
+_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network"}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -344,8 +379,38 @@ def _orepa_fused_names(renamed: dict[str, str], state_dict: Mapping[str, Tensor]
     return names
 
 
+def _timm_fastvit_unfused(renamed: dict[str, str], state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    """timm's FastViT has no fused form of its FFN's depthwise Conv+BN, nor of the BatchNorm before attention.
+
+    Raises:
+        ValueError: Our deploy form (which folds both): the message says to write the train form.
+    """
+    fused = [
+        key for key in renamed.values() if re.search(r"(^|\.)(mlp\.conv\.reparam_conv\.|token_mixer\.qkv\.bias$)", key)
+    ]
+    if fused:
+        raise ValueError(
+            "timm's FastViT keeps the FFN's depthwise Conv+BN and the BatchNorm before attention unfused even after "
+            f"timm's reparameterize_model, and these weights fold them ({', '.join(fused[:3])}): write the train form "
+            "in layout 'timm_fastvit' (timm.utils.reparameterize_model then gives timm's deploy form)"
+        )
+    return renamed
+
+
+def _apple_fastvit_unwritten(renamed: dict[str, str], state_dict: Mapping[str, Tensor]) -> dict[str, str]:
+    raise ValueError(
+        "apple's FastViT layout is read, not written: write layout 'timm_fastvit' (timm's FastVit loads it, and "
+        "timm's checkpoint_filter_fn is how timm reads apple's)"
+    )
+
+
 # Layouts whose names depend on tensors, not on keys alone.
-_WRITE_LAST = {"dbb": _dbb_identity_conv1, "orepa": _orepa_fused_names}
+_WRITE_LAST = {
+    "apple_fastvit": _apple_fastvit_unwritten,
+    "dbb": _dbb_identity_conv1,
+    "orepa": _orepa_fused_names,
+    "timm_fastvit": _timm_fastvit_unfused,
+}
 
 
 def _renamed(keys: Iterable[str], renames: list[_Rename]) -> dict[str, str]:

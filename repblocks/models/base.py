@@ -54,6 +54,8 @@ class RepNet(nn.Module):
             and ``forward`` returns the feature maps of ``out_indices``.
         out_indices: With ``features_only``, the levels to return: a sequence (negative counts from
             the end, as in timm) or n for the last n levels. All five by default.
+        reductions: Output stride of each level; by default 2 for the stem and 4 to 32 for the stages
+            (FastViT's stem already strides by 4).
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class RepNet(nn.Module):
         drop_rate: float,
         features_only: bool,
         out_indices: int | Sequence[int] | None,
+        reductions: Sequence[int] | None = None,
     ):
         super().__init__()
         check_int(num_classes, "num_classes", minimum=0)
@@ -73,9 +76,10 @@ class RepNet(nn.Module):
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
         if out_indices is not None and not features_only:
             raise ValueError("out_indices chooses the levels a backbone returns: pass features_only=True with it")
-        levels = [dict(num_chs=level_channels[0], reduction=2, module="stem", stage=0, index=0)]
+        reductions = reductions or [2 ** (level + 1) for level in range(len(level_channels))]
+        levels = [dict(num_chs=level_channels[0], reduction=reductions[0], module="stem", stage=0, index=0)]
         for stage_idx, width in enumerate(level_channels[1:], start=1):
-            levels.append(dict(num_chs=width, reduction=2 ** (stage_idx + 1), module=f"stages.{stage_idx - 1}"))
+            levels.append(dict(num_chs=width, reduction=reductions[stage_idx], module=f"stages.{stage_idx - 1}"))
             levels[-1].update(stage=stage_idx, index=stage_idx)
         self.feature_info = FeatureInfo(levels, out_indices)
         self.features_only = features_only
