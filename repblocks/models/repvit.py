@@ -107,8 +107,10 @@ class RepVitMlp(nn.Module):
         super().__init__()
         self.conv1 = conv_bn(channels, hidden, 1, act=True)
         self.conv2 = conv_bn(hidden, channels, 1)
-        if not self.conv2.deploy:  # the residual starts as the identity, as timm's bn_weight_init=0
-            nn.init.zeros_(self.conv2.conv_kxk.bn.weight)
+        # The residual starts as the identity, as timm's bn_weight_init=0 (the online block's one BN: post_bn).
+        last_bn = None if self.conv2.deploy else getattr(self.conv2.conv_kxk, "bn", None) or self.conv2.post_bn
+        if last_bn is not None:
+            nn.init.zeros_(last_bn.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv2(self.conv1(x))
@@ -211,6 +213,13 @@ class RepVitHead(ClassifierHead):
         """A fresh classifier of ``num_classes`` outputs (0 removes it), in this head's form."""
         super().reset(num_classes)
         self._build(num_classes, deploy=self.deploy)
+
+    def train_form(self) -> RepVitHead:
+        """An empty twin of this head in train form, on the CPU: what ``load_weights`` fuses train-form weights through."""
+        num_classes = self.fc.out_features if isinstance(self.fc, nn.Linear) else 0
+        with torch.device("meta"):  # no init of weights about to be loaded
+            twin = RepVitHead(self.in_features, num_classes, distillation=self.distillation, bn_eps=self.bn_eps)
+        return twin.to_empty(device="cpu")
 
     def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.drop(self.pool(x).flatten(1))  # (B, C)
