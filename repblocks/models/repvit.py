@@ -20,7 +20,9 @@ Module names are timm's (``stem.conv1``, ``stages.i.downsample.pre_block``, ``to
 ``channel_mixer.conv1``, ...) with our branch names inside each block; ``repblocks.layouts`` renames
 timm's and the authors' keys (layouts ``timm_repvit`` and ``thu_repvit``). Each variant is one row of
 ``REPVIT_CONFIGS``; timm's ``legacy`` variants (``repvit_m1/m2/m3``, a Conv+BN 1x1 in the token mixer
-and no BatchNorm after the sum) are not registered.
+and no BatchNorm after the sum) are not registered. timm's published weights load from their file
+(``create_model(name, pretrained=PATH)``, timm's layout); ``pretrained=True`` does not fetch them yet, as the
+classifier refitting of :mod:`repblocks.pretrained` knows one classifier per model, not a second head.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ REPVIT_CONFIGS: dict[str, RepVitConfig] = {
 
 
 def _pretrained_cfg(name: str, cfg: RepVitConfig) -> dict:
-    """timm's ``pretrained_cfg`` keys for a variant (timm's weights are not offered yet: see the module docstring)."""
+    """timm's ``pretrained_cfg`` keys for a variant (no ``hf_hub_id``: see the module docstring)."""
     return dict(
         architecture=name,
         tag=None,
