@@ -108,7 +108,7 @@ def resolve_branches(branches: BranchSet, *, online: bool = False) -> dict:
             raise ValueError(
                 f"unknown branch set {branches!r}; known: {', '.join(sets)} (or a dict of RepBlock keywords)"
             )
-        kwargs = dict(sets[branches])
+        kwargs = resolve_online_branch_set(branches) if online else dict(sets[branches])  # kinds it cannot train
     elif isinstance(branches, Mapping):
         kwargs = dict(branches)
         branch_keys = {key: value for key, value in kwargs.items() if key not in _NOT_BRANCHES}

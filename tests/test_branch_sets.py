@@ -152,8 +152,12 @@ def test_half_precision_branch_sets_fuse_in_float64_and_round_once(kwargs, dtype
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, QAREPVGG_V2, MOBILEONE, ACNET, DBB, dict(EVERY_KIND, groups=4)],
-    ids=["repvgg", "qarepvgg_v2", "mobileone", "acnet", "dbb", "every_kind_depthwise"],
+    [
+        *({}, QAREPVGG_V2, MOBILEONE, ACNET, DBB, dict(EVERY_KIND, groups=4)),
+        dict(BRANCH_SETS["unireplk"], groups=4, kernel_size=7),
+        dict(BRANCH_SETS["repvit_dw"], groups=4),
+    ],
+    ids=["repvgg", "qarepvgg_v2", "mobileone", "acnet", "dbb", "every_kind_depthwise", "unireplk", "repvit_dw"],
 )
 def test_kernel_parameters_are_exactly_those_the_equivalent_kernel_depends_on(kwargs):
     """The RepVGG L2 penalty decays kernel_parameters(): they must be what the fused kernel moves with."""
@@ -474,3 +478,18 @@ def test_extra_kernels_from_a_config_list_are_kept_as_pairs_and_reload():
     load_weights(deployed, block.state_dict())
     x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
     assert max_errors(block(x), deployed(x))[1] < 1e-12
+
+
+def test_a_file_of_extra_kernel_blocks_records_its_kinds_and_loads_back(tmp_path):
+    """The recorded block kinds (JSON: the pairs become lists) match the model's own on loading, train form or fused."""
+    model = _trained_like(nn.Sequential(RepBlock(4, 4, groups=4, kernel_size=7, **BRANCH_SETS["repvggdw"])))
+    repblocks.save_weights(model, tmp_path / "w.safetensors")
+    x = torch.randn(1, 4, 9, 9, dtype=torch.float64)
+    for deploy in (False, True):
+        target = nn.Sequential(RepBlock(4, 4, groups=4, kernel_size=7, **BRANCH_SETS["repvggdw"], deploy=deploy))
+        load_weights(target.double().eval(), tmp_path / "w.safetensors")
+        assert max_errors(model(x), target(x))[1] < 1e-12
+    dilated = dict(BRANCH_SETS["repvggdw"], extra_kernels=((3, 2),))  # the same keys and shapes, another function
+    other = nn.Sequential(RepBlock(4, 4, groups=4, kernel_size=7, **dilated))
+    with pytest.raises(ValueError, match="come from blocks with"):
+        load_weights(other.double(), tmp_path / "w.safetensors")

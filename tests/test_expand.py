@@ -312,3 +312,64 @@ def test_online_expansion_takes_every_branch_set_and_orepa_only_online():
         expand(Mixed(), "orepa")
     block = expand(Mixed(), "orepa", online=True).model.seq[0]
     assert block.conv_prior is not None and block.conv_dw_sep is not None
+
+
+# --- issue 26's sets where they apply: dilated branches on large depthwise kernels, RepGhost's BN identity ---
+
+
+def _timm_mobilenetv3() -> nn.Module:
+    """timm's MobileNetV3 stem and first stages (BatchNormAct2d after every conv): its 3x3 depthwise convs."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:3])
+
+
+def _torchvision_mobilenetv3() -> nn.Module:
+    """torchvision's MobileNetV3-Small, a 3x3 stage and its first 5x5 depthwise convs (stride 2 and 1): 24 inputs."""
+    return torchvision.models.mobilenet_v3_small(num_classes=10).features[3:6]
+
+
+@pytest.mark.parametrize(
+    "build,branches,dtype,inputs",
+    [
+        # float32: torch's float64 dilated depthwise conv on the CPU is a slow reference path (seconds here); the
+        # dilated blocks' float64 exactness is tested on blocks (tests/test_blocks.py, tests/test_branch_sets.py)
+        (_torchvision_mobilenetv3, "unireplk", torch.float32, (2, 24, 16, 16)),
+        (_timm_mobilenetv3, "repghost", torch.float64, (2, 3, 32, 32)),
+    ],
+    ids=["torchvision-mobilenet_v3-unireplk-float32", "timm-mobilenetv3-repghost-float64"],
+)
+def test_real_models_take_the_new_sets_where_they_apply_and_deploy_back_exactly(build, branches, dtype, inputs):
+    x = torch.randn(inputs, dtype=dtype)
+    original = randomize_bn_(build(), seed=0).to(dtype)
+    expansion = expand(original, branches)
+    modules = dict(original.named_modules())
+    left = {conv.name: conv.reason for conv in expansion.left}
+    assert expansion.taken
+    for conv in expansion.taken:
+        block = expansion.model.get_submodule(conv.name)
+        if branches == "unireplk":  # dilated branches beside every 5x5 and larger kernel, none beside a 3x3
+            assert conv.kernel_size >= 5 and [b.conv.dilation[0] for b in block.conv_extra] == [1, 2]
+        else:  # the identity BN where the conv keeps its shape: the depthwise stride-1 convs
+            assert block.identity is not None and conv.stride == 1
+    if branches == "unireplk":
+        threes = [name for name, m in modules.items() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert threes and all(left[name] is Reason.SET_KERNEL_SIZE for name in threes)
+    else:
+        assert Reason.NO_NEW_BRANCH in left.values()
+    for expected, got in zip(_outputs(original, x), _outputs(expansion.model, x), strict=True):
+        assert max_errors(expected, got)[1] < TOLERANCE[dtype]
+    expanded = randomize_bn_(_trained(expansion.model, x), seed=1)
+    plain = repblocks.switch_to_deploy(expanded)
+    fresh = build().to(dtype)
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    for expected, got in zip(_outputs(expanded, x), _outputs(fresh, x), strict=True):
+        assert max_errors(expected, got)[1] < TOLERANCE[dtype]
+
+
+def test_expand_offers_the_new_sets_and_refuses_repvits_in_one_line():
+    assert {"repghost", "repvggdw", "yolo_repconv", "unireplk"} <= set(BRANCH_SETS)
+    with pytest.raises(ValueError, match="repvit_dw' cannot expand a trained conv: its BatchNorm after the sum"):
+        expand(Mixed(), "repvit_dw")
+    summary = expand(Mixed(), "unireplk").summary()
+    assert "left 1: the branch set has no branches for this kernel size (seq.0)" in summary

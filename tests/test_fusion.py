@@ -261,3 +261,39 @@ def test_new_algebra_is_differentiable():
         )
 
     assert torch.autograd.gradcheck(folded, (weight, gamma))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_scaled_signed_and_dilated_branches_fuse_exactly(seed):
+    """Branch lists nobody thought to list: dilations, BNs, conv biases, signs, per-channel scales, several identities."""
+    rng = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[torch.randint(len(options), (1,), generator=rng).item()]
+
+    def randn(*shape):
+        return torch.randn(shape, generator=rng, dtype=torch.float64)
+
+    kernel_size, groups, stride = pick([3, 5, 7]), pick([1, 2, 6]), pick([1, 1, 2])
+    channels, pad = 6, kernel_size // 2
+    x = randn(2, channels, pick([7, 8]), pick([9, 10]))
+    scales = [None, 1.5, -1.0, randn(channels), randn(channels, 1, 1)]
+    expected, branches, identities = 0, [], []
+    for index in range(pick([1, 2, 3, 4])):
+        dilation = pick([d for d in (1, 2, 3) if 2 * d <= kernel_size - 1] or [1])
+        side = pick([k for k in (1, 3, 5) if dilation * (k - 1) + 1 <= kernel_size])
+        kernel, bias = randn(channels, channels // groups, side, side), pick([None, randn(channels)])
+        bn, scale = pick([None, _bn(channels, seed * 10 + index)]), pick(scales)
+        out = F.conv2d(x, kernel, bias, stride, dilation * (side // 2), dilation, groups)
+        out = bn(out) if bn is not None else out
+        expected = expected + (out if scale is None else torch.as_tensor(scale).reshape(-1, 1, 1) * out)
+        branches.append(ConvBranch(kernel, bn, bias=bias, dilation=dilation, scale=scale))
+    for index in range(pick([0, 1, 2]) if stride == 1 else 0):
+        bn, scale = pick([None, _bn(channels, seed * 10 + 5 + index)]), pick(scales)
+        out = bn(x) if bn is not None else x
+        expected = expected + (out if scale is None else torch.as_tensor(scale).reshape(-1, 1, 1) * out)
+        identities.append(IdentityBranch(bn, scale))
+    kernel, bias = equivalent_kernel_bias(branches, kernel_size=kernel_size, identities=identities)
+    chunked = fused_kernel_bias(branches, kernel_size=kernel_size, identities=identities, rows_per_chunk=4)
+    assert torch.equal(kernel, chunked[0]) and torch.equal(bias, chunked[1])
+    assert max_errors(expected, F.conv2d(x, kernel, bias, stride, pad, 1, groups))[1] < 1e-12
