@@ -158,11 +158,12 @@ class SqueezeExcite(nn.Module):
     """Squeeze-and-excitation as in RepVGG-D2se: global pool, reduce, ReLU, expand, sigmoid gate.
 
     Not re-parameterizable (it depends on the input), so it survives deployment unchanged.
+    ``hidden_channels`` overrides ``channels // reduction`` (timm's RepViT rounds its own to a multiple of 8).
     """
 
-    def __init__(self, channels: int, *, reduction: int = 16):
+    def __init__(self, channels: int, *, reduction: int = 16, hidden_channels: int | None = None):
         super().__init__()
-        hidden = max(1, channels // reduction)
+        hidden = hidden_channels or max(1, channels // reduction)
         self.down = nn.Conv2d(channels, hidden, 1)
         self.up = nn.Conv2d(hidden, channels, 1)
 

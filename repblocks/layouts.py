@@ -32,6 +32,11 @@ train or deploy form:
   ``OREPA_1x1`` and ``RepVGGBlock_OREPA``, whose kernels are generated on reading, exactly
   (:mod:`repblocks.orepa_layout`);
 
+* timm's RepViT (``timm_repvit``: ConvNorm's ``c``/``bn``, the token mixer's ``conv``/``conv1``/``bn``,
+  ``se.fc1/fc2``, the classifier's ``head.head``/``head.head_dist`` with ``bn``/``l``; fused by timm's
+  ``fuse()``, each conv where its module was and the classifier one Linear ``head``) and the RepViT authors'
+  (``thu_repvit``, THU-MIG/RepViT: one flat ``features`` list, read as timm's by :mod:`repblocks.repvit_layout`);
+
 each possibly wrapped by DDP (``module.``), ``torch.compile`` (``_orig_mod.``) or a Lightning
 module (``model.``). A layout is recognised by keys no other layout has, and every layout is a
 table of renames: regular expressions on each key, and :class:`BlockRename` for the few names
@@ -48,6 +53,7 @@ from torch import Tensor
 
 from repblocks.fastvit_layout import apple_fastvit_as_timm, fold_attention_norms
 from repblocks.orepa_layout import generate_orepa_kernels
+from repblocks.repvit_layout import authors_to_timm, timm_to_authors
 
 __all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
 
@@ -147,6 +153,24 @@ _ACNET_RENAMES: list[_Rename] = [
 ]
 # After generate_orepa_kernels: OREPA's RepVGG network has the official names; its conv blocks' fused convs are ours.
 _OREPA_RENAMES: list[_Rename] = [*_OFFICIAL_RENAMES, (r"\b(orepa|or1x1|or_large)_reparam\.", "reparam.")]
+# timm's RepViT. A ConvNorm (``c`` + ``bn``) is our one-branch RepBlock (``conv_kxk``); the token mixer's ``conv``,
+# ``conv1`` and ``bn`` are its kxk, 1x1 and post_bn; fused, a module's own weight is its RepBlock's ``reparam``.
+_TIMM_REPVIT_RENAMES: list[_Rename] = [
+    BlockRename("bn", "conv_kxk.bn", marker=r"c\."),  # a ConvNorm's BN; the token mixer's own bn is its post_bn
+    (r"\btoken_mixer\.conv\.conv_kxk\.bn\.", "token_mixer.conv_kxk.bn."),
+    (r"\btoken_mixer\.conv\.c\.", "token_mixer.conv_kxk.conv."),
+    (r"\btoken_mixer\.conv1\.", "token_mixer.conv_1x1."),
+    (r"\btoken_mixer\.bn\.", "token_mixer.post_bn."),
+    (r"(^|\.)c\.", r"\1conv_kxk.conv."),
+    (r"\b(conv1|conv2|token_mixer|spatial_downsample|channel_downsample)\.(weight|bias)$", r"\1.reparam.\2"),
+    (r"\bse\.fc1\.", "se.down."),
+    (r"\bse\.fc2\.", "se.up."),
+    (r"^head\.head\.bn\.", "head.norm."),
+    (r"^head\.head\.l\.", "head.fc."),
+    (r"^head\.head_dist\.bn\.", "head.norm_dist."),
+    (r"^head\.head_dist\.l\.", "head.fc_dist."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
+]
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
@@ -158,14 +182,18 @@ _FROM_LAYOUT = {
     "dbb": _DBB_RENAMES,
     "acnet": _ACNET_RENAMES,
     "orepa": _OREPA_RENAMES,
+    "timm_repvit": _TIMM_REPVIT_RENAMES,
+    "thu_repvit": _TIMM_REPVIT_RENAMES,  # after authors_to_timm
 }
 
 
-# Layouts whose keys are not all a rename of ours: their tensors are computed first (OREPA's train form).
+# Layouts whose keys are not all a rename of ours: their tensors are computed (OREPA's train form, FastViT's
+# attention norm folded) or their names nested (the RepViT authors' flat list) first.
 _READ_FIRST = {
     "orepa": generate_orepa_kernels,
     "timm_fastvit": fold_attention_norms,
     "apple_fastvit": lambda state_dict: fold_attention_norms(apple_fastvit_as_timm(state_dict)),
+    "thu_repvit": authors_to_timm,
 }
 
 # Ours -> theirs, for handing our weights to the other code base.
@@ -233,6 +261,22 @@ _TO_ACNET: list[_Rename] = [
     (r"\bconv_kx1\.(conv|bn)\.", lambda m: f"ver_{m[1]}."),
     (r"\breparam\.", "fused_conv."),
 ]
+_TO_TIMM_REPVIT: list[_Rename] = [
+    BlockRename("fc", "head.l", marker=r"norm\."),  # the train-form classifier; deploy form: one Linear, timm's head
+    (r"\btoken_mixer\.conv_kxk\.conv\.", "token_mixer.conv.c."),
+    (r"\btoken_mixer\.conv_kxk\.bn\.", "token_mixer.conv.bn."),
+    (r"\btoken_mixer\.conv_1x1\.", "token_mixer.conv1."),
+    (r"\btoken_mixer\.post_bn\.", "token_mixer.bn."),
+    (r"\bconv_kxk\.conv\.", "c."),
+    (r"\bconv_kxk\.bn\.", "bn."),
+    (r"\breparam\.", ""),
+    (r"\bse\.down\.", "se.fc1."),
+    (r"\bse\.up\.", "se.fc2."),
+    (r"^head\.norm\.", "head.head.bn."),
+    (r"^head\.norm_dist\.", "head.head_dist.bn."),
+    (r"^head\.fc_dist\.", "head.head_dist.l."),
+    (r"^head\.fc\.", "head."),
+]
 _TO_LAYOUT = {
     "repblocks": [],
     "official": _TO_OFFICIAL,
@@ -245,6 +289,8 @@ _TO_LAYOUT = {
     "dbb": _TO_DBB,
     "acnet": _TO_ACNET,
     "orepa": [],  # deploy form only: _orepa_fused_names names each fused conv as OREPA's choose_blk would build it
+    "timm_repvit": _TO_TIMM_REPVIT,
+    "thu_repvit": _TO_TIMM_REPVIT,  # then timm_to_authors
 }
 LAYOUTS = tuple(_TO_LAYOUT)
 # The BatchNorm eps a code base trains with, where it is not BatchNorm's default (1e-5). YOLOv6's
@@ -278,6 +324,9 @@ def _yolov6_marks(keys: list[str]) -> bool:
 _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     # apple's FastViT: its MobileOne blocks have apple's MobileOne names, so it comes first.
     "apple_fastvit": re.compile(r"(^|\.)(patch_embed\.\d|network\.\d+\.|conv_exp\.)"),
+    # The authors' RepViT rows and classifier; timm's RepVggDw token mixer, train (a ConvNorm ``conv.c``) or fused.
+    "thu_repvit": re.compile(r"^features\.\d+\.(token_mixer|channel_mixer)\.|^classifier\.classifier\."),
+    "timm_repvit": re.compile(r"(^|\.)token_mixer\.(conv\.c\.weight|weight)$"),
     "apple": re.compile(r"(^|\.)(rbr_(conv|scale|skip)|se\.(reduce|expand))\.|(^|\.)stage\d\.(\d+\.)?reparam_conv\."),
     # OREPA's RepVGGBlock_OREPA has the official rbr_1x1 and rbr_identity beside its generated rbr_dense.
     "orepa": re.compile(r"(^|\.)(weight_(orepa|rbr|or1x1)_\w+$|(orepa|or1x1|or_large)_reparam\.)"),
@@ -291,7 +340,7 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     "timm": re.compile(r"(^|\.)(reparam_conv|conv_scale|attn\.fc[12])\."),
 }
 # First key components at which a layout's keys have arrived: wrapper prefixes are stripped until one shows.
-_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network"}
+_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network", "features"}
 
 
 def detect_layout(keys: Iterable[str]) -> str:
@@ -409,6 +458,7 @@ _WRITE_LAST = {
     "apple_fastvit": _apple_fastvit_unwritten,
     "dbb": _dbb_identity_conv1,
     "orepa": _orepa_fused_names,
+    "thu_repvit": lambda renamed, _state_dict: timm_to_authors(renamed),
     "timm_fastvit": _timm_fastvit_unfused,
 }
 

@@ -192,6 +192,8 @@ def ambiguous_qa_blocks(model: nn.Module, state_dict: Mapping) -> list[str]:
     for name, module in model.named_modules():
         if not isinstance(module, RepBlock) or module.branch_config.get("identity_branch") != "plain":
             continue
+        if module.branch_config.get("scale_branch") != "conv":
+            continue  # QARepVGG's plain 1x1 (RepViT's token mixer has a 1x1 with a bias: no code base pools beside it)
         if not (module.in_channels == module.out_channels and module.stride == 1):
             continue  # no identity, no average pool: v1 and v2 are the same block here
         prefix = f"{name}." if name else ""

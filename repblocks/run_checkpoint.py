@@ -99,6 +99,8 @@ FILE_MODEL_ARGUMENTS = {
     # A torchvision classifier trained expanded (repblocks.expand): its branch set, and whether online.
     "expand": (_branch_set, "null, a branch set name or a dict of branch keywords"),
     "online": (lambda value: isinstance(value, bool), "true or false"),
+    # RepViT's second (distillation) classifier head: its train-form weights' keys depend on it.
+    "distillation": (lambda value: isinstance(value, bool), "true or false"),
 }
 # Saved by older train.py runs (``+model.pretrained=...``): where the weights started, which the file's own replace.
 # ``weights`` (a tv_* model's starting file) likewise: it would open another file.

@@ -249,32 +249,41 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
     """Where the model has a fused block and the weights have another form of it, fuse them now.
 
     The other form is the train form (branches), or a deploy form that kept the BatchNorm after the
-    sum (YOLOv6's QARepVGG, or ours with ``keep_post_bn``) for a model that folds it. The weights are
-    checked against that form like any other keys: a missing or an extra branch is reported, never
-    filled with defaults. Fusion runs in float64 from the values given (fp16 weights included) and
-    rounds once, to the dtype of the model's own fused conv.
+    sum (YOLOv6's QARepVGG, or ours with ``keep_post_bn``) for a model that folds it. Besides RepBlocks,
+    any deploy-form module with a ``train_form()`` (an empty twin in its train form: RepViT's classifier
+    head) takes its train-form weights so. The weights are checked against that form like any other keys:
+    a missing or an extra branch is reported, never filled with defaults. Fusion runs in float64 from the
+    values given (fp16 weights included) and rounds once, to the dtype of the model's own fused conv.
     """
     fused = _Fused(dict(state_dict))
     for name, block in model.named_modules():
-        if not isinstance(block, RepBlock) or not block.deploy:
+        is_block = isinstance(block, RepBlock)
+        if not _says_deployed(block) or not (is_block or callable(getattr(block, "train_form", None))):
             continue
         prefix = f"{name}." if name else ""
-        given_keys = [k for k in fused.state_dict if k.startswith(prefix) and _fusable(k[len(prefix) :])]
+        belongs = _fusable if is_block else lambda key: True
+        given_keys = [k for k in fused.state_dict if k.startswith(prefix) and belongs(k[len(prefix) :])]
         given = {k[len(prefix) :]: fused.state_dict[k] for k in given_keys}
-        own = [k for k in block.state_dict() if _fusable(k)]
-        branches = any(_BRANCH.match(k) for k in given)
-        kept_post_bn = block.post_bn is None and any(k.startswith("post_bn.") for k in given)
-        if not (branches or kept_post_bn):
-            continue  # the block's own form (or keys simply missing): loaded and reported as usual
+        own = [k for k in block.state_dict() if belongs(k)]
+        if is_block:
+            branches = any(_BRANCH.match(k) for k in given)
+            kept_post_bn = block.post_bn is None and any(k.startswith("post_bn.") for k in given)
+            if not (branches or kept_post_bn):
+                continue  # the block's own form (or keys simply missing): loaded and reported as usual
+            twin = _twin_of(block, deploy=not branches)
+            form = "train" if branches else "deploy"
+        else:
+            if set(given) <= set(own):
+                continue
+            twin = block.train_form().to(device="cpu", dtype=torch.float64)
+            form = "train"
         for key in given_keys:
             del fused.state_dict[key]
         fused.replaced |= {prefix + k for k in own}
-        twin = _twin_of(block, deploy=not branches)
         wanted = twin.state_dict()
         missing = [k for k in wanted if k not in given and not k.endswith("num_batches_tracked")]
         reshaped = [
-            f"{prefix}{k}: {tuple(v.shape)} in the weights, {tuple(wanted[k].shape)} in the model's "
-            f"{'train' if branches else 'deploy'} form"
+            f"{prefix}{k}: {tuple(v.shape)} in the weights, {tuple(wanted[k].shape)} in the model's {form} form"
             for k, v in given.items()
             if k in wanted and v.shape != wanted[k].shape
         ]
@@ -285,12 +294,20 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
             fused.unfused.append(name or "(the model itself)")
             continue  # nothing to fuse faithfully; the block keeps its own weights and the keys are reported
         twin.load_state_dict({k: v for k, v in given.items() if k in wanted}, strict=False)
-        twin.switch_to_deploy(keep_post_bn=block.post_bn is not None)
+        if is_block:
+            twin.switch_to_deploy(keep_post_bn=block.post_bn is not None)
+        else:
+            twin.switch_to_deploy()
         for key, value in twin.state_dict().items():
             if key in own:
                 target = expected[prefix + key]
                 fused.state_dict[prefix + key] = value.detach().to(target.device, target.dtype)
     return fused
+
+
+def _says_deployed(module: nn.Module) -> bool:
+    """Whether a module says it is in deploy form (its ``deploy`` is True)."""
+    return getattr(module, "deploy", False) is True
 
 
 def _fusable(key: str) -> bool:

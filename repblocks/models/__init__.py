@@ -1,3 +1,3 @@
 """Model families; importing this package registers every model."""
 
-from repblocks.models import fastvit, mobileone, repvgg, tv  # noqa: F401  (registers FastViT, MobileOne, RepVGG, torchvision)
+from repblocks.models import fastvit, mobileone, repvgg, repvit, tv  # noqa: F401  (registers every family)
