@@ -45,9 +45,11 @@ __all__ = [
     "GROUPS_PER_STAGE",
     "ConvNorm",
     "GhostBlock",
+    "GhostBottleneck",
     "GhostHead",
     "GhostNetConfig",
     "RepGhostNet",
+    "conv_bn_factories",
 ]
 
 
@@ -235,7 +237,14 @@ class GhostModuleV3(nn.Module):
         half = math.ceil(out_channels / 2)
         self.primary_conv = block(in_channels, half, kernel_size=1, num_conv_branches=3, act=act)
         self.cheap_operation = block(
-            half, half, kernel_size=3, groups=half, num_conv_branches=3, scale_branch="bn", identity_branch="bn", act=act
+            half,
+            half,
+            kernel_size=3,
+            groups=half,
+            num_conv_branches=3,
+            scale_branch="bn",
+            identity_branch="bn",
+            act=act,
         )
         self.short_conv = None
         if gated:
@@ -256,20 +265,56 @@ class GhostModuleV3(nn.Module):
         return out[:, : self.out_channels] * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
 
 
-class GhostBottleneck(nn.Module):
-    """A ghost module, a strided depthwise Conv+BN where the block strides, SE, a linear ghost module, a shortcut."""
+def conv_bn_factories(
+    *, act: ActFactory | None = _relu, bn_eps: float = DEFAULT_BN_EPS, deploy: bool = False, block_mode: str = "offline"
+) -> tuple[partial, partial]:
+    """How a network of this family builds a Conv+BN: a RepBlock with its one kxk branch (the branches a module
+    adds are keywords of its call), and a :class:`ConvNorm` for the non-square kernels."""
+    block = partial(
+        resolve_block_mode(block_mode), scale_branch=None, identity_branch=None, act=act, bn_eps=bn_eps, deploy=deploy
+    )
+    return block, partial(ConvNorm, bn_eps=bn_eps, deploy=deploy)
 
-    def __init__(self, in_channels: int, row: GhostBlock, cfg: GhostNetConfig, *, gated: bool, block: partial, norm):
+
+class GhostBottleneck(nn.Module):
+    """A ghost module, a strided depthwise Conv+BN where the block strides, SE, a linear ghost module, a shortcut.
+
+    Args:
+        in_channels: Input channels.
+        row: The bottleneck (kernel, expansion, channels, SE, stride) before ``width``.
+        width: The network's width multiplier.
+        version: ``"repghost"`` (RepGhost's modules) or ``"v3"`` (GhostNetV3's).
+        gated: GhostNetV3: gate the first module with the short branch.
+        act: The activation of the first module (both codes: ReLU).
+        bn_eps, deploy, block_mode: As the network's.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        row: GhostBlock,
+        *,
+        width: float = 1.0,
+        version: str = "repghost",
+        gated: bool = False,
+        act: ActFactory | None = _relu,
+        bn_eps: float = DEFAULT_BN_EPS,
+        deploy: bool = False,
+        block_mode: str = "offline",
+    ):
         super().__init__()
-        mid, out = cfg.channels(row.expansion), cfg.channels(row.channels)
+        if version not in ("repghost", "v3"):
+            raise ValueError(f"version must be 'repghost' or 'v3', got {version!r}")
+        block, norm = conv_bn_factories(act=act, bn_eps=bn_eps, deploy=deploy, block_mode=block_mode)
+        mid, out = make_divisible(row.expansion * width, 4), make_divisible(row.channels * width, 4)
         k, stride = row.kernel_size, row.stride
-        if cfg.version == "v3":
+        if version == "v3":
             module = partial(GhostModuleV3, block=block, norm=norm)
-            self.ghost1 = module(in_channels, mid, act=block.keywords["act"], gated=gated)
+            self.ghost1 = module(in_channels, mid, act=act, gated=gated)
             self.ghost2 = module(mid, out, act=None, gated=False)
             strided = dict(num_conv_branches=3, scale_branch="bn")
         else:
-            self.ghost1 = RepGhostModule(in_channels, mid, act=block.keywords["act"], block=block)
+            self.ghost1 = RepGhostModule(in_channels, mid, act=act, block=block)
             self.ghost2 = RepGhostModule(mid, out, act=None, block=block)
             strided = {}
         dw = dict(kernel_size=k, stride=stride, act=None)
@@ -375,17 +420,10 @@ class RepGhostNet(RepNet):
         self.cfg = cfg
         self.bn_eps = bn_eps
         act = resolve_act(act) or nn.Identity
-        # A Conv+BN: a RepBlock with its one kxk branch (the branch kinds a family adds are keywords of a call).
-        block = partial(
-            resolve_block_mode(block_mode),
-            scale_branch=None,
-            identity_branch=None,
-            act=act,
-            bn_eps=bn_eps,
-            deploy=deploy,
-        )
-        norm = partial(ConvNorm, bn_eps=bn_eps, deploy=deploy)
+        options = dict(act=act, bn_eps=bn_eps, deploy=deploy, block_mode=block_mode)
+        block, _ = conv_bn_factories(**options)
         stem = block(in_chans, cfg.stem_channels, stride=2)
+        bottleneck = partial(GhostBottleneck, width=cfg.width, version=cfg.version, **options)
         stages, channels, index = [], cfg.stem_channels, 0
         for stage_idx, stage in enumerate(cfg.stages[: self.num_stages_to_build]):
             groups = []
@@ -393,7 +431,7 @@ class RepGhostNet(RepNet):
                 bottlenecks = []
                 for row in group:
                     # GhostNetV3 gates the first module from the third bottleneck on (timm's layer_idx > 1).
-                    bottlenecks.append(GhostBottleneck(channels, row, cfg, gated=index > 1, block=block, norm=norm))
+                    bottlenecks.append(bottleneck(channels, row, gated=index > 1))
                     channels, index = cfg.channels(row.channels), index + 1
                 groups.append(nn.Sequential(*bottlenecks))
             if stage_idx == len(cfg.stages) - 1:
