@@ -143,7 +143,7 @@ def make_divisible(value: float, divisor: int) -> int:
 
 
 _V3 = dict(version="v3", stages=GHOSTNET_STAGES, final_expansion=1.0)
-_TINY = dict(stages=_first_blocks(REPGHOST_STAGES, 2), head_channels=64, image_size=32, crop_pct=1.0, timm_tag=None)
+_TINY = dict(stages=_first_blocks(REPGHOST_STAGES, 1), head_channels=64, image_size=32, crop_pct=1.0, timm_tag=None)
 GHOSTNET_CONFIGS: dict[str, GhostNetConfig] = {
     "repghostnet_050": GhostNetConfig(0.5),
     "repghostnet_058": GhostNetConfig(0.58),
@@ -153,7 +153,7 @@ GHOSTNET_CONFIGS: dict[str, GhostNetConfig] = {
     # For tests and smoke runs: every kind of bottleneck (strided, SE, identity and projection shortcuts,
     # GhostNetV3's gated modules) in a few ms on 32x32 images.
     "repghostnet_tiny": GhostNetConfig(0.25, **_TINY),
-    "ghostnetv3_tiny": GhostNetConfig(0.25, **{**_TINY, **_V3, "stages": _first_blocks(GHOSTNET_STAGES, 2)}),
+    "ghostnetv3_tiny": GhostNetConfig(0.25, **{**_TINY, **_V3, "stages": _first_blocks(GHOSTNET_STAGES, 1)}),
 }
 
 
