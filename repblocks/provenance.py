@@ -256,8 +256,16 @@ def _json(metadata: Mapping[str, str], key: str) -> object:
 def _comparable(kinds: list) -> set[str]:
     # Absent branches (None, False) are left out, so a branch kind added later does not make older files differ.
     # DBB's 1x1 was "bn" before "bn_unless_depthwise" said where it is absent; the keys tell a depthwise block.
+    # extra_kernels' pairs compare as the JSON lists a file records.
     return {
-        json.dumps({key: _SAME_BRANCH.get(value, value) for key, value in kind.items() if value}, sort_keys=True)
+        json.dumps(
+            {
+                key: _SAME_BRANCH.get(value, value) if isinstance(value, str) else value
+                for key, value in kind.items()
+                if value
+            },
+            sort_keys=True,
+        )
         for kind in kinds
         if isinstance(kind, Mapping)
     }

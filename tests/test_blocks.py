@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from repblocks import RepBlock
-from repblocks.blocks import ACTIVATIONS, resolve_act
+from repblocks.blocks import ACTIVATIONS, ConvBN, resolve_act
 from repblocks.numerics import max_errors, randomize_bn_
 
 # (in, out, stride, groups): dense, strided, channel change, grouped, depthwise, depthwise strided
@@ -180,3 +181,46 @@ def test_random_block_configurations_fuse_exactly(seed):
     expected = block(x)
     block.switch_to_deploy()
     assert max_errors(expected, block(x))[1] < 1e-12, block
+
+
+@pytest.mark.parametrize("dilation,stride", [(1, 1), (2, 1), (3, 2)])
+def test_dilated_conv_bn_keeps_the_size_and_is_torchs_dilated_conv(dilation, stride):
+    block = _trained_like(ConvBN(4, 6, 3, stride=stride, groups=2, dilation=dilation), torch.float64)
+    assert block.conv.dilation == (dilation, dilation) and block.conv.padding == (dilation, dilation)
+    x = torch.randn(1, 4, 11, 10, dtype=torch.float64)
+    expected = F.conv2d(x, block.conv.weight, stride=stride, padding=dilation, dilation=dilation, groups=2)
+    assert block(x).shape[-2:] == RepBlock(4, 6, stride=stride, groups=2)(x.float()).shape[-2:]
+    assert max_errors(block.bn(expected), block(x))[0] < 1e-12
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_a_large_depthwise_kernel_with_dilated_branches_deploys_through_its_checked_fold(dtype, tol):
+    """UniRepLKNet's 13x13 with its five branches (dilation up to 5): the fold check's probe covers every tap."""
+    block = _trained_like(RepBlock(8, 8, groups=8, kernel_size=13, extra_kernels="unireplk", act=None), dtype)
+    assert [branch.conv.dilation[0] for branch in block.conv_extra] == [1, 2, 3, 4, 5]
+    x = torch.randn(2, 8, 17, 15, dtype=dtype)
+    expected = block(x)
+    kernel, bias = block.get_equivalent_kernel_bias()
+    form = block.deploy_form(verify=True)
+    assert form.module is block and block.deploy and block.conv_extra is None
+    assert torch.equal(kernel, block.reparam.weight) and torch.equal(bias, block.reparam.bias)
+    assert max_errors(expected, block(x))[1] < tol
+
+
+def test_a_wrong_outer_tap_of_a_dilated_branch_is_caught_by_the_fold_check(monkeypatch):
+    """The probe covers the dilated receptive field: an error in the corner tap only the dilation reaches is a FoldError."""
+    import repblocks.blocks
+    from repblocks.errors import FoldError
+
+    real = repblocks.blocks.fused_kernel_bias
+
+    def corner_off(*args, **kwargs):
+        kernel, bias = real(*args, **kwargs)
+        kernel[..., 0, 0] += 1e-3  # (C, 1, 7, 7): the 3x3 at dilation 3's corner tap
+        return kernel, bias
+
+    block = _trained_like(RepBlock(4, 4, groups=4, kernel_size=7, extra_kernels=((3, 3),), act=None), torch.float64)
+    copy.deepcopy(block).deploy_form(verify=True)  # the true fold passes
+    monkeypatch.setattr(repblocks.blocks, "fused_kernel_bias", corner_off)
+    with pytest.raises(FoldError):
+        block.deploy_form(verify=True)

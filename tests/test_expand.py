@@ -33,6 +33,8 @@ class Mixed(nn.Module):
         self.seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.conv1 = nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=4, bias=True)  # bias + BN: taken
         self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)  # what RepGhost's and UniRepLK's sets take
+        self.bn_depthwise = nn.BatchNorm2d(8)
         self.pointwise = nn.Conv2d(8, 8, 1, bias=False)
         self.bn_pointwise = nn.BatchNorm2d(8)
         self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
@@ -48,6 +50,7 @@ class Mixed(nn.Module):
 
     def forward(self, x):
         x = self.bn1(self.conv1(self.seq(x)))
+        x = self.bn_depthwise(self.depthwise(x))
         x = self.bn_pointwise(self.pointwise(x))
         x = self.bn_dilated(self.dilated(x))
         x = self.bn_even(self.even(x))[..., 1:, 1:]
@@ -121,8 +124,8 @@ def _case_params():
 
 def test_expand_takes_eligible_conv_bn_pairs_and_says_why_it_left_the_rest():
     expansion = expand(Mixed())
-    assert [conv.name for conv in expansion.taken] == ["seq.0", "conv1"]
-    assert [conv.batch_norm for conv in expansion.taken] == ["seq.1", "bn1"]
+    assert [conv.name for conv in expansion.taken] == ["seq.0", "conv1", "depthwise"]
+    assert [conv.batch_norm for conv in expansion.taken] == ["seq.1", "bn1", "bn_depthwise"]
     left = {conv.name: conv.reason for conv in expansion.left}
     assert left == {
         "pointwise": Reason.ONE_BY_ONE,
@@ -170,14 +173,16 @@ def test_expanded_model_computes_the_original_function(branches, mode):
     with torch.no_grad():
         expected, got = model(x), expanded(x)
     assert max_errors(expected, got)[1] < 1e-13
-    if mode == "train":  # the original BN sits in the kxk branch: its running statistics move the same way
+    if mode == "train" and isinstance(expanded.conv1, RepBlock):  # the original BN sits in the kxk branch: its
+        # running statistics move the same way
         assert torch.allclose(model.bn1.running_mean, expanded.conv1.conv_kxk.bn.running_mean + model.conv1.bias)
 
 
 @pytest.mark.parametrize("branches", BRANCH_SETS)
 def test_new_branches_start_at_zero_and_learn(branches):
-    model = expand(Mixed(), branches).model
-    block = model.seq[0]
+    expansion = expand(Mixed(), branches)
+    model = expansion.model
+    block = model.get_submodule(expansion.taken[0].name)
     new = [branch for branch in block.branches() if branch is not block.conv_kxk]
     assert new, "a branch set with nothing but the kxk branch tests nothing"
     _trained(model, torch.randn(4, 3, 16, 16), steps=1)
@@ -287,7 +292,7 @@ def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(br
     original = randomize_bn_(Mixed()).to(dtype).eval()
     x = torch.randn(4, 3, 16, 16, dtype=dtype)
     expanded = expand(original, branches, online=True).model.eval()
-    assert isinstance(expanded.seq[0], OnlineRepBlock)
+    assert any(isinstance(module, OnlineRepBlock) for module in expanded.modules())
     with torch.no_grad():
         assert max_errors(original(x), expanded(x))[1] < TOLERANCE[dtype]
         assert max_errors(original.train()(x), expanded.train()(x))[1] < TOLERANCE[dtype]  # batch statistics too
@@ -307,3 +312,64 @@ def test_online_expansion_takes_every_branch_set_and_orepa_only_online():
         expand(Mixed(), "orepa")
     block = expand(Mixed(), "orepa", online=True).model.seq[0]
     assert block.conv_prior is not None and block.conv_dw_sep is not None
+
+
+# --- issue 26's sets where they apply: dilated branches on large depthwise kernels, RepGhost's BN identity ---
+
+
+def _timm_mobilenetv3() -> nn.Module:
+    """timm's MobileNetV3 stem and first stages (BatchNormAct2d after every conv): its 3x3 depthwise convs."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    return nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:3])
+
+
+def _torchvision_mobilenetv3() -> nn.Module:
+    """torchvision's MobileNetV3-Small, a 3x3 stage and its first 5x5 depthwise convs (stride 2 and 1): 24 inputs."""
+    return torchvision.models.mobilenet_v3_small(num_classes=10).features[3:6]
+
+
+@pytest.mark.parametrize(
+    "build,branches,dtype,inputs",
+    [
+        # float32: torch's float64 dilated depthwise conv on the CPU is a slow reference path (seconds here); the
+        # dilated blocks' float64 exactness is tested on blocks (tests/test_blocks.py, tests/test_branch_sets.py)
+        (_torchvision_mobilenetv3, "unireplk", torch.float32, (2, 24, 16, 16)),
+        (_timm_mobilenetv3, "repghost", torch.float64, (2, 3, 32, 32)),
+    ],
+    ids=["torchvision-mobilenet_v3-unireplk-float32", "timm-mobilenetv3-repghost-float64"],
+)
+def test_real_models_take_the_new_sets_where_they_apply_and_deploy_back_exactly(build, branches, dtype, inputs):
+    x = torch.randn(inputs, dtype=dtype)
+    original = randomize_bn_(build(), seed=0).to(dtype)
+    expansion = expand(original, branches)
+    modules = dict(original.named_modules())
+    left = {conv.name: conv.reason for conv in expansion.left}
+    assert expansion.taken
+    for conv in expansion.taken:
+        block = expansion.model.get_submodule(conv.name)
+        if branches == "unireplk":  # dilated branches beside every 5x5 and larger kernel, none beside a 3x3
+            assert conv.kernel_size >= 5 and [b.conv.dilation[0] for b in block.conv_extra] == [1, 2]
+        else:  # the identity BN where the conv keeps its shape: the depthwise stride-1 convs
+            assert block.identity is not None and conv.stride == 1
+    if branches == "unireplk":
+        threes = [name for name, m in modules.items() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert threes and all(left[name] is Reason.SET_KERNEL_SIZE for name in threes)
+    else:
+        assert Reason.NO_NEW_BRANCH in left.values()
+    for expected, got in zip(_outputs(original, x), _outputs(expansion.model, x), strict=True):
+        assert max_errors(expected, got)[1] < TOLERANCE[dtype]
+    expanded = randomize_bn_(_trained(expansion.model, x), seed=1)
+    plain = repblocks.switch_to_deploy(expanded)
+    fresh = build().to(dtype)
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    for expected, got in zip(_outputs(expanded, x), _outputs(fresh, x), strict=True):
+        assert max_errors(expected, got)[1] < TOLERANCE[dtype]
+
+
+def test_expand_offers_the_new_sets_and_refuses_repvits_in_one_line():
+    assert {"repghost", "repvggdw", "yolo_repconv", "unireplk"} <= set(BRANCH_SETS)
+    with pytest.raises(ValueError, match="repvit_dw' cannot expand a trained conv: its BatchNorm after the sum"):
+        expand(Mixed(), "repvit_dw")
+    summary = expand(Mixed(), "unireplk").summary()
+    assert "left 1: the branch set has no branches for this kernel size (seq.0)" in summary

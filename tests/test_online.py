@@ -36,6 +36,7 @@ SHAPES = [
     pytest.param(8, 16, 2, 2, 3, BRANCH_SETS["dbb"], id="dbb-stride2-groups2"),
     pytest.param(8, 8, 2, 8, 3, BRANCH_SETS["dbb"], id="dbb-depthwise-stride2"),
     pytest.param(6, 6, 1, 1, 5, BRANCH_SETS["dbb"], id="dbb-k5"),
+    pytest.param(8, 8, 1, 8, 3, BRANCH_SETS["repghost"], id="repghost-depthwise"),
     pytest.param(8, 8, 1, 1, 3, ONLINE_BRANCH_SETS["orepa"], id="orepa"),
     pytest.param(8, 16, 2, 2, 3, ONLINE_BRANCH_SETS["orepa"], id="orepa-stride2-groups2"),
     pytest.param(8, 8, 1, 8, 3, ONLINE_BRANCH_SETS["orepa"], id="orepa-groups8-wide-middle"),
@@ -212,10 +213,34 @@ def test_online_block_from_conv_refuses_what_it_cannot_stand_for():
         online_block_from_conv(nn.Conv2d(4, 4, 3, padding=1), None, {"layout": "acb"})
 
 
+@pytest.mark.parametrize(
+    "branches,kind",
+    [
+        ("repvggdw", "extra_kernels"),
+        ("unireplk", "extra_kernels"),
+        ("repvit_dw", "scale_branch=conv_bias"),
+        (dict(extra_kernels=((3, 2),)), "extra_kernels"),
+    ],
+)
+def test_branch_kinds_without_an_online_form_are_refused_by_name(branches, kind):
+    """Issue 26's dilated/extra kernels and biased 1x1 have no online form: one line naming the kind, never dropped."""
+    message = f"the online block cannot train branch kind {kind}: .*use RepBlock"
+    with pytest.raises(ValueError, match=message) as err:
+        resolve_online_branch_set(branches)
+    assert "\n" not in str(err.value)
+    kwargs = BRANCH_SETS[branches] if isinstance(branches, str) else branches
+    with pytest.raises(ValueError, match=message):
+        OnlineRepBlock(8, 8, groups=8, kernel_size=7, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        repblocks.expand(
+            nn.Sequential(nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.BatchNorm2d(8)), branches, online=True
+        )
+
+
 def test_online_branch_sets_resolve_by_name_and_refuse_unknown_ones():
     assert resolve_online_branch_set("dbb") == BRANCH_SETS["dbb"]
     assert resolve_online_branch_set("orepa")["prior_branch"] is True
-    with pytest.raises(ValueError, match="unknown branch set 'orep'; known branch sets: .*dbb, orepa"):
+    with pytest.raises(ValueError, match="unknown branch set 'orep'; known branch sets: .*dbb, .*orepa"):
         resolve_online_branch_set("orep")
     with pytest.raises(ValueError, match="dw_sep_branch must be True or False"):
         resolve_online_branch_set({"dw_sep_branch": "yes"})
