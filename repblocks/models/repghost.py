@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, check_bn_eps, resolve_act
+from repblocks.blocks import BRANCH_SETS, DEFAULT_BN_EPS, ActFactory, _relu, check_bn_eps, resolve_act
 from repblocks.folds import DeployForm, checked_fold
 from repblocks.fusion import fuse_conv_bn
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
@@ -215,8 +215,9 @@ class RepGhostModule(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, act: ActFactory | None, block: partial):
         super().__init__()
         self.primary_conv = block(in_channels, out_channels, kernel_size=1, act=act)
+        branches = BRANCH_SETS["repghost"]  # the depthwise kxk Conv+BN beside an identity BN
         self.cheap_operation = block(
-            out_channels, out_channels, kernel_size=3, groups=out_channels, identity_branch="bn", act=act
+            out_channels, out_channels, kernel_size=3, groups=out_channels, act=act, **branches
         )
 
     def forward(self, x: Tensor) -> Tensor:
