@@ -36,6 +36,11 @@ train or deploy form:
   ``se.fc1/fc2``, the classifier's ``head.head``/``head.head_dist`` with ``bn``/``l``; fused by timm's
   ``fuse()``, each conv where its module was and the classifier one Linear ``head``) and the RepViT authors'
   (``thu_repvit``, THU-MIG/RepViT: one flat ``features`` list, read as timm's by :mod:`repblocks.repvit_layout`);
+* timm's RepGhostNet (``timm_repghost``; ChengpengChen/RepGhost's own code has the same keys) and
+  GhostNetV3 (``timm_ghostnetv3``): ``conv_stem``/``bn1``, ``blocks.N`` (our stages hold
+  :data:`GHOST_GROUPS_PER_STAGE` of them), the ghost modules' ``primary_conv``/``cheap_operation``/``fusion_bn``
+  (RepGhost) or ``primary_rpr_conv``/``cheap_rpr_*``/``dw_rpr_*``/``short_conv`` (GhostNetV3), in train form or
+  as timm's ``reparameterize_model`` leaves them (only the ghost modules and GhostNetV3's strided conv fused);
 
 each possibly wrapped by DDP (``module.``), ``torch.compile`` (``_orig_mod.``) or a Lightning
 module (``model.``). A layout is recognised by keys no other layout has, and every layout is a
@@ -171,6 +176,60 @@ _TIMM_REPVIT_RENAMES: list[_Rename] = [
     (r"^head\.head_dist\.l\.", "head.fc_dist."),
     (r"^head\.(weight|bias)$", r"head.fc.\1"),
 ]
+# RepGhostNet and GhostNetV3 (timm, and ChengpengChen/RepGhost): timm's blocks.N are our stages.i.j, i.e. the
+# groups of each stage in order (repblocks.models.repghost.GROUPS_PER_STAGE, checked there by a test).
+GHOST_GROUPS_PER_STAGE = (3, 2, 2, 3)
+_GHOST_GROUPS = [(stage, group) for stage, count in enumerate(GHOST_GROUPS_PER_STAGE) for group in range(count)]
+
+
+def _conv_bn(theirs_conv: str, theirs_bn: str, ours: str) -> list[_Rename]:
+    """A Conv+BN of theirs (a conv and a BN key prefix) as our single-branch RepBlock ``ours`` (its ``conv_kxk``)."""
+    return [(theirs_conv, f"{ours}.conv_kxk.conv."), (theirs_bn, f"{ours}.conv_kxk.bn.")]
+
+
+def _ghost_group(match: re.Match) -> str:
+    stage, group = _GHOST_GROUPS[int(match[1])]
+    return f"stages.{stage}.{group}."
+
+
+# Both timm networks: the stem, the projection shortcut, the final 1x1 ConvBnAct (a block right in its group), the head.
+_TIMM_GHOST_NETWORK: list[_Rename] = [
+    *_conv_bn(r"^conv_stem\.", r"^bn1\.", "stem"),
+    (r"\bshortcut\.([0-3])\.", lambda m: f"shortcut.{int(m[1]) // 2}.conv_kxk.{('conv', 'bn')[int(m[1]) % 2]}."),
+    (r"^(blocks\.\d+\.\d+)\.conv\.", r"\1.conv_kxk.conv."),
+    (r"^(blocks\.\d+\.\d+)\.bn1\.", r"\1.conv_kxk.bn."),
+    (r"^blocks\.(\d+)\.", _ghost_group),
+    (r"^conv_head\.", "head.conv_head."),
+    (r"^classifier\.", "head.fc."),
+]
+_TIMM_REPGHOST_RENAMES: list[_Rename] = [
+    (r"\b(primary_conv|cheap_operation)\.0\.", r"\1.conv_kxk.conv."),
+    (r"\b(primary_conv|cheap_operation)\.1\.", r"\1.conv_kxk.bn."),
+    (r"\bfusion_bn\.0\.", "cheap_operation.identity."),
+    (r"\bcheap_operation\.(weight|bias)$", r"cheap_operation.reparam.\1"),
+    *_conv_bn(r"\bconv_dw\.", r"\bbn_dw\.", "conv_dw"),
+    *_TIMM_GHOST_NETWORK,
+]
+_TIMM_GHOSTNETV3_RENAMES: list[_Rename] = [
+    (r"\bprimary_rpr_conv\.(\d+)\.bn1\.", r"primary_conv.conv_kxk.\1.bn."),
+    (r"\bprimary_rpr_conv\.", "primary_conv.conv_kxk."),
+    (r"\bprimary_conv\.0\.", "primary_conv.reparam."),
+    (r"\bcheap_rpr_conv\.(\d+)\.bn1\.", r"cheap_operation.conv_kxk.\1.bn."),
+    (r"\bcheap_rpr_conv\.", "cheap_operation.conv_kxk."),
+    (r"\bcheap_rpr_scale\.bn1\.", "cheap_operation.conv_1x1.bn."),
+    (r"\bcheap_rpr_scale\.", "cheap_operation.conv_1x1."),
+    (r"\bcheap_rpr_skip\.", "cheap_operation.identity."),
+    (r"\bcheap_operation\.0\.", "cheap_operation.reparam."),
+    (r"\bdw_rpr_conv\.(\d+)\.bn1\.", r"conv_dw.conv_kxk.\1.bn."),
+    (r"\bdw_rpr_conv\.", "conv_dw.conv_kxk."),
+    (r"\bdw_rpr_scale\.bn1\.", "conv_dw.conv_1x1.bn."),
+    (r"\bdw_rpr_scale\.", "conv_dw.conv_1x1."),
+    (r"\bconv_dw\.(weight|bias)$", r"conv_dw.reparam.\1"),
+    # The short branch: a 1x1 Conv+BN (our RepBlock), then the 1x5 and 5x1 depthwise Conv+BN (our ConvNorm).
+    *_conv_bn(r"\bshort_conv\.0\.", r"\bshort_conv\.1\.", "short_conv.0"),
+    (r"\bshort_conv\.([2-5])\.", lambda m: f"short_conv.{int(m[1]) // 2}.{('conv', 'bn')[int(m[1]) % 2]}."),
+    *_TIMM_GHOST_NETWORK,
+]
 _FROM_LAYOUT = {
     "official": _OFFICIAL_RENAMES,
     "timm": _TIMM_RENAMES,
@@ -184,6 +243,8 @@ _FROM_LAYOUT = {
     "orepa": _OREPA_RENAMES,
     "timm_repvit": _TIMM_REPVIT_RENAMES,
     "thu_repvit": _TIMM_REPVIT_RENAMES,  # after authors_to_timm
+    "timm_repghost": _TIMM_REPGHOST_RENAMES,
+    "timm_ghostnetv3": _TIMM_GHOSTNETV3_RENAMES,
 }
 
 
@@ -277,6 +338,53 @@ _TO_TIMM_REPVIT: list[_Rename] = [
     (r"^head\.fc_dist\.", "head.head_dist.l."),
     (r"^head\.fc\.", "head."),
 ]
+
+
+def _to_conv_bn(ours: str, theirs_conv: str, theirs_bn: str) -> list[_Rename]:
+    return [(rf"{ours}\.conv_kxk\.conv\.", theirs_conv), (rf"{ours}\.conv_kxk\.bn\.", theirs_bn)]
+
+
+def _to_ghost_group(match: re.Match) -> str:
+    return f"blocks.{_GHOST_GROUPS.index((int(match[1]), int(match[2])))}."
+
+
+# Block renames before the network's (they read our names), as _renamed applies them in order.
+_TO_TIMM_GHOST_NETWORK: list[_Rename] = [
+    *_to_conv_bn(r"^stem", "conv_stem.", "bn1."),
+    (r"\bshortcut\.([01])\.conv_kxk\.(conv|bn)\.", lambda m: f"shortcut.{2 * int(m[1]) + (m[2] == 'bn')}."),
+    (r"^(stages\.\d+\.\d+\.\d+)\.conv_kxk\.conv\.", r"\1.conv."),
+    (r"^(stages\.\d+\.\d+\.\d+)\.conv_kxk\.bn\.", r"\1.bn1."),
+    (r"^stages\.(\d+)\.(\d+)\.", _to_ghost_group),
+    (r"^head\.conv_head\.", "conv_head."),
+    (r"^head\.fc\.", "classifier."),
+]
+_TO_TIMM_REPGHOST: list[_Rename] = [
+    (r"\b(primary_conv|cheap_operation)\.conv_kxk\.conv\.", r"\1.0."),
+    (r"\b(primary_conv|cheap_operation)\.conv_kxk\.bn\.", r"\1.1."),
+    (r"\bcheap_operation\.identity\.", "fusion_bn.0."),
+    (r"\bcheap_operation\.reparam\.", "cheap_operation."),
+    *_to_conv_bn(r"\bconv_dw", "conv_dw.", "bn_dw."),
+    *_TO_TIMM_GHOST_NETWORK,
+]
+_TO_TIMM_GHOSTNETV3: list[_Rename] = [
+    (r"\bprimary_conv\.conv_kxk\.(\d+)\.bn\.", r"primary_rpr_conv.\1.bn1."),
+    (r"\bprimary_conv\.conv_kxk\.", "primary_rpr_conv."),
+    (r"\bprimary_conv\.reparam\.", "primary_conv.0."),
+    (r"\bcheap_operation\.conv_kxk\.(\d+)\.bn\.", r"cheap_rpr_conv.\1.bn1."),
+    (r"\bcheap_operation\.conv_kxk\.", "cheap_rpr_conv."),
+    (r"\bcheap_operation\.conv_1x1\.bn\.", "cheap_rpr_scale.bn1."),
+    (r"\bcheap_operation\.conv_1x1\.", "cheap_rpr_scale."),
+    (r"\bcheap_operation\.identity\.", "cheap_rpr_skip."),
+    (r"\bcheap_operation\.reparam\.", "cheap_operation.0."),
+    (r"\bconv_dw\.conv_kxk\.(\d+)\.bn\.", r"dw_rpr_conv.\1.bn1."),
+    (r"\bconv_dw\.conv_kxk\.", "dw_rpr_conv."),
+    (r"\bconv_dw\.conv_1x1\.bn\.", "dw_rpr_scale.bn1."),
+    (r"\bconv_dw\.conv_1x1\.", "dw_rpr_scale."),
+    (r"\bconv_dw\.reparam\.", "conv_dw."),
+    *_to_conv_bn(r"\bshort_conv\.0", "short_conv.0.", "short_conv.1."),
+    (r"\bshort_conv\.([12])\.(conv|bn)\.", lambda m: f"short_conv.{2 * int(m[1]) + (m[2] == 'bn')}."),
+    *_TO_TIMM_GHOST_NETWORK,
+]
 _TO_LAYOUT = {
     "repblocks": [],
     "official": _TO_OFFICIAL,
@@ -288,6 +396,8 @@ _TO_LAYOUT = {
     "yolov6": _TO_YOLOV6,
     "dbb": _TO_DBB,
     "acnet": _TO_ACNET,
+    "timm_repghost": _TO_TIMM_REPGHOST,
+    "timm_ghostnetv3": _TO_TIMM_GHOSTNETV3,
     "orepa": [],  # deploy form only: _orepa_fused_names names each fused conv as OREPA's choose_blk would build it
     "timm_repvit": _TO_TIMM_REPVIT,
     "thu_repvit": _TO_TIMM_REPVIT,  # then timm_to_authors
@@ -338,9 +448,14 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     # Before timm's: its FastViT's FFN keeps its depthwise Conv+BN unfused in train and deploy form alike.
     "timm_fastvit": re.compile(r"(^|\.)(mlp\.conv\.(conv|bn)|(large|small)_conv)\."),
     "timm": re.compile(r"(^|\.)(reparam_conv|conv_scale|attn\.fc[12])\."),
+    # Ours have the same module names, but never a bare index or tensor right below them.
+    "timm_ghostnetv3": re.compile(
+        r"(^|\.)((primary|cheap)_rpr_\w+|dw_rpr_\w+)\.|(^|\.)short_conv\.\d\.(weight|bias|running_\w+)$"
+    ),
+    "timm_repghost": re.compile(r"(^|\.)ghost[12]\.(primary_conv\.[01]\.|fusion_bn\.|cheap_operation\.(\d\.|weight$))"),
 }
 # First key components at which a layout's keys have arrived: wrapper prefixes are stripped until one shows.
-_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network", "features"}
+_LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network", "features", "conv_stem"}
 
 
 def detect_layout(keys: Iterable[str]) -> str:

@@ -49,6 +49,8 @@ REPOSITORIES = {
         "3ed037beeb106cc1c3d011eb2678cebfefc4cba0",
         ["dbb_transforms.py", "basic.py", "blocks.py", "blocks_repvgg.py"],
     ),
+    # RepGhost's network and bottleneck (tests/upstream_repghost.py): ChengpengChen/RepGhost, model/repghost.py.
+    "repghost": ("ChengpengChen/RepGhost", "3c7d87e22c36b75507afc458f089940155308c3f", ["model/repghost.py"]),
 }
 
 
@@ -78,7 +80,7 @@ def _modules(family: str) -> SimpleNamespace | str:
 
 
 def upstream_modules(family: str) -> SimpleNamespace:
-    """The upstream code of ``family`` (``dbb``, ``acnet``, ``orepa``) as modules by file name; the test skips without it."""
+    """The upstream code of ``family`` (``dbb``, ``acnet``, ``orepa``, ``repghost``) as modules by file name; the test skips without it."""
     modules = _modules(family)
     if isinstance(modules, str):
         pytest.skip(modules)
