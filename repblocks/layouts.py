@@ -23,6 +23,11 @@ train or deploy form:
   (``conv``, ``bn.bn``, ``avgbn``), ``dbb_reparam``: our ``dbb`` branch set;
 * ACNet's ``ACBlock`` (DingXiaoH/ACNet, ``acnet/acb.py``): ``square_conv/bn``, ``hor_conv/bn``,
   ``ver_conv/bn``, ``fused_conv``: our ``acnet`` branch set;
+* UniRepLKNet's (AILab-CVC/UniRepLKNet): its ``DilatedReparamBlock`` (``lk_origin``, ``origin_bn``,
+  ``dil_conv_k{k}_{r}``; our ``unireplk`` branch set), its block and its network, in train or fused form
+  (:mod:`repblocks.unireplknet_layout`);
+* ultralytics' ``RepConv`` (YOLOv7/v9's, ``conv1``/``conv2``/``bn``; our ``yolo_repconv``) and ``RepVGGDW``
+  (YOLOv10's, ``conv``/``conv1``; our ``repvggdw``), blocks only, train or fused (:mod:`repblocks.ultralytics_layout`);
 * OREPA's blocks (JUGGHM/OREPA_CVPR2022): the deploy forms (``orepa_reparam``, ``or1x1_reparam``,
   ``or_large_reparam``; ``RepVGGBlock_OREPA``'s is the official block's), and the train forms of ``OREPA``,
   ``OREPA_1x1`` and ``RepVGGBlock_OREPA``, whose kernels are generated on reading, exactly
@@ -43,6 +48,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from repblocks.orepa_layout import generate_orepa_kernels
+from repblocks.ultralytics_layout import from_ultralytics_names, is_ultralytics, to_ultralytics_names
+from repblocks.unireplknet_layout import from_unireplknet_names, is_unireplknet, to_unireplknet_names
 
 __all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
 
@@ -143,8 +150,20 @@ _FROM_LAYOUT = {
     "acnet": _ACNET_RENAMES,
     "orepa": _OREPA_RENAMES,
 }
-# Layouts whose keys are not all a rename of ours: their tensors are computed first (OREPA's train form).
-_READ_FIRST = {"orepa": generate_orepa_kernels}
+
+
+def _renamed_by(names: Callable[[list[str]], dict[str, str]]) -> Callable[[StateDict], StateDict]:
+    """A state dict's keys renamed by a function of all its keys (a layout whose names depend on the block around them)."""
+    return lambda state_dict: {new: state_dict[key] for key, new in names(list(state_dict)).items()}
+
+
+# Layouts whose keys are not all a rename of ours: their tensors are computed first (OREPA's train form), or
+# their names depend on the block around them.
+_READ_FIRST = {
+    "orepa": generate_orepa_kernels,
+    "unireplknet": _renamed_by(from_unireplknet_names),
+    "ultralytics": _renamed_by(from_ultralytics_names),
+}
 
 # Ours -> theirs, for handing our weights to the other code base.
 _TO_OFFICIAL_BLOCK: list[_Rename] = [
@@ -214,11 +233,13 @@ _TO_LAYOUT = {
     "dbb": _TO_DBB,
     "acnet": _TO_ACNET,
     "orepa": [],  # deploy form only: _orepa_fused_names names each fused conv as OREPA's choose_blk would build it
+    "unireplknet": [],  # to_unireplknet_names, by the block around each key
+    "ultralytics": [],  # to_ultralytics_names, by the block around each key
 }
 LAYOUTS = tuple(_TO_LAYOUT)
 # The BatchNorm eps a code base trains with, where it is not BatchNorm's default (1e-5). YOLOv6's
 # initialize_weights (yolov6/utils/torch_utils.py) sets eps=1e-3 on every nn.BatchNorm2d of its models.
-LAYOUT_BN_EPS: dict[str, float] = {"yolov6": 1e-3}
+LAYOUT_BN_EPS: dict[str, float] = {"yolov6": 1e-3, "ultralytics": 1e-3}  # ultralytics: the same initialize_weights
 
 _OFFICIAL_NETWORK_MARK = re.compile(r"(^|\.)(stage\d\.|linear\.(weight|bias)$)")
 _YOLOV6_NETWORK_MARK = re.compile(r"(^|\.)(ERBlock_\d|Rep_[pn]\d)\.")  # EfficientRep's and RepPAN's module names
@@ -245,6 +266,7 @@ def _yolov6_marks(keys: list[str]) -> bool:
 # deploy form. YOLOv6's RepVGGBlock has the official block keys; only the QA blocks tell it apart.
 # timm's train form without SE has our very keys, so it reads as ours, which is right.
 _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
+    "unireplknet": is_unireplknet,
     "apple": re.compile(r"(^|\.)(rbr_(conv|scale|skip)|se\.(reduce|expand))\.|(^|\.)stage\d\.(\d+\.)?reparam_conv\."),
     # OREPA's RepVGGBlock_OREPA has the official rbr_1x1 and rbr_identity beside its generated rbr_dense.
     "orepa": re.compile(r"(^|\.)(weight_(orepa|rbr|or1x1)_\w+$|(orepa|or1x1|or_large)_reparam\.)"),
@@ -254,6 +276,8 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     "official": re.compile(r"(^|\.)(stage\d|rbr_(dense|1x1|identity|reparam))\."),
     "mmpretrain": re.compile(r"(^|\.)(stage_\d+|branch_(3x3|1x1|norm|reparam)|se_layer)\."),
     "timm": re.compile(r"(^|\.)(reparam_conv|conv_scale|attn\.fc[12])\."),
+    # Last: conv1/conv2 Conv+BN pairs are a RepConv only where nothing else claimed the keys.
+    "ultralytics": is_ultralytics,
 }
 # First key components at which a layout's keys have arrived: wrapper prefixes are stripped until one shows.
 _LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1"}
@@ -345,7 +369,12 @@ def _orepa_fused_names(renamed: dict[str, str], state_dict: Mapping[str, Tensor]
 
 
 # Layouts whose names depend on tensors, not on keys alone.
-_WRITE_LAST = {"dbb": _dbb_identity_conv1, "orepa": _orepa_fused_names}
+_WRITE_LAST = {
+    "dbb": _dbb_identity_conv1,
+    "orepa": _orepa_fused_names,
+    "unireplknet": lambda renamed, state_dict: to_unireplknet_names(state_dict),
+    "ultralytics": lambda renamed, state_dict: to_ultralytics_names(state_dict),
+}
 
 
 def _renamed(keys: Iterable[str], renames: list[_Rename]) -> dict[str, str]:

@@ -1,3 +1,3 @@
 """Model families; importing this package registers every model."""
 
-from repblocks.models import mobileone, repvgg, tv  # noqa: F401  (registers MobileOne, RepVGG, torchvision)
+from repblocks.models import mobileone, repvgg, tv, unireplknet  # noqa: F401  (each registers its family)
