@@ -12,7 +12,10 @@ Which branches exist is data (keyword arguments), so one class covers the famili
   BN, a plain identity and a BatchNorm after the sum; v2 adds a kxk average-pool branch;
 * ACNet (Ding et al., ICCV 2019, https://arxiv.org/abs/1908.03930): 1xk and kx1 Conv+BN beside the kxk;
 * DBB (Ding et al., CVPR 2021, https://arxiv.org/abs/2103.13425): 1x1 Conv+BN -> kxk Conv+BN and
-  1x1 Conv+BN -> kxk average pool -> BN sequences beside the kxk and 1x1 (:mod:`repblocks.sequences`).
+  1x1 Conv+BN -> kxk average pool -> BN sequences beside the kxk and 1x1 (:mod:`repblocks.sequences`);
+* smaller and dilated kernels beside a large one (``extra_kernels``): YOLOv10's RepVGGDW, RepLKNet,
+  UniRepLKNet's DilatedReparamBlock, FastViT's large-kernel conv; RepGhost's BN identity; RepViT's
+  depthwise mixer (a 1x1 conv with a bias, a plain identity, a BN after the sum); YOLOv7/v9's RepConv.
 
 ``BRANCH_SETS`` names each family's branch set; :func:`resolve_branch_set` checks a name or a dict.
 
@@ -23,7 +26,7 @@ drops into any backbone.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.folds import DeployForm, checked_fold, conv_probe
-from repblocks.fusion import equivalent_kernel_bias, fold_bn, fused_kernel_bias
+from repblocks.fusion import ConvBranch, equivalent_kernel_bias, fold_bn, fused_kernel_bias
 from repblocks.sequences import AvgSequence, ConvSequence
 
 __all__ = [
@@ -41,10 +44,12 @@ __all__ = [
     "BRANCH_MODULES",
     "BRANCH_SETS",
     "DEFAULT_BN_EPS",
+    "EXTRA_KERNEL_TABLES",
     "BranchKind",
     "ConvBN",
     "RepBlock",
     "SqueezeExcite",
+    "extra_kernel_pairs",
     "resolve_act",
     "resolve_branch_set",
 ]
@@ -119,7 +124,8 @@ def check_bn_eps(value: object) -> float:
 class ConvBN(nn.Sequential):
     """A bias-free convolution followed by BatchNorm, padded to keep the spatial size at stride 1.
 
-    ``kernel_size`` is an int, or ``(height, width)`` for ACNet's 1xk and kx1 (each side padded by half).
+    ``kernel_size`` is an int, or ``(height, width)`` for ACNet's 1xk and kx1 (each side padded by half);
+    ``dilation`` spreads the taps (UniRepLKNet), the padding growing with it.
     """
 
     def __init__(
@@ -130,11 +136,21 @@ class ConvBN(nn.Sequential):
         *,
         stride: int = 1,
         groups: int = 1,
+        dilation: int = 1,
         bn_eps: float = DEFAULT_BN_EPS,
     ):
         sides = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        padding = tuple(side // 2 for side in sides)
-        conv = nn.Conv2d(in_channels, out_channels, sides, stride=stride, padding=padding, groups=groups, bias=False)
+        padding = tuple(dilation * (side // 2) for side in sides)
+        conv = nn.Conv2d(
+            in_channels,
+            out_channels,
+            sides,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=False,
+        )
         super().__init__(OrderedDict(conv=conv, bn=nn.BatchNorm2d(out_channels, eps=check_bn_eps(bn_eps))))
 
 
@@ -161,18 +177,38 @@ class BranchKind:
     """A kind of branch RepBlock may have: the keyword that asks for it, what it takes, and the modules it adds."""
 
     arg: str  # RepBlock's keyword argument, and a key of a branch set
-    values: tuple  # the values that turn it on (None and False turn it off); () for num_conv_branches, an int
+    # the values that turn it on (None and False turn it off); () for num_conv_branches, an int; extra_kernels:
+    # the names of EXTRA_KERNEL_TABLES (or (kernel, dilation) pairs)
+    values: tuple
     modules: tuple[str, ...]  # attribute names of the modules it adds: its state-dict keys, in summation order
     same_shape: bool = False  # exists only where shapes allow: stride 1 and in_channels == out_channels
 
+
+# UniRepLKNet's DilatedReparamBlock (Ding et al., CVPR 2024, https://arxiv.org/abs/2311.15599): the depthwise
+# (kernel, dilation) Conv+BN branches beside its large kernel, by the large kernel's size (its kernel_sizes, dilates).
+UNIREPLK_EXTRA_KERNELS: dict[int, tuple[tuple[int, int], ...]] = {
+    5: ((3, 1), (3, 2)),
+    7: ((5, 1), (3, 2), (3, 3)),
+    9: ((5, 1), (5, 2), (3, 3), (3, 4)),
+    11: ((5, 1), (5, 2), (3, 3), (3, 4), (3, 5)),
+    13: ((5, 1), (7, 2), (3, 3), (3, 4), (3, 5)),
+    15: ((5, 1), (7, 2), (3, 3), (3, 5), (3, 7)),
+    17: ((5, 1), (9, 2), (3, 4), (3, 5), (3, 7)),
+}
+# Names `extra_kernels` may take instead of pairs: the pairs depend on the block's kernel_size, which a branch
+# set does not fix (expand takes it from each conv), so RepBlock looks them up (extra_kernel_pairs).
+EXTRA_KERNEL_TABLES: dict[str, dict[int, tuple[tuple[int, int], ...]]] = {"unireplk": UNIREPLK_EXTRA_KERNELS}
 
 # Every branch of RepBlock, in the order the forward sums them: the one place branches are named.
 BRANCHES = (
     # The kxk Conv+BN: one held as `conv_kxk` itself (None: RepVGG's keys), or a list of n (MobileOne's).
     BranchKind("num_conv_branches", (), ("conv_kxk",)),
-    # The 1x1: Conv+BN (RepVGG), a plain conv (QARepVGG), or Conv+BN but none in a depthwise block, groups >=
-    # out_channels (DBB's DiverseBranchBlock builds its dbb_1x1 only where groups < out_channels).
-    BranchKind("scale_branch", ("bn", "conv", "bn_unless_depthwise"), ("conv_1x1",)),
+    # More Conv+BNs over the input, (kernel, dilation) each, inside the kxk once dilated: a list `conv_extra`.
+    BranchKind("extra_kernels", tuple(EXTRA_KERNEL_TABLES), ("conv_extra",)),
+    # The 1x1: Conv+BN (RepVGG), a plain conv (QARepVGG), a conv with a bias and no BN (RepViT), or Conv+BN but
+    # none in a depthwise block, groups >= out_channels (DBB's DiverseBranchBlock builds dbb_1x1 only where groups
+    # < out_channels).
+    BranchKind("scale_branch", ("bn", "conv", "conv_bias", "bn_unless_depthwise"), ("conv_1x1",)),
     BranchKind("asym_branches", (True,), ("conv_1xk", "conv_kx1")),  # ACNet's 1xk and kx1 Conv+BN
     BranchKind("seq_conv_branch", (True,), ("conv_1x1_kxk",)),  # DBB's 1x1 -> kxk
     BranchKind("seq_avg_branch", (True,), ("conv_1x1_avg",)),  # DBB's 1x1 -> average pool
@@ -182,7 +218,8 @@ BRANCHES = (
 )
 # The keyword arguments of RepBlock that say which branches it has: what a branch set may hold.
 _BRANCH_ARGS = tuple(kind.arg for kind in BRANCHES)
-# The values each optional branch with more than one form may take (None: the branch is absent).
+# The values each optional branch with more than one form may take (None: the branch is absent; extra_kernels
+# also takes (kernel, dilation) pairs).
 BRANCH_KINDS = {kind.arg: kind.values for kind in BRANCHES if any(isinstance(v, str) for v in kind.values)}
 # A RepBlock's modules that fusion turns into ``reparam`` and that hold weights (RepBlock's pool has none).
 BRANCH_MODULES = tuple(name for kind in BRANCHES for name in kind.modules if name != "avg_pool")
@@ -202,7 +239,62 @@ BRANCH_SETS: dict[str, dict] = {
     "acnet": dict(scale_branch=None, identity_branch=None, asym_branches=True),
     # DBB (Ding et al. 2021, DiverseBranchBlock): kxk and 1x1 Conv+BN, 1x1 -> kxk and 1x1 -> average pool.
     "dbb": dict(scale_branch="bn_unless_depthwise", identity_branch=None, seq_conv_branch=True, seq_avg_branch=True),
+    # RepGhost (Chen et al. 2022, RepGhostModule): the depthwise cheap op's kxk Conv+BN and an identity BN
+    # (its fusion_bn); no 1x1.
+    "repghost": dict(scale_branch=None, identity_branch="bn"),
+    # YOLOv10's RepVGGDW: a 7x7 depthwise Conv+BN (the block's kernel_size=7, groups=channels) and a 3x3 one.
+    "repvggdw": dict(scale_branch=None, identity_branch=None, extra_kernels=((3, 1),)),
+    # YOLOv7/v9's RepConv(N): RepVGG's set, named for YOLO users (RepConvN: identity_branch=None).
+    "yolo_repconv": {},
+    # RepViT's RepVggDw: bn(3x3 depthwise Conv+BN + 1x1 depthwise conv with a bias + x).
+    "repvit_dw": dict(scale_branch="conv_bias", identity_branch="plain", post_bn=True),
+    # UniRepLKNet's DilatedReparamBlock: the large depthwise kernel and its dilated branches (UNIREPLK_EXTRA_KERNELS,
+    # for kernel_size 5 to 17).
+    "unireplk": dict(scale_branch=None, identity_branch=None, extra_kernels="unireplk"),
 }
+
+
+def extra_kernel_pairs(extra_kernels: object, kernel_size: int | None = None) -> tuple[tuple[int, int], ...]:
+    """The ``(kernel, dilation)`` pairs of ``extra_kernels`` for a block of ``kernel_size``, checked.
+
+    ``extra_kernels`` is None, pairs, or a name in :data:`EXTRA_KERNEL_TABLES` (looked up by ``kernel_size``).
+    Without ``kernel_size`` (a branch set, before any block has a size) only the form is checked, and a
+    name gives ``()``.
+
+    Raises:
+        ValueError: An unknown name, a name with no entry for this kernel size, or a pair that is not an
+            odd kernel and a dilation >= 1 spanning at most ``kernel_size`` (``dilation * (kernel - 1) + 1``).
+    """
+    if extra_kernels is None:
+        return ()
+    if isinstance(extra_kernels, str):
+        table = EXTRA_KERNEL_TABLES.get(extra_kernels)
+        if table is None:
+            known = ", ".join(EXTRA_KERNEL_TABLES)
+            raise ValueError(f"extra_kernels must be (kernel, dilation) pairs or one of {known}, got {extra_kernels!r}")
+        if kernel_size is not None and kernel_size not in table:
+            sizes = ", ".join(map(str, table))
+            raise ValueError(f"extra_kernels={extra_kernels!r} has branches for kernel_size {sizes}, not {kernel_size}")
+        return table[kernel_size] if kernel_size is not None else ()
+    pairs = tuple(tuple(pair) for pair in extra_kernels) if isinstance(extra_kernels, Sequence) else ()  # lists too
+    if not pairs or any(len(pair) != 2 or not all(_is_int(v) for v in pair) for pair in pairs):
+        raise ValueError(
+            f"extra_kernels must be (kernel, dilation) pairs such as ((3, 1), (3, 2)) or one of "
+            f"{', '.join(EXTRA_KERNEL_TABLES)}, got {extra_kernels!r}"
+        )
+    for kernel, dilation in pairs:
+        span = dilation * (kernel - 1) + 1
+        if kernel < 1 or kernel % 2 != 1 or dilation < 1 or (kernel_size is not None and span > kernel_size):
+            within = f" spanning at most kernel_size {kernel_size} (dilation * (kernel - 1) + 1 = {span})"
+            raise ValueError(
+                f"extra_kernels ({kernel}, {dilation}) must be an odd kernel and a dilation >= 1"
+                f"{within if kernel_size is not None else ''}"
+            )
+    return pairs
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve_branch_set(branches: str | dict) -> dict:
@@ -235,6 +327,9 @@ def _check_branch_values(**branches: object) -> None:
         if kind.arg == "num_conv_branches":
             if value is not None:
                 check_int(value, kind.arg, minimum=1)
+        elif kind.arg == "extra_kernels":
+            # the shape alone; whether the kernels fit needs the block's kernel_size (extra_kernel_pairs)
+            extra_kernel_pairs(value)
         elif kind.values == (True,):
             if not isinstance(value if value is not None else False, bool):
                 raise ValueError(f"{kind.arg} must be True or False, got {value!r}")
@@ -257,8 +352,14 @@ class RepBlock(nn.Module):
         kernel_size: Odd size of the main kernel (3 in RepVGG; MobileOne's pointwise blocks: 1).
         num_conv_branches: None for one kxk Conv+BN branch held as ``conv_kxk`` itself (RepVGG's
             keys); n for a list of n (``conv_kxk.0`` ... : MobileOne's over-parameterization, its keys).
+        extra_kernels: More Conv+BN branches ``conv_extra.0``, ``conv_extra.1`` ... at the block's stride and
+            groups: ``(kernel, dilation)`` pairs, each spanning at most ``kernel_size`` once dilated (YOLOv10's
+            RepVGGDW: ``((3, 1),)`` in a 7x7 block), or ``"unireplk"``: UniRepLKNet's pairs for this
+            ``kernel_size`` (:data:`UNIREPLK_EXTRA_KERNELS`). ``branch_config`` keeps the name, the attribute
+            ``extra_kernels`` the pairs.
         scale_branch: The 1x1 branch ``conv_1x1``: ``"bn"`` for Conv+BN, ``"conv"`` for a plain conv
-            without BN (QARepVGG), ``"bn_unless_depthwise"`` for Conv+BN only where ``groups < out_channels``
+            without BN (QARepVGG), ``"conv_bias"`` for a conv with a bias and no BN (RepViT),
+            ``"bn_unless_depthwise"`` for Conv+BN only where ``groups < out_channels``
             (DBB), None for none (MobileOne's 1x1 blocks, whose kxk branch is 1x1).
         identity_branch: The identity branch ``identity``, where shapes allow: ``"bn"`` for a BatchNorm
             of the input, ``"plain"`` for the input itself (QARepVGG), None for none.
@@ -289,6 +390,7 @@ class RepBlock(nn.Module):
         groups: int = 1,
         kernel_size: int = 3,
         num_conv_branches: int | None = None,
+        extra_kernels: str | tuple[tuple[int, int], ...] | None = None,
         scale_branch: str | None = "bn",
         identity_branch: str | None = "bn",
         avg_pool_branch: bool = False,
@@ -320,8 +422,11 @@ class RepBlock(nn.Module):
         self.kernel_size = kernel_size
         # What the branches are (RepBlock's keywords, named in BRANCHES): enough to rebuild this block's
         # train form (loading fuses through such a twin).
+        if extra_kernels is not None and not isinstance(extra_kernels, str):  # a list from a config: hashable pairs
+            extra_kernels = extra_kernel_pairs(extra_kernels, kernel_size) or None
         self.branch_config = dict(
             num_conv_branches=num_conv_branches,
+            extra_kernels=extra_kernels,
             scale_branch=scale_branch,
             identity_branch=identity_branch,
             avg_pool_branch=avg_pool_branch,
@@ -331,6 +436,7 @@ class RepBlock(nn.Module):
             post_bn=post_bn,
         )
         _check_branch_values(**self.branch_config)
+        self.extra_kernels = extra_kernel_pairs(extra_kernels, kernel_size)  # the pairs, a name resolved
         self.keep_post_bn = keep_post_bn
         self.bn_eps = check_bn_eps(bn_eps)
         shapes_allow = in_channels == out_channels and stride == 1
@@ -369,11 +475,18 @@ class RepBlock(nn.Module):
         k = self.kernel_size
         if arg == "num_conv_branches":
             return (conv_bn(k) if value is None else nn.ModuleList(conv_bn(k) for _ in range(value)),)
+        if arg == "extra_kernels":
+            return (nn.ModuleList(conv_bn(size, dilation=dilation) for size, dilation in self.extra_kernels),)
         if arg == "scale_branch":
             if value in ("bn", "bn_unless_depthwise"):
                 return (conv_bn(1),)
             plain = nn.Conv2d(
-                self.in_channels, self.out_channels, 1, stride=self.stride, groups=self.groups, bias=False
+                self.in_channels,
+                self.out_channels,
+                1,
+                stride=self.stride,
+                groups=self.groups,
+                bias=value == "conv_bias",
             )
             return (plain,)
         if arg == "asym_branches":
@@ -455,9 +568,10 @@ class RepBlock(nn.Module):
         conv_branches, sequences = [], []
         for branch in self.branches():
             if isinstance(branch, ConvBN):
-                conv_branches.append((branch.conv.weight, branch.bn))
+                conv, bn = branch.conv, branch.bn
+                conv_branches.append(ConvBranch(conv.weight, bn, bias=conv.bias, dilation=conv.dilation[0]))
             elif isinstance(branch, nn.Conv2d):
-                conv_branches.append((branch.weight, None))
+                conv_branches.append(ConvBranch(branch.weight, None, bias=branch.bias))
             elif isinstance(branch, (ConvSequence, AvgSequence)):
                 sequences.append(branch.fusion_part())
         post_bn = self.post_bn if fold_post_bn else None
@@ -499,7 +613,7 @@ class RepBlock(nn.Module):
             return self
         conv_branches, identity, options = self._fusion_args(fold_post_bn=not keep)
         kernel, bias = fused_kernel_bias(conv_branches, identity, **options)
-        weight = conv_branches[0][0]
+        weight = conv_branches[0].kernel
         if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
             kernel = kernel.contiguous(memory_format=torch.channels_last)  # a channels_last model stays so
         requires_grad = weight.requires_grad

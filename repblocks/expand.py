@@ -28,7 +28,10 @@ to each other in an ``nn.Sequential``. What is left, and why, is in the returned
   that trained without one, and the fused bias would have nowhere to go in the original architecture;
 * dilated, even, non-square, 'same'/other padding, non-zero padding modes, Conv1d/3d, transposed convs;
 * convs inside blocks that re-parameterize themselves already (``RepBlock``, timm's MobileOne, ...);
-* convs followed by a BatchNorm subclass no fold knows (its forward may do more than normalize).
+* convs followed by a BatchNorm subclass no fold knows (its forward may do more than normalize);
+* convs where the branch set has nothing to add or no branches for the kernel size: ``"repghost"``'s identity
+  BN needs stride 1 and as many outputs as inputs (RepGhost's depthwise cheap ops), ``"unireplk"``'s dilated
+  branches a kernel of 5 to 17 (UniRepLKNet's large depthwise kernels).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from repblocks.blocks import BRANCH_SETS, RepBlock, resolve_branch_set
+from repblocks.blocks import BRANCH_SETS, BRANCHES, RepBlock, extra_kernel_pairs, resolve_branch_set
 from repblocks.folds import DeployForm, checked_fold, conv_probe
 from repblocks.norms import (
     DropAct,
@@ -123,8 +126,21 @@ def resolve_branches(branches: BranchSet, *, online: bool = False) -> dict:
 
 
 def branch_set_names(*, online: bool = False) -> list[str]:
-    """Names of the branch sets :func:`expand` takes (those whose every new branch can start at zero)."""
-    return [name for name, kwargs in _branch_sets(online=online).items() if _zero_start_problem(kwargs) is None]
+    """Names of the branch sets :func:`expand` takes (those whose every new branch can start at zero, and with
+    ``online``, that the online block trains)."""
+    return [
+        name
+        for name, kwargs in _branch_sets(online=online).items()
+        if _zero_start_problem(kwargs) is None and (not online or _online_problem(name) is None)
+    ]
+
+
+def _online_problem(name: str) -> str | None:
+    try:
+        resolve_online_branch_set(name)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _zero_start_problem(kwargs: Mapping) -> str | None:
@@ -149,6 +165,10 @@ class Reason(str, enum.Enum):
     NO_BATCH_NORM = "no BatchNorm alone reads its output in the same parent (or one of them is called twice)"
     BATCH_NORM_KIND = "its BatchNorm has no affine parameters or keeps no running statistics"
     UNKNOWN_BATCH_NORM = "its BatchNorm's class is not one the fold knows (its forward may do more than normalize)"
+    SET_KERNEL_SIZE = "the branch set has no branches for this kernel size"
+    NO_NEW_BRANCH = (
+        "the branch set adds no branch at this conv's shape (an identity needs stride 1, in == out channels)"
+    )
 
 
 @dataclass(frozen=True)
@@ -231,7 +251,7 @@ def expand(
     for name, conv in modules.items():
         if not isinstance(conv, _ConvNd):
             continue
-        reason = _why_left(name, conv, followers.get(name), modules, inside)
+        reason = _why_left(name, conv, followers.get(name), modules, inside) or _set_misfit(conv, kwargs)
         if reason is not None:
             expansion.left.append(LeftConv(name, reason))
             continue
@@ -322,6 +342,9 @@ def _start_at_zero(branch: nn.Module) -> None:
     if not weights:
         raise ValueError(f"the branch {type(branch).__name__} has no BatchNorm or weight to start at zero")
     weights[-1].zero_()
+    for name, param in branch.named_parameters():  # a conv with a bias and no BN (scale_branch="conv_bias")
+        if name.endswith("bias"):
+            param.zero_()
 
 
 def _is_batch_norm(module: nn.Module) -> bool:
@@ -354,6 +377,29 @@ def _why_left(
     if getattr(bn, "weight", None) is None:
         return Reason.BATCH_NORM_KIND  # affine=False: the collapsed BatchNorm would have no bias to carry the fused one
     return None
+
+
+def _set_misfit(conv: nn.Conv2d, kwargs: Mapping) -> Reason | None:
+    """Why the branch set does not apply to a conv _why_left took: no branches for its size, or none beside the kxk."""
+    kernel_size = conv.kernel_size[0]
+    try:
+        extra_kernel_pairs(kwargs.get("extra_kernels"), kernel_size)
+    except ValueError:
+        return Reason.SET_KERNEL_SIZE
+    offline = {kind.arg for kind in BRANCHES}
+    if any(value is True for key, value in kwargs.items() if key not in offline):  # the online block's own branches
+        return None
+    with torch.device("meta"):  # which branches the block would have, without memory
+        block = RepBlock(
+            conv.in_channels,
+            conv.out_channels,
+            stride=conv.stride[0],
+            groups=conv.groups,
+            kernel_size=kernel_size,
+            act=None,
+            **{key: value for key, value in kwargs.items() if key in offline},
+        )
+    return Reason.NO_NEW_BRANCH if len(block.branches()) < 2 else None
 
 
 def _inside_blocks(model: nn.Module) -> set[str]:

@@ -71,6 +71,24 @@ ONLINE_BRANCH_SETS: dict[str, dict] = {
     ),  # fmt: skip
 }
 
+# Branch kinds (keyword, value) the online block has no form for, and why: refused by name, never dropped.
+_NOT_ONLINE = {
+    "extra_kernels": "its dilated and smaller kernels have no scaled online form yet",
+    "scale_branch=conv_bias": "a conv bias before the block's one BatchNorm would be removed by the batch mean in training",
+}
+
+
+def _check_online_kinds(branches: Mapping) -> None:
+    """Raise a one-line ValueError for a branch kind the online block cannot train."""
+    asked = {"extra_kernels": branches.get("extra_kernels") is not None}
+    asked["scale_branch=conv_bias"] = branches.get("scale_branch") == "conv_bias"
+    for kind, why in _NOT_ONLINE.items():
+        if asked[kind]:
+            raise ValueError(
+                f"the online block cannot train branch kind {kind}: {why} (use RepBlock: block_mode='offline')"
+            )
+
+
 # OREPA's initial scales (its `vector` rows); the other layout starts every scale at 1, as an offline block's BNs.
 _OREPA_SCALES = dict(kxk=0.25, avg=0.25, prior=0.0, seq_conv=0.5, one=1.0, dw_sep=0.5)
 
@@ -87,12 +105,16 @@ def resolve_online_branch_set(branches: str | Mapping) -> dict:
         if branches not in BRANCH_SETS:
             known = ", ".join([*BRANCH_SETS, *ONLINE_BRANCH_SETS])
             raise ValueError(f"unknown branch set {branches!r}; known branch sets: {known}")
-        return resolve_branch_set(branches)
+        resolved = resolve_branch_set(branches)
+        _check_online_kinds(resolved)
+        return resolved
     if not isinstance(branches, Mapping):
         raise ValueError(f"a branch set is a name or a dict, got {branches!r}")
     online = {key: value for key, value in branches.items() if key in _ONLINE_ARGS}
     _check_online_values(**online)
-    return {**resolve_branch_set({k: v for k, v in branches.items() if k not in _ONLINE_ARGS}), **online}
+    resolved = resolve_branch_set({k: v for k, v in branches.items() if k not in _ONLINE_ARGS})
+    _check_online_kinds(resolved)
+    return {**resolved, **online}
 
 
 def _check_online_values(prior_branch: bool = False, dw_sep_branch: bool = False, layout: str = "dbb") -> None:
@@ -116,7 +138,8 @@ class OnlineRepBlock(RepBlock):
 
     Args:
         in_channels, out_channels, stride, groups, kernel_size, num_conv_branches, scale_branch,
-            identity_branch, avg_pool_branch, asym_branches, seq_conv_branch, seq_avg_branch: As RepBlock's.
+            identity_branch, avg_pool_branch, asym_branches, seq_conv_branch, seq_avg_branch: As RepBlock's
+            (but ``extra_kernels`` and ``scale_branch="conv_bias"``, refused: no online form).
         prior_branch: OREPA's frequency-prior branch ``conv_prior`` (:class:`~repblocks.online_branches.ScaledPriorConv`).
         dw_sep_branch: OREPA's depthwise-separable branch ``conv_dw_sep``.
         layout: ``"dbb"``: the sequences as DBB builds them (RepBlock's), every scale starting at 1;
@@ -143,6 +166,7 @@ class OnlineRepBlock(RepBlock):
         groups: int = 1,
         kernel_size: int = 3,
         num_conv_branches: int | None = None,
+        extra_kernels: str | tuple[tuple[int, int], ...] | None = None,
         scale_branch: str | None = "bn",
         identity_branch: str | None = "bn",
         avg_pool_branch: bool = False,
@@ -160,6 +184,7 @@ class OnlineRepBlock(RepBlock):
         deploy: bool = False,
     ):
         _check_online_values(prior_branch, dw_sep_branch, layout)
+        _check_online_kinds(dict(extra_kernels=extra_kernels, scale_branch=scale_branch))
         branch_kwargs = dict(
             num_conv_branches=num_conv_branches,
             scale_branch=scale_branch,

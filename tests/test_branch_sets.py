@@ -6,6 +6,7 @@ fusion against the block's own forward, with BatchNorm statistics randomized thr
 
 import copy
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -107,10 +108,15 @@ def _random_block(rng: torch.Generator) -> tuple[RepBlock, tuple[int, ...]]:
     shape = (2, in_ch, pick([5, 7, 8]), pick([6, 9]))
     # ACNet's and DBB's kinds drawn last, so that the sets drawn before they existed stay as they were.
     kwargs.update({name: pick([False, True]) for name in EVERY_KIND})
+    # Issue 26's kinds after those: smaller and dilated kernels that fit the block's, a 1x1 with a bias.
+    fitting = {1: [((1, 1),)], 3: [((1, 1),), ((3, 1), (1, 1))], 5: [((3, 2),), ((3, 1), (1, 1), (3, 2)), "unireplk"]}
+    kwargs["extra_kernels"] = pick([None, *fitting[kernel_size]])
+    if kwargs["scale_branch"] == "conv" and pick([False, True]):
+        kwargs["scale_branch"] = "conv_bias"
     return RepBlock(in_ch, out_ch, **kwargs), shape
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(80))
 def test_random_branch_sets_fuse_exactly(seed):
     """Branch sets nobody thought to list, at any stride, groups and kernel size, in float64 and float32."""
     block, shape = _random_block(torch.Generator().manual_seed(seed))
@@ -197,7 +203,10 @@ def test_a_missing_branch_of_a_new_kind_is_named_not_filled():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv, bn_unless_depthwise or None, got 'gn'"),
+        (
+            {"scale_branch": "gn"},
+            "scale_branch must be one of bn, conv, conv_bias, bn_unless_depthwise or None, got 'gn'",
+        ),
         ({"identity_branch": True}, "identity_branch must be one of bn, plain or None, got True"),
         ({"num_conv_branches": 0}, "num_conv_branches must be an integer >= 1, got 0"),
     ],
@@ -330,7 +339,10 @@ def test_branch_sets_resolve_from_names_and_dicts():
     assert repblocks.blocks.resolve_branch_set("dbb") == DBB
     assert repblocks.blocks.resolve_branch_set("dbb") is not DBB  # a copy: changing it changes no preset
     assert repblocks.blocks.resolve_branch_set(dict(asym_branches=True)) == dict(asym_branches=True)
-    assert set(repblocks.blocks.BRANCH_SETS) == {"repvgg", "qarepvgg", "qarepvgg_v2", "acnet", "dbb"}
+    assert set(repblocks.blocks.BRANCH_SETS) == {
+        *("repvgg", "qarepvgg", "qarepvgg_v2", "acnet", "dbb"),
+        *("repghost", "repvggdw", "yolo_repconv", "repvit_dw", "unireplk"),
+    }
 
 
 @pytest.mark.parametrize(
@@ -339,7 +351,10 @@ def test_branch_sets_resolve_from_names_and_dicts():
         ("dbbb", "unknown branch set 'dbbb'; known branch sets: repvgg, qarepvgg, qarepvgg_v2, acnet, dbb"),
         ({"asym": True, "seq": 1}, "unknown branch set keys asym, seq; a branch set may hold num_conv_branches, "),
         ({"seq_avg_branch": "yes"}, "seq_avg_branch must be True or False, got 'yes'"),
-        ({"scale_branch": "gn"}, "scale_branch must be one of bn, conv, bn_unless_depthwise or None, got 'gn'"),
+        (
+            {"scale_branch": "gn"},
+            "scale_branch must be one of bn, conv, conv_bias, bn_unless_depthwise or None, got 'gn'",
+        ),
         (3, "a branch set is a name"),
     ],
 )
@@ -368,3 +383,94 @@ def test_conversion_chunks_rows_of_sequences_as_the_differentiable_kernel_does(g
     kernel, bias = equivalent_kernel_bias(conv_branches, identity, **options)
     chunked = fused_kernel_bias(conv_branches, identity, **options, rows_per_chunk=5)
     assert max_errors(kernel, chunked[0])[1] < 1e-15 and max_errors(bias, chunked[1])[1] < 1e-15
+
+
+# ---- issue 26's branch sets: RepGhost, YOLOv10's RepVGGDW, YOLO's RepConv, RepViT's RepVggDw, UniRepLKNet ----
+
+
+def test_repvggdw_block_is_yolov10s_sum_written_out():
+    """YOLOv10's RepVGGDW: SiLU(bn(dw7x7(x)) + bn1(dw3x3(x))), no 1x1, no identity."""
+    block = _trained_like(RepBlock(6, 6, groups=6, kernel_size=7, **BRANCH_SETS["repvggdw"], act="silu"))
+    x = torch.randn(2, 6, 9, 8, dtype=torch.float64)
+    (small,) = block.conv_extra
+    expected = _bn(F.conv2d(x, block.conv_kxk.conv.weight, padding=3, groups=6), block.conv_kxk.bn)
+    expected = F.silu(expected + _bn(F.conv2d(x, small.conv.weight, padding=1, groups=6), small.bn))
+    assert {name for name, _ in block.named_children()} >= {"conv_kxk", "conv_extra"} and len(block.branches()) == 2
+    assert max_errors(expected, block(x))[1] < 1e-13
+    block.deploy_form()
+    assert max_errors(expected, block(x))[1] < 1e-12
+
+
+@pytest.mark.parametrize("kernel_size", [5, 7, 9, 11, 13, 15, 17])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_unireplk_block_is_the_dilated_reparam_blocks_sum_written_out(kernel_size, stride):
+    """UniRepLKNet's DilatedReparamBlock: origin_bn(lk_origin(x)) + sum of dil_bn(dil_conv(x)), depthwise."""
+    block = _trained_like(RepBlock(4, 4, groups=4, kernel_size=kernel_size, stride=stride, **BRANCH_SETS["unireplk"]))
+    x = torch.randn(1, 4, 19, 18, dtype=torch.float64)
+    conv = partial(F.conv2d, stride=stride, groups=4)
+    out = _bn(conv(x, block.conv_kxk.conv.weight, padding=kernel_size // 2), block.conv_kxk.bn)
+    pairs = repblocks.blocks.UNIREPLK_EXTRA_KERNELS[kernel_size]
+    assert [(b.conv.kernel_size[0], b.conv.dilation[0]) for b in block.conv_extra] == list(pairs)
+    for (k, d), branch in zip(pairs, block.conv_extra, strict=True):
+        out = out + _bn(conv(x, branch.conv.weight, padding=d * (k - 1) // 2, dilation=d), branch.bn)
+    assert max_errors(torch.relu(out), block(x))[1] < 1e-13
+    block.deploy_form()
+    assert max_errors(torch.relu(out), block(x))[1] < 1e-12
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_repvit_dw_block_is_repvits_sum_written_out(stride):
+    """RepViT's RepVggDw: bn(Conv2d_BN 3x3 dw (x) + Conv2d 1x1 dw with bias (x) + x); no identity across a stride."""
+    block = _trained_like(RepBlock(6, 6, groups=6, stride=stride, **BRANCH_SETS["repvit_dw"], act=None))
+    x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
+    out = _bn(F.conv2d(x, block.conv_kxk.conv.weight, padding=1, stride=stride, groups=6), block.conv_kxk.bn)
+    out = out + F.conv2d(x, block.conv_1x1.weight, block.conv_1x1.bias, stride=stride, groups=6)
+    expected = _bn(out + x if stride == 1 else out, block.post_bn)
+    assert block.conv_1x1.bias is not None and block.conv_1x1.bias.abs().sum() > 0
+    assert max_errors(expected, block(x))[1] < 1e-13
+    block.deploy_form()
+    assert max_errors(expected, block(x))[1] < 1e-12
+
+
+def test_repghost_block_is_the_cheap_op_and_its_fusion_bn():
+    """RepGhost's cheap op: bn(dw3x3(x)) + fusion_bn(x); yolo_repconv is RepVGG's set."""
+    block = _trained_like(RepBlock(6, 6, groups=6, **BRANCH_SETS["repghost"], act=None))
+    x = torch.randn(2, 6, 7, 8, dtype=torch.float64)
+    expected = _bn(F.conv2d(x, block.conv_kxk.conv.weight, padding=1, groups=6), block.conv_kxk.bn) + _bn(
+        x, block.identity
+    )
+    assert len(block.branches()) == 2 and max_errors(expected, block(x))[1] < 1e-13
+    block.deploy_form()
+    assert max_errors(expected, block(x))[1] < 1e-12
+    assert RepBlock(4, 4, **BRANCH_SETS["yolo_repconv"]).branch_config == RepBlock(4, 4).branch_config
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(extra_kernels=((5, 2),)),
+            r"extra_kernels \(5, 2\) must be an odd kernel and a dilation >= 1 spanning at most kernel_size 7",
+        ),
+        (dict(extra_kernels=((4, 1),)), r"extra_kernels \(4, 1\) must be an odd kernel"),
+        (dict(extra_kernels="replk"), "extra_kernels must be .* or one of unireplk, got 'replk'"),
+        (dict(extra_kernels=3), "extra_kernels must be \\(kernel, dilation\\) pairs"),
+        (
+            dict(extra_kernels="unireplk", kernel_size=3),
+            "extra_kernels='unireplk' has branches for kernel_size 5, 7, 9",
+        ),
+    ],
+)
+def test_bad_extra_kernels_are_one_line_and_name_what_exists(kwargs, match):
+    with pytest.raises(ValueError, match=match) as err:
+        RepBlock(4, 4, **{"kernel_size": 7, **kwargs})
+    assert "\n" not in str(err.value)
+
+
+def test_extra_kernels_from_a_config_list_are_kept_as_pairs_and_reload():
+    block = _trained_like(RepBlock(4, 4, groups=4, kernel_size=7, extra_kernels=[[3, 1], [3, 3]]))
+    assert block.branch_config["extra_kernels"] == ((3, 1), (3, 3))
+    deployed = RepBlock(4, 4, groups=4, kernel_size=7, extra_kernels=[[3, 1], [3, 3]], deploy=True).double().eval()
+    load_weights(deployed, block.state_dict())
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    assert max_errors(block(x), deployed(x))[1] < 1e-12

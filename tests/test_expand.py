@@ -33,6 +33,8 @@ class Mixed(nn.Module):
         self.seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
         self.conv1 = nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=4, bias=True)  # bias + BN: taken
         self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)  # what RepGhost's and UniRepLK's sets take
+        self.bn_depthwise = nn.BatchNorm2d(8)
         self.pointwise = nn.Conv2d(8, 8, 1, bias=False)
         self.bn_pointwise = nn.BatchNorm2d(8)
         self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
@@ -48,6 +50,7 @@ class Mixed(nn.Module):
 
     def forward(self, x):
         x = self.bn1(self.conv1(self.seq(x)))
+        x = self.bn_depthwise(self.depthwise(x))
         x = self.bn_pointwise(self.pointwise(x))
         x = self.bn_dilated(self.dilated(x))
         x = self.bn_even(self.even(x))[..., 1:, 1:]
@@ -121,8 +124,8 @@ def _case_params():
 
 def test_expand_takes_eligible_conv_bn_pairs_and_says_why_it_left_the_rest():
     expansion = expand(Mixed())
-    assert [conv.name for conv in expansion.taken] == ["seq.0", "conv1"]
-    assert [conv.batch_norm for conv in expansion.taken] == ["seq.1", "bn1"]
+    assert [conv.name for conv in expansion.taken] == ["seq.0", "conv1", "depthwise"]
+    assert [conv.batch_norm for conv in expansion.taken] == ["seq.1", "bn1", "bn_depthwise"]
     left = {conv.name: conv.reason for conv in expansion.left}
     assert left == {
         "pointwise": Reason.ONE_BY_ONE,
@@ -170,14 +173,16 @@ def test_expanded_model_computes_the_original_function(branches, mode):
     with torch.no_grad():
         expected, got = model(x), expanded(x)
     assert max_errors(expected, got)[1] < 1e-13
-    if mode == "train":  # the original BN sits in the kxk branch: its running statistics move the same way
+    if mode == "train" and isinstance(expanded.conv1, RepBlock):  # the original BN sits in the kxk branch: its
+        # running statistics move the same way
         assert torch.allclose(model.bn1.running_mean, expanded.conv1.conv_kxk.bn.running_mean + model.conv1.bias)
 
 
 @pytest.mark.parametrize("branches", BRANCH_SETS)
 def test_new_branches_start_at_zero_and_learn(branches):
-    model = expand(Mixed(), branches).model
-    block = model.seq[0]
+    expansion = expand(Mixed(), branches)
+    model = expansion.model
+    block = model.get_submodule(expansion.taken[0].name)
     new = [branch for branch in block.branches() if branch is not block.conv_kxk]
     assert new, "a branch set with nothing but the kxk branch tests nothing"
     _trained(model, torch.randn(4, 3, 16, 16), steps=1)
@@ -287,7 +292,7 @@ def test_online_expansion_starts_as_the_original_and_collapses_into_its_class(br
     original = randomize_bn_(Mixed()).to(dtype).eval()
     x = torch.randn(4, 3, 16, 16, dtype=dtype)
     expanded = expand(original, branches, online=True).model.eval()
-    assert isinstance(expanded.seq[0], OnlineRepBlock)
+    assert any(isinstance(module, OnlineRepBlock) for module in expanded.modules())
     with torch.no_grad():
         assert max_errors(original(x), expanded(x))[1] < TOLERANCE[dtype]
         assert max_errors(original.train()(x), expanded.train()(x))[1] < TOLERANCE[dtype]  # batch statistics too

@@ -196,7 +196,7 @@ def _inputs():
     """Every kind of input, in training mode, with statistics that are not the defaults."""
     x = torch.randn(2, 4, 8, 8)
     for name in BRANCH_SETS:
-        yield f"block-{name}", RepBlock(4, 4, **BRANCH_SETS[name])
+        yield f"block-{name}", RepBlock(4, 4, kernel_size=5, **BRANCH_SETS[name])  # unireplk: k >= 5
     yield "block-strided", RepBlock(4, 8, stride=2)
     yield "online-block", OnlineRepBlock(4, 4, avg_pool_branch=True)
     yield "network", nn.Sequential(RepBlock(4, 8), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
