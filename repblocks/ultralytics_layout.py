@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from repblocks.block_renames import rename_below
+
 __all__ = ["from_ultralytics_names", "is_ultralytics", "to_ultralytics_names"]
 
 _REPCONV = re.compile(r"^(?P<block>(?:.*\.)?)conv2\.conv\.weight$")
@@ -51,7 +53,11 @@ def _repvggdws(keys: list[str]) -> list[str]:
 
 def _fused(keys: list[str]) -> list[str]:
     """Fused blocks: ``conv.weight`` and ``conv.bias`` and nothing else below the block."""
-    return [block for block in _blocks(keys, _FUSED) if {k for k in keys if k.startswith(block)} == {f"{block}conv.weight", f"{block}conv.bias"}]
+    return [
+        block
+        for block in _blocks(keys, _FUSED)
+        if {k for k in keys if k.startswith(block)} == {f"{block}conv.weight", f"{block}conv.bias"}
+    ]
 
 
 def is_ultralytics(keys: Iterable[str]) -> bool:
@@ -66,24 +72,16 @@ def is_ultralytics(keys: Iterable[str]) -> bool:
     return bool(fused) and 2 * len(fused) == len(keys)
 
 
-def _rename_below(names: dict[str, str], block: str, renames: list[tuple[str, str]]) -> None:
-    for key, new in names.items():
-        for old, replacement in renames:
-            if key.startswith(block + old):
-                names[key] = block + replacement + key[len(block + old) :]
-                break
-
-
 def from_ultralytics_names(keys: Iterable[str]) -> dict[str, str]:
     """Each key's name in our layout (keys of no ultralytics block keep theirs)."""
     keys = list(keys)
     names = {key: key for key in keys}
     for block in _repconvs(keys):
-        _rename_below(names, block, [("conv1.", "conv_kxk."), ("conv2.", "conv_1x1."), ("bn.", "identity.")])
+        rename_below(names, block, [("conv1.", "conv_kxk."), ("conv2.", "conv_1x1."), ("bn.", "identity.")])
     for block in _repvggdws(keys):
-        _rename_below(names, block, [("conv.", "conv_kxk."), ("conv1.", "conv_extra.0.")])
+        rename_below(names, block, [("conv.", "conv_kxk."), ("conv1.", "conv_extra.0.")])
     for block in _fused(keys):
-        _rename_below(names, block, [("conv.", "reparam.")])
+        rename_below(names, block, [("conv.", "reparam.")])
     return names
 
 
@@ -112,5 +110,5 @@ def to_ultralytics_names(keys: Iterable[str]) -> dict[str, str]:
                 f"block {block.rstrip('.') or '(the root)'} has branches {', '.join(sorted(below))}: ultralytics' "
                 "RepConv has conv_kxk, conv_1x1 and identity, its RepVGGDW conv_kxk and conv_extra.0"
             )
-        _rename_below(names, block, renames)
+        rename_below(names, block, renames)
     return names

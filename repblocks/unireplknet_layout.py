@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from repblocks.block_renames import rename_below
 from repblocks.blocks import UNIREPLK_EXTRA_KERNELS
 
 __all__ = ["from_unireplknet_names", "is_unireplknet", "to_unireplknet_names"]
@@ -58,15 +59,6 @@ def is_unireplknet(keys) -> bool:
     return any(_MARK.search(key) for key in keys)
 
 
-def _below(names: dict[str, str], block: str, renames: list[tuple[str, str]]) -> None:
-    """Rename, in place, the names below ``block`` that start with one of ``renames``' old names (the first that fits)."""
-    for key, name in names.items():
-        for old, new in renames:
-            if name.startswith(block + old):
-                names[key] = block + new + name[len(block + old) :]
-                break
-
-
 def from_unireplknet_names(keys) -> dict[str, str]:
     """Each upstream key's name in our layout (other keys keep theirs)."""
     names = {key: key for key in keys}
@@ -77,7 +69,9 @@ def from_unireplknet_names(keys) -> dict[str, str]:
     dilated = [match["block"] for name in current if (match := _DILATED.match(name))]
     for block in dilated:
         fused = f"{block}origin_bn.running_var" not in current
-        dilations = sorted({int(m["r"]) for n in current if n.startswith(block) and (m := _BRANCH.match(n[len(block) :]))})
+        dilations = sorted(
+            {int(m["r"]) for n in current if n.startswith(block) and (m := _BRANCH.match(n[len(block) :]))}
+        )
         for key, name in names.items():
             rest = name[len(block) :] if name.startswith(block) else None
             if rest is None:
@@ -91,12 +85,12 @@ def from_unireplknet_names(keys) -> dict[str, str]:
                 names[key] = f"{block}conv_extra.{index}.{branch['part']}.{branch['rest']}"
     for block in [match["block"] for name in current if (match := _FFN_BLOCK.match(name))]:
         if f"{block}dwconv.lk_origin.weight" in current:
-            _below(names, block, [("norm.", "dwconv.post_bn.")])
+            rename_below(names, block, [("norm.", "dwconv.post_bn.")])
         else:  # a plain 3x3/5x5 depthwise conv: with a bias once fused, else followed by `norm`, its BN
             plain = "dwconv.reparam." if f"{block}dwconv.bias" in current else "dwconv.conv_kxk.conv."
-            _below(names, block, [("dwconv.weight", plain + "weight"), ("dwconv.bias", plain + "bias")])
-            _below(names, block, [("norm.", "dwconv.conv_kxk.bn.")])
-        _below(names, block, _UPSTREAM_FFN)
+            rename_below(names, block, [("dwconv.weight", plain + "weight"), ("dwconv.bias", plain + "bias")])
+            rename_below(names, block, [("norm.", "dwconv.conv_kxk.bn.")])
+        rename_below(names, block, _UPSTREAM_FFN)
     return names
 
 
@@ -120,8 +114,12 @@ def to_unireplknet_names(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
         size = state_dict[f"{dwconv}conv_kxk.conv.weight" if train else f"{dwconv}reparam.weight"].shape[-1]
         owner = dwconv.removesuffix("dwconv.") if dwconv.removesuffix("dwconv.") in ffn_blocks else None
         if owner is not None and size < _DILATED_FROM:  # upstream's plain depthwise conv, and its BN `norm`
-            plain = [("dwconv.conv_kxk.conv.", "dwconv."), ("dwconv.reparam.", "dwconv."), ("dwconv.conv_kxk.bn.", "norm.")]
-            _below(names, owner, plain)
+            plain = [
+                ("dwconv.conv_kxk.conv.", "dwconv."),
+                ("dwconv.reparam.", "dwconv."),
+                ("dwconv.conv_kxk.bn.", "norm."),
+            ]
+            rename_below(names, owner, plain)
             continue
         pairs = UNIREPLK_EXTRA_KERNELS.get(size)
         extra = {key[len(dwconv) :].split(".")[1] for key in names if key.startswith(f"{dwconv}conv_extra.")}
@@ -133,12 +131,15 @@ def to_unireplknet_names(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
             )
         renames = [("conv_kxk.conv.", "lk_origin."), ("conv_kxk.bn.", "origin_bn."), ("reparam.", "lk_origin.")]
         for index, (k, r) in enumerate(pairs):
-            renames += [(f"conv_extra.{index}.conv.", f"dil_conv_k{k}_{r}."), (f"conv_extra.{index}.bn.", f"dil_bn_k{k}_{r}.")]
-        _below(names, dwconv, renames)
+            renames += [
+                (f"conv_extra.{index}.conv.", f"dil_conv_k{k}_{r}."),
+                (f"conv_extra.{index}.bn.", f"dil_bn_k{k}_{r}."),
+            ]
+        rename_below(names, dwconv, renames)
         if owner is not None:
-            _below(names, owner, [("dwconv.post_bn.", "norm.")])
+            rename_below(names, owner, [("dwconv.post_bn.", "norm.")])
     for block in ffn_blocks:
-        _below(names, block, [(new, old) for old, new in _UPSTREAM_FFN])
+        rename_below(names, block, [(new, old) for old, new in _UPSTREAM_FFN])
     if any(key.startswith(("stem.", "stages.")) for key in names):
         for pattern, replacement in _OUR_NETWORK:
             names = {key: re.sub(pattern, replacement, name) for key, name in names.items()}

@@ -98,7 +98,9 @@ def test_upstream_network_loads_into_ours_both_ways_in_both_forms():
     theirs = _upstream_tiny(upstream_modules("unireplknet"), seed=2)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     expected = theirs(x)
-    ours = repblocks.load_weights(repblocks.create_model("unireplknet_tiny", num_classes=10).double(), theirs.state_dict())
+    ours = repblocks.load_weights(
+        repblocks.create_model("unireplknet_tiny", num_classes=10).double(), theirs.state_dict()
+    )
     assert _rel(expected, ours.eval()(x)) < FLOAT64
     fused = repblocks.load_weights(
         repblocks.create_model("unireplknet_tiny", num_classes=10, deploy=True).double(), theirs.state_dict()

@@ -64,8 +64,12 @@ class UniRepLKNetConfig:
 
 
 UNIREPLKNET_CONFIGS: dict[str, UniRepLKNetConfig] = {
-    "unireplknet_a": UniRepLKNetConfig((40, 80, 160, 320), _AFP_KERNELS, upstream_file="unireplknet_a_in1k_224_acc77.03.pth"),
-    "unireplknet_f": UniRepLKNetConfig((48, 96, 192, 384), _AFP_KERNELS, upstream_file="unireplknet_f_in1k_224_acc78.58.pth"),
+    "unireplknet_a": UniRepLKNetConfig(
+        (40, 80, 160, 320), _AFP_KERNELS, upstream_file="unireplknet_a_in1k_224_acc77.03.pth"
+    ),
+    "unireplknet_f": UniRepLKNetConfig(
+        (48, 96, 192, 384), _AFP_KERNELS, upstream_file="unireplknet_f_in1k_224_acc78.58.pth"
+    ),
     # For tests and smoke runs: every dwconv kind (plain 3 and 5, dilated 7 and 9) in a few ms on 32x32 images.
     "unireplknet_tiny": UniRepLKNetConfig((16, 24, 32, 48), ((3,), (7,), (9, 5), (7,)), image_size=32, crop_pct=1.0),
 }
