@@ -24,9 +24,9 @@ from torch import Tensor
 from repblocks.block_renames import rename_below
 from repblocks.blocks import UNIREPLK_EXTRA_KERNELS
 
-__all__ = ["from_unireplknet_names", "is_unireplknet", "to_unireplknet_names"]
+__all__ = ["DILATED_FROM", "from_unireplknet_names", "is_unireplknet", "to_unireplknet_names"]
 
-_DILATED_FROM = 7  # upstream's UniRepLKNetBlock: a DilatedReparamBlock from kernel 7 on, a plain conv below
+DILATED_FROM = 7  # upstream's UniRepLKNetBlock: a DilatedReparamBlock from kernel 7 on, a plain conv below
 
 _MARK = re.compile(
     r"(^|\.)(lk_origin|origin_bn|dil_(conv|bn)_k\d+_\d+|downsample_layers\.\d+)\.|(^|\.)(pwconv1\.1|act\.1)\.\w+$"
@@ -113,7 +113,7 @@ def to_unireplknet_names(state_dict: Mapping[str, Tensor]) -> dict[str, str]:
         train = f"{dwconv}conv_kxk.conv.weight" in names
         size = state_dict[f"{dwconv}conv_kxk.conv.weight" if train else f"{dwconv}reparam.weight"].shape[-1]
         owner = dwconv.removesuffix("dwconv.") if dwconv.removesuffix("dwconv.") in ffn_blocks else None
-        if owner is not None and size < _DILATED_FROM:  # upstream's plain depthwise conv, and its BN `norm`
+        if owner is not None and size < DILATED_FROM:  # upstream's plain depthwise conv, and its BN `norm`
             plain = [
                 ("dwconv.conv_kxk.conv.", "dwconv."),
                 ("dwconv.reparam.", "dwconv."),

@@ -37,13 +37,12 @@ from repblocks.fusion import fold_bn, wide_dtype
 from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, ClassifierHead, RepNet
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
+from repblocks.unireplknet_layout import DILATED_FROM  # a plain dwconv below it, a Dilated Reparam Block from it on
 
 __all__ = ["UNIREPLKNET_CONFIGS", "UniRepLKNet", "UniRepLKNetBlock", "UniRepLKNetConfig"]
 
 # Upstream's kernel sizes for its A/F/P variants (depths 2, 2, 6, 2): 3x3 in stage 1, 13x13 after.
 _AFP_KERNELS = ((3, 3), (13, 13), (13,) * 6, (13, 13))
-# Kernels below this are a plain depthwise conv (upstream's UniRepLKNetBlock); from it on, a Dilated Reparam Block.
-_DILATED_FROM = 7
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ def dwconv_branches(kernel_size: int) -> dict:
 
     Both have upstream's ``norm`` BN after the kernel: the post-sum BN with dilated branches, the kxk's own BN without.
     """
-    if kernel_size >= _DILATED_FROM:
+    if kernel_size >= DILATED_FROM:
         return {**resolve_branch_set("unireplk"), "post_bn": True}
     return dict(scale_branch=None, identity_branch=None)
 
@@ -250,7 +249,10 @@ def _pretrained_cfg(name: str, cfg: UniRepLKNetConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
     return dict(
         architecture=name,
-        hf_hub_id=None,  # timm publishes none; AILab-CVC's files (DingXiaoH/UniRepLKNet) load with pretrained=PATH
+        hf_hub_id=None,  # timm publishes none; AILab-CVC's files (upstream_weights) load with pretrained=PATH
+        upstream_weights=f"https://huggingface.co/DingXiaoH/UniRepLKNet/blob/main/{cfg.upstream_file}"
+        if cfg.upstream_file
+        else None,
         input_size=(3, cfg.image_size, cfg.image_size),
         interpolation="bicubic",
         crop_pct=cfg.crop_pct,
