@@ -27,6 +27,11 @@ train or deploy form:
   (``conv``, ``bn.bn``, ``avgbn``), ``dbb_reparam``: our ``dbb`` branch set;
 * ACNet's ``ACBlock`` (DingXiaoH/ACNet, ``acnet/acb.py``): ``square_conv/bn``, ``hor_conv/bn``,
   ``ver_conv/bn``, ``fused_conv``: our ``acnet`` branch set;
+* UniRepLKNet's (AILab-CVC/UniRepLKNet): its ``DilatedReparamBlock`` (``lk_origin``, ``origin_bn``,
+  ``dil_conv_k{k}_{r}``; our ``unireplk`` branch set), its block and its network, in train or fused form
+  (:mod:`repblocks.unireplknet_layout`);
+* ultralytics' ``RepConv`` (YOLOv7/v9's, ``conv1``/``conv2``/``bn``; our ``yolo_repconv``) and ``RepVGGDW``
+  (YOLOv10's, ``conv``/``conv1``; our ``repvggdw``), blocks only, train or fused (:mod:`repblocks.ultralytics_layout`);
 * OREPA's blocks (JUGGHM/OREPA_CVPR2022): the deploy forms (``orepa_reparam``, ``or1x1_reparam``,
   ``or_large_reparam``; ``RepVGGBlock_OREPA``'s is the official block's), and the train forms of ``OREPA``,
   ``OREPA_1x1`` and ``RepVGGBlock_OREPA``, whose kernels are generated on reading, exactly
@@ -59,6 +64,8 @@ from torch import Tensor
 from repblocks.fastvit_layout import apple_fastvit_as_timm, fold_attention_norms
 from repblocks.orepa_layout import generate_orepa_kernels
 from repblocks.repvit_layout import authors_to_timm, timm_to_authors
+from repblocks.ultralytics_layout import from_ultralytics_names, is_ultralytics, to_ultralytics_names
+from repblocks.unireplknet_layout import from_unireplknet_names, is_unireplknet, to_unireplknet_names
 
 __all__ = ["LAYOUTS", "LAYOUT_BN_EPS", "BlockRename", "convert_layout", "detect_layout", "to_repblocks_layout"]
 
@@ -248,13 +255,21 @@ _FROM_LAYOUT = {
 }
 
 
+def _renamed_by(names: Callable[[list[str]], dict[str, str]]) -> Callable[[StateDict], StateDict]:
+    """A state dict's keys renamed by a function of all its keys (a layout whose names depend on the block around them)."""
+    return lambda state_dict: {new: state_dict[key] for key, new in names(list(state_dict)).items()}
+
+
 # Layouts whose keys are not all a rename of ours: their tensors are computed (OREPA's train form, FastViT's
-# attention norm folded) or their names nested (the RepViT authors' flat list) first.
+# attention norm folded), their names nested (the RepViT authors' flat list) or dependent on the block around
+# them (UniRepLKNet, ultralytics) first.
 _READ_FIRST = {
     "orepa": generate_orepa_kernels,
     "timm_fastvit": fold_attention_norms,
     "apple_fastvit": lambda state_dict: fold_attention_norms(apple_fastvit_as_timm(state_dict)),
     "thu_repvit": authors_to_timm,
+    "unireplknet": _renamed_by(from_unireplknet_names),
+    "ultralytics": _renamed_by(from_ultralytics_names),
 }
 
 # Ours -> theirs, for handing our weights to the other code base.
@@ -401,11 +416,13 @@ _TO_LAYOUT = {
     "orepa": [],  # deploy form only: _orepa_fused_names names each fused conv as OREPA's choose_blk would build it
     "timm_repvit": _TO_TIMM_REPVIT,
     "thu_repvit": _TO_TIMM_REPVIT,  # then timm_to_authors
+    "unireplknet": [],  # to_unireplknet_names, by the block around each key
+    "ultralytics": [],  # to_ultralytics_names, by the block around each key
 }
 LAYOUTS = tuple(_TO_LAYOUT)
 # The BatchNorm eps a code base trains with, where it is not BatchNorm's default (1e-5). YOLOv6's
 # initialize_weights (yolov6/utils/torch_utils.py) sets eps=1e-3 on every nn.BatchNorm2d of its models.
-LAYOUT_BN_EPS: dict[str, float] = {"yolov6": 1e-3}
+LAYOUT_BN_EPS: dict[str, float] = {"yolov6": 1e-3, "ultralytics": 1e-3}  # ultralytics: the same initialize_weights
 
 _OFFICIAL_NETWORK_MARK = re.compile(r"(^|\.)(stage\d\.|linear\.(weight|bias)$)")
 _YOLOV6_NETWORK_MARK = re.compile(r"(^|\.)(ERBlock_\d|Rep_[pn]\d)\.")  # EfficientRep's and RepPAN's module names
@@ -437,6 +454,7 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
     # The authors' RepViT rows and classifier; timm's RepVggDw token mixer, train (a ConvNorm ``conv.c``) or fused.
     "thu_repvit": re.compile(r"^features\.\d+\.(token_mixer|channel_mixer)\.|^classifier\.classifier\."),
     "timm_repvit": re.compile(r"(^|\.)token_mixer\.(conv\.c\.weight|weight)$"),
+    "unireplknet": is_unireplknet,
     "apple": re.compile(r"(^|\.)(rbr_(conv|scale|skip)|se\.(reduce|expand))\.|(^|\.)stage\d\.(\d+\.)?reparam_conv\."),
     # OREPA's RepVGGBlock_OREPA has the official rbr_1x1 and rbr_identity beside its generated rbr_dense.
     "orepa": re.compile(r"(^|\.)(weight_(orepa|rbr|or1x1)_\w+$|(orepa|or1x1|or_large)_reparam\.)"),
@@ -453,6 +471,8 @@ _SIGNATURES: dict[str, re.Pattern | Callable[[list[str]], bool]] = {
         r"(^|\.)((primary|cheap)_rpr_\w+|dw_rpr_\w+)\.|(^|\.)short_conv\.\d\.(weight|bias|running_\w+)$"
     ),
     "timm_repghost": re.compile(r"(^|\.)ghost[12]\.(primary_conv\.[01]\.|fusion_bn\.|cheap_operation\.(\d\.|weight$))"),
+    # Last: conv1/conv2 Conv+BN pairs are a RepConv only where nothing else claimed the keys.
+    "ultralytics": is_ultralytics,
 }
 # First key components at which a layout's keys have arrived: wrapper prefixes are stripped until one shows.
 _LAYOUT_ROOTS = {"stage0", "linear", "backbone", "stage_1", "patch_embed", "network", "features", "conv_stem"}
@@ -575,6 +595,8 @@ _WRITE_LAST = {
     "orepa": _orepa_fused_names,
     "thu_repvit": lambda renamed, _state_dict: timm_to_authors(renamed),
     "timm_fastvit": _timm_fastvit_unfused,
+    "unireplknet": lambda renamed, state_dict: to_unireplknet_names(state_dict),
+    "ultralytics": lambda renamed, state_dict: to_ultralytics_names(state_dict),
 }
 
 

@@ -126,6 +126,7 @@ def check_stated_bn_eps(stated: float, assumed: set[float], name: str) -> None:
 
 # Where a layout's files may have been made with another eps than BatchNorm's default, and by what code.
 _EPS_ORIGINS = {
+    "ultralytics": "ultralytics' networks train with eps 1e-3 (initialize_weights), its blocks built alone with 1e-5",
     "yolov6": "YOLOv6's networks train with eps 1e-3 (initialize_weights), its blocks built alone with 1e-5",
     "official": (
         "the official RepVGG code and the QARepVGG authors' train with 1e-5; YOLOv6's RepVGGBlock, whose keys are "

@@ -302,12 +302,33 @@ def _fuse_train_form_into_deploy(model: nn.Module, state_dict: StateDict, expect
             if key in own:
                 target = expected[prefix + key]
                 fused.state_dict[prefix + key] = value.detach().to(target.device, target.dtype)
+    _fold_other_train_weights(model, fused)
     return fused
 
 
 def _says_deployed(module: nn.Module) -> bool:
     """Whether a module says it is in deploy form (its ``deploy`` is True)."""
     return getattr(module, "deploy", False) is True
+
+
+def _fold_other_train_weights(model: nn.Module, fused: _Fused) -> None:
+    """Deploy-form modules beside RepBlocks that fold more than branches (UniRepLKNet's FFN) read train-form weights.
+
+    Such a module says how with ``fold_train_weights(given)``: its keys from the train-form ones below its name
+    (its RepBlocks' already fused above), or None when there is nothing to fold.
+    """
+    for name, module in model.named_modules():
+        fold = getattr(module, "fold_train_weights", None)
+        if not callable(fold):
+            continue
+        prefix = f"{name}." if name else ""
+        given = {k[len(prefix) :]: v for k, v in fused.state_dict.items() if k.startswith(prefix)}
+        folded = fold(given)
+        if folded is None:
+            continue
+        for key in given:
+            del fused.state_dict[prefix + key]
+        fused.state_dict |= {prefix + k: v for k, v in folded.items()}
 
 
 def _fusable(key: str) -> bool:

@@ -16,6 +16,16 @@ from .conftest import LARGE_MODELS, TINY_MODELS
 
 ALL_MODELS = TINY_MODELS + LARGE_MODELS
 TINY_THEN_SLOW = TINY_MODELS + [pytest.param(name, marks=pytest.mark.slow) for name in LARGE_MODELS]
+
+
+def _block_modes(name: str) -> tuple[str, ...]:
+    """The block modes a model is built in: its pretrained_cfg's ``block_modes`` (a family whose branches have
+    no online form says so there, and refuses "online"), else both."""
+    return tuple(repblocks.get_pretrained_cfg(name).get("block_modes", ("offline", "online")))
+
+
+ONLINE_TINY = [name for name in TINY_MODELS if "online" in _block_modes(name)]
+ONLINE_LARGE = [name for name in LARGE_MODELS if "online" in _block_modes(name)]
 INPUT = (2, 3, 32, 32)
 
 
@@ -37,10 +47,10 @@ def _equivalence_params():
     for name in LARGE_MODELS:
         yield pytest.param(name, torch.float64, 1e-10, "offline", id=f"fp64-{name}", marks=pytest.mark.slow)
     # Online mode (repblocks.online): the same deploy form from another training form, every family.
-    for name in TINY_MODELS:
+    for name in ONLINE_TINY:
         yield pytest.param(name, torch.float32, 1e-5, "online", id=f"fp32-online-{name}")
         yield pytest.param(name, torch.float64, 1e-10, "online", id=f"fp64-online-{name}")
-    for name in LARGE_MODELS:
+    for name in ONLINE_LARGE:
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.float64, 1e-10)):
             yield pytest.param(
                 name, dtype, tolerance, "online", id=f"{str(dtype)[6:]}-online-{name}", marks=pytest.mark.slow
@@ -62,8 +72,15 @@ def test_deploy_form_equals_train_form(name, dtype, tolerance, block_mode):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deployed.modules())
 
 
-@pytest.mark.parametrize("name", TINY_THEN_SLOW)
-@pytest.mark.parametrize("block_mode", ["offline", "online"])
+def _with_block_modes():
+    """(name, block_mode) for every model and mode it is built in; the large models under the slow marker."""
+    for name in TINY_MODELS + LARGE_MODELS:
+        marks = [pytest.mark.slow] if name in LARGE_MODELS else []
+        for block_mode in _block_modes(name):
+            yield pytest.param(name, block_mode, marks=marks, id=f"{block_mode}-{name}")
+
+
+@pytest.mark.parametrize("name,block_mode", list(_with_block_modes()))
 def test_forward_backward(name, block_mode):
     model = repblocks.create_model(name, num_classes=10, block_mode=block_mode).train()
     logits = model(torch.randn(INPUT))
@@ -125,8 +142,7 @@ def test_converting_a_converted_model_in_place_changes_nothing(name):
     assert torch.equal(plain(x), expected)
 
 
-@pytest.mark.parametrize("name", TINY_THEN_SLOW)
-@pytest.mark.parametrize("block_mode", ["offline", "online"])
+@pytest.mark.parametrize("name,block_mode", list(_with_block_modes()))
 @torch.no_grad()
 def test_deploy_weights_round_trip_into_a_deploy_model(name, block_mode, tmp_path):
     deployed = repblocks.switch_to_deploy(_model(name, block_mode=block_mode))
@@ -206,6 +222,14 @@ def test_activation_by_name_builds_the_same_model_as_by_factory():
     assert torch.equal(by_name(x), by_factory(x))
     assert not torch.equal(by_name(x), relu(x)), "the activation must change the output"
     assert max_errors(by_name(x), repblocks.switch_to_deploy(by_name)(x))[1] < 1e-5
+
+
+def test_a_model_without_an_online_form_refuses_it_in_one_line():
+    offline_only = [name for name in TINY_MODELS if "online" not in _block_modes(name)]
+    for name in offline_only:
+        with pytest.raises(ValueError, match="online") as err:
+            repblocks.create_model(name, block_mode="online")
+        assert "\n" not in str(err.value)
 
 
 def test_unknown_model_lists_what_exists():

@@ -57,7 +57,7 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4) -
 FAST = ("trainer.fast_dev_run=true",)
 
 
-@pytest.mark.parametrize("model", ["repvgg_tiny", "repvgg_tiny_g2se", "repvgg_a0"])
+@pytest.mark.parametrize("model", ["repvgg_tiny", "repvgg_tiny_g2se", "repvgg_a0", "unireplknet_tiny"])
 def test_fast_dev_run_models(tmp_path, model):
     metrics = train(compose_train(tmp_path, f"model={model}", "data=fake", *FAST))
     assert metrics["global_step"] == 1
@@ -107,6 +107,14 @@ def test_every_zoo_model_and_data_module_has_a_config():
 def test_recipe_options_run(tmp_path, overrides):
     """One short epoch each, so the deploy check also runs on what the option checkpoints (EMA weights...)."""
     metrics = train(compose_train(tmp_path, "model=repvgg_tiny", "data=fake", "trainer.max_epochs=1", *overrides))
+    assert math.isfinite(metrics["val_acc"]) and metrics["global_step"] == 4
+    assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] < 1e-4
+
+
+@pytest.mark.slow
+def test_a_large_kernel_model_trains_and_its_deploy_form_agrees(tmp_path):
+    """UniRepLKNet: dilated branches and an FFN whose BN and layer scale fold; the run's deploy check says all agree."""
+    metrics = train(compose_train(tmp_path, "model=unireplknet_tiny", "data=fake", "trainer.max_epochs=1"))
     assert math.isfinite(metrics["val_acc"]) and metrics["global_step"] == 4
     assert metrics["top1_agreement"] == 1.0 and metrics["max_abs_err"] < 1e-4
 

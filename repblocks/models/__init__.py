@@ -1,3 +1,3 @@
 """Model families; importing this package registers every model."""
 
-from repblocks.models import fastvit, mobileone, repghost, repvgg, repvit, tv  # noqa: F401  (registers every family)
+from repblocks.models import fastvit, mobileone, repghost, repvgg, repvit, tv, unireplknet  # noqa: F401  (each registers its family)
