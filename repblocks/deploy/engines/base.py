@@ -46,6 +46,7 @@ from repblocks.numerics import max_errors, within_tolerance
 
 __all__ = [
     "CHECK_BATCH_SIZES",
+    "LAYOUTS",
     "Check",
     "Engine",
     "Export",
@@ -88,13 +89,19 @@ class Runner:
         return lambda: self.run(images)
 
 
+# The input layouts an engine may write (export.layout): phone camera pipelines hand over NHWC pixels (Android's
+# Bitmap, LiteRT's and MediaPipe's image helpers), PyTorch and ONNX take NCHW. Only LiteRT writes either.
+LAYOUTS = ("nhwc", "nchw")
+
+
 @dataclass(frozen=True)
 class Check:
-    """What an export is held to: the tolerance of its outputs against the model's, and the ONNX opset asked for."""
+    """What an export is held to and written with: its outputs' tolerance, the ONNX opset and the input layout asked for."""
 
     atol: float
     rtol: float
     onnx_opset: int | None = None
+    layout: str = LAYOUTS[0]  # the file's input layout where its engine offers a choice (LiteRT); NCHW elsewhere
 
 
 @dataclass(frozen=True)
