@@ -129,7 +129,9 @@ def _with_layout(model: nn.Module, layout: str) -> nn.Module:
         return model
     import litert_torch
 
-    return litert_torch.to_channel_last_io(model, args=[0])
+    wrapped = litert_torch.to_channel_last_io(model, args=[0])
+    wrapped.training = model.training  # the wrapper alone: the converter warns of a module left in training mode
+    return wrapped
 
 
 def _in_layout(images: Tensor, layout: str) -> Tensor:
