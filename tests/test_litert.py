@@ -297,3 +297,12 @@ def test_float_io_puts_quantize_and_dequantize_at_the_edges():
     assert codes == [schema.BuiltinOperator.QUANTIZE, schema.BuiltinOperator.RELU, schema.BuiltinOperator.DEQUANTIZE]
     assert [graph.tensors[i].type for i in (*graph.inputs, *graph.outputs)] == [schema.TensorType.FLOAT32] * 2
     assert [graph.tensors[i].name for i in (*graph.inputs, *graph.outputs)] == [b"in", b"out"]
+
+
+def test_the_layout_setting_defaults_to_nhwc_and_refuses_others():
+    from repblocks.deploy.config import DeployConfig
+    from repblocks.errors import UserError
+
+    assert DeployConfig.from_dict({"model": "repvgg_tiny"}).export.layout == "nhwc"  # what a phone's camera gives
+    with pytest.raises(UserError, match=r"^unknown export.layout 'nwhc'; known: nhwc, nchw$"):
+        DeployConfig.from_dict({"model": "repvgg_tiny", "export": {"layout": "nwhc"}})
