@@ -232,6 +232,13 @@ def _note_tflite_entry(out: Path) -> None:
     assert stored["input_shape"] == [1, SIDE, SIDE, 3]
 
 
+def _note_pte_entry(out: Path) -> None:
+    for name in ("model.pte", "model_int8.pte"):
+        stored = executorch.read_metadata(out / name)
+        assert (stored["input_layout"], stored["input_dtype"]) == ("NCHW", "float32")
+        assert json.loads(stored["input_shape"]) == [1, 3, SIDE, SIDE]
+
+
 def _note_logits(out: Path) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
@@ -266,6 +273,7 @@ def _note_python(out: Path) -> None:
 NOTES = {
     "tflite-nchw": _note_tflite_nchw,
     "tflite-entry": _note_tflite_entry,
+    "pte-entry": _note_pte_entry,
     "logits": _note_logits,
     "coreml-metadata": _note_coreml_metadata,
     "python": _note_python,

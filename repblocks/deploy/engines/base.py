@@ -34,6 +34,7 @@ of the user's terminal (LiteRT's, Core ML's and AOTInductor's quiet contexts).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "Runner",
     "check_engine",
     "check_outputs",
+    "io_metadata",
     "one_line",
     "output_errors",
 ]
@@ -309,6 +311,22 @@ def check_engine(model: nn.Module, runner: Runner, example: Tensor, *, dtype: st
     rel_err = max_errors(reference, output)[1]
     if not rel_err <= ENGINE_RTOL[dtype]:
         raise ValueError(f"{what} does not reproduce the model: {rel_err:.2e} relative error")
+
+
+def io_metadata(input_shape: Sequence[int], *, layout: str = "nchw") -> dict[str, str]:
+    """What a file taking ``input_shape`` ``(C, H, W)`` images in ``layout`` at batch 1 takes and gives, for its metadata.
+
+    A phone app reads it to feed the file: ``input_layout`` (``NHWC``, ``NCHW``), ``input_dtype``,
+    ``input_shape`` (JSON, with the batch), ``output_dtype``.
+    """
+    channels, height, width = input_shape
+    shape = [1, height, width, channels] if layout == "nhwc" else [1, channels, height, width]
+    return {
+        "input_layout": layout.upper(),
+        "input_dtype": "float32",
+        "input_shape": json.dumps(shape),
+        "output_dtype": "float32",
+    }
 
 
 def one_line(err: BaseException) -> str:

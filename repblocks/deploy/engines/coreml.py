@@ -223,7 +223,8 @@ def validate(path: str | os.PathLike, *, input_shape: tuple[int, ...], num_class
     weight_types = {
         MIL_pb2.DataType.Name(op.attributes["val"].type.tensorType.dataType)
         for op in operations
-        if op.type == "const" and op.attributes["val"].type.tensorType.dataType in _FLOAT_TYPES
+        if op.type == "const"
+        and op.attributes["val"].type.tensorType.dataType in _FLOAT_TYPES
         # a tensor, not a scalar: the image input's scale (1/255) is float32 in either precision, applied before the cast
         and op.attributes["val"].type.tensorType.rank > 0
     }

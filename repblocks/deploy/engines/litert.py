@@ -45,7 +45,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from repblocks.deploy.engines.base import LAYOUTS, Engine, Int8Artifact, Runner, check_engine, check_outputs
+from repblocks.deploy.engines.base import (
+    LAYOUTS,
+    Engine,
+    Int8Artifact,
+    Runner,
+    check_engine,
+    check_outputs,
+    io_metadata,
+)
 from repblocks.errors import UserError
 from repblocks.files import atomic_path
 
@@ -58,7 +66,6 @@ __all__ = [
     "convert",
     "float_io",
     "int8",
-    "io_metadata",
     "load",
     "missing",
     "read_metadata",
@@ -296,18 +303,6 @@ def _as_strings(stored: Mapping, path: Path) -> dict[str, str]:
         key: value if key in _TEXT_KEYS and isinstance(value, str) else json.dumps(value)
         for key, value in stored.items()
         if key != _FORMAT_KEY
-    }
-
-
-def io_metadata(input_shape: Sequence[int], *, layout: str) -> dict[str, str]:
-    """What a file in ``layout`` takes and gives, for its metadata: layout, dtypes, its input's shape with the batch."""
-    channels, height, width = input_shape
-    shape = [1, height, width, channels] if layout == "nhwc" else [1, channels, height, width]
-    return {
-        "input_layout": layout.upper(),
-        "input_dtype": "float32",
-        "input_shape": json.dumps(shape),
-        "output_dtype": "float32",
     }
 
 
