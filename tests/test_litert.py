@@ -262,7 +262,8 @@ def test_tflites_standard_metadata_names_the_model_its_normalization_and_labels(
 @pytest.mark.slow
 @needs_litert
 def test_tflite_supports_own_schema_reads_the_standard_metadata(tflite):
-    schema = pytest.importorskip("tflite_support.metadata_schema_py_generated")
+    # tflite-support 0.4.4 (pip install tflite-support): its generated schema module imports without its C++ parts
+    schema = pytest.importorskip("tensorflow_lite_support.metadata.metadata_schema_py_generated")
     buffer = _metadata_entry(tflite, litert.STANDARD_NAME)
     assert schema.ModelMetadata.ModelMetadataBufferHasIdentifier(buffer, 0)
     metadata = schema.ModelMetadataT.InitFromObj(schema.ModelMetadata.GetRootAs(buffer, 0))

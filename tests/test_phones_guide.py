@@ -198,6 +198,8 @@ def test_each_row_of_the_table_holds_for_its_file(out, row):
     runtime, read_input = _RUNTIMES[path.suffix]
     assert row["Runtime"].startswith(runtime)
     assert read_input(path) == _input_claim(row["Input"])
+    if path.suffix == ".tflite" and "RGB" in row["Input"]:
+        assert read_tflite_standard_metadata(path)["color_space"] == 1  # ColorSpaceType.RGB
     _check_normalization(path, row["Normalization"])
     _check_names(path, row["Class names"])
 
