@@ -5,7 +5,8 @@ An engine (``onnxruntime``, ``openvino``, ``executorch``, ...) is one module of 
 
 * :meth:`Engine.missing`: why it cannot run here (its package not installed, no compiler), in one
   line, or None;
-* :meth:`Engine.export`: write a model to its file in a precision, read the file back with the
+* :meth:`Engine.export`: write a model to its file in a precision (and in ``check.layout``, where the
+  engine offers a choice of input layout: LiteRT), read the file back with the
   engine's own runtime in the precision that runtime will use, and check it against the model
   (:func:`check_outputs`); the file takes its final name only once checked. The record is an
   :class:`Export`;
