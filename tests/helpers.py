@@ -226,3 +226,68 @@ def write_untrained_run(path: Path, model_name: str) -> Path:
     state = {f"model.{key}": value for key, value in model.state_dict().items()}
     torch.save({"hyper_parameters": hyper_parameters, "state_dict": state}, path)
     return path
+
+
+def read_tflite_standard_metadata(path: Path) -> dict | None:
+    """The ``TFLITE_METADATA`` entry of a ``.tflite`` as TFLite's metadata convention defines it, or None without one.
+
+    Read field by field at the slots of ``metadata_schema.fbs`` (tflite-support's schema: ModelMetadata
+    name 0, description 1, subgraph_metadata 3; SubGraphMetadata input 2, output 3; TensorMetadata
+    content 3, process_units 4, associated_files 6; ...) with flatbuffers' generic table reader, not
+    with the writer's code: what any reader of the convention would find.
+    """
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+    from flatbuffers.table import Table
+
+    data = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(data, 0)
+    entries = {model.Metadata(i).Name(): model.Metadata(i).Buffer() for i in range(model.MetadataLength())}
+    if b"TFLITE_METADATA" not in entries:
+        return None
+    buffer = model.Buffers(entries[b"TFLITE_METADATA"]).DataAsNumpy().tobytes()
+
+    def offset(table, slot):
+        return table.Offset(4 + 2 * slot)
+
+    def string(table, slot):
+        found = offset(table, slot)
+        return table.String(found + table.Pos).decode() if found else None
+
+    def byte(table, slot):
+        found = offset(table, slot)
+        return table.Get(flatbuffers.number_types.Uint8Flags, found + table.Pos) if found else 0
+
+    def sub(table, slot):
+        found = offset(table, slot)
+        return Table(table.Bytes, table.Indirect(found + table.Pos)) if found else None
+
+    def tables(table, slot):
+        found = offset(table, slot)
+        if not found:
+            return []
+        start = table.Vector(found)
+        return [Table(table.Bytes, table.Indirect(start + 4 * i)) for i in range(table.VectorLen(found))]
+
+    def floats(table, slot):
+        found = offset(table, slot)
+        start = table.Vector(found)
+        return [table.Get(flatbuffers.number_types.Float32Flags, start + 4 * i) for i in range(table.VectorLen(found))]
+
+    assert buffer[4:8] == b"M001", "not a ModelMetadata flatbuffer (identifier M001)"
+    root = Table(buffer, flatbuffers.encode.Get(flatbuffers.packer.uoffset, buffer, 0))
+    (subgraph,) = tables(root, 3)
+    (image,), (logits,) = tables(subgraph, 2), tables(subgraph, 3)
+    units = tables(image, 4)
+    normalization = [sub(unit, 1) for unit in units if byte(unit, 0) == 1]  # ProcessUnitOptions.NormalizationOptions
+    content = sub(image, 3)
+    return {
+        "name": string(root, 0),
+        "description": string(root, 1),
+        "min_parser_version": string(root, 7),
+        "input_content": byte(content, 0),  # ContentProperties: 2 ImageProperties
+        "color_space": byte(sub(content, 1), 0),  # ColorSpaceType: 1 RGB, 2 GRAYSCALE
+        "mean": floats(normalization[0], 0) if normalization else None,
+        "std": floats(normalization[0], 1) if normalization else None,
+        "output_files": [(string(f, 0), byte(f, 2)) for f in tables(logits, 6)],  # type 2: TENSOR_AXIS_LABELS
+    }

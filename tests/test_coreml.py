@@ -20,7 +20,18 @@ needs_both = pytest.mark.skipif(
     coreml.missing() is not None or litert.missing() is not None,
     reason=f"{coreml.missing() or litert.missing()}",
 )
-METADATA = {"model": "mobileone_tiny", "mean": "[0.485, 0.456, 0.406]", "class_names": '["cat", "dog"]'}
+NAMES = ["cat", "dog", "=bird", "emu", "fox", "gnu", "hen", "ibis", "jay", "koi"]
+METADATA = {
+    "model": "mobileone_tiny",
+    "mean": "[0.485, 0.456, 0.406]",
+    "std": "[0.229, 0.224, 0.225]",
+    "class_names": json.dumps(NAMES),
+}
+TAKES = {
+    "input_type": "RGB image, pixels 0-255",
+    "input_shape": "[1, 3, 32, 40]",
+    "normalization": "inside the model: (pixel / 255 - mean) / std",
+}
 NO_BENCH = dict(device="cpu", batch_sizes=[])
 
 
@@ -55,7 +66,7 @@ def test_both_packages_are_validated_not_run(packages):
 def test_the_metadata_and_the_precision_are_read_back(packages):
     folder, _, _ = packages
     for precision in coreml.PRECISIONS:
-        assert coreml.read_metadata(folder / f"{precision}.mlpackage") == {**METADATA, "precision": precision}
+        assert coreml.read_metadata(folder / f"{precision}.mlpackage") == {**METADATA, "precision": precision, **TAKES}
 
 
 @pytest.mark.slow
@@ -65,7 +76,7 @@ def test_the_metadata_and_the_precision_are_read_back(packages):
     [
         (dict(precision="fp32"), r"^the fp32 Core ML package holds weights of \['FLOAT16'\], not FLOAT32 only$"),
         (dict(input_shape=(3, 40, 32)), r"^the Core ML package has inputs and outputs"),
-        (dict(num_classes=1000), r"^the Core ML package has inputs and outputs"),
+        (dict(num_classes=1000), r"^the Core ML classifier has 10 class labels; the model has 1000 classes$"),
         (dict(convs=1), r"^the Core ML program has \d+ convolutions; the model has 1$"),
         (dict(metadata={**METADATA, "std": "[1, 1, 1]"}), r"^the Core ML package's metadata lost or changed std$"),
     ],
@@ -149,3 +160,70 @@ def test_a_failed_package_check_leaves_nothing_half_written(tmp_path, monkeypatc
     with pytest.raises(UserError, match="the Core ML program has 7 convolutions"):
         _deploy(tmp_path / "out")  # the .tflite was written and checked before
     assert list(tmp_path.iterdir()) == []
+
+
+def _spec(path):
+    import coremltools as ct
+
+    return ct.models.MLModel(str(path), skip_model_load=True).get_spec()  # Core ML's own reader: no prediction on Linux
+
+
+def _program(spec) -> dict:
+    """The main function's ops: {"ops": [types], "consts": {name: value}, "classify": op}."""
+    function = spec.mlProgram.functions["main"]
+    operations = function.block_specializations[function.opset].operations
+    consts = {op.outputs[0].name: op.attributes["val"] for op in operations if op.type == "const"}
+    (classify,) = [op for op in operations if op.type == "classify"]
+    return {"ops": [op for op in operations if op.type != "const"], "consts": consts, "classify": classify}
+
+
+@pytest.mark.slow
+@needs_coreml
+def test_an_ios_app_gets_an_image_classifier_with_its_labels(packages):
+    folder, _, _ = packages
+    spec = _spec(folder / "fp32.mlpackage")
+    (image,) = spec.description.input
+    assert image.name == "image" and image.type.WhichOneof("Type") == "imageType"
+    assert (image.type.imageType.width, image.type.imageType.height) == (40, 32)
+    assert image.type.imageType.colorSpace == image.type.imageType.RGB
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert spec.description.predictedProbabilitiesName == "classLabel_probs"
+    kinds = {feature.name: feature.type.WhichOneof("Type") for feature in spec.description.output}
+    assert kinds == {"classLabel": "stringType", "classLabel_probs": "dictionaryType"}
+    program = _program(spec)
+    labels = program["classify"].inputs["classes"].arguments[0].value.immediateValue.list.values
+    assert [label.immediateValue.tensor.strings.values[0] for label in labels] == NAMES
+    assert coreml.read_labels(folder / "fp32.mlpackage") == NAMES
+    assert "10 classes" in spec.description.metadata.shortDescription and spec.description.metadata.author
+
+
+def _floats(value) -> list[float]:
+    return list(value.immediateValue.tensor.floats.values)
+
+
+@pytest.mark.slow
+@needs_coreml
+def test_the_image_is_scaled_then_normalized_per_channel_exactly(packages):
+    folder, _, _ = packages
+    program = _program(_spec(folder / "fp32.mlpackage"))
+    scale, sub, mul = program["ops"][:3]  # pixels 0-255 * 1/255 (the image type's scale), - mean, * 1/std
+    assert (scale.type, sub.type, mul.type) == ("mul", "sub", "mul")
+    assert scale.inputs["x"].arguments[0].name == "image"
+    consts = program["consts"]
+    assert _floats(consts[scale.inputs["y"].arguments[0].name]) == pytest.approx([1 / 255])
+    assert _floats(consts[sub.inputs["y"].arguments[0].name]) == pytest.approx([0.485, 0.456, 0.406])
+    assert _floats(consts[mul.inputs["y"].arguments[0].name]) == pytest.approx([1 / 0.229, 1 / 0.224, 1 / 0.225])
+    assert program["classify"].inputs["probabilities"].arguments[0].name == program["ops"][-2].outputs[0].name
+    assert program["ops"][-2].type == "softmax"  # probabilities, not logits
+
+
+@pytest.mark.slow
+@needs_coreml
+def test_without_mean_and_std_the_input_stays_a_tensor_with_index_labels(tmp_path):
+    model = repblocks.switch_to_deploy(repblocks.create_model("repvgg_tiny", num_classes=3)).eval()
+    path = tmp_path / "model.mlpackage"
+    coreml.ENGINE.export(model, path, torch.randn(2, 3, 32, 32), {"model": "repvgg_tiny"}, check=Check(1e-4, 1e-4))
+    (source,) = _spec(path).description.input
+    assert source.name == "images" and tuple(source.type.multiArrayType.shape) == (1, 3, 32, 32)
+    assert coreml.read_labels(path) == [0, 1, 2]
+    assert coreml.read_metadata(path)["normalization"] == "by the caller"

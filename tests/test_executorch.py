@@ -58,7 +58,13 @@ def _check_round_trip(name: str, path: Path, info: dict) -> None:
         logits = run(images.numpy())
         assert isinstance(logits, np.ndarray) and logits.shape == (batch_size, 10) and logits.dtype == np.float32
         assert max_errors(_plain(name)(images), torch.from_numpy(logits))[1] < 1e-4
-    assert executorch.read_metadata(path) == METADATA
+    takes = {
+        "input_layout": "NCHW",
+        "input_dtype": "float32",
+        "input_shape": "[1, 3, 32, 32]",
+        "output_dtype": "float32",
+    }
+    assert executorch.read_metadata(path) == {**METADATA, **takes}  # and what a phone app feeds it
 
 
 def test_pte_runs_in_executorch_and_reads_back_its_metadata(tiny_pte):
@@ -160,6 +166,7 @@ def test_int8_pte_passes_the_gate_and_is_written_with_its_metadata(accurate_ckpt
     export = report["exports"]["executorch_int8"]
     assert export["path"] == str(out / "model_int8.pte") and export["format"] == "executorch int8"
     assert executorch.read_metadata(out / "model_int8.pte")["precision"] == "int8"
+    assert executorch.read_metadata(out / "model_int8.pte")["input_shape"] == "[1, 3, 32, 32]"
     timed = {(row["form"], row["backend"], row["dtype"]) for row in report["benchmark"]}
     assert {("deploy", "executorch", "fp32"), ("deploy", "executorch", "int8")} <= timed
 

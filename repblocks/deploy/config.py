@@ -29,6 +29,7 @@ from repblocks.deploy.engines import (
     MIN_ONNX_OPSET,
     QUANT_ENGINES,
 )
+from repblocks.deploy.engines.base import LAYOUTS
 from repblocks.errors import UserError
 
 __all__ = [
@@ -98,6 +99,8 @@ class ExportConfig(_Checked):
     formats: tuple[str, ...] | None = field(default=None, metadata={"known": EXPORT_FORMATS, "what": "export format"})
     # None: the exporter's default. Below 18 the torch.export-based exporter would silently write 18.
     onnx_opset: int | None = field(default=None, metadata=_range(MIN_ONNX_OPSET, onnx.defs.onnx_opset_version()))
+    # The .tflite's input layout: nhwc, what a phone's camera pipeline gives; nchw, the model's own. Other files: NCHW.
+    layout: str = field(default=LAYOUTS[0], metadata={"known": LAYOUTS, "what": "export.layout"})
 
     def __post_init__(self) -> None:
         if self.formats is None:

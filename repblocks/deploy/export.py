@@ -24,7 +24,7 @@ from torch import nn
 
 from repblocks import run_checkpoint
 from repblocks.deploy.engines import by_format, by_name
-from repblocks.deploy.engines.base import Check, Export, Int8Model
+from repblocks.deploy.engines.base import LAYOUTS, Check, Export, Int8Model
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
 
@@ -60,7 +60,7 @@ def export_all(
     """
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
     metadata = deploy_metadata(network)
-    check = Check(verify.atol, verify.rtol, onnx_opset=export.onnx_opset)
+    check = Check(verify.atol, verify.rtol, onnx_opset=export.onnx_opset, layout=export.layout)
     exports = {}
     for fmt in export.formats:
         entry = by_format(fmt)
@@ -83,6 +83,7 @@ def export_int8(
     out_dir: Path,
     verify: VerifyConfig,
     seed: int = 0,
+    layout: str = LAYOUTS[0],
 ) -> dict[str, Export]:
     """Write the int8 model of each engine that passed the accuracy gate; each is read back and checked.
 
@@ -91,7 +92,7 @@ def export_int8(
     """
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
     metadata = int8_metadata(network)
-    check = Check(verify.atol, verify.rtol)
+    check = Check(verify.atol, verify.rtol, layout=layout)
     exports = {}
     for gated in passed.values():
         entry, precision = by_name(gated.engine), gated.precision

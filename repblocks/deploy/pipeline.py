@@ -121,7 +121,13 @@ def run_deploy(config: DeployConfig) -> dict:
             prepared = None
             if quantization is not None:
                 exports |= export_int8(
-                    network, quantization.passed, into=staging, out_dir=out_dir, verify=config.verify, seed=config.seed
+                    network,
+                    quantization.passed,
+                    into=staging,
+                    out_dir=out_dir,
+                    verify=config.verify,
+                    seed=config.seed,
+                    layout=config.export.layout,
                 )
                 prepared = int8_runners(quantization.passed, device=device, backends=bench.backends)
             stages.done("export", ", ".join(exports) or "nothing")

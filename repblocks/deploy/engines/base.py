@@ -5,7 +5,8 @@ An engine (``onnxruntime``, ``openvino``, ``executorch``, ...) is one module of 
 
 * :meth:`Engine.missing`: why it cannot run here (its package not installed, no compiler), in one
   line, or None;
-* :meth:`Engine.export`: write a model to its file in a precision, read the file back with the
+* :meth:`Engine.export`: write a model to its file in a precision (and in ``check.layout``, where the
+  engine offers a choice of input layout: LiteRT), read the file back with the
   engine's own runtime in the precision that runtime will use, and check it against the model
   (:func:`check_outputs`); the file takes its final name only once checked. The record is an
   :class:`Export`;
@@ -34,6 +35,7 @@ of the user's terminal (LiteRT's, Core ML's and AOTInductor's quiet contexts).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from repblocks.numerics import max_errors, within_tolerance
 
 __all__ = [
     "CHECK_BATCH_SIZES",
+    "LAYOUTS",
     "Check",
     "Engine",
     "Export",
@@ -54,6 +57,7 @@ __all__ = [
     "Runner",
     "check_engine",
     "check_outputs",
+    "io_metadata",
     "one_line",
     "output_errors",
 ]
@@ -88,13 +92,19 @@ class Runner:
         return lambda: self.run(images)
 
 
+# The input layouts an engine may write (export.layout): phone camera pipelines hand over NHWC pixels (Android's
+# Bitmap, LiteRT's and MediaPipe's image helpers), PyTorch and ONNX take NCHW. Only LiteRT writes either.
+LAYOUTS = ("nhwc", "nchw")
+
+
 @dataclass(frozen=True)
 class Check:
-    """What an export is held to: the tolerance of its outputs against the model's, and the ONNX opset asked for."""
+    """What an export is held to and written with: its outputs' tolerance, the ONNX opset and the input layout asked for."""
 
     atol: float
     rtol: float
     onnx_opset: int | None = None
+    layout: str = LAYOUTS[0]  # the file's input layout where its engine offers a choice (LiteRT); NCHW elsewhere
 
 
 @dataclass(frozen=True)
@@ -302,6 +312,22 @@ def check_engine(model: nn.Module, runner: Runner, example: Tensor, *, dtype: st
     rel_err = max_errors(reference, output)[1]
     if not rel_err <= ENGINE_RTOL[dtype]:
         raise ValueError(f"{what} does not reproduce the model: {rel_err:.2e} relative error")
+
+
+def io_metadata(input_shape: Sequence[int], *, layout: str = "nchw") -> dict[str, str]:
+    """What a file taking ``input_shape`` ``(C, H, W)`` images in ``layout`` at batch 1 takes and gives, for its metadata.
+
+    A phone app reads it to feed the file: ``input_layout`` (``NHWC``, ``NCHW``), ``input_dtype``,
+    ``input_shape`` (JSON, with the batch), ``output_dtype``.
+    """
+    channels, height, width = input_shape
+    shape = [1, height, width, channels] if layout == "nhwc" else [1, channels, height, width]
+    return {
+        "input_layout": layout.upper(),
+        "input_dtype": "float32",
+        "input_shape": json.dumps(shape),
+        "output_dtype": "float32",
+    }
 
 
 def one_line(err: BaseException) -> str:

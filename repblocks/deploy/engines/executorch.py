@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_outputs
+from repblocks.deploy.engines.base import Engine, Int8Artifact, Runner, check_outputs, io_metadata
 from repblocks.files import atomic_path
 from repblocks.int8 import example_batch
 
@@ -247,6 +247,7 @@ class ExecuTorch(Engine):
         return missing() or (None if dtype == "fp32" else "the ExecuTorch export is float32")
 
     def export(self, model, path, example, metadata, *, check, precision="fp32"):
+        metadata = {**metadata, **io_metadata(tuple(example.shape[1:]))}  # what a phone app feeds it: NCHW float32
         info = _write_pte(lower(model, example, metadata=metadata), Path(path), model, example, check)
         return {"path": str(path), "format": "executorch", **info}
 
@@ -262,6 +263,7 @@ class ExecuTorch(Engine):
 
     def int8(self, model, calibration, *, metadata, worst_layers=0):
         # The .pte carries its metadata inside: it goes in when lowered, so the program gated is the file written.
+        metadata = {**metadata, **io_metadata(tuple(calibration.shape[1:]))} if metadata else metadata
         program = quantize_int8(model, calibration, metadata=metadata)
         method = "PT2E XNNPACKQuantizer (per-channel weights), ExecuTorch XNNPACK"
         return Int8Artifact(method, program, _int8_run(program))
