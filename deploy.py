@@ -48,6 +48,7 @@ from repblocks.deploy.outputs import check_out_dir
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.report import console_tables, speed_console_table
 from repblocks.files import check_writable_dir
+from repblocks.threads import check_threads
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
 # --help: deploy's settings, described by the comments in its yaml files (configs/deploy/deploy.yaml names the
@@ -114,6 +115,7 @@ if __name__ == "__main__":
         overrides = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
         composed = check_overrides(overrides, CONFIG_DIR, "deploy")
         if composed is not None:  # None for flags (--cfg job, --multirun): those are Hydra's own
+            check_threads(composed.bench.threads, setting="bench.threads")  # and OMP_NUM_THREADS, as train.py does
             overrides, run_dir = pin_run_dir(overrides, composed)
             made_for_the_run = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]
         sys.argv[1:] = quote_path_values(overrides)

@@ -8,8 +8,8 @@ Settings, each ``key=value`` (as deploy.py takes them): ``model`` (``.onnx``, ``
 ``.pte``, ``.tflite``), ``images`` (an image file or a folder, searched recursively; files that are not
 images are skipped and counted), ``topk`` (default 5), ``csv`` (a file to write one row per image
 into; for a folder it defaults to ``<folder name>_predictions.csv`` in the working directory, never
-inside the deploy output, which deploy.py replaces whole), ``threads`` (default: the cores other
-processes leave free). ``repblocks.deploy.Predictor`` does the work; this script parses the
+inside the deploy output, which deploy.py replaces whole), ``threads`` (from 1 to 4 per CPU; default:
+``OMP_NUM_THREADS`` if set, else the cores other processes leave free, as train.py and deploy.py choose). ``repblocks.deploy.Predictor`` does the work; this script parses the
 settings, prints one line per image and turns bad input into one line on stderr and exit status 1
 (Ctrl-C and SIGTERM: one line and status 130). The CSV is written whole, at the end, or not at all.
 """
@@ -30,6 +30,7 @@ disable_telemetry()  # before any engine loads: onnxruntime reads its switch onc
 
 from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
 from repblocks.errors import UserError
+from repblocks.threads import check_threads
 
 SETTINGS = ("model", "images", "topk", "csv", "threads")
 REQUIRED = ("model", "images")
@@ -71,7 +72,7 @@ class PredictSettings:
             images=Path(given["images"]).expanduser(),
             topk=_positive_int("topk", given.get("topk", "5")),
             csv=Path(given["csv"]).expanduser() if given.get("csv") else None,
-            threads=_positive_int("threads", given["threads"]) if given.get("threads") else None,
+            threads=check_threads(given.get("threads"), setting="threads"),  # and OMP_NUM_THREADS, as train.py does
         )
 
     def csv_path(self) -> Path | None:

@@ -17,7 +17,7 @@ in ``configs/``, built by :func:`repblocks.train.fit.fit`; ``+experiment=qat`` r
 :func:`repblocks.train.qat.quantization_aware_training` instead.
 
 On a machine other processes use, training runs on as many threads as the cores they leave free
-(``threads=N`` to choose), with as many data-loading workers as fit beside them, and OpenMP's idle
+(``threads=N`` to choose, from 1 to 4 per CPU), with as many data-loading workers as fit beside them, and OpenMP's idle
 threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it):
 see :mod:`repblocks.threads`. Written to a log or a pipe, progress is a line per epoch.
 """
@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.config_help import config_help
+from repblocks.threads import check_threads
 from repblocks.train.console import log_from_rank_zero, quiet_lightning
 from repblocks.train.fit import fit
 from repblocks.train.qat import quantization_aware_training
@@ -87,6 +88,8 @@ if __name__ == "__main__":
     sys.argv[1:] = quote_path_values(sys.argv[1:], (*PATH_KEYS, "qat.init"))
     with exit_on_user_error():
         composed, note = check_overrides(sys.argv[1:], CONFIG_DIR, "train"), None
+        if composed is not None:  # threads=, OMP_NUM_THREADS: one line now, not a crash once torch starts them
+            check_threads(composed.get("threads"))
         if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
             # A resumed run takes its checkpoint's model, loss, rep_l2, EMA, data settings and length (repblocks/train/resume.py).
             sys.argv[1:], composed, note = resume_as_trained(sys.argv[1:], composed.ckpt_path, CONFIG_DIR)
