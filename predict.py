@@ -12,6 +12,9 @@ inside the deploy output, which deploy.py replaces whole), ``threads`` (from 1 t
 ``OMP_NUM_THREADS`` if set, else the cores other processes leave free, as train.py and deploy.py choose). ``repblocks.deploy.Predictor`` does the work; this script parses the
 settings, prints one line per image and turns bad input into one line on stderr and exit status 1
 (Ctrl-C and SIGTERM: one line and status 130). The CSV is written whole, at the end, or not at all.
+The engines' own lines (LiteRT's XNNPACK note, ExecuTorch's cpuinfo lines) are kept off stderr, and
+shown if opening or running the file fails; ``REPBLOCKS_RUNTIME_LOGS=1`` in the environment lets them
+through as written.
 """
 
 # ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: as deploy.py
+# OpenMP reads OMP_NUM_THREADS once, when torch loads it, and a bad value is lines of its own on stderr: it is held
+# back until torch is loaded, then put back for repblocks.threads.check_threads to judge, before any work.
+omp_num_threads = os.environ.pop("OMP_NUM_THREADS", None)
 
 from repblocks.offline import disable_telemetry
 
@@ -31,6 +37,9 @@ disable_telemetry()  # before any engine loads: onnxruntime reads its switch onc
 from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
 from repblocks.errors import UserError
 from repblocks.threads import check_threads
+
+if omp_num_threads is not None:
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads  # torch's thread count is set from it (repblocks.threads)
 
 SETTINGS = ("model", "images", "topk", "csv", "threads")
 REQUIRED = ("model", "images")

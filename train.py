@@ -28,6 +28,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP (repblocks/threads.py)
+# OpenMP reads OMP_NUM_THREADS once, when torch loads it, and a bad value is lines of its own on stderr: it is held
+# back until torch is loaded, then put back for repblocks.threads.check_threads to judge, before any work.
+omp_num_threads = os.environ.pop("OMP_NUM_THREADS", None)
 
 import sys
 from pathlib import Path
@@ -47,6 +50,9 @@ from repblocks.train.report import summary
 from repblocks.train.resources import first_process, use_free_cores
 from repblocks.train.resume import finished_run, resume_as_trained
 from repblocks.train.run_folder import check_run_folder
+
+if omp_num_threads is not None:
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads  # torch's thread count is set from it (repblocks.threads)
 
 log_from_rank_zero()  # under DDP, each line once: the other processes log their errors only
 quiet_lightning()  # Lightning's advice on every run (a cloud logger's tip, a deprecation inside it): no news about the run

@@ -108,13 +108,16 @@ class ThreadChoice:
         )
 
 
-def choose_threads(requested: int | None, *, setting: str = "threads", processes: int = 1) -> ThreadChoice:
+def choose_threads(
+    requested: int | None, *, setting: str = "threads", processes: int = 1, measure: bool = True
+) -> ThreadChoice:
     """``requested`` threads; else ``OMP_NUM_THREADS``; else the cores other processes leave free, measured now.
 
     Args:
         requested: The count a setting asks for; None or 0 to choose.
         setting: The setting's name, for the note (``threads``, ``bench.threads``).
         processes: Processes of this run sharing the machine (DDP on the CPU): each gets its share.
+        measure: False: torch's own count instead of measuring (nothing is timed, a measurement would only cost).
 
     Raises:
         UserError: ``requested`` or ``OMP_NUM_THREADS`` is not a whole number from 1 to :func:`max_threads`.
@@ -129,6 +132,8 @@ def choose_threads(requested: int | None, *, setting: str = "threads", processes
     if from_environment:
         outermost = int(from_environment.split(",")[0])  # "4,2": 4 threads, then 2 in nested regions
         return ThreadChoice(outermost, cores, None, policy, setting, "OMP_NUM_THREADS", share)
+    if not measure:
+        return ThreadChoice(torch.get_num_threads(), cores, None, policy, setting, "setting", share)
     free, load = free_cores()
     share = max(1, free // processes)
     return ThreadChoice(share, cores, load or 0.0, policy, setting, "measured", share)

@@ -238,10 +238,10 @@ def _check_extras(config: DeployConfig) -> None:
 
 
 def _choose_threads(bench: BenchConfig) -> ThreadChoice:
-    """``bench.threads``, else (on the CPU, when anything is timed) as many as the cores other processes leave free."""
-    if bench.threads or not bench.batch_sizes or bench.device.startswith("cuda"):
-        return choose_threads(bench.threads or torch.get_num_threads(), setting="bench.threads")
-    return choose_threads(None, setting="bench.threads")
+    """``bench.threads``, else ``OMP_NUM_THREADS``, else (on the CPU, when anything is timed) as many as the cores
+    other processes leave free, else torch's own count."""
+    timed_on_the_cpu = bench.batch_sizes and not bench.device.startswith("cuda")
+    return choose_threads(bench.threads, setting="bench.threads", measure=bool(timed_on_the_cpu))
 
 
 def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:
