@@ -90,7 +90,9 @@ def _group_settings(path: Path, group: str) -> list[tuple[str, str, str]]:
     text = path.read_text()
     if re.search(r"^#\s*@package\s+_global_\s*$", text, re.MULTILINE):
         return _settings(text.splitlines())
-    return [(f"{group}.{key}", value, comment) for key, value, comment in _settings(text.splitlines()) if "." not in key]
+    return [
+        (f"{group}.{key}", value, comment) for key, value, comment in _settings(text.splitlines()) if "." not in key
+    ]
 
 
 def _other_options_settings(

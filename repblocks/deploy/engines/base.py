@@ -80,9 +80,10 @@ def runtime_output(what: str) -> Iterator[None]:
 
     The inference runtimes write their notes from C++ straight to file descriptor 2 (ExecuTorch's
     cpuinfo lines, absl's, TensorFlow's oneDNN note, "INFO: Created TensorFlow Lite XNNPACK delegate"),
-    past ``sys.stderr``, so descriptor 2 itself points at an unnamed temporary file inside. An error
-    raised inside logs what was kept (a warning), then goes on; an interrupt does not (its one line
-    says enough). ``REPBLOCKS_RUNTIME_LOGS=1`` in the environment lets everything through as written.
+    past ``sys.stderr``, so descriptor 2 itself points at an unnamed temporary file inside; the log's
+    own handlers on stderr keep writing to the terminal. An error raised inside logs what was kept (a
+    warning), then goes on; an interrupt does not (its one line says enough).
+    ``REPBLOCKS_RUNTIME_LOGS=1`` in the environment lets everything through as written.
 
     Args:
         what: What runs inside, for the log (``"the export stage"``).
@@ -95,7 +96,12 @@ def runtime_output(what: str) -> Iterator[None]:
         saved = os.dup(2)
         os.dup2(kept.fileno(), 2)
         try:
-            yield
+            # Our own log lines are not the runtimes': the log's handlers on stderr keep writing to the terminal.
+            with (
+                open(saved, "w", buffering=1, closefd=False, errors="backslashreplace") as stderr,
+                _log_handlers_writing_to(stderr),
+            ):
+                yield
         except Exception:
             _restore_stderr(saved)
             saved = None
@@ -107,6 +113,28 @@ def runtime_output(what: str) -> Iterator[None]:
         finally:
             if saved is not None:
                 _restore_stderr(saved)
+
+
+@contextlib.contextmanager
+def _log_handlers_writing_to(stream) -> Iterator[None]:
+    """Inside, the log handlers that write to file descriptor 2 (``logging.basicConfig``'s) write to ``stream``."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = {h for logger in loggers if isinstance(logger, logging.Logger) for h in logger.handlers}
+    moved = [(h, h.stream) for h in handlers if isinstance(h, logging.StreamHandler) and _writes_to_fd_2(h.stream)]
+    for handler, _ in moved:
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
+
+
+def _writes_to_fd_2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (pytest's caplog), a closed one
+        return False
 
 
 def _flush_stderr() -> None:
