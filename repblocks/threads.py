@@ -77,7 +77,7 @@ def _count(value: object, name: str, *, shown: object = None) -> int:
     if isinstance(text, bool) or not isinstance(text, int) or not 1 <= text <= limit:
         raise UserError(
             f"{name} must be a whole number of threads from 1 to {limit} ({THREADS_PER_CPU} per CPU of this "
-            f"machine), got {value if shown is None else shown!r}"
+            f"machine), got {str(value if shown is None else shown)!r}"  # as typed, whichever command read it
         )
     return text
 
