@@ -8,6 +8,11 @@
     python deploy.py source=torchvision:resnet50          # fold Conv+BN in a torchvision model
     python deploy.py +experiment=paper_speed              # the RepVGG paper's speed table
 
+Environment: REPBLOCKS_RUNTIME_LOGS=1 shows the inference runtimes' own lines on stderr (ExecuTorch's
+cpuinfo lines, absl's, TensorFlow's oneDNN note, LiteRT's XNNPACK delegate line). Without it they are
+kept aside, and logged only when the step that ran them fails. OMP_NUM_THREADS, as bench.threads:
+from 1 to 4 per CPU.
+
 Settings: configs/deploy/deploy.yaml. Deploy has a config root of its own so that train.py's
 config group ``model`` (configs/model/) does not capture the plain key ``model=NAME``.
 ``repblocks.deploy.run_deploy`` does the work; this script turns the Hydra config into plain data,
@@ -33,6 +38,9 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+# OpenMP reads OMP_NUM_THREADS once, when torch loads it, and a bad value is lines of its own on stderr: it is held
+# back until torch is loaded, then put back for repblocks.threads.check_threads to judge, before any work.
+omp_num_threads = os.environ.pop("OMP_NUM_THREADS", None)
 
 from repblocks.offline import disable_telemetry
 
@@ -48,13 +56,17 @@ from repblocks.deploy.outputs import check_out_dir
 from repblocks.deploy.pipeline import DeployConfig, run_deploy
 from repblocks.deploy.report import console_tables, headline, speed_console_table
 from repblocks.files import check_writable_dir
+from repblocks.threads import check_threads
+
+if omp_num_threads is not None:
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads  # torch's thread count is set from it (repblocks.threads)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "deploy"
 # --help: deploy's settings, described by the comments in its yaml files (configs/deploy/deploy.yaml names the
 # resolver in hydra.help.template).
 OmegaConf.register_new_resolver(
     "deploy_help",
-    lambda: config_help(CONFIG_DIR, "deploy", usage="\n\n".join(__doc__.split("\n\n")[:2]), shown_as="configs/deploy"),
+    lambda: config_help(CONFIG_DIR, "deploy", usage="\n\n".join(__doc__.split("\n\n")[:3]), shown_as="configs/deploy"),
     replace=True,
 )
 RUN_DIR = "hydra.run.dir"
@@ -115,6 +127,7 @@ if __name__ == "__main__":
         overrides = quote_path_values(sys.argv[1:])  # checkpoint names hold '=': quote them for Hydra
         composed = check_overrides(overrides, CONFIG_DIR, "deploy")
         if composed is not None:  # None for flags (--cfg job, --multirun): those are Hydra's own
+            check_threads(composed.bench.threads, setting="bench.threads")  # and OMP_NUM_THREADS, as train.py does
             overrides, run_dir = pin_run_dir(overrides, composed)
             made_for_the_run = [folder for folder in [run_dir, *run_dir.parents] if not folder.exists()]
         sys.argv[1:] = quote_path_values(overrides)

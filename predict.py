@@ -9,13 +9,16 @@ Settings, each ``key=value`` (as deploy.py takes them): ``model`` (``.onnx``, ``
 images are skipped, each named), ``topk`` (default 5), ``csv`` (a file to write one row per image
 into; for a folder it defaults to ``<folder name>_predictions.csv`` in the working directory, never
 inside the deploy output, which deploy.py replaces whole), ``batch_size`` (images read and run at a
-time, default 32: memory grows with it), ``threads`` (default: the cores other processes leave free).
+time, default 32: memory grows with it), ``threads`` (from 1 to 4 per CPU; default: ``OMP_NUM_THREADS``
+if set, else the cores other processes leave free, as train.py and deploy.py choose).
 ``repblocks.deploy.Predictor`` does the work; this script parses the settings, prints one line per
 image and turns bad input into one line on stderr and exit status 1 (Ctrl-C and SIGTERM: one line
 and status 130). Images are read as a viewer shows them: EXIF orientation applied, 16-bit scaled.
 The CSV is written whole, at the end, or not at all; a CSV that could not be written, or that
 names the model or an image (it would destroy what is read), is refused before any work. File
-names are printed with control characters escaped.
+names are printed with control characters escaped. The engines' own lines (LiteRT's XNNPACK note,
+ExecuTorch's cpuinfo lines) are kept off stderr, and shown if opening or running the file fails;
+``REPBLOCKS_RUNTIME_LOGS=1`` in the environment lets them through as written.
 """
 
 # ruff: noqa: E402  (the OpenMP setting below must precede the imports that load torch)
@@ -27,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: as deploy.py
+# OpenMP reads OMP_NUM_THREADS once, when torch loads it, and a bad value is lines of its own on stderr: it is held
+# back until torch is loaded, then put back for repblocks.threads.check_threads to judge, before any work.
+omp_num_threads = os.environ.pop("OMP_NUM_THREADS", None)
 
 from repblocks.offline import disable_telemetry
 
@@ -34,6 +40,10 @@ disable_telemetry()  # before any engine loads: onnxruntime reads its switch onc
 
 from repblocks.cli import exit_on_user_error, sigterm_as_interrupt
 from repblocks.errors import UserError
+from repblocks.threads import check_threads
+
+if omp_num_threads is not None:
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads  # torch's thread count is set from it (repblocks.threads)
 
 SETTINGS = ("model", "images", "topk", "csv", "batch_size", "threads")
 REQUIRED = ("model", "images")
@@ -77,7 +87,7 @@ class PredictSettings:
             topk=_positive_int("topk", given.get("topk", "5")),
             csv=Path(given["csv"]).expanduser() if given.get("csv") else None,
             batch_size=_positive_int("batch_size", given["batch_size"]) if given.get("batch_size") else None,
-            threads=_positive_int("threads", given["threads"]) if given.get("threads") else None,
+            threads=check_threads(given.get("threads"), setting="threads"),  # and OMP_NUM_THREADS, as train.py does
         )
 
     def csv_path(self) -> Path | None:

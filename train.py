@@ -17,7 +17,7 @@ in ``configs/``, built by :func:`repblocks.train.fit.fit`; ``+experiment=qat`` r
 :func:`repblocks.train.qat.quantization_aware_training` instead.
 
 On a machine other processes use, training runs on as many threads as the cores they leave free
-(``threads=N`` to choose), with as many data-loading workers as fit beside them, and OpenMP's idle
+(``threads=N`` to choose, from 1 to 4 per CPU), with as many data-loading workers as fit beside them, and OpenMP's idle
 threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it):
 see :mod:`repblocks.threads`. Written to a log or a pipe, progress is a line per epoch.
 """
@@ -28,6 +28,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP (repblocks/threads.py)
+# OpenMP reads OMP_NUM_THREADS once, when torch loads it, and a bad value is lines of its own on stderr: it is held
+# back until torch is loaded, then put back for repblocks.threads.check_threads to judge, before any work.
+omp_num_threads = os.environ.pop("OMP_NUM_THREADS", None)
 
 import sys
 from pathlib import Path
@@ -38,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from repblocks.cli import PATH_KEYS, check_overrides, exit_on_user_error, quote_path_values
 from repblocks.config_help import config_help
+from repblocks.threads import check_threads
 from repblocks.train.console import log_from_rank_zero, quiet_lightning
 from repblocks.train.fit import fit
 from repblocks.train.qat import quantization_aware_training
@@ -46,6 +50,9 @@ from repblocks.train.report import summary
 from repblocks.train.resources import first_process, use_free_cores
 from repblocks.train.resume import finished_run, resume_as_trained
 from repblocks.train.run_folder import check_run_folder
+
+if omp_num_threads is not None:
+    os.environ["OMP_NUM_THREADS"] = omp_num_threads  # torch's thread count is set from it (repblocks.threads)
 
 log_from_rank_zero()  # under DDP, each line once: the other processes log their errors only
 quiet_lightning()  # Lightning's advice on every run (a cloud logger's tip, a deprecation inside it): no news about the run
@@ -87,6 +94,8 @@ if __name__ == "__main__":
     sys.argv[1:] = quote_path_values(sys.argv[1:], (*PATH_KEYS, "qat.init"))
     with exit_on_user_error():
         composed, note = check_overrides(sys.argv[1:], CONFIG_DIR, "train"), None
+        if composed is not None:  # threads=, OMP_NUM_THREADS: one line now, not a crash once torch starts them
+            check_threads(composed.get("threads"))
         if composed is not None and composed.ckpt_path is not None and composed.get("qat") is None:
             # A resumed run takes its checkpoint's model, loss, rep_l2, EMA, data settings and length (repblocks/train/resume.py).
             sys.argv[1:], composed, note = resume_as_trained(sys.argv[1:], composed.ckpt_path, CONFIG_DIR)

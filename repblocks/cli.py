@@ -14,13 +14,13 @@ import contextlib
 import json
 import pickle
 import re
-import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repblocks.errors import Interrupted
+from repblocks.signals import interrupt_on_signals, received
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -75,20 +75,29 @@ def one_line(error: BaseException, *, first_only: bool = False) -> str:
     return lines[0] if first_only else " ".join(lines)
 
 
+_INTERRUPTED = "interrupted: stopped before finishing; no partial output was kept"
+
+
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """Turn user mistakes raised inside into ``SystemExit("error: <one line>")``: that line on stderr, status 1.
 
     Ctrl-C (and SIGTERM under :func:`sigterm_as_interrupt`) ends with one line and status 130, after
-    the cleanup that the interrupted code does on its way out (temporary files are removed).
+    the cleanup that the interrupted code does on its way out (temporary files are removed); so does
+    any error raised after such a signal (a library that caught the interrupt and failed later).
     """
     try:
         yield
     except KeyboardInterrupt as interrupt:
         said = str(interrupt) if isinstance(interrupt, Interrupted) else ""
-        sys.stderr.write(f"{said or 'interrupted: stopped before finishing; no partial output was kept'}\n")
+        sys.stderr.write(f"{said or _INTERRUPTED}\n")
         raise SystemExit(130) from None
+    except SystemExit:
+        raise
     except BaseException as raised:  # noqa: BLE001  (filtered just below; the rest is re-raised)
+        if received() is not None:  # a library swallowed the interrupt, and failed for it (repblocks.signals)
+            sys.stderr.write(f"{_INTERRUPTED}\n")
+            raise SystemExit(130) from None
         error = _root_cause(raised)
         if isinstance(error, USER_ERRORS) or type(error).__name__ in _USER_ERROR_NAMES:
             message = one_line(error)
@@ -201,18 +210,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
     """Inside, SIGTERM raises ``KeyboardInterrupt`` as Ctrl-C does, instead of killing the process outright.
 
     Killed outright, a process runs no ``finally`` block, so a file being written under a
-    temporary name stays behind; raised as an exception, the writers' cleanup runs.
+    temporary name stays behind; raised as an exception, the writers' cleanup runs. Both signals are
+    also remembered, so that a library that swallows the interrupt does not let the work go on
+    (:mod:`repblocks.signals`).
     """
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
+    with interrupt_on_signals():
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # Settings whose values are file paths. Hydra's override grammar gives '=', ',', brackets and

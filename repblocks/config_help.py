@@ -3,8 +3,8 @@
 The yaml files are the one place a setting is described (a comment on its line); this module reads
 them as text and lays them out: the config groups of the root config's ``defaults`` list with their
 default and their options (each option file's first comment line when there are few), the settings
-of each group's default option, the optional groups (``+experiment=NAME``), then the root config's own
-settings. Only the entry script's own config root is read: train.py's help does not list deploy's
+of each group's default option and those each other option adds or changes (``with quantize=int8:``),
+the optional groups (``+experiment=NAME``), then the root config's own settings. Only the entry script's own config root is read: train.py's help does not list deploy's
 groups. The text goes through Hydra's help template (``hydra.help.template``), so ``$`` is escaped.
 """
 
@@ -48,9 +48,10 @@ def config_help(
         group, option = entry["group"], entry["option"]
         lines += _wrapped(f"  {group}=[{option}]", entry["comment"] or "", width)
         lines += _options(config_dir / group, width)
-        for key, value, comment in _settings((config_dir / group / f"{option}.yaml").read_text().splitlines()):
-            if "." not in key:  # a group of nodes (callbacks): their names and comments above say enough
-                lines += _wrapped(f"      {group}.{key}={value}", comment, width)
+        default = _group_settings(config_dir / group / f"{option}.yaml", group)
+        for key, value, comment in default:
+            lines += _wrapped(f"      {key}={value}", comment, width)
+        lines += _other_options_settings(config_dir / group, group, option, default, width)
         lines.append("")
     named = {entry["group"] for entry in groups} | set(skip)
     optional = sorted(folder.name for folder in config_dir.iterdir() if folder.is_dir() and folder.name not in named)
@@ -77,6 +78,42 @@ def _options(folder: Path, width: int, *, describe_all: bool = False) -> list[st
     lines = []
     for path in options:
         lines += _wrapped(f"      {path.stem}", _header(path), width)
+    return lines
+
+
+def _group_settings(path: Path, group: str) -> list[tuple[str, str, str]]:
+    """(key as set on the command line, value, comment) of a group option's settings.
+
+    A ``# @package _global_`` file sets keys from the root (``loss.alpha``, ``model.drop_rate``);
+    a group of nodes (callbacks) is left to the names and comments above it.
+    """
+    text = path.read_text()
+    if re.search(r"^#\s*@package\s+_global_\s*$", text, re.MULTILINE):
+        return _settings(text.splitlines())
+    return [
+        (f"{group}.{key}", value, comment) for key, value, comment in _settings(text.splitlines()) if "." not in key
+    ]
+
+
+def _other_options_settings(
+    folder: Path, group: str, default: str, shown: list[tuple[str, str, str]], width: int
+) -> list[str]:
+    """For each other option of a group with few options, the settings it adds or sets otherwise than the default.
+
+    So that every setting is listed (deploy's ``quantize=int8`` group: ``quantize.engines``, ``max_drop``, ...),
+    each under the option that brings it.
+    """
+    options = sorted(path for path in folder.glob("*.yaml") if path.stem != default)
+    if len(options) + 1 > _FEW_OPTIONS:  # the model zoo: an option is a model, its settings are the model's
+        return []
+    defaults = {key: value for key, value, _ in shown}
+    lines = []
+    for path in options:
+        changed = [entry for entry in _group_settings(path, group) if defaults.get(entry[0]) != entry[1]]
+        if changed:
+            lines.append(f"      with {group}={path.stem}:")
+            for key, value, comment in changed:
+                lines += _wrapped(f"        {key}={value}", comment, width)
     return lines
 
 

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from repblocks.errors import UserError
+from repblocks.signals import check_interrupted
 
 __all__ = [
     "STAGING_OWNER",
@@ -76,6 +77,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True, folder: bool =
         os.close(fd)
     try:
         yield Path(tmp)
+        check_interrupted()  # a signal that a library swallowed while this was written: the old file stays
         # mkstemp and mkdtemp make it owner-only; the result should read like any new file or folder
         os.chmod(tmp, 0o777 & ~umask() if folder else default_mode())
         if durable:
@@ -129,6 +131,7 @@ def staged_folder(
     try:
         _write_owner(staging)
         yield staging
+        check_interrupted()  # a signal that a library swallowed while this was written: the old folder stays
         (staging / STAGING_OWNER).unlink()
         for path in staging.iterdir():  # on disk before the rename makes them visible
             fsync(path)

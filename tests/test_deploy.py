@@ -391,3 +391,29 @@ def test_a_gpu_engine_whose_outputs_differ_is_refused_before_it_is_timed():
     check_engine(model, runner(1.0), images, dtype="fp16", what="tensorrt fp16")
     with pytest.raises(ValueError, match="tensorrt fp16 does not reproduce the model"):
         check_engine(model, runner(1.1), images, dtype="fp16", what="tensorrt fp16")
+
+
+def _keys(node: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a composed config's settings (a list's items are one setting)."""
+    keys = []
+    for key, value in node.items():
+        keys += _keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"]
+    return keys
+
+
+def test_deploy_help_lists_every_setting_of_every_quantize_option():
+    from omegaconf import OmegaConf
+
+    from repblocks.cli import check_overrides
+    from repblocks.config_help import config_help
+
+    config_dir = ROOT / "configs" / "deploy"
+    text = config_help(config_dir, "deploy", usage="usage", shown_as="configs/deploy")
+    for option in ("none", "int8"):
+        composed = OmegaConf.to_container(check_overrides([f"quantize={option}"], config_dir, "deploy"))
+        composed.pop("hydra")
+        missing = [key for key in _keys(composed) if f" {key}=" not in text]
+        assert not missing, (option, missing)  # before: quantize.engines, max_drop, ... were not listed
+    assert (
+        "with quantize=int8:\n        quantize.precision=int8\n        quantize.engines=[openvino, onnxruntime]" in text
+    )

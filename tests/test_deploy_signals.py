@@ -1,5 +1,6 @@
 """Ctrl-C and SIGTERM while deploy.py writes its ONNX export: one line, exit 130, and nothing left behind;
-and after OpenVINO has compiled and dropped models, a signal is still a signal, not a SIGSEGV.
+while any engine exports: the same, and the previous output unchanged; and after OpenVINO has compiled
+and dropped models, a signal is still a signal, not a SIGSEGV.
 
 Real signals to real deploy.py processes, sent while the export's temporary file exists. Each
 deploy.py holds still inside its export (its ``torch.onnx.export`` waits once it has run, and says
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from repblocks.deploy.engines import ENGINES, by_format
 from repblocks.deploy.outputs import STAGING_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +136,73 @@ def test_signals_after_openvino_compiled_and_dropped_models_are_handled(tmp_path
     )  # fmt: skip
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.strip() == "interrupted"
+
+
+# deploy.py, run as __main__, held after its export stage (the time stage waits for the signal): a signal sent
+# while an export runs may then land in the export or just after it, but never after the run has ended.
+HELD_AFTER_EXPORT = """
+import runpy, sys, time
+import repblocks.deploy.pipeline as pipeline
+def hold(*args, **kwargs):
+    time.sleep(600)  # the test's signal ends this, when it did not come during the export
+pipeline.time_forms = hold
+sys.argv[0] = {deploy!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+PREVIOUS = {"report.json": b'{"previous": true}', "model.onnx": b"the previous run's model"}  # a deploy output
+# Every export format of the registry, each sent SIGTERM while it exports; and LiteRT sent Ctrl-C too:
+# its conversion runs JAX, whose garbage-collection callback swallowed the interrupt (the run then finished
+# with status 0 and replaced the previous output), and coremltools' imports turned it into an AttributeError.
+EXPORTS = [(entry.format, "SIGTERM") for entry in ENGINES if entry.format] + [("litert", "SIGINT")]
+
+
+@pytest.fixture(scope="module")
+def interrupted_exports(tmp_path_factory):
+    """``{(format, signal): (status, stderr, out_dir) or the reason it cannot export here}``, all runs at once."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    runs, results = {}, {}
+    for fmt, name in EXPORTS:
+        reason = by_format(fmt).load().missing()
+        if reason:
+            results[fmt, name] = reason
+            continue
+        folder = tmp_path_factory.mktemp(f"{fmt}-{name}")
+        out_dir = folder / "out"
+        out_dir.mkdir()
+        for file, data in PREVIOUS.items():
+            (out_dir / file).write_bytes(data)
+        log = folder / "stdout"
+        command = [sys.executable, "-c", HELD_AFTER_EXPORT.format(deploy=str(ROOT / "deploy.py"))]
+        command += ["model=repvgg_tiny", f"export.formats=[{fmt}]", "bench.device=cpu", f"out_dir={out_dir}"]
+        with open(log, "w") as stdout:
+            process = subprocess.Popen(
+                command, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+            )
+        runs[fmt, name] = (process, log, out_dir, time.monotonic())
+    deadline, signalled = time.monotonic() + 600, set()
+    while time.monotonic() < deadline and len(signalled) < len(runs):
+        for key, (process, log, _, _) in runs.items():
+            fmt, name = key
+            if key not in signalled and (f"exporting {fmt}" in log.read_text() or process.poll() is not None):
+                time.sleep(0.5)  # into the engine's conversion, for those that take that long
+                process.send_signal(SIGNALS[name])
+                signalled.add(key)
+        time.sleep(0.05)
+    for key, (process, _, out_dir, _) in runs.items():
+        if process.poll() is None and key not in signalled:
+            process.kill()  # never left running past the test
+        _, stderr = process.communicate(timeout=300)
+        results[key] = (process.returncode, stderr, out_dir)
+    return results
+
+
+@pytest.mark.slow  # a deploy.py per format, all at once, some converting for tens of seconds: minutes on 2 cores
+@pytest.mark.parametrize(("fmt", "name"), EXPORTS, ids=[f"{fmt}-{name}" for fmt, name in EXPORTS])
+def test_a_signal_during_any_export_stops_and_keeps_the_previous_output(interrupted_exports, fmt, name):
+    result = interrupted_exports[fmt, name]
+    if isinstance(result, str):
+        pytest.skip(f"{fmt} does not export here: {result}")
+    returncode, stderr, out_dir = result
+    assert (returncode, stderr) == (130, "interrupted: stopped before finishing; no partial output was kept\n")
+    assert {path.name: path.read_bytes() for path in out_dir.iterdir()} == PREVIOUS  # nothing replaced, nothing left
+    assert [path.name for path in out_dir.parent.iterdir() if path.name.startswith(".")] == []  # no staging folder

@@ -370,7 +370,7 @@ def test_settings_parse_and_default_csv_beside_the_working_directory(tmp_path):
         ([f"images={tmp_path}"], "give model=..."),
         (["model=m.onnx", "images=x", "model=n.onnx"], "model is given twice"),
         (["model.onnx"], "arguments are key=value"),
-        (["model=m.onnx", "images=x", "threads=0"], "threads must be an integer of at least 1"),
+        (["model=m.onnx", "images=x", "threads=0"], "threads must be a whole number of threads from 1 to "),
     ]:
         with pytest.raises(UserError, match=message):
             predict_py.PredictSettings.parse(argv)

@@ -1,4 +1,7 @@
-"""Threads and workers for a shared machine, and progress a log file shows: train.py and deploy.py."""
+"""Threads and workers for a shared machine, and progress a log file shows: train.py and deploy.py.
+
+Every command checks its threads setting and ``OMP_NUM_THREADS`` the same way, before any work.
+"""
 
 import logging
 import os
@@ -12,7 +15,7 @@ import torch
 
 from repblocks import bench, threads
 from repblocks.datasets import ImageFolderData
-from repblocks.threads import ThreadChoice, choose_threads, loader_workers, use_threads
+from repblocks.threads import ThreadChoice, check_threads, choose_threads, loader_workers, max_threads, use_threads
 from repblocks.train import progress
 from tests.helpers import ROOT, compose_train
 
@@ -44,9 +47,7 @@ def test_a_setting_then_omp_num_threads_choose_before_any_measurement(four_cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3,1")  # nested regions: the outer count
     assert choose_threads(None).threads == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
-    with pytest.raises(
-        ValueError, match=r"^OMP_NUM_THREADS must be a whole number of threads, at least 1, got 'many'$"
-    ):
+    with pytest.raises(ValueError, match=r"^OMP_NUM_THREADS must be a whole number of threads from 1 to \d+ .*'many'$"):
         choose_threads(None)
 
 
@@ -131,3 +132,72 @@ def test_deploy_py_to_a_log_prints_a_line_per_stage_and_what_it_times(tmp_path):
         assert re.search(rf"\] - {stage} done in \d+\.\d s", output), (stage, output[-3000:])
     assert "time: 2 runners x batch sizes [1, 2] x 3 rounds after 2 warm-up calls, at 3x" in output
     assert re.search(r"timing 2 candidates x 3 rounds: about \d+\.\d s", output)
+
+
+def test_a_threads_setting_is_a_whole_number_from_1_to_4_per_cpu(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    limit = max_threads()
+    assert limit == 4 * os.cpu_count()
+    assert check_threads(None) is None and check_threads("") is None  # unset: choose
+    assert check_threads(2) == 2 and check_threads(" 3 ") == 3 and check_threads(limit) == limit
+    for value in (0, -1, limit + 1, 1_000_000, "abc", "1.5", 1.5, True, "\u0663"):  # "٣": a digit, not a number
+        with pytest.raises(ValueError, match=rf"^bench.threads must be a whole number of threads from 1 to {limit} "):
+            check_threads(value, setting="bench.threads")
+    for environment in ("abc", "0", str(limit + 1), "2,abc"):  # checked even when the setting decides
+        monkeypatch.setenv("OMP_NUM_THREADS", environment)
+        with pytest.raises(ValueError, match=rf"^OMP_NUM_THREADS must be .* from 1 to {limit} .*got '{environment}'$"):
+            check_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2,1")
+    assert check_threads(None) is None and choose_threads(None).threads == 2
+
+
+# Each command with each bad count: (script, its settings before the threads one, the threads setting's name).
+COMMANDS = {
+    "train.py": (["model=repvgg_tiny", "data=fake"], "threads"),
+    "deploy.py": (["model=repvgg_tiny", "bench.device=cpu"], "bench.threads"),
+    "predict.py": (["model=model.onnx", "images=images"], "threads"),  # neither exists: the count is checked first
+}
+BAD_COUNTS = {  # id: (the setting's value or None, OMP_NUM_THREADS or None)
+    "threads=1000000": ("1000000", None),  # train.py: SIGSEGV; predict.py: gigabytes of threads
+    "threads=-1": ("-1", None),
+    "threads=abc": ("abc", None),
+    "OMP_NUM_THREADS=abc": (None, "abc"),
+    "OMP_NUM_THREADS=1000000": (None, "1000000"),
+}
+
+
+@pytest.fixture(scope="module")
+def refused_counts(tmp_path_factory):
+    """Every command with every bad count, all started at once (most of each is its imports); their results."""
+    runs = {}
+    for script, (settings, name) in COMMANDS.items():
+        for case, (value, environment) in BAD_COUNTS.items():
+            folder = tmp_path_factory.mktemp(f"{script}-{case}".replace("=", "-"))
+            env = dict(os.environ, PYTHONPATH=str(ROOT))
+            env.pop("OMP_NUM_THREADS", None)
+            if environment is not None:
+                env["OMP_NUM_THREADS"] = environment
+            command = [sys.executable, str(ROOT / script), *settings]
+            command += [f"{name}={value}"] if value is not None else []
+            command += [] if script == "predict.py" else [f"hydra.run.dir={folder / 'run'}"]
+            runs[script, case] = (subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE, text=True), folder)  # fmt: skip
+    return {
+        key: (*process.communicate(timeout=600), process.returncode, folder) for key, (process, folder) in runs.items()
+    }
+
+
+@pytest.mark.slow  # 15 processes that import torch (train.py: Lightning too): about 40 s on 2 cores
+@pytest.mark.parametrize("case", list(BAD_COUNTS))
+@pytest.mark.parametrize("script", list(COMMANDS))
+def test_every_command_refuses_a_bad_thread_count_in_one_line_before_any_work(refused_counts, script, case):
+    stdout, stderr, returncode, folder = refused_counts[script, case]
+    value, environment = BAD_COUNTS[case]
+    name = COMMANDS[script][1] if value is not None else "OMP_NUM_THREADS"
+    shown = repr(value if value is not None else environment)  # as typed, whichever command read it
+    expected = (
+        f"error: {name} must be a whole number of threads from 1 to {max_threads()} (4 per CPU of this machine), got "
+    )
+    assert (returncode, stderr) == (1, f"{expected}{shown}\n"), (returncode, stderr[-2000:])
+    assert stdout == ""  # nothing logged: no stage ran
+    assert list(folder.iterdir()) == []  # no run folder, no CSV

@@ -27,6 +27,7 @@ from repblocks.deploy.engines import by_format, by_name
 from repblocks.deploy.engines.base import LAYOUTS, Check, Export, Int8Model
 from repblocks.deploy.sources import Network
 from repblocks.errors import user_errors
+from repblocks.signals import check_interrupted
 
 if TYPE_CHECKING:
     from repblocks.deploy.config import ExportConfig, VerifyConfig
@@ -71,6 +72,7 @@ def export_all(
             log.info("exporting %s", fmt if precision == "fp32" else f"{fmt} {precision}")
             with user_errors():  # an export that does not reproduce the model stops the run in one line
                 info = engine.export(plain, Path(into) / name, example, metadata, check=check, precision=precision)
+            check_interrupted()  # a signal the engine's library swallowed: stop before the next engine
             exports[key] = Export.from_info(info, path=Path(out_dir) / name, input_shape=network.input_shape)
     return exports
 

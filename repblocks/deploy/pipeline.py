@@ -42,6 +42,7 @@ from torch import nn
 from repblocks.deploy.config import BenchConfig, DeployConfig, ExportConfig, QuantizeConfig, VerifyConfig
 from repblocks.deploy.convert import Conversion, convert
 from repblocks.deploy.engines import by_format, engine
+from repblocks.deploy.engines.base import runtime_output
 from repblocks.deploy.export import export_all, export_int8
 from repblocks.deploy.outputs import check_out_dir, check_out_dir_space, remove_killed_runs_staging, staged_output
 from repblocks.deploy.preprocessing import DEFAULT_IMAGE_SIZE, override
@@ -53,6 +54,7 @@ from repblocks.deploy.sources import TORCHVISION, Network, check_model_names, lo
 from repblocks.deploy.speed import time_forms, time_models
 from repblocks.deploy.verify import Verification, check_inputs, not_compared, verify
 from repblocks.errors import UserError
+from repblocks.signals import check_interrupted
 from repblocks.threads import ThreadChoice, choose_threads, use_threads
 
 __all__ = [
@@ -82,7 +84,8 @@ def run_deploy(config: DeployConfig) -> dict:
     remove_killed_runs_staging(out_dir)  # before the space check: what they hold is free again
     bench = config.bench.for_device(device.type)
     config = _with_executorch_int8(config)
-    _check_extras(config)
+    with runtime_output("checking the engines"):  # the engines' imports write C++ notes too (ExecuTorch's cpuinfo)
+        _check_extras(config)
     choice = _choose_threads(bench)
     log.info("threads: %s", choice.note)
     stages = _Stages()
@@ -104,36 +107,39 @@ def run_deploy(config: DeployConfig) -> dict:
         check_out_dir_space(out_dir, needed)  # a full disk: one line now, not a C++ stream error after the work
         verification = _verify(network, conversion, config, device, bench, [network.input_shape, timed_shape])
         stages.done("verify")
-        quantization = _quantize(network, conversion, config)
+        with runtime_output("the quantize stage"):
+            quantization = _quantize(network, conversion, config)
         if quantization is not None:
             stages.done("quantize")
 
         with staged_output(out_dir, needed=needed) as staging:
-            exports = export_all(
-                network,
-                conversion.plain,
-                into=staging,
-                out_dir=out_dir,
-                export=config.export,
-                verify=config.verify,
-                seed=config.seed,
-            )
-            prepared = None
-            if quantization is not None:
-                exports |= export_int8(
+            with runtime_output("the export stage"):
+                exports = export_all(
                     network,
-                    quantization.passed,
+                    conversion.plain,
                     into=staging,
                     out_dir=out_dir,
+                    export=config.export,
                     verify=config.verify,
                     seed=config.seed,
-                    layout=config.export.layout,
                 )
-                prepared = int8_runners(quantization.passed, device=device, backends=bench.backends)
+                prepared = None
+                if quantization is not None:
+                    exports |= export_int8(
+                        network,
+                        quantization.passed,
+                        into=staging,
+                        out_dir=out_dir,
+                        verify=config.verify,
+                        seed=config.seed,
+                        layout=config.export.layout,
+                    )
+                    prepared = int8_runners(quantization.passed, device=device, backends=bench.backends)
             stages.done("export", ", ".join(exports) or "nothing")
-            timing = time_forms(
-                _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
-            )
+            with runtime_output("the time stage"):
+                timing = time_forms(
+                    _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
+                )
             stages.done("time", f"{len(timing.rows)} figures")
             report = deploy_report(
                 network=network,
@@ -174,7 +180,8 @@ def run_speed_table(config: DeployConfig) -> dict:
         for name in config.models:
             models.update(_speed_table_entries(name, image_shape, config))
         stages.done("load, convert and verify", f"{len(models)} models")
-        timing = time_models(models, device=device, bench=bench, image_shape=image_shape)
+        with runtime_output("the time stage"):
+            timing = time_models(models, device=device, bench=bench, image_shape=image_shape)
         stages.done("time", f"{len(timing.rows)} figures")
         report = speed_report(timing=timing, device=device, bench=bench, image_shape=image_shape, threads=choice)
         with staged_output(out_dir) as staging:
@@ -192,12 +199,16 @@ def _with_executorch_int8(config: DeployConfig) -> DeployConfig:
 
 
 class _Stages:
-    """Logs a line as each stage ends, with its seconds: progress that a log file or a pipe shows too."""
+    """Logs a line as each stage ends, with its seconds: progress that a log file or a pipe shows too.
+
+    A stage's end is also where a signal that a library swallowed during it stops the run (:mod:`repblocks.signals`).
+    """
 
     def __init__(self) -> None:
         self._last = time.perf_counter()
 
     def done(self, stage: str, what: str = "") -> None:
+        check_interrupted()
         now = time.perf_counter()
         log.info("%s done in %.1f s%s", stage, now - self._last, f": {what}" if what else "")
         self._last = now
@@ -228,10 +239,10 @@ def _check_extras(config: DeployConfig) -> None:
 
 
 def _choose_threads(bench: BenchConfig) -> ThreadChoice:
-    """``bench.threads``, else (on the CPU, when anything is timed) as many as the cores other processes leave free."""
-    if bench.threads or not bench.batch_sizes or bench.device.startswith("cuda"):
-        return choose_threads(bench.threads or torch.get_num_threads(), setting="bench.threads")
-    return choose_threads(None, setting="bench.threads")
+    """``bench.threads``, else ``OMP_NUM_THREADS``, else (on the CPU, when anything is timed) as many as the cores
+    other processes leave free, else torch's own count."""
+    timed_on_the_cpu = bench.batch_sizes and not bench.device.startswith("cuda")
+    return choose_threads(bench.threads, setting="bench.threads", measure=bool(timed_on_the_cpu))
 
 
 def _output_bytes(plain: nn.Module, config: DeployConfig) -> int:

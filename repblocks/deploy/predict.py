@@ -39,15 +39,15 @@ import torch
 from torch import Tensor
 
 import repblocks.deploy.preprocessing as preprocessing  # the module, not the package: the package imports this one
-from repblocks.bench import free_cores
 from repblocks.checkpoint import DEPLOY_FORM
 from repblocks.datasets import IMAGE_SUFFIXES, ImageFiles, eval_transform, load_image, upright_image
 from repblocks.deploy.engines import ENGINES as _REGISTRY
 from repblocks.deploy.engines import by_suffix, engine
+from repblocks.deploy.engines.base import runtime_output
 from repblocks.errors import UserError
 from repblocks.files import atomic_path, check_not_an_input, check_writable_dir
 from repblocks.run_checkpoint import class_names_from_metadata, spec_from_deploy_metadata
-from repblocks.threads import use_threads
+from repblocks.threads import choose_threads, use_threads
 
 __all__ = [
     "BATCH_SIZE",
@@ -88,8 +88,8 @@ class Predictor:
 
     Args:
         path: ``.onnx``, ``.xml``, ``.safetensors``, ``.pte`` or ``.tflite`` with deploy metadata.
-        threads: Threads of the engine; None: the cores other processes leave free, as deploy.py
-            chooses (:func:`repblocks.bench.free_cores`).
+        threads: Threads of the engine; None: ``OMP_NUM_THREADS``, else the cores other processes leave
+            free, as train.py and deploy.py choose (:func:`repblocks.threads.choose_threads`).
         batch_size: Images read and run at a time.
 
     Attributes:
@@ -112,7 +112,7 @@ class Predictor:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UserError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         self.engine = ENGINES[suffix]
-        self.threads = threads or free_cores()[0]
+        self.threads = choose_threads(threads, setting="threads").threads  # the one way every command chooses
         self.batch_size = batch_size
         what = str(self.path)
         self._runner = _open(self.engine, self.path, self.threads)
@@ -213,7 +213,7 @@ class Predictor:
         return np.ascontiguousarray(array, dtype=np.float32)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
-        with use_threads(self.threads), torch.inference_mode():
+        with use_threads(self.threads), torch.inference_mode(), runtime_output(f"running {self.path.name}"):
             return np.asarray(self._runner(torch.from_numpy(batch)), dtype=np.float32)
 
     def _check_model(self) -> None:
@@ -389,6 +389,7 @@ def _open(name: str, path: Path, threads: int):
     if reason:
         raise UserError(f"cannot predict with {path}: {reason}")
     try:
-        return opener.open(path, threads)
+        with runtime_output(f"opening {path.name}"):
+            return opener.open(path, threads)
     except ValueError as err:  # a file that is not of its format: the engine's one line
         raise UserError(str(err)) from None

@@ -28,16 +28,23 @@ places its runtime reads a file: the file is verified in the precision its runti
 nothing is sent over the network (:func:`repblocks.offline.disable_telemetry`, the one place the
 switches are set, runs when :mod:`repblocks.deploy`, the package of every engine module, is imported,
 and first thing in deploy.py and predict.py: before any runtime is imported, as onnxruntime reads its
-switch once, on import), and the runtime's own log lines stay out
-of the user's terminal (LiteRT's, Core ML's and AOTInductor's quiet contexts).
+switch once, on import), and the runtime's own log lines stay out of the user's terminal: the Python
+ones by each engine's quiet context (LiteRT's, Core ML's, AOTInductor's), the C++ ones (ExecuTorch's
+cpuinfo lines, absl's, TensorFlow's oneDNN note, LiteRT's XNNPACK delegate line) by
+:func:`runtime_output`, around every stage that runs an engine (:mod:`repblocks.deploy.pipeline`)
+and around predict's opening and running of a file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +56,7 @@ from repblocks.numerics import max_errors, within_tolerance
 __all__ = [
     "CHECK_BATCH_SIZES",
     "LAYOUTS",
+    "RUNTIME_LOGS",
     "Check",
     "Engine",
     "Export",
@@ -60,12 +68,88 @@ __all__ = [
     "io_metadata",
     "one_line",
     "output_errors",
+    "runtime_output",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECK_BATCH_SIZES = (1, 3)  # neither is the export's example batch (2): the batch axis must really be dynamic
 Logits = Callable[[Tensor], Tensor]  # images (B, C, H, W) float32 -> logits (B, classes)
+RUNTIME_LOGS = "REPBLOCKS_RUNTIME_LOGS"  # =1: the runtimes' own lines reach stderr as they write them
+
+
+@contextlib.contextmanager
+def runtime_output(what: str) -> Iterator[None]:
+    """Inside, what is written to the process's stderr is kept aside; shown in the log only if ``what`` fails.
+
+    The inference runtimes write their notes from C++ straight to file descriptor 2 (ExecuTorch's
+    cpuinfo lines, absl's, TensorFlow's oneDNN note, "INFO: Created TensorFlow Lite XNNPACK delegate"),
+    past ``sys.stderr``, so descriptor 2 itself points at an unnamed temporary file inside; the log's
+    own handlers on stderr keep writing to the terminal. An error raised inside logs what was kept (a
+    warning), then goes on; an interrupt does not (its one line says enough).
+    ``REPBLOCKS_RUNTIME_LOGS=1`` in the environment lets everything through as written.
+
+    Args:
+        what: What runs inside, for the log (``"the export stage"``).
+    """
+    if os.environ.get(RUNTIME_LOGS, "").strip().lower() in ("1", "true", "yes", "on"):
+        yield
+        return
+    with tempfile.TemporaryFile() as kept:
+        _flush_stderr()
+        saved = os.dup(2)
+        os.dup2(kept.fileno(), 2)
+        try:
+            # Our own log lines are not the runtimes': the log's handlers on stderr keep writing to the terminal.
+            with (
+                open(saved, "w", buffering=1, closefd=False, errors="backslashreplace") as stderr,
+                _log_handlers_writing_to(stderr),
+            ):
+                yield
+        except Exception:
+            _restore_stderr(saved)
+            saved = None
+            kept.seek(0)
+            written = kept.read().decode(errors="replace").strip()
+            if written:
+                log.warning("%s failed; what its runtimes wrote to stderr:\n%s", what, written)
+            raise
+        finally:
+            if saved is not None:
+                _restore_stderr(saved)
+
+
+@contextlib.contextmanager
+def _log_handlers_writing_to(stream) -> Iterator[None]:
+    """Inside, the log handlers that write to file descriptor 2 (``logging.basicConfig``'s) write to ``stream``."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    handlers = {h for logger in loggers if isinstance(logger, logging.Logger) for h in logger.handlers}
+    moved = [(h, h.stream) for h in handlers if isinstance(h, logging.StreamHandler) and _writes_to_fd_2(h.stream)]
+    for handler, _ in moved:
+        handler.setStream(stream)
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
+
+
+def _writes_to_fd_2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # an in-memory stream (pytest's caplog), a closed one
+        return False
+
+
+def _flush_stderr() -> None:
+    with contextlib.suppress(Exception):  # a closed or replaced sys.stderr: nothing of ours to flush
+        sys.stderr.flush()
+
+
+def _restore_stderr(saved: int) -> None:
+    _flush_stderr()  # what Python wrote inside belongs with the rest that was kept
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 @dataclass(frozen=True)
