@@ -5,13 +5,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-__all__ = ["FoldError", "Interrupted", "UserError", "user_errors"]
+__all__ = ["FoldError", "Interrupted", "OutputMismatch", "UserError", "user_errors"]
 
 
 class UserError(ValueError):
     """Something the user can act on, said in one line: a missing file, an unknown name, a failed check.
 
     Entry scripts print it as ``error: ...`` on stderr and exit 1, without a traceback.
+    """
+
+
+class OutputMismatch(UserError):
+    """A converted or exported model whose outputs differ from the model's: it is never shipped, and the run stops.
+
+    Told apart from a converter that cannot take a network at all (an op it lacks), which the export
+    stage reports as "not converted" and goes on from.
     """
 
 

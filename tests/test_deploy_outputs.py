@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from repblocks.deploy.config import DeployConfig
+from repblocks.deploy.engines import engine
 from repblocks.deploy.pipeline import run_deploy
-from repblocks.errors import UserError
+from repblocks.errors import OutputMismatch, UserError
 
 NO_BENCH = dict(device="cpu", batch_sizes=[])
 
@@ -353,7 +354,8 @@ def test_each_stage_returns_a_typed_result_that_the_report_reads_by_name(tmp_pat
     for name in ("verify", "export_all", "time_forms"):
         recorded(name)
     report = run_deploy(_config(tmp_path / "out", model="repvgg_tiny", bench=TIMED, export={"formats": ["onnx"]}))
-    verification, exports, timing = results["verify"], results["export_all"], results["time_forms"]
+    verification, (exports, not_converted), timing = results["verify"], results["export_all"], results["time_forms"]
+    assert not_converted == {} == report["not_converted"]
     assert isinstance(verification, Verification) and isinstance(timing, Timing)
     assert isinstance(exports["onnx"], Export) and exports["onnx"].checked_batch_sizes == [1, 3]
     assert report["max_abs_err"] == verification.max_abs_err and report["benchmark"] == timing.rows
@@ -376,3 +378,39 @@ def test_out_dir_that_is_a_small_disk_of_its_own_says_how_much_space_is_needed(t
             "report.json",
             "report.md",
         ]
+
+
+def _onnx_converter_fails(monkeypatch, error: Exception) -> None:
+    """onnxruntime's engine writes half a file, then its converter raises ``error`` (as Core ML's does on an op it lacks)."""
+    onnx_engine = engine("onnxruntime")
+
+    def export(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        (Path(path).parent / "converter_scratch").mkdir()
+        raise error
+
+    monkeypatch.setattr(onnx_engine, "export", export)
+
+
+def test_a_format_whose_converter_cannot_take_the_network_is_reported_and_the_others_go_on(tmp_path, monkeypatch):
+    _onnx_converter_fails(monkeypatch, NotImplementedError("Unsupported fx node alias,\nkind alias"))
+    out = tmp_path / "out"
+    report = run_deploy(_config(out, model="repvgg_tiny", export={"formats": ["safetensors", "onnx", "torch_export"]}))
+    assert report["not_converted"] == {"onnx": "NotImplementedError: Unsupported fx node alias,"}
+    assert list(report["exports"]) == ["safetensors", "torch_export"]  # the formats after it too
+    # Nothing the converter left behind is shipped; the report says which format and why, the headline too.
+    assert _listing(out) == ["config.json", "model.pt2", "model.safetensors", "report.json", "report.md"]
+    assert json.loads((out / "report.json").read_text())["not_converted"] == report["not_converted"]
+    markdown = (out / "report.md").read_text()
+    assert "## Not converted" in markdown and "- onnx: NotImplementedError: Unsupported fx node alias," in markdown
+    assert "; not timed; not converted: onnx (why: report.md)" in markdown.splitlines()[2]  # the headline
+
+
+def test_an_export_that_does_not_reproduce_the_model_still_stops_the_run(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_deploy(_config(out, model="repvgg_tiny", export={"formats": []}))
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    _onnx_converter_fails(monkeypatch, OutputMismatch("onnxruntime does not reproduce the model: max error 1e-01"))
+    with pytest.raises(OutputMismatch, match="does not reproduce the model"):
+        run_deploy(_config(out, model="repvgg_tiny", export={"formats": ["safetensors", "onnx"]}))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before

@@ -3,6 +3,7 @@
 import json
 
 import onnxruntime
+import pytest
 import torch
 
 import repblocks
@@ -51,3 +52,26 @@ def test_one_step_training_run_deploys_to_every_export(tmp_path):
         assert json.loads(read_safetensors_metadata(weights)["class_names"]) == digits
     prediction = Predictor(report["exports"]["onnx"]["path"], threads=1).predict(images[:1], topk=2)[0]
     assert prediction.names == [digits[index] for index in prediction.classes]
+
+
+@pytest.mark.slow  # a training step and four exports per family: ~10 s each on 2 cores
+@pytest.mark.parametrize(
+    "model", ["fastvit_tiny", "repvit_tiny", "repghostnet_tiny", "ghostnetv3_tiny", "unireplknet_tiny"]
+)
+def test_each_newer_family_trains_and_deploys(tmp_path, model):
+    overrides = [f"model={model}", "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    metrics = train(compose_train(tmp_path / "train", *overrides))  # the digits: real validation images
+    report = run_deploy(
+        DeployConfig.from_dict(
+            {"ckpt": str(tmp_path / "train"), "out_dir": str(tmp_path / "deploy"), "bench": {"batch_sizes": []}}
+        )
+    )
+    assert report["model"] == model and report["not_converted"] == {}
+    assert report["verify"]["real_images"]["top1_agreement"] == 1.0 and report["max_rel_err"] < 1e-5
+    assert list(report["exports"]) == ["safetensors", "onnx", "torch_export", "openvino"]
+    # The exported weights are the run's own deploy check's, tensor for tensor.
+    ours, exported = (
+        repblocks.read_state_dict(metrics["deploy_weights"]),
+        repblocks.read_state_dict(report["exports"]["safetensors"]["path"]),
+    )
+    assert ours.keys() == exported.keys() and all(torch.equal(ours[key], exported[key]) for key in ours)

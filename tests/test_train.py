@@ -57,7 +57,11 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 4) -
 FAST = ("trainer.fast_dev_run=true",)
 
 
-@pytest.mark.parametrize("model", ["repvgg_tiny", "repvgg_tiny_g2se", "repvgg_a0", "unireplknet_tiny"])
+# One of each family (the tiny variants of the newer ones: fastvit, repvit, the two ghost networks, unireplknet).
+FAMILIES = ["fastvit_tiny", "repvit_tiny", "repghostnet_tiny", "ghostnetv3_tiny", "unireplknet_tiny"]
+
+
+@pytest.mark.parametrize("model", ["repvgg_tiny", "repvgg_tiny_g2se", "repvgg_a0", *FAMILIES])
 def test_fast_dev_run_models(tmp_path, model):
     metrics = train(compose_train(tmp_path, f"model={model}", "data=fake", *FAST))
     assert metrics["global_step"] == 1
@@ -219,7 +223,7 @@ def test_rdrop_without_dropout_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model=resnet9000"], "error: unknown model 'resnet9000'; available: mobileone_s0, "),
+        (["model=resnet9000"], "error: unknown model 'resnet9000'; available: fastvit_s12, "),
         (["data=mnist"], "error: unknown data 'mnist'; available: cifar10, digits, fake, imagefolder"),
         (["data=cifar10"], "error: data.root is not set"),
         (["data=cifar10", "data.root=/nonexistent"], "error: data.root: CIFAR-10 (cifar-10-batches-py) not found"),
@@ -275,7 +279,7 @@ def _train_py_runs(folder: Path, tiny_run: dict) -> dict[str, tuple[list[str], b
     tiny_folder = Path(tiny_run["last_ckpt"]).parents[1]
     tiny = ["model=repvgg_tiny", "data=fake"]
     return {
-        "unknown model": (["model=resnet9000"], False, "error: unknown model 'resnet9000'; available: mobileone_s0, "),
+        "unknown model": (["model=resnet9000"], False, "error: unknown model 'resnet9000'; available: fastvit_s12, "),
         "cifar10 without root": (["data=cifar10"], False, "error: data.root is not set"),
         # data.root does not exist: the folder check must come first, before any data is looked at.
         "read-only checkpoints/": (

@@ -7,6 +7,12 @@ runtime and checks it against the model before the file takes its final name, so
 check never leaves a file, whole or half, at the final name. Every file carries the deploy metadata
 (:func:`deploy_metadata`): how to rebuild the model and prepare its images.
 
+A file whose outputs differ from the model's stops the run (:class:`~repblocks.errors.OutputMismatch`):
+it is never shipped. A converter that cannot take the network at all (Core ML's converter on an op it
+lacks, LiteRT's on a 4-D batched matmul) is another matter: that format is reported as not converted,
+with the converter's own reason, whatever it left in the staging folder is removed, and the other
+formats go on.
+
 With ``quantize=int8``, each engine's int8 model that passed the accuracy gate is written too
 (:func:`export_int8`), read back and checked against the int8 model that was gated, and so is each
 reduced float precision (``quantize.floats``: OpenVINO's bf16, fp16) that passed the same gate.
@@ -15,6 +21,7 @@ reduced float precision (``quantize.floats``: OpenVINO's bf16, fp16) that passed
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,9 +31,9 @@ from torch import nn
 
 from repblocks import run_checkpoint
 from repblocks.deploy.engines import by_format, by_name
-from repblocks.deploy.engines.base import LAYOUTS, Check, Export, Int8Model
+from repblocks.deploy.engines.base import LAYOUTS, Check, Export, Int8Model, one_line
 from repblocks.deploy.sources import Network
-from repblocks.errors import user_errors
+from repblocks.errors import UserError, user_errors
 from repblocks.signals import check_interrupted
 
 if TYPE_CHECKING:
@@ -46,11 +53,13 @@ def export_all(
     export: ExportConfig,
     verify: VerifyConfig,
     seed: int = 0,
-) -> dict[str, Export]:
-    """Write each format of ``export.formats``, at the model's own input size; return what was written, by format.
+) -> tuple[dict[str, Export], dict[str, str]]:
+    """Write each format of ``export.formats``, at the model's own input size.
 
-    The keys are the formats, and ``<format>_<precision>`` for a reduced precision an engine writes beside
-    its fp32 file (``coreml_fp16``).
+    Returns:
+        What was written, by format, and the formats whose converter could not take the network, each with
+        its reason in one line. The keys are the formats, and ``<format>_<precision>`` for a reduced
+        precision an engine writes beside its fp32 file (``coreml_fp16``).
 
     Args:
         into: The folder to write into (the staging folder).
@@ -62,7 +71,7 @@ def export_all(
     example = torch.randn(2, *network.input_shape, generator=torch.Generator().manual_seed(seed))  # (2, C, H, W)
     metadata = deploy_metadata(network)
     check = Check(verify.atol, verify.rtol, onnx_opset=export.onnx_opset, layout=export.layout)
-    exports = {}
+    exports, not_converted = {}, {}
     for fmt in export.formats:
         entry = by_format(fmt)
         engine = entry.load()
@@ -70,11 +79,29 @@ def export_all(
             key = fmt if precision == "fp32" else f"{fmt}_{precision}"
             name = entry.files[precision]
             log.info("exporting %s", fmt if precision == "fp32" else f"{fmt} {precision}")
-            with user_errors():  # an export that does not reproduce the model stops the run in one line
+            before = set(Path(into).iterdir())
+            try:
                 info = engine.export(plain, Path(into) / name, example, metadata, check=check, precision=precision)
+            except (UserError, MemoryError):
+                raise  # a file that does not reproduce the model (OutputMismatch), or bad input: the run stops
+            except Exception as err:  # the converter cannot take this network: say which and why, go on
+                _remove_new(Path(into), before)
+                check_interrupted()
+                not_converted[key] = one_line(err)
+                log.warning("%s does not convert %s: %s; the other formats go on", key, network.name, one_line(err))
+                break  # its other precisions would fail the same way
             check_interrupted()  # a signal the engine's library swallowed: stop before the next engine
             exports[key] = Export.from_info(info, path=Path(out_dir) / name, input_shape=network.input_shape)
-    return exports
+    return exports, not_converted
+
+
+def _remove_new(folder: Path, before: set[Path]) -> None:
+    """Whatever a failed converter left in ``folder`` beside what was there: no half-written file is ever shipped."""
+    for path in set(folder.iterdir()) - before:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def export_int8(

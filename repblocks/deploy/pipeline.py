@@ -114,7 +114,7 @@ def run_deploy(config: DeployConfig) -> dict:
 
         with staged_output(out_dir, needed=needed) as staging:
             with runtime_output("the export stage"):
-                exports = export_all(
+                exports, not_converted = export_all(
                     network,
                     conversion.plain,
                     into=staging,
@@ -135,7 +135,8 @@ def run_deploy(config: DeployConfig) -> dict:
                         layout=config.export.layout,
                     )
                     prepared = int8_runners(quantization.passed, device=device, backends=bench.backends)
-            stages.done("export", ", ".join(exports) or "nothing")
+            not_written = f"; not converted: {', '.join(not_converted)}" if not_converted else ""
+            stages.done("export", (", ".join(exports) or "nothing") + not_written)
             with runtime_output("the time stage"):
                 timing = time_forms(
                     _forms(network, conversion), device=device, bench=bench, image_shape=timed_shape, prepared=prepared
@@ -146,6 +147,7 @@ def run_deploy(config: DeployConfig) -> dict:
                 conversion=conversion,
                 verification=verification,
                 exports=exports,
+                not_converted=not_converted,
                 timing=timing,
                 device=device,
                 bench=bench,

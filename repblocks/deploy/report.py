@@ -71,8 +71,12 @@ def deploy_report(
     timed_shape: tuple[int, int, int],
     threads: ThreadChoice,
     quantization: Quantization | None = None,
+    not_converted: Mapping[str, str] | None = None,
 ) -> dict:
-    """The report of one deploy run, as plain data (what ``report.json`` holds)."""
+    """The report of one deploy run, as plain data (what ``report.json`` holds).
+
+    ``not_converted``: the formats whose converter could not take the network, each with its reason.
+    """
     int8 = None if quantization is None else {**quantization.summary(), "speed": int8_speed(timing.rows)}
     return {
         "model": network.name,
@@ -90,6 +94,7 @@ def deploy_report(
         "top1_agreement": verification.top1_agreement,
         "verify": verification.as_dict(),
         "exports": {name: export.as_dict() for name, export in exports.items()},
+        "not_converted": dict(not_converted or {}),
         "benchmark": timing.rows,
         "fastest_deploy": fastest_deploy(timing.rows),
         "skipped": timing.skipped,
@@ -235,6 +240,8 @@ def console_tables(report: dict) -> list[Table]:
             "" if rel_err is None else f"{rel_err:.2e}",
             f"{Path(info['path']).name}: {info.get('check') or info.get('runtime')}",
         )
+    for fmt, reason in (report.get("not_converted") or {}).items():
+        checks.add_row(f"export {fmt}", "", "", f"not converted: {reason}")
     tables = [checks]
     if report.get("int8"):
         tables.append(_int8_table(report["int8"]))
@@ -429,7 +436,9 @@ def headline(report: dict) -> str:
             speed += f", {best['ratio_to_train_eager']:.2f}x the train form eager fp32"
     files = report.get("files") or {}
     where = f"; files in {Path(files['json']).parent}" if files.get("json") else ""
-    return f"{report['model']}: {agreement}; {speed}{where}"
+    missing = report.get("not_converted") or {}
+    missing = f"; not converted: {', '.join(missing)} (why: report.md)" if missing else ""
+    return f"{report['model']}: {agreement}; {speed}{missing}{where}"
 
 
 def _dtype_summary(errors: dict) -> str:
@@ -489,6 +498,15 @@ def markdown_report(report: dict) -> str:
                 f"{info['max_abs_err']:.1e} abs, {info['max_rel_err']:.1e} rel"
             )
             lines.append(f"| {fmt} | `{Path(info['path']).name}` | {check} |")
+    if report.get("not_converted"):
+        lines += [
+            "",
+            "## Not converted",
+            "",
+            "Each converter's own reason; the other formats were written and checked.",
+            "",
+        ]
+        lines += [f"- {fmt}: {reason}" for fmt, reason in report["not_converted"].items()]
     if report.get("int8"):
         lines += _int8_markdown(report["int8"])
     if report["benchmark"]:

@@ -117,10 +117,17 @@ class _Folding(nn.Module):
     """What FastViT's own re-parameterizable parts share: a fused conv ``reparam`` and the fold protocol."""
 
     reparam: nn.Conv2d | None
+    _train_kwargs: dict = {}  # what train_form's twin is built with beside channels and kernel size
 
     @property
     def deploy(self) -> bool:
         return self.reparam is not None
+
+    def train_form(self) -> _Folding:
+        """An empty twin in train form, on the CPU: what ``load_weights`` fuses train-form weights through."""
+        with torch.device("meta"):  # no init of weights about to be loaded
+            twin = type(self)(self.channels, self.kernel_size, **self._train_kwargs)
+        return twin.to_empty(device="cpu")
 
     def deploy_form(self, *, keep_post_bn: bool | None = None, verify: bool | None = None) -> DeployForm:
         """This module fused in place (:meth:`switch_to_deploy`), checked against its train form: the fold protocol."""
@@ -209,6 +216,7 @@ class RepMixer(_Folding):
     ):
         super().__init__()
         self.channels, self.kernel_size = channels, kernel_size
+        self._train_kwargs = dict(bn_eps=bn_eps)
         self.reparam = self._fused_conv() if deploy else None
         if not deploy:
             self.norm = _IdentityNorm(channels, bn_eps=bn_eps)
@@ -338,6 +346,7 @@ class AttentionBlock(nn.Module):
         deploy: bool,
     ):
         super().__init__()
+        self.bn_eps = bn_eps  # norm's: what train-form weights loaded into the deploy form are folded with
         self.norm = nn.Identity() if deploy else nn.BatchNorm2d(channels, eps=bn_eps)
         self.token_mixer = Attention(channels, head_dim, qkv_bias=deploy)
         self.layer_scale_1 = LayerScale2d(channels)
@@ -364,6 +373,32 @@ class AttentionBlock(nn.Module):
             qkv.bias = nn.Parameter(bias, requires_grad=qkv.weight.requires_grad)
             self.norm = nn.Identity()
         return DeployForm(self)
+
+    def fold_train_weights(self, given: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """This deploy-form block's weights from train-form ones (keys below the block), for :func:`repblocks.load_weights`.
+
+        The MLP's RepBlocks are fused by the loader as every RepBlock's; this folds ``norm`` into ``qkv``, in
+        float64, rounded once. None when there is nothing to fold (the block's own form, or keys missing:
+        reported as usual).
+        """
+        train_keys = {
+            "token_mixer.qkv.weight",
+            *(f"norm.{k}" for k in ("weight", "bias", "running_mean", "running_var")),
+        }
+        if not self.deploy or not train_keys <= given.keys() or "token_mixer.qkv.bias" in given:
+            return None
+        qkv = self.token_mixer.qkv
+        norm = nn.BatchNorm2d(qkv.in_features, eps=self.bn_eps, dtype=torch.float64)
+        norm.load_state_dict(
+            {k: given[f"norm.{k}"].double() for k in ("weight", "bias", "running_mean", "running_var")}, strict=False
+        )
+        linear = nn.Linear(qkv.in_features, qkv.out_features, bias=False, dtype=torch.float64)
+        linear.weight.data.copy_(given["token_mixer.qkv.weight"].double())
+        with torch.no_grad():
+            weight, bias = fold_bn_into_linear(norm.eval(), linear)
+        kept = {k: v for k, v in given.items() if not k.startswith("norm.") and k != "token_mixer.qkv.weight"}
+        dtype = qkv.weight.dtype
+        return {**kept, "token_mixer.qkv.weight": weight.to(dtype), "token_mixer.qkv.bias": bias.to(dtype)}
 
 
 class PatchEmbed(nn.Module):

@@ -176,8 +176,32 @@ class ConvNorm(nn.Module):
     ):
         super().__init__()
         padding = tuple(side // 2 for side in kernel_size)
+        self.bn_eps = bn_eps
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, groups=groups, bias=deploy)
         self.bn = None if deploy else nn.BatchNorm2d(out_channels, eps=check_bn_eps(bn_eps))
+
+    @property
+    def deploy(self) -> bool:
+        return self.bn is None
+
+    def train_form(self) -> ConvNorm:
+        """An empty twin in train form, on the CPU: what ``load_weights`` fuses train-form weights through."""
+        conv = self.conv
+        with torch.device("meta"):  # no init of weights about to be loaded
+            twin = ConvNorm(
+                conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups, bn_eps=self.bn_eps
+            )
+        return twin.to_empty(device="cpu")
+
+    def switch_to_deploy(self) -> ConvNorm:
+        """The BatchNorm folded into the conv, in place (unchecked: :meth:`deploy_form` checks)."""
+        if self.bn is not None:
+            with torch.no_grad():
+                kernel, bias = fuse_conv_bn(self.conv, self.bn)
+            self.conv.weight = nn.Parameter(kernel, requires_grad=self.conv.weight.requires_grad)
+            self.conv.bias = nn.Parameter(bias, requires_grad=self.conv.weight.requires_grad)
+            self.bn = None
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
@@ -187,10 +211,7 @@ class ConvNorm(nn.Module):
         """The BatchNorm folded into the conv, in place, checked (the fold protocol of :mod:`repblocks.folds`)."""
         if self.bn is not None:
             with checked_fold(self, verify=verify):
-                kernel, bias = fuse_conv_bn(self.conv, self.bn)
-                self.conv.weight = nn.Parameter(kernel, requires_grad=self.conv.weight.requires_grad)
-                self.conv.bias = nn.Parameter(bias, requires_grad=self.conv.weight.requires_grad)
-                self.bn = None
+                self.switch_to_deploy()
         return DeployForm(self)
 
 

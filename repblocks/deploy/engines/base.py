@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from repblocks.errors import OutputMismatch
 from repblocks.numerics import max_errors, within_tolerance
 
 __all__ = [
@@ -358,7 +359,7 @@ def check_outputs(model: Logits, run: Logits, example: Tensor, *, check: Check, 
     """``run``'s logits against ``model``'s at :data:`CHECK_BATCH_SIZES`; the worst errors, or ValueError over ``check``."""
     worst_abs, worst_rel = output_errors(model, run, example)
     if not within_tolerance(worst_abs, worst_rel, atol=check.atol, rtol=check.rtol):
-        raise ValueError(
+        raise OutputMismatch(
             f"{what} does not reproduce the model: max error {worst_abs:.2e} abs, {worst_rel:.2e} rel "
             f"(tolerance atol {check.atol:g}, rtol {check.rtol:g})"
         )
