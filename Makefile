@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,dev]"  # every version pinned: see constraints.txt
+	# Two upstream packages the tests read, not import: tflite-support's generated metadata schema (TFLite's own
+	# reader of a .tflite's standard metadata) and ultralytics' RepConv/RepVGGDW source. Without their dependencies:
+	# tflite-support pins protobuf<4, which onnx cannot use; ultralytics' would pull opencv and more.
+	$(PY) -m pip install --quiet --no-deps tflite-support==0.4.4 ultralytics==8.4.190
 	touch $(STAMP)
 
 # Each demo gets a folder of its own: train.py refuses a folder that already holds a run.

@@ -27,6 +27,7 @@ METADATA = {
     "std": "[0.229, 0.224, 0.225]",
     "interpolation": '"bilinear"',
     "class_names": json.dumps(NAMES),
+    "model_kwargs": '{"drop_rate": 0.0, "bn_eps": 1e-05}',  # not in sorted order: it reads back as written
 }
 
 

@@ -281,10 +281,18 @@ class GhostModuleV3(nn.Module):
         out = torch.cat([primary, self.cheap_operation(primary)], dim=1)  # (B, 2 * ceil(C / 2), H, W)
         if self.short_conv is None:
             return out
+        # Ops that would be no-ops (a slice of every channel, a 1x1 pool, a resize to the same size) are left out:
+        # exported, they are aliases, which Core ML's converter refuses.
+        if out.shape[1] != self.out_channels:  # an odd width: ceil(C / 2) twice is one channel too many
+            out = out[:, : self.out_channels]
         # timm's 2x2 pool; a side of 1 pixel (where timm's pool fails) is taken as it is.
         window = (min(2, x.shape[-2]), min(2, x.shape[-1]))
-        gate = torch.sigmoid(self.short_conv(F.avg_pool2d(x, kernel_size=window, stride=window)))
-        return out[:, : self.out_channels] * F.interpolate(gate, size=out.shape[-2:], mode="nearest")
+        if window != (1, 1):
+            x = F.avg_pool2d(x, kernel_size=window, stride=window)
+        gate = torch.sigmoid(self.short_conv(x))
+        if gate.shape[-2:] != out.shape[-2:]:
+            gate = F.interpolate(gate, size=out.shape[-2:], mode="nearest")
+        return out * gate
 
 
 def conv_bn_factories(

@@ -83,7 +83,8 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class GRN(nn.Module):
-    """Global Response Normalization (ConvNeXt V2) on ``(B, H, W, C)``: each channel scaled by its share of the L2 energy.
+    """Global Response Normalization (ConvNeXt V2) on ``(B, H, W, C)`` or ``(B, H * W, C)``: each channel scaled by its
+    share of the L2 energy over the pixels.
 
     ``bias=False`` is the deploy form: the bias ``beta`` is then folded into the Linear after it.
     """
@@ -94,10 +95,10 @@ class GRN(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, channels)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
-        energy = torch.norm(x, p=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        energy = torch.norm(x, p=2, dim=tuple(range(1, x.dim() - 1)), keepdim=True)  # (B, 1, [1,] C)
         share = energy / (energy.mean(dim=-1, keepdim=True) + 1e-6)
-        out = (self.gamma * share + 1) * x
-        return out if self.beta is None else out + self.beta
+        out = (self.gamma.flatten() * share + 1) * x  # gamma and beta: (C,), whatever x's rank
+        return out if self.beta is None else out + self.beta.flatten()
 
 
 def dwconv_branches(kernel_size: int) -> dict:
@@ -155,8 +156,13 @@ class UniRepLKNetBlock(nn.Module):
         return self.bn is None
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.se(self.dwconv(x)).permute(0, 2, 3, 1)  # (B, H, W, C)
-        y = self.pwconv2(self.grn(self.act(self.pwconv1(y)))).permute(0, 3, 1, 2)  # (B, C, H, W)
+        y = self.se(self.dwconv(x))
+        batch, channels, height, width = y.shape
+        # The FFN's Linears on (B, H * W, C), not upstream's (B, H, W, C): the same products, and a 3-D batched
+        # matmul is what LiteRT's converter takes (a 4-D one it refuses).
+        y = y.flatten(2).transpose(1, 2)
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(y))))
+        y = y.transpose(1, 2).reshape(batch, channels, height, width)
         if self.bn is not None:
             y = self.gamma.view(1, -1, 1, 1) * self.bn(y)
         return x + y
