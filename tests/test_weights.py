@@ -121,7 +121,9 @@ def test_our_weights_load_into_timm_and_the_official_code(deploy, timm_repvgg):
 
 
 def test_unknown_layout_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known layouts: repblocks, official, timm, .*mmpretrain, .*thu_repvit, unireplknet"):
+    with pytest.raises(
+        ValueError, match="known layouts: repblocks, official, timm, .*mmpretrain, .*thu_repvit, unireplknet"
+    ):
         convert_layout({}, "caffe")
 
 
