@@ -45,7 +45,9 @@ def test_family_speed_quick_times_train_and_deploy_forms_and_gates_int8(tmp_path
     assert "no_such_model: not registered here, skipped" in result.stdout
     results = json.loads(out.read_text())
     timed = results["timings"]["1"]["models"]["repghostnet_tiny"]
-    fp32 = {f"{form} {backend} fp32" for form in ("train", "deploy") for backend in ("eager", "openvino")}
+    fp32 = {
+        f"{form} {backend} fp32" for form in ("train", "deploy") for backend in ("eager", "openvino", "onnxruntime")
+    }
     gate = results["gates"]["repghostnet_tiny"]
     assert set(timed) == fp32 | ({"deploy openvino int8"} if gate["passed"] else set())
     assert timed["train eager fp32"]["vs_train_eager"] == 1.0
