@@ -13,7 +13,7 @@ from repblocks.deploy.config import DeployConfig
 from repblocks.deploy.engines import coreml, litert
 from repblocks.deploy.engines.base import Check
 from repblocks.deploy.pipeline import run_deploy
-from repblocks.errors import UserError
+from repblocks.errors import OutputMismatch, UserError
 
 needs_coreml = pytest.mark.skipif(coreml.missing() is not None, reason=f"{coreml.missing()}")
 needs_both = pytest.mark.skipif(
@@ -85,7 +85,7 @@ def test_validation_fails_on_what_is_not_the_models(packages, change, message):
     folder, _, convs = packages
     expected = dict(input_shape=(3, 32, 40), num_classes=10, convs=convs, precision="fp16", metadata=METADATA)
     coreml.validate(folder / "fp16.mlpackage", **expected)  # as written: valid
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(OutputMismatch, match=message):  # a check of ours: it stops the run (not "not converted")
         coreml.validate(folder / "fp16.mlpackage", **{**expected, **change})
 
 
@@ -153,8 +153,8 @@ def test_deploy_writes_the_tflite_and_both_packages(tmp_path):
 @pytest.mark.slow
 @needs_both
 def test_a_failed_package_check_leaves_nothing_half_written(tmp_path, monkeypatch):
-    def fail(*_, **__):
-        raise ValueError("the Core ML program has 7 convolutions; the model has 8")
+    def fail(*_, **__):  # what coreml.validate raises for a package that is not the model
+        raise OutputMismatch("the Core ML program has 7 convolutions; the model has 8")
 
     monkeypatch.setattr(coreml, "validate", fail)
     with pytest.raises(UserError, match="the Core ML program has 7 convolutions"):

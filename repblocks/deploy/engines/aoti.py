@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.deploy.engines.base import Engine, Runner, check_outputs
+from repblocks.errors import OutputMismatch
 from repblocks.files import atomic_path
 from repblocks.int8.conversion import dynamic_axes
 
@@ -100,7 +101,7 @@ class AOTInductor(Engine):
                 model, _runner(loaded), example, check=check, what=f"AOTInductor reading {path.name}"
             )
             if _metadata(loaded) != dict(metadata):
-                raise ValueError(f"{path.name} does not read back the metadata compiled into it")
+                raise OutputMismatch(f"{path.name} does not read back the metadata compiled into it")
         return {"path": str(path), "format": "aoti", "runtime": f"torch {torch.__version__} AOTInductor", **errors}
 
     def read_metadata(self, path):

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from repblocks.deploy.engines.base import Engine
-from repblocks.errors import UserError
+from repblocks.errors import OutputMismatch, UserError
 from repblocks.files import atomic_path
 
 __all__ = [
@@ -208,16 +208,18 @@ def validate(path: str | os.PathLike, *, input_shape: tuple[int, ...], num_class
         PROBABILITIES_OUTPUT: ("probabilities", ()),
     }
     if found != expected:
-        raise ValueError(f"the Core ML package has inputs and outputs {found}, not {expected}")
+        raise OutputMismatch(f"the Core ML package has inputs and outputs {found}, not {expected}")
     labels = read_labels(path)
     if labels != class_labels(metadata, num_classes):
-        raise ValueError(f"the Core ML classifier has {len(labels)} class labels; the model has {num_classes} classes")
+        raise OutputMismatch(
+            f"the Core ML classifier has {len(labels)} class labels; the model has {num_classes} classes"
+        )
     stored = read_metadata(path)
     differ = sorted(key for key, value in metadata.items() if stored.get(key) != value)
     if differ:
-        raise ValueError(f"the Core ML package's metadata lost or changed {', '.join(differ)}")
+        raise OutputMismatch(f"the Core ML package's metadata lost or changed {', '.join(differ)}")
     if not spec.HasField("mlProgram"):
-        raise ValueError("the Core ML package is not an ML Program")
+        raise OutputMismatch("the Core ML package is not an ML Program")
     function = spec.mlProgram.functions["main"]
     operations = function.block_specializations[function.opset].operations
     weight_types = {
@@ -230,10 +232,12 @@ def validate(path: str | os.PathLike, *, input_shape: tuple[int, ...], num_class
     }
     wanted = "FLOAT16" if precision == "fp16" else "FLOAT32"
     if weight_types != {wanted}:
-        raise ValueError(f"the {precision} Core ML package holds weights of {sorted(weight_types)}, not {wanted} only")
+        raise OutputMismatch(
+            f"the {precision} Core ML package holds weights of {sorted(weight_types)}, not {wanted} only"
+        )
     found = sum(op.type == "conv" for op in operations)
     if found != convs:
-        raise ValueError(f"the Core ML program has {found} convolutions; the model has {convs}")
+        raise OutputMismatch(f"the Core ML program has {found} convolutions; the model has {convs}")
     return (
         f"spec validated, {NOT_RUN}: {found} conv ops, {wanted.lower()} weights, {len(labels)} class labels, metadata"
     )

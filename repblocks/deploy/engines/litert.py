@@ -54,7 +54,7 @@ from repblocks.deploy.engines.base import (
     check_outputs,
     io_metadata,
 )
-from repblocks.errors import UserError
+from repblocks.errors import OutputMismatch, UserError
 from repblocks.files import atomic_path
 
 __all__ = [
@@ -555,7 +555,7 @@ def write_tflite(
         run = _as_runner(load(tmp))
         errors = check_outputs(reference, run, example, check=check, what=f"LiteRT reading {path.name}")
         if _as_values(read_metadata(tmp)) != _as_values(metadata):  # the same values, however the JSON was spaced
-            raise ValueError(f"{path.name} does not read back the metadata written into it")
+            raise OutputMismatch(f"{path.name} does not read back the metadata written into it")
     return errors
 
 

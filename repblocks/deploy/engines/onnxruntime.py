@@ -125,7 +125,9 @@ def export_onnx(
         )
         written = program.model.opset_imports.get("")
         if opset is not None and written != opset:
-            raise ValueError(f"the ONNX exporter cannot write opset {opset} (it wrote {written})")
+            raise UserError(
+                f"the ONNX exporter cannot write opset {opset} (it wrote {written}): choose another export.onnx_opset"
+            )
         program.save(tmp, external_data=False)  # one file, so that the atomic rename moves all of it
         if metadata:
             tmp.write_bytes(with_metadata(tmp.read_bytes(), metadata))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from repblocks.checkpoint import DEPLOY_FORM, read_safetensors_metadata
 from repblocks.deploy.engines.base import Engine, Runner
+from repblocks.errors import OutputMismatch
 from repblocks.weights import load_weights, save_weights
 
 __all__ = ["DTYPES", "ENGINE", "export_safetensors"]
@@ -44,7 +45,7 @@ def export_safetensors(model: nn.Module, path, *, rebuild: Callable[[], nn.Modul
         expected = model.state_dict()
         differ = [key for key, value in expected.items() if not torch.equal(value.cpu(), loaded[key])]
         if differ:
-            raise ValueError(f"{path.name} loads back with other values in {', '.join(differ[:5])}")
+            raise OutputMismatch(f"{path.name} loads back with other values in {', '.join(differ[:5])}")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
