@@ -17,6 +17,7 @@ import importlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def _modules() -> SimpleNamespace | str:
         sys.path.remove(str(folder))
         for name in [name for name in sys.modules if name == "models" or name.startswith("models.")]:
             sys.modules.pop(name)
+        shutil.rmtree(folder)  # imported: the modules keep their code, the temp folder goes
 
 
 def apple_fastvit_modules() -> SimpleNamespace:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import shutil
 import subprocess
 import tempfile
 from functools import cache
@@ -51,8 +52,11 @@ def _module():
     spec = importlib.util.spec_from_file_location("thu_repvit", path)
     module = importlib.util.module_from_spec(spec)
     # The file registers its variants in timm's registry under timm's own names: keep timm's registry as it is.
-    with mock.patch("timm.models.register_model", lambda fn: fn):
-        spec.loader.exec_module(module)
+    try:
+        with mock.patch("timm.models.register_model", lambda fn: fn):
+            spec.loader.exec_module(module)
+    finally:
+        shutil.rmtree(path.parent)  # executed: the module keeps its code, the temp folder goes
     return module
 
 

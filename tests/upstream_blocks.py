@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ def _modules(family: str) -> SimpleNamespace | str:
         sys.path.remove(str(folder))
         for name in names:
             sys.modules.pop(name, None)
+        shutil.rmtree(folder)  # imported: the modules keep their code, the temp folder goes
 
 
 def _ultralytics_source(path: str) -> tuple[str, str] | str:

@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -147,6 +148,8 @@ def export(model: nn.Module, path: str | os.PathLike, example: Tensor, *, precis
     package.output_description[PROBABILITIES_OUTPUT] = "The probability of each class"
     package.user_defined_metadata.update({**metadata, "precision": precision, **takes})
     package.save(str(path))
+    if getattr(package, "is_temp_package", False):  # the converter's own copy in the temp folder: gone now, not at
+        shutil.rmtree(package.package_path, ignore_errors=True)  # exit (a killed process would leave it behind)
 
 
 def _image_input(metadata: Mapping[str, str], *, channels: int) -> tuple[list[float], list[float]] | None:
