@@ -22,16 +22,15 @@ from repblocks.deploy.outputs import STAGING_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
-
-
-def _default_sigint() -> None:
-    # A process started in the background inherits SIGINT ignored, and Python then keeps ignoring it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+# Each deploy.py below first takes Ctrl-C as Python does by default. A process started in the
+# background inherits SIGINT ignored and keeps ignoring it (deploy.py too, rightly). Set in the child's own code,
+# not by a preexec function run between fork and exec: that is unsafe in the test process, where JAX's threads run.
 
 
 # deploy.py, run as __main__, with torch.onnx.export that waits for a signal once it has exported.
 HELD_EXPORT = """
-import runpy, sys, time, torch
+import runpy, signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as by default (see the note at SIGNALS)
 exported, export = sys.argv.pop(1), torch.onnx.export
 def export_then_wait(*args, **kwargs):
     program = export(*args, **kwargs)
@@ -61,7 +60,6 @@ def interrupted(tmp_path_factory):
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=_default_sigint,
         )
         runs[name] = (process, folder, exported)
     signalled = _signal_when_exporting(runs)
@@ -141,7 +139,8 @@ def test_signals_after_openvino_compiled_and_dropped_models_are_handled(tmp_path
 # deploy.py, run as __main__, held after its export stage (the time stage waits for the signal): a signal sent
 # while an export runs may then land in the export or just after it, but never after the run has ended.
 HELD_AFTER_EXPORT = """
-import runpy, sys, time
+import runpy, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as by default (see the note at SIGNALS)
 import repblocks.deploy.pipeline as pipeline
 def hold(*args, **kwargs):
     time.sleep(600)  # the test's signal ends this, when it did not come during the export
@@ -175,9 +174,7 @@ def interrupted_exports(tmp_path_factory):
         command = [sys.executable, "-c", HELD_AFTER_EXPORT.format(deploy=str(ROOT / "deploy.py"))]
         command += ["model=repvgg_tiny", f"export.formats=[{fmt}]", "bench.device=cpu", f"out_dir={out_dir}"]
         with open(log, "w") as stdout:
-            process = subprocess.Popen(
-                command, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
-            )
+            process = subprocess.Popen(command, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
         runs[fmt, name] = (process, log, out_dir, time.monotonic())
     deadline, signalled = time.monotonic() + 600, set()
     while time.monotonic() < deadline and len(signalled) < len(runs):
