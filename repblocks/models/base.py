@@ -16,10 +16,43 @@ from torch import Tensor, nn
 from repblocks.blocks import RepBlock, check_int
 from repblocks.features import FeatureInfo, resolve_indices
 
-__all__ = ["ClassifierHead", "RepNet"]
+__all__ = ["ClassifierHead", "RepNet", "imagenet_pretrained_cfg"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_pretrained_cfg(
+    name: str,
+    *,
+    tag: str | None,
+    image_size: int,
+    crop_pct: float,
+    interpolation: str,
+    first_conv: str | tuple[str, ...],
+    **extra,
+) -> dict:
+    """timm's ``pretrained_cfg`` keys for an ImageNet-1k variant: what its weights are and how they expect images.
+
+    ``tag`` names timm's weights (``timm/{name}.{tag}`` on the Hugging Face hub; None: timm publishes
+    none); ``first_conv`` is in the train form; ``extra`` keys are the family's own.
+    """
+    return dict(
+        architecture=name,
+        tag=tag,
+        hf_hub_id=f"timm/{name}.{tag}" if tag else None,  # where timm's weights live
+        input_size=(3, image_size, image_size),
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        crop_mode="center",
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        num_classes=1000,
+        pool_size=(image_size // 32, image_size // 32),
+        first_conv=first_conv,
+        classifier="head.fc",
+        **extra,
+    )
 
 
 class ClassifierHead(nn.Module):

@@ -39,7 +39,7 @@ from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, ConvBN, RepBlock, check
 from repblocks.features import resolve_indices
 from repblocks.folds import DeployForm, Reparameterizable, checked_fold, conv_probe
 from repblocks.fusion import ConvBranch, IdentityBranch, equivalent_kernel_bias, fold_bn_into_linear
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, ClassifierHead, RepNet
+from repblocks.models.base import ClassifierHead, RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
@@ -85,20 +85,13 @@ FASTVIT_CONFIGS: dict[str, FastViTConfig] = {
 
 def _pretrained_cfg(name: str, cfg: FastViTConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
-    return dict(
-        architecture=name,
+    return imagenet_pretrained_cfg(
+        name,
         tag=cfg.timm_tag,
-        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bicubic",
+        image_size=cfg.image_size,
         crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv=("stem.0.conv_kxk.0.conv", "stem.0.conv_1x1.conv"),  # in the train form (deploy: stem.0.reparam)
-        classifier="head.fc",
+        interpolation="bicubic",
+        first_conv=("stem.0.conv_kxk.0.conv", "stem.0.conv_1x1.conv"),  # deploy form: stem.0.reparam
     )
 
 

@@ -22,7 +22,7 @@ from functools import partial
 from torch import nn
 
 from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, resolve_act
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.models.base import RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
@@ -74,20 +74,13 @@ MOBILEONE_CONFIGS: dict[str, MobileOneConfig] = {
 
 def _pretrained_cfg(name: str, cfg: MobileOneConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
-    return dict(
-        architecture=name,
+    return imagenet_pretrained_cfg(
+        name,
         tag=cfg.timm_tag,
-        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,  # where timm's weights live
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bilinear",
+        image_size=cfg.image_size,
         crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv=("stem.conv_kxk.0.conv", "stem.conv_1x1.conv"),  # in the train form (deploy form: stem.reparam)
-        classifier="head.fc",
+        interpolation="bilinear",
+        first_conv=("stem.conv_kxk.0.conv", "stem.conv_1x1.conv"),  # deploy form: stem.reparam
     )
 
 

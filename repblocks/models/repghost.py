@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from repblocks.blocks import BRANCH_SETS, DEFAULT_BN_EPS, ActFactory, _relu, check_bn_eps, resolve_act
 from repblocks.folds import DeployForm, checked_fold
 from repblocks.fusion import fuse_conv_bn
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.models.base import RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
@@ -388,20 +388,13 @@ class GhostHead(nn.Module):
 
 def _pretrained_cfg(name: str, cfg: GhostNetConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
-    return dict(
-        architecture=name,
+    return imagenet_pretrained_cfg(
+        name,
         tag=cfg.timm_tag,
-        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bicubic",
+        image_size=cfg.image_size,
         crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv="stem.conv_kxk.conv",  # in the train form (deploy form: stem.reparam)
-        classifier="head.fc",
+        interpolation="bicubic",
+        first_conv="stem.conv_kxk.conv",  # deploy form: stem.reparam
     )
 
 

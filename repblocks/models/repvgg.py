@@ -22,7 +22,7 @@ from functools import partial
 from torch import nn
 
 from repblocks.blocks import DEFAULT_BN_EPS, ActFactory, _relu, resolve_act, resolve_branch_set
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, RepNet
+from repblocks.models.base import RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
@@ -91,20 +91,13 @@ for _family in ("qarepvgg", "qarepvgg_v2"):
 
 def _pretrained_cfg(name: str, cfg: RepVGGConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
-    return dict(
-        architecture=name,
+    return imagenet_pretrained_cfg(
+        name,
         tag=cfg.timm_tag,
-        hf_hub_id=f"timm/{name}.{cfg.timm_tag}" if cfg.timm_tag else None,  # where timm's weights live
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bilinear",
+        image_size=cfg.image_size,
         crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
+        interpolation="bilinear",
         first_conv=_first_convs(cfg.block),
-        classifier="head.fc",
     )
 
 

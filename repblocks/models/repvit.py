@@ -46,7 +46,7 @@ from repblocks.blocks import (
 )
 from repblocks.folds import DeployForm, checked_fold, conv_probe
 from repblocks.fusion import average_linears, fold_bn_into_linear
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, ClassifierHead, RepNet
+from repblocks.models.base import ClassifierHead, RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 
@@ -80,20 +80,13 @@ REPVIT_CONFIGS: dict[str, RepVitConfig] = {
 
 def _pretrained_cfg(name: str, cfg: RepVitConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant (no ``hf_hub_id``: see the module docstring)."""
-    return dict(
-        architecture=name,
+    return imagenet_pretrained_cfg(
+        name,
         tag=None,
-        hf_hub_id=None,
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bicubic",
+        image_size=cfg.image_size,
         crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv="stem.conv1.conv_kxk.conv",  # in the train form (deploy form: stem.conv1.reparam)
-        classifier="head.fc",
+        interpolation="bicubic",
+        first_conv="stem.conv1.conv_kxk.conv",  # deploy form: stem.conv1.reparam
     )
 
 

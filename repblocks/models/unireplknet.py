@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from repblocks.blocks import DEFAULT_BN_EPS, RepBlock, SqueezeExcite, resolve_branch_set
 from repblocks.folds import DeployForm, checked_fold, conv_probe
 from repblocks.fusion import fold_bn, wide_dtype
-from repblocks.models.base import IMAGENET_MEAN, IMAGENET_STD, ClassifierHead, RepNet
+from repblocks.models.base import ClassifierHead, RepNet, imagenet_pretrained_cfg
 from repblocks.online import resolve_block_mode
 from repblocks.registry import register_model
 from repblocks.unireplknet_layout import DILATED_FROM  # a plain dwconv below it, a Dilated Reparam Block from it on
@@ -253,22 +253,16 @@ class NormClassifierHead(ClassifierHead):
 
 def _pretrained_cfg(name: str, cfg: UniRepLKNetConfig) -> dict:
     """timm's ``pretrained_cfg`` keys for a variant: what its weights are and how they expect images."""
-    return dict(
-        architecture=name,
-        hf_hub_id=None,  # timm publishes none; AILab-CVC's files (upstream_weights) load with pretrained=PATH
+    return imagenet_pretrained_cfg(
+        name,
+        tag=None,  # timm publishes none; AILab-CVC's files (upstream_weights) load with pretrained=PATH
+        image_size=cfg.image_size,
+        crop_pct=cfg.crop_pct,
+        interpolation="bicubic",
+        first_conv="stem.0",
         upstream_weights=f"https://huggingface.co/DingXiaoH/UniRepLKNet/blob/main/{cfg.upstream_file}"
         if cfg.upstream_file
         else None,
-        input_size=(3, cfg.image_size, cfg.image_size),
-        interpolation="bicubic",
-        crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        num_classes=1000,
-        pool_size=(cfg.image_size // 32, cfg.image_size // 32),
-        first_conv="stem.0",
-        classifier="head.fc",
         block_modes=("offline",),  # the dilated branches have no online form (repblocks.online) yet
     )
 
