@@ -19,7 +19,8 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 @pytest.fixture
 def module_that_signals(tmp_path, monkeypatch):
-    """``(name, what it does)``: a module whose body signals its process, then goes on."""
+    """``make(signum, then="")`` writes a module whose body sends ``signum`` to its process, runs ``then``, and
+    ends with ``COMPLETE = True``; it returns the module's name (importable from ``tmp_path``)."""
     monkeypatch.syspath_prepend(str(tmp_path))
     made = []
 
