@@ -16,9 +16,6 @@ import contextlib
 import importlib
 import io
 import json
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -32,7 +29,8 @@ import torch
 
 from repblocks.numerics import randomize_bn_
 
-MIRRORS = Path(os.environ.get("REPBLOCKS_UPSTREAM_MIRRORS", "/work/.mirror"))
+from .upstream_blocks import upstream_files
+
 FIXTURE = Path(__file__).parent / "fixtures" / "upstream" / "apple_fastvit_tiny.safetensors"
 REPOSITORY = "apple/ml-fastvit"
 COMMIT = "8af5928238cab99c45f64fc3e4e7b1516b8224ba"
@@ -44,37 +42,34 @@ TINY = dict(depths=(1, 1, 1, 1), widths=(8, 16, 16, 32), mlp_ratio=2, token_mixe
 
 @cache
 def _modules() -> SimpleNamespace | str:
-    git_dir = MIRRORS / REPOSITORY.replace("/", "+") / "repo"
-    if not git_dir.is_dir():
-        return f"{REPOSITORY}'s code is not here: mirror it to {git_dir} (git clone --mirror) or set REPBLOCKS_UPSTREAM_MIRRORS"
-    folder = Path(tempfile.mkdtemp(prefix="upstream-fastvit-"))
-    for path in FILES:
-        shown = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{COMMIT}:{path}"], capture_output=True)
-        if shown.returncode != 0:
-            return f"{REPOSITORY} at {COMMIT[:12]} has no {path}: {shown.stderr.decode().strip()}"
-        (folder / path).parent.mkdir(parents=True, exist_ok=True)
-        (folder / path).write_bytes(shown.stdout)
-    # apple's files import each other as the package `models`; empty package files of ours stand in for its
-    # __init__.py files, which import every variant.
-    for package in ("models", "models/modules"):
-        (folder / package / "__init__.py").write_text("")
+    files = upstream_files(REPOSITORY, COMMIT, FILES)
+    if isinstance(files, str):
+        return files
     import timm.models.registry as timm_registry
 
-    register = timm_registry.register_model
-    timm_registry.register_model = lambda fn: fn  # apple's variants would overwrite timm's own in its registry
-    sys.path.insert(0, str(folder))
-    try:
-        # Its "please install mmsegmentation" lines, and timm's warning on its old import path timm.models.layers.
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            fastvit = importlib.import_module("models.fastvit")
-        return SimpleNamespace(fastvit=fastvit, mobileone=importlib.import_module("models.modules.mobileone"))
-    finally:
-        timm_registry.register_model = register
-        sys.path.remove(str(folder))
-        for name in [name for name in sys.modules if name == "models" or name.startswith("models.")]:
-            sys.modules.pop(name)
-        shutil.rmtree(folder)  # imported: the modules keep their code, the temp folder goes
+    with tempfile.TemporaryDirectory(prefix="upstream-fastvit-") as tmp:  # imported, the modules keep their code
+        folder = Path(tmp)
+        for path, data in files.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(data)
+        # apple's files import each other as the package `models`; empty package files of ours stand in for its
+        # __init__.py files, which import every variant.
+        for package in ("models", "models/modules"):
+            (folder / package / "__init__.py").write_text("")
+        register = timm_registry.register_model
+        timm_registry.register_model = lambda fn: fn  # apple's variants would overwrite timm's own in its registry
+        sys.path.insert(0, tmp)
+        try:
+            # Its "please install mmsegmentation" lines, and timm's warning on its old import path timm.models.layers.
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                fastvit = importlib.import_module("models.fastvit")
+            return SimpleNamespace(fastvit=fastvit, mobileone=importlib.import_module("models.modules.mobileone"))
+        finally:
+            timm_registry.register_model = register
+            sys.path.remove(tmp)
+            for name in [name for name in sys.modules if name == "models" or name.startswith("models.")]:
+                sys.modules.pop(name)
 
 
 def apple_fastvit_modules() -> SimpleNamespace:

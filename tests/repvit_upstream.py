@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import shutil
-import subprocess
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -29,7 +27,7 @@ from torch import nn
 from repblocks.models.repvit import RepVitConfig
 from repblocks.numerics import randomize_bn_
 
-from .upstream_blocks import FIXTURES, MIRRORS
+from .upstream_blocks import FIXTURES, upstream_files
 
 REPOSITORY, COMMIT, FILE = "THU-MIG/RepViT", "298f42075eda5d2e6102559fad260c970769d34e", "model/repvit.py"
 FIXTURE = FIXTURES / "repvit_tiny.safetensors"
@@ -41,22 +39,17 @@ FIXTURE_CFG = RepVitConfig((8, 8, 8, 8), (2, 1, 1, 1), image_size=32, crop_pct=1
 
 @cache
 def _module():
-    git_dir = MIRRORS / REPOSITORY.replace("/", "+") / "repo"
-    if not git_dir.is_dir():
-        return f"{REPOSITORY}'s code is not here: mirror it to {git_dir} (git clone --mirror) or set REPBLOCKS_UPSTREAM_MIRRORS"
-    shown = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{COMMIT}:{FILE}"], capture_output=True)
-    if shown.returncode != 0:
-        return f"{REPOSITORY} at {COMMIT[:12]} has no {FILE}: {shown.stderr.decode().strip()}"
-    path = Path(tempfile.mkdtemp(prefix="upstream-repvit-")) / "thu_repvit.py"
-    path.write_bytes(shown.stdout)
-    spec = importlib.util.spec_from_file_location("thu_repvit", path)
-    module = importlib.util.module_from_spec(spec)
-    # The file registers its variants in timm's registry under timm's own names: keep timm's registry as it is.
-    try:
+    files = upstream_files(REPOSITORY, COMMIT, [FILE])
+    if isinstance(files, str):
+        return files
+    with tempfile.TemporaryDirectory(prefix="upstream-repvit-") as folder:  # executed, the module keeps its code
+        path = Path(folder) / "thu_repvit.py"
+        path.write_bytes(files[FILE])
+        spec = importlib.util.spec_from_file_location("thu_repvit", path)
+        module = importlib.util.module_from_spec(spec)
+        # The file registers its variants in timm's registry under timm's own names: keep timm's registry as it is.
         with mock.patch("timm.models.register_model", lambda fn: fn):
             spec.loader.exec_module(module)
-    finally:
-        shutil.rmtree(path.parent)  # executed: the module keeps its code, the temp folder goes
     return module
 
 

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,32 +74,42 @@ ULTRALYTICS_NAMES = [
 ]
 
 
-@cache
-def _modules(family: str) -> SimpleNamespace | str:
-    if family == "ultralytics":
-        return _ultralytics_classes()
-    repo, commit, files = REPOSITORIES[family]
+def upstream_files(repo: str, commit: str, paths: list[str]) -> dict[str, bytes] | str:
+    """``{path: its bytes at commit}`` from ``repo``'s local mirror, or why they cannot be read (one line)."""
     git_dir = MIRRORS / repo.replace("/", "+") / "repo"
     if not git_dir.is_dir():
         return (
             f"{repo}'s code is not here: mirror it to {git_dir} (git clone --mirror) or set REPBLOCKS_UPSTREAM_MIRRORS"
         )
-    folder = Path(tempfile.mkdtemp(prefix=f"upstream-{family}-"))
-    for path in files:
+    files = {}
+    for path in paths:
         shown = subprocess.run(["git", "--git-dir", str(git_dir), "show", f"{commit}:{path}"], capture_output=True)
         if shown.returncode != 0:
             return f"{repo} at {commit[:12]} has no {path}: {shown.stderr.decode().strip()}"
-        (folder / Path(path).name).write_bytes(shown.stdout)
-    names = [Path(path).stem for path in files]
+        files[path] = shown.stdout
+    return files
+
+
+@cache
+def _modules(family: str) -> SimpleNamespace | str:
+    if family == "ultralytics":
+        return _ultralytics_classes()
+    repo, commit, paths = REPOSITORIES[family]
+    files = upstream_files(repo, commit, paths)
+    if isinstance(files, str):
+        return files
+    names = [Path(path).stem for path in paths]
     # Two repositories ship a dbb_transforms.py: each family imports its own, then the names are freed again.
-    sys.path.insert(0, str(folder))
-    try:
-        return SimpleNamespace(**{name: importlib.import_module(name) for name in names})
-    finally:
-        sys.path.remove(str(folder))
-        for name in names:
-            sys.modules.pop(name, None)
-        shutil.rmtree(folder)  # imported: the modules keep their code, the temp folder goes
+    with tempfile.TemporaryDirectory(prefix=f"upstream-{family}-") as folder:  # imported, the modules keep their code
+        for path, data in files.items():
+            (Path(folder) / Path(path).name).write_bytes(data)
+        sys.path.insert(0, folder)
+        try:
+            return SimpleNamespace(**{name: importlib.import_module(name) for name in names})
+        finally:
+            sys.path.remove(folder)
+            for name in names:
+                sys.modules.pop(name, None)
 
 
 def _ultralytics_source(path: str) -> tuple[str, str] | str:
